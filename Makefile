@@ -1,0 +1,34 @@
+# celery-bench: every target installs what it needs from nothing.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install bench test gate locust clean
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install the project with every dependency
+
+bench: $(STAMP)  ## run the quick default suite, write results/latest.json
+	$(BIN)/celery-bench run --quick --out results/latest.json $(ARGS)
+
+test: $(STAMP)  ## run the test suite (real Redis, RabbitMQ, PostgreSQL)
+	$(BIN)/python -m pytest $(ARGS)
+
+gate: $(STAMP)  ## compare results/latest.json against the committed baseline
+	$(BIN)/celery-bench gate results/latest.json
+
+locust: $(STAMP)  ## Locust web UI on 127.0.0.1:8089
+	$(BIN)/locust -f bench/locustfile.py --web-host 127.0.0.1
+
+clean:  ## remove the venv and run outputs
+	rm -rf $(VENV) results/latest.json results/runs .pytest_cache

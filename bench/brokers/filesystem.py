@@ -1,0 +1,19 @@
+"""Kombu's filesystem transport over a private temporary folder."""
+from contextlib import contextmanager
+
+from . import BrokerEnv
+
+NAME = "filesystem"
+SERVICE = None
+CROSS_PROCESS = True
+SUPPORTS_BATCH = False
+CAPABILITIES = {"ack", "requeue", "size", "purge", "multi_producer", "cross_process"}
+
+
+@contextmanager
+def broker(workdir):
+    folder = workdir / "filesystem-broker"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    opts = {"data_folder_in": str(folder), "data_folder_out": str(folder),
+            "store_processed": False, "polling_interval": 0.01}
+    yield BrokerEnv("filesystem://", opts, description=f"kombu filesystem transport in {folder}")

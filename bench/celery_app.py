@@ -1,0 +1,68 @@
+"""The bench's Celery app: built per cell in the measuring process, and from
+``CELERY_BENCH_APP_CONF`` (JSON settings) in worker processes started as
+``celery -A bench.celery_app worker``.
+
+Importing it imports :mod:`transports`, so ``unix://`` and ``fifo://`` broker
+URLs work in the publisher and in the worker alike.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from celery import Celery
+
+import transports  # noqa: F401  registers the unix and fifo kombu aliases
+import bench.tasks  # noqa: F401  shared tasks bind to every app built here
+
+CONF_ENV = "CELERY_BENCH_APP_CONF"
+
+# Safe, measurement-friendly defaults; a cell overrides what it studies.
+DEFAULTS = {
+    "task_serializer": "json",
+    "result_serializer": "json",
+    "accept_content": ["json"],
+    "result_accept_content": ["json"],
+    "enable_utc": True,
+    "broker_connection_retry_on_startup": True,
+    "broker_connection_timeout": 4,
+    "worker_hijack_root_logger": False,
+    "worker_redirect_stdouts": False,
+    "task_ignore_result": False,
+}
+
+
+def make_app(broker_url: str, backend_url: str | None = None,
+             transport_options: dict | None = None, main: str = "celery_bench",
+             **conf) -> Celery:
+    """A fresh app for one cell. ``conf`` are Celery settings (lower-case names)."""
+    app = Celery(main, broker=broker_url, backend=backend_url, set_as_current=False,
+                 include=["bench.tasks"])
+    settings = dict(DEFAULTS)
+    if transport_options:
+        settings["broker_transport_options"] = dict(transport_options)
+    settings.update(conf)
+    app.conf.update(settings)
+    return app
+
+
+def conf_env(broker_url: str, backend_url: str | None = None,
+             transport_options: dict | None = None, **conf) -> dict:
+    """Environment variables that make a worker build the same app as ``make_app``."""
+    payload = {"broker_url": broker_url, "backend_url": backend_url,
+               "transport_options": transport_options or {}, "conf": conf}
+    return {CONF_ENV: json.dumps(payload)}
+
+
+def _app_from_env() -> Celery:
+    raw = os.environ.get(CONF_ENV)
+    if not raw:
+        # `celery -A bench.celery_app inspect ...` without a cell: memory broker.
+        return make_app("memory://")
+    payload = json.loads(raw)
+    return make_app(payload["broker_url"], payload.get("backend_url"),
+                    payload.get("transport_options"), **payload.get("conf", {}))
+
+
+app = _app_from_env()
+app.set_current()

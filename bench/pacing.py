@@ -1,0 +1,50 @@
+"""Open-loop pacing: intended send times on a fixed schedule.
+
+With a rate set, message ``i`` is due at ``t0 + i / rate`` whatever happened to
+message ``i-1``; latency is measured from that intended time (so a stalled
+sender cannot hide its queueing: coordinated omission corrected), and the
+sender's own lateness is recorded separately as schedule lag. The clock and
+sleep are passed in so the pacing is testable with a fake clock.
+"""
+from __future__ import annotations
+
+import time
+
+# Sleep while more than this is left, then spin: time.sleep overshoots by ~50-100 us.
+SPIN_NS = 200_000
+
+
+class Pacer:
+    def __init__(self, rate: float, clock=time.perf_counter_ns, sleep=time.sleep):
+        if not rate or rate <= 0:
+            raise ValueError("rate must be a positive number of messages per second")
+        self.rate = float(rate)
+        self.period_ns = 1e9 / self.rate
+        self.clock = clock
+        self.sleep = sleep
+        self.t0 = None
+
+    def start(self, t0: int | None = None) -> int:
+        self.t0 = self.clock() if t0 is None else t0
+        return self.t0
+
+    def intended(self, i: int) -> int:
+        return self.t0 + int(i * self.period_ns)
+
+    def wait(self, i: int) -> int:
+        """Block until message ``i`` is due; return its intended time (ns)."""
+        due = self.t0 + int(i * self.period_ns)
+        clock = self.clock
+        left = due - clock()
+        while left > 0:
+            if left > SPIN_NS:
+                self.sleep((left - SPIN_NS) / 1e9)
+            left = due - clock()
+        return due
+
+
+def achieved(rate: float, sent: int, elapsed_s: float) -> dict:
+    """The rate metrics for a paced run: what was asked, what happened, and a flag."""
+    got = sent / elapsed_s if elapsed_s > 0 else 0.0
+    return {"rate_target_per_s": rate, "rate_achieved_per_s": got,
+            "rate_shortfall": bool(got < 0.95 * rate)}

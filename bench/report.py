@@ -1,0 +1,111 @@
+"""Tables a person can read, from a results run (never from live measurements).
+
+Each scenario module lists its columns in ``SUMMARY``: ``("metric", "header")``
+for a metric, ``("hist.pXX", "header")`` for a histogram percentile (``hist``
+being the histogram name). Params that vary within a scenario become columns
+of their own; params that are the same in every cell are said once above.
+"""
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from . import results
+
+STATUS_STYLE = {"ok": "green", "skipped": "yellow", "failed": "red"}
+
+
+def fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if value == 0:
+            return "0"
+        if abs(value) >= 100:
+            return f"{value:,.0f}"
+        if abs(value) >= 1:
+            return f"{value:.2f}"
+        return f"{value:.3g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def column_value(cell: results.Cell, spec: str):
+    """``spec`` is a metric name or ``hist.pXX`` / ``hist.max`` / ``hist.count``."""
+    if spec in cell.metrics:
+        return cell.metrics[spec]
+    name, _, stat = spec.rpartition(".")
+    if name and name in cell.histograms:
+        return cell.histograms[name].get(stat)
+    return None
+
+
+def _varying(cells: list[results.Cell]) -> tuple[list[str], dict]:
+    keys: list[str] = []
+    for c in cells:
+        for k in c.params:
+            if k not in keys:
+                keys.append(k)
+    varying, constant = [], {}
+    for k in keys:
+        values = {str(c.params.get(k)) for c in cells}
+        if len(values) > 1:
+            varying.append(k)
+        else:
+            constant[k] = cells[0].params.get(k)
+    return varying, constant
+
+
+def scenario_table(name: str, cells: list[results.Cell], summary) -> Table:
+    varying, constant = _varying(cells)
+    caption = ", ".join(f"{k}={v}" for k, v in constant.items())
+    table = Table(title=f"[bold]{name}[/bold]", caption=caption or None, caption_justify="left",
+                  show_lines=False, header_style="bold")
+    for k in varying:
+        table.add_column(k)
+    for _, header in summary:
+        table.add_column(header, justify="right")
+    table.add_column("status / note", overflow="fold", max_width=60)
+    for c in cells:
+        row = [fmt(c.params.get(k)) for k in varying]
+        row += [fmt(column_value(c, spec)) for spec, _ in summary]
+        note = c.status if not c.reason else f"{c.status}: {c.reason}"
+        row.append(Text(note, style=STATUS_STYLE.get(c.status, "")))
+        table.add_row(*row)
+    return table
+
+
+def print_run(run: results.Run, console: Console | None = None) -> None:
+    from .runner import scenario_module
+
+    console = console or Console()
+    by_scenario: dict[str, list] = {}
+    for c in run.cells:
+        by_scenario.setdefault(c.scenario, []).append(c)
+    for name, cells in by_scenario.items():
+        try:
+            summary = scenario_module(name).SUMMARY
+        except Exception:
+            summary = []
+        console.print(scenario_table(name, cells, summary))
+    counts = {s: sum(1 for c in run.cells if c.status == s) for s in results.STATUSES}
+    console.print(f"{len(run.cells)} cells: {counts['ok']} ok, {counts['skipped']} skipped, "
+                  f"{counts['failed']} failed")
+
+
+def cell_line(cell: results.Cell) -> str:
+    """One plain line per finished cell, for progress and --quiet logs."""
+    from .runner import scenario_module
+
+    params = " ".join(f"{k}={v}" for k, v in cell.params.items())
+    try:
+        summary = scenario_module(cell.scenario).SUMMARY
+    except Exception:
+        summary = []
+    figures = "  ".join(f"{h}={fmt(column_value(cell, s))}" for s, h in summary[:4])
+    tail = f"  ({cell.reason})" if cell.reason else ""
+    return f"{cell.status:7s} {cell.scenario} {params}  {figures}{tail}"
