@@ -210,8 +210,155 @@ def show(path):
 def _load(path, results):
     try:
         return results.load(path)
+    except FileNotFoundError:
+        raise config.UsageError(f"{path}: no such results file (run 'celery-bench run' first)")
     except (OSError, ValueError) as exc:
         raise config.UsageError(f"{path}: not a celery-bench results file ({exc})")
+
+
+def _selectors(values, option="--cell"):
+    from .compare import parse_selector
+
+    try:
+        return [parse_selector(v) for v in values]
+    except ValueError as exc:
+        raise config.UsageError(f"{option}: {exc}")
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, metavar="BASE [NEW]")
+@click.option("--by", metavar="PARAM",
+              help="One run: compare cells that differ only in PARAM, e.g. --by producer.")
+@click.option("--ref", metavar="VALUE",
+              help="With --by: the reference value (default: each group's first).")
+@click.option("--cell", "cells", multiple=True, metavar="SELECTOR",
+              help="Only cells matching scenario[key=value,...] (repeatable). One run and "
+                   "two --cell: compare those two cells.")
+@click.option("--metric", "metrics", multiple=True, metavar="NAME",
+              help="Metric to compare, e.g. throughput_per_s or publish_us.p99 "
+                   "(default: throughputs, p50 and p99).")
+@click.option("--noise", type=click.FloatRange(0, 1), default=0.05, show_default=True,
+              help="Without repeats, differences below this fraction are noise.")
+def compare(paths, by, ref, cells, metrics, noise):
+    """Compare two results files cell by cell, or cells within one run (--by / two --cell)."""
+    from . import compare as cmp
+    from . import results
+
+    if len(paths) > 2:
+        raise config.UsageError(f"compare takes one or two results files, got {len(paths)}")
+    if ref and not by:
+        raise config.UsageError("--ref needs --by PARAM")
+    selectors = _selectors(cells)
+    runs = [_load(p, results) for p in paths]
+    metrics = list(metrics) or None
+    if len(runs) == 2:
+        if by:
+            raise config.UsageError("--by compares cells within ONE run; give one results file")
+        pairs = cmp.compare_runs(runs[0], runs[1], metrics, noise, selectors)
+        click.echo(cmp.format_runs(pairs, paths[0], paths[1]))
+    elif by:
+        groups = cmp.compare_within(runs[0], by, ref, metrics, noise, selectors)
+        if not groups:
+            raise config.UsageError(f"--by {by}: no two cells differ only in {by}")
+        click.echo(cmp.format_within(groups, paths[0]))
+    elif len(selectors) == 2:
+        found = []
+        for sel in selectors:
+            matches = sel.matches(runs[0])
+            if len(matches) != 1:
+                raise config.UsageError(f"--cell {sel}: matches {len(matches)} cells in "
+                                        f"{paths[0]}; it must match exactly one")
+            found.append(matches[0])
+        pair = cmp.Pair(found[1].key, found[0], found[1], [],
+                        cmp._not_ok(found[0], "BASE") or cmp._not_ok(found[1], "NEW"))
+        if not pair.note:
+            pair.comparisons = cmp.compare_cells(found[0], found[1], metrics, noise)
+        click.echo(cmp.format_runs([pair], found[0].key, found[1].key))
+    else:
+        raise config.UsageError("compare needs BASE NEW, or one run with --by PARAM "
+                                "or two --cell SELECTOR")
+
+
+@cli.command()
+@click.argument("path", metavar="RESULTS")
+@click.option("--spec", type=click.Path(dir_okay=False),
+              help="Gate spec (default results/baselines/gates.toml).")
+@click.option("--baseline", type=click.Path(dir_okay=False),
+              help="Baseline results file (default: the spec's 'baseline').")
+@click.option("--missing", type=click.Choice(["warn", "fail", "ignore"]),
+              help="A rule whose cell was not measured: warn, fail or ignore "
+                   "(default: the spec's).")
+@click.option("--write-baseline", is_flag=True,
+              help="Write the cells the baseline rules read from RESULTS to the baseline file.")
+@click.option("--verbose", "-v", is_flag=True, help="One line per cell, passes included.")
+def gate(path, spec, baseline, missing, write_baseline, verbose):
+    """Check RESULTS against the gate spec: exit 1 if any rule fails."""
+    from . import gate as gates
+    from . import results
+
+    spec_ = gates.load_spec(spec or gates.default_spec_path())
+    run_ = _load(path, results)
+    base_path = baseline or spec_.baseline
+    if write_baseline:
+        if not base_path:
+            raise config.UsageError("--write-baseline: no baseline file; set baseline = "
+                                    "\"FILE\" in the spec or pass --baseline FILE")
+        compact = gates.baseline_cells(spec_, run_)
+        results.dump(compact, base_path)
+        click.echo(f"wrote {len(compact.cells)} cells from {path} to {base_path}")
+        return
+    base_run = None
+    if base_path and any(r.kind == "baseline" for r in spec_.rules):
+        if not Path(base_path).exists():
+            raise config.UsageError(f"baseline {base_path} does not exist; write it with "
+                                    f"'celery-bench gate RESULTS --write-baseline'")
+        base_run = _load(base_path, results)
+    click.echo(f"gates {spec_.path} on {path}"
+               + (f" (baseline {base_path})" if base_run else ""))
+    verdicts = gates.run_gates(spec_, run_, base_run, missing)
+    for line in gates.report_lines(verdicts, verbose):
+        click.echo(line)
+    click.echo(gates.summary(verdicts))
+    if any(v.status == "FAIL" for v in verdicts):
+        sys.exit(1)
+
+
+@cli.command(name="report")
+@click.argument("path", metavar="RESULTS")
+@click.option("--format", "fmt", type=click.Choice(["md", "csv", "png"]), default="md",
+              show_default=True, help="Markdown tables, CSV rows, or a latency percentile plot.")
+@click.option("--out", type=click.Path(dir_okay=False),
+              help="Output file (md/csv default: stdout; png default: RESULTS with .png).")
+@click.option("--cell", "cells", multiple=True, metavar="SELECTOR",
+              help="Only cells matching scenario[key=value,...] (repeatable).")
+@click.option("--hist", "hists", multiple=True, metavar="NAME",
+              help="png: only these histograms (repeatable).")
+def report_(path, fmt, out, cells, hists):
+    """Export a results file as markdown, CSV or a PNG of latency percentile curves."""
+    from . import export, results
+
+    run_ = _load(path, results)
+    selectors = _selectors(cells)
+    if selectors:
+        chosen = {id(c) for s in selectors for c in s.matches(run_)}
+        run_ = results.Run(run_.environment, [c for c in run_.cells if id(c) in chosen])
+        if not run_.cells:
+            raise config.UsageError("--cell: no cell of the run matches")
+    if fmt == "png":
+        target = Path(out) if out else Path(path).with_suffix(".png")
+        try:
+            export.png(run_, target, hist_names=set(hists) or None)
+        except ValueError as exc:
+            raise config.UsageError(f"--format png: {exc}")
+        click.echo(f"wrote {target}")
+        return
+    text = export.TEXT_FORMATS[fmt](run_)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+        click.echo(f"wrote {out}")
+    else:
+        click.echo(text, nl=False)
 
 
 def main(argv=None):

@@ -6,6 +6,7 @@ overridden by ``CELERY_BENCH_*`` environment variables or the matching CLI flags
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -52,10 +53,14 @@ def mask_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{userinfo}:****@{netloc[1]}"))
 
 
+# A URL's password inside a longer string: "--amqp-url=amqp://u:pw@h", an error message.
+_EMBEDDED_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*:)([^\s@/]+)(@)")
+
+
 def mask_secrets(obj):
     """Mask every password found in URLs anywhere inside ``obj`` (dict/list/str)."""
     if isinstance(obj, str):
-        return mask_url(obj) if "://" in obj else obj
+        return _EMBEDDED_PASSWORD.sub(r"\1****\3", mask_url(obj)) if "://" in obj else obj
     if isinstance(obj, dict):
         return {k: mask_secrets(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

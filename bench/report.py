@@ -44,7 +44,7 @@ def column_value(cell: results.Cell, spec: str):
     return None
 
 
-def _varying(cells: list[results.Cell]) -> tuple[list[str], dict]:
+def varying_params(cells: list[results.Cell]) -> tuple[list[str], dict]:
     keys: list[str] = []
     for c in cells:
         for k in c.params:
@@ -61,7 +61,7 @@ def _varying(cells: list[results.Cell]) -> tuple[list[str], dict]:
 
 
 def scenario_table(name: str, cells: list[results.Cell], summary) -> Table:
-    varying, constant = _varying(cells)
+    varying, constant = varying_params(cells)
     caption = ", ".join(f"{k}={v}" for k, v in constant.items())
     table = Table(title=f"[bold]{name}[/bold]", caption=caption or None, caption_justify="left",
                   show_lines=False, header_style="bold")

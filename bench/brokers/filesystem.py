@@ -14,6 +14,8 @@ CAPABILITIES = {"ack", "requeue", "size", "purge", "multi_producer", "cross_proc
 def broker(workdir):
     folder = workdir / "filesystem-broker"
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # control_folder holds fanout bindings; kombu defaults it to ./control in the cwd.
     opts = {"data_folder_in": str(folder), "data_folder_out": str(folder),
+            "control_folder": str(folder / "control"),
             "store_processed": False, "polling_interval": 0.01}
     yield BrokerEnv("filesystem://", opts, description=f"kombu filesystem transport in {folder}")
