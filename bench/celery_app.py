@@ -11,11 +11,14 @@ import json
 import os
 
 from celery import Celery
+from celery.signals import worker_ready
 
 import transports  # noqa: F401  registers the unix and fifo kombu aliases
 import bench.tasks  # noqa: F401  shared tasks bind to every app built here
 
 CONF_ENV = "CELERY_BENCH_APP_CONF"
+# bench.workers sets this in a worker's environment; the worker writes the file when ready.
+READY_FILE_ENV = "CELERY_BENCH_READY_FILE"
 
 # Safe, measurement-friendly defaults; a cell overrides what it studies.
 DEFAULTS = {
@@ -62,6 +65,18 @@ def _app_from_env() -> Celery:
     payload = json.loads(raw)
     return make_app(payload["broker_url"], payload.get("backend_url"),
                     payload.get("transport_options"), **payload.get("conf", {}))
+
+
+@worker_ready.connect
+def _write_ready_file(sender=None, **kwargs):
+    """Tell bench.workers this worker consumes now (works on every transport, fanout or not)."""
+    path = os.environ.get(READY_FILE_ENV)
+    if not path:
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump({"pid": os.getpid(), "hostname": getattr(sender, "hostname", None)}, fh)
+    os.replace(tmp, path)  # atomic: the harness never reads half a file
 
 
 app = _app_from_env()

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 from . import results
-from .report import _varying, column_value, fmt
+from .report import varying_params, column_value, fmt
 
 PERCENTILE_TICKS = (50.0, 90.0, 99.0, 99.9, 99.99, 99.999)
 
@@ -46,7 +46,7 @@ def markdown(run: results.Run) -> str:
              f"Python {env.get('python', '?')}, {env.get('cpu_count', '?')} x "
              f"{env.get('cpu_model', '?')}, {env.get('utc_time', '')}", ""]
     for name, cells in _by_scenario(run).items():
-        varying, constant = _varying(cells)
+        varying, constant = varying_params(cells)
         summary = _summary(name, cells)
         lines.append(f"### {name}")
         if constant:
@@ -102,7 +102,7 @@ def png(run: results.Run, path, cells=None, hist_names=None) -> Path:
     import matplotlib.pyplot as plt
 
     cells = [c for c in (cells if cells is not None else run.cells) if c.status == "ok"]
-    varying, constant = _varying(cells) if cells else ([], {})
+    varying, constant = varying_params(cells) if cells else ([], {})
     fig, ax = plt.subplots(figsize=(10, 6))
     units, drawn = set(), 0
     for c in cells:
