@@ -70,7 +70,8 @@ def parse_only(items) -> tuple:
     return tuple(pairs)
 
 
-def _matches(params: dict, opts: RunOptions) -> bool:
+def matches(params: dict, opts: RunOptions) -> bool:
+    """Does a cell with ``params`` pass the --only/--transport filters?"""
     for key, value in opts.only:
         if key in params and str(params[key]) != value:
             return False
@@ -85,7 +86,7 @@ def plan(opts: RunOptions) -> list[tuple]:
     for name in opts.scenarios:
         mod = scenario_module(name)
         for params in mod.cells(opts):
-            if _matches(params, opts):
+            if matches(params, opts):
                 cells.append((mod, params))
     if opts.only:
         known = {k for _, p in cells for k in p} | {k for name in opts.scenarios
@@ -97,6 +98,14 @@ def plan(opts: RunOptions) -> list[tuple]:
                     f"--only {key}=...: no cell has a param {key!r}; "
                     f"params are {', '.join(sorted(known))}")
     return cells
+
+
+def planned(mod, opts: RunOptions) -> list[dict]:
+    """The cells of one scenario this run will execute, in order.
+
+    Scenarios that keep a worker across cells use it to know what comes next.
+    """
+    return [p for p in mod.cells(opts) if matches(p, opts)]
 
 
 def check_named_transports(opts: RunOptions) -> None:

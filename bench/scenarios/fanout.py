@@ -1,0 +1,261 @@
+"""Scenario ``fanout``: the seed "Think Parallel with Celery", scaled down.
+
+A crawl of ``pages`` x ``objects`` where every step is an HTTP call (a sleep,
+at 1/100 of the seed's seconds: page 5 ms; per object 2.5 + 7.5 + 20 ms), run
+in the seed's shapes (see :mod:`bench.tasks.fanout`): ``serial`` (one task
+loops over everything), ``per-page`` (one task per page), ``per-object`` (one
+task per object, a ``group`` per page) and ``chord`` (one task per object in a
+chord whose body collects every result).
+
+One worker (``--pool``, ``--concurrency``, default prefork 4) serves every
+shape of a transport: it is started for the first cell and kept while the
+planned cells that follow use the same transport, backend, pool and
+concurrency (so serial and the parallel shapes run side by side on the same
+worker); otherwise, and on any error, it is stopped after the cell.
+"""
+from __future__ import annotations
+
+import atexit
+import shutil
+import statistics
+import tempfile
+import time
+import uuid
+from collections import Counter
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .. import brokers, config, recorder, results, runner, workers
+from ..celery_app import make_app
+from . import _celery
+
+NAME = "fanout"
+DESCRIPTION = (
+    "The seed's crawl (pages x objects, HTTP calls as sleeps at 1/100 of its seconds: page "
+    "5 ms, object 30 ms; --task-seconds sets the object's and scales the rest alike) in four "
+    "shapes: serial (one task), per-page (a task per page), per-object (a group of one task "
+    "per object for each page) and chord (one task per object, a chord body collecting "
+    "every result), on one worker of the stated pool and concurrency. makespan: publish of "
+    "the first task -> end of the last store (worker-side CLOCK_MONOTONIC), one sample per "
+    "round (3 rounds a repeat; 2 quick). speedup: median serial makespan / median makespan, "
+    "serial measured in this process on the same worker (the serial cell's rounds; when "
+    "that cell did not run first, one serial round inside the cell, noted). Every object is "
+    "accounted for (stored, lost, duplicates). Backend: SQLite (WAL) in the work folder on "
+    "embedded transports (its chords poll through celery.chord_unlock, 1 s apart), Redis "
+    "otherwise.")
+
+SHAPES = ("serial", "per-page", "per-object", "chord")
+START = "bench.fanout.start"
+# The seed's HTTP calls and crunching, in seconds, at 1/100 of its values
+# (--task-seconds sets the object's total and scales them all alike).
+SLEEPS = {"page": 0.005, "get": 0.0025, "details": 0.0075, "crunch": 0.020}
+OBJECT_S = SLEEPS["get"] + SLEEPS["details"] + SLEEPS["crunch"]
+WARM_SLEEPS = {"page": 0.0, "get": 0.0, "details": 0.0, "crunch": 0.020}
+SIZE, SIZE_QUICK = (20, 10), (4, 5)
+ROUNDS, ROUNDS_QUICK = 3, 2
+DEFAULT_CONCURRENCY = 4
+
+SUMMARY = [
+    ("makespan_s", "makespan s"),
+    ("makespan.p90", "makespan p90 us"),
+    ("speedup", "x serial"),
+    ("serial_makespan_s", "serial s"),
+    ("stored", "objects stored"),
+    ("lost", "lost"),
+]
+
+
+def _backend_for(transport: str) -> str:
+    return "sqlite" if brokers.module(transport).SERVICE is None else "redis"
+
+
+def cells(opts) -> list[dict]:
+    pool = opts.pool or "prefork"
+    concurrency = opts.concurrency or DEFAULT_CONCURRENCY
+    # --transport picks the transports (the quick slice too); else embedded, redis, amqp.
+    embedded = _celery.embedded_transport()
+    transports = opts.transports or ((embedded,) if opts.quick else (embedded, "redis", "amqp"))
+    pages, objects = SIZE_QUICK if opts.quick else SIZE
+    object_ms = round((opts.task_seconds or OBJECT_S) * 1000, 3)
+    return [{"transport": t, "backend": _backend_for(t), "shape": shape, "pool": pool,
+             "concurrency": concurrency, "pages": pages, "objects": objects,
+             "object_ms": object_ms}
+            for t in transports for shape in SHAPES]
+
+
+def _sleeps(params) -> dict:
+    scale = float(params["object_ms"]) / 1000 / OBJECT_S
+    return {step: seconds * scale for step, seconds in SLEEPS.items()}
+
+
+def requires(params) -> set[str]:
+    return _celery.services(params["transport"],
+                            "redis" if params["backend"] == "redis" else None)
+
+
+# --------------------------------------------------------------------------- the worker
+@dataclass
+class _Rig:
+    key: tuple
+    stack: ExitStack
+    app: object
+    procs: list
+    queue: str
+    forget: bool            # results live on a server: delete them when read
+
+
+_rig: _Rig | None = None
+_serial: dict[tuple, list[float]] = {}   # serial makespans (s) per rig key and size
+_repeats_done: Counter = Counter()
+
+
+def _rig_key(params) -> tuple:
+    return (params["transport"], params["backend"], params["pool"], int(params["concurrency"]))
+
+
+def close() -> None:
+    """Stop the kept worker and its broker environment (idempotent)."""
+    global _rig
+    rig, _rig = _rig, None
+    if rig is not None:
+        rig.stack.close()
+
+
+atexit.register(close)  # after bench.workers' own: runs first, so queues get deleted
+
+
+def _open_rig(params, opts) -> _Rig:
+    global _rig
+    key = _rig_key(params)
+    if _rig is not None and _rig.key == key and all(w.alive() for w in _rig.procs):
+        return _rig
+    close()
+    tag = uuid.uuid4().hex[:12]
+    queue = f"bench.fanout.{tag}"
+    workdir = Path(opts.workdir or tempfile.gettempdir()) / f"fanout-{tag}"
+    stack = ExitStack()
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        stack.callback(shutil.rmtree, workdir, True)
+        env = stack.enter_context(brokers.broker(params["transport"], workdir))
+        if params["backend"] == "sqlite":
+            backend = f"db+sqlite:///{workdir / 'results.sqlite'}"
+        else:
+            backend = config.service_url("redis")
+        # Results a run leaves on the server expire; chords' counters too.
+        conf = {"task_default_queue": queue, "result_expires": 600}
+        app = make_app(env.url, backend, env.transport_options, **conf)
+        stack.callback(app.close)
+        stack.callback(_celery.delete_queues, env, [queue])
+        if params["backend"] == "sqlite":
+            _celery.prepare_sqlite(app)
+        with _celery.worker_failures():
+            proc = stack.enter_context(workers.worker(
+                env.url, backend, transport_options=env.transport_options, conf=conf,
+                pool=params["pool"], concurrency=int(params["concurrency"]), queues=[queue],
+                ready_timeout=opts.timeout))
+        stack.callback(_celery.stop_quickly, [proc])
+        rig = _Rig(key, stack, app, [proc], queue, forget=params["backend"] != "sqlite")
+        # Warm-up: every pool child imports, connects and stores a result once.
+        n = 2 * int(params["concurrency"])
+        _run_shape(rig, "per-object", 1, n, WARM_SLEEPS, time.monotonic() + opts.timeout)
+    except BaseException:
+        stack.close()
+        raise
+    _rig = rig
+    return rig
+
+
+def _keep_rig(params, opts) -> bool:
+    """Will the next planned cell (or repeat) use this worker too?"""
+    key = results.cell_key(NAME, params)
+    _repeats_done[key] += 1
+    if _repeats_done[key] % max(1, opts.repeat):
+        return True
+    planned = [p for p in cells(opts) if runner.matches(p, opts)]
+    keys = [results.cell_key(NAME, p) for p in planned]
+    if key not in keys:
+        return False
+    return any(_rig_key(p) == _rig_key(params) for p in planned[keys.index(key) + 1:])
+
+
+# --------------------------------------------------------------------------- one round
+def _run_shape(rig: _Rig, shape, pages, objects, sleeps, deadline) -> tuple[float, dict]:
+    """Run ``shape`` once; (makespan in seconds, the object accounting)."""
+    app, procs = rig.app, rig.procs
+    t0 = recorder.now_ns()
+    head_result = app.send_task(START, args=(shape, pages, objects, sleeps), queue=rig.queue)
+    head = _celery.wait(app, [head_result], procs, deadline, f"the {shape} start task")[0]
+    seen = [head_result.id]
+    if shape == "serial":
+        leaves = [head]
+    elif shape == "chord":
+        seen.append(head["callback"])
+        leaves = _celery.wait(app, [head["callback"]], procs, deadline, "the chord body")
+    else:
+        seen += head["children"]
+        leaves = _celery.wait(app, head["children"], procs, deadline,
+                              f"{len(head['children'])} page tasks")
+        if shape == "per-object":
+            ids = [i for page in leaves for i in page["children"]]
+            seen += ids
+            leaves = _celery.wait(app, ids, procs, deadline, f"{len(ids)} object tasks")
+    makespan_ns = max(leaf["end_ns"] for leaf in leaves) - t0
+    if rig.forget:
+        for task_id in seen:
+            app.AsyncResult(task_id).forget()
+    stored = [i for leaf in leaves for i in leaf["ids"]]
+    expected = set(range(pages * objects))
+    got = set(stored) & expected
+    counts = {"objects": len(expected), "stored": len(got), "lost": len(expected - got),
+              "duplicates": len(stored) - len(set(stored))}
+    return makespan_ns / 1e9, counts
+
+
+def run_cell(params, opts) -> dict:
+    shape, pages, objects = params["shape"], int(params["pages"]), int(params["objects"])
+    if shape not in SHAPES:
+        raise config.UsageError(f"fanout shape {shape!r}: choose from {', '.join(SHAPES)}")
+    reason = _celery.unusable(params["transport"])
+    if reason:
+        raise runner.Skip(reason)
+    rounds = ROUNDS_QUICK if opts.quick else ROUNDS
+    sleeps = _sleeps(params)
+    keep = False
+    try:
+        rig = _open_rig(params, opts)
+        makespans, counts = [], Counter()
+        for _ in range(rounds):
+            seconds, tally = _run_shape(rig, shape, pages, objects, sleeps,
+                                        time.monotonic() + opts.timeout)
+            makespans.append(seconds)
+            counts.update(tally)
+        base_key = rig.key + (pages, objects, params["object_ms"])
+        note = None
+        if shape == "serial":
+            _serial.setdefault(base_key, []).extend(makespans)
+        elif not _serial.get(base_key):
+            seconds, _ = _run_shape(rig, "serial", pages, objects, sleeps,
+                                    time.monotonic() + opts.timeout)
+            _serial[base_key] = [seconds]
+            note = "serial baseline: one round measured inside this cell"
+        keep = _keep_rig(params, opts)
+    except BaseException:
+        _repeats_done.pop(results.cell_key(NAME, params), None)  # the runner stops repeating
+        raise
+    finally:
+        if not keep:
+            close()
+    serial_s = statistics.median(_serial[base_key])
+    makespan_s = statistics.median(makespans)
+    metrics = {"makespan_s": makespan_s, "speedup": serial_s / makespan_s,
+               "serial_makespan_s": serial_s, "rounds": rounds, **dict(counts)}
+    rec = recorder.Recorder()
+    rec.add("makespan", [s * 1e6 for s in makespans])
+    out = {"metrics": metrics, "histograms": rec.histograms}
+    if counts["lost"] or counts["duplicates"]:
+        out["note"] = f"{counts['lost']} objects lost, {counts['duplicates']} duplicates"
+    if note:
+        out["note"] = "; ".join(filter(None, (out.get("note"), note)))
+    return out
