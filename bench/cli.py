@@ -195,7 +195,10 @@ def broker(url):
     """Run the unix-socket broker in the foreground: celery-bench broker unix:///abs/path.sock"""
     from transports import broker as unix_broker
 
-    unix_broker.main(url)
+    try:
+        unix_broker.main(url)
+    except ValueError as exc:  # a bad URL or an unsafe directory: one line, exit 2
+        raise config.UsageError(str(exc)) from None
 
 
 @cli.command()

@@ -1,0 +1,896 @@
+"""UNIX domain socket transport module for Kombu.
+
+Talks to the small broker process in :mod:`transports.broker`, which owns the
+queues, routes exchanges and tracks unacknowledged messages; start it with
+``celery-bench broker unix:///abs/path/broker.sock``. Built for a producer and
+consumers on one host: publishes are pipelined (no reply per message; each is
+handed to the kernel before ``publish`` returns), acks written while a batch of
+deliveries is handed out go out in one write, and the broker pushes deliveries
+to consumers that have credit, which this client reads in batches. One socket
+per connection; its channels are multiplexed on it.
+
+What it does not do: persistence (the broker keeps queues in memory: a broker
+restart loses them, and clients see a connection error), publisher confirms (a
+publish written just before the broker dies can be lost), priorities, TTLs and
+queue arguments (accepted, ignored). A connection must not be used from a forked
+child (kombu's pools, and Celery, open new ones after a fork).
+
+Features
+========
+* Type: Virtual (broker-side routing)
+* Supports Direct: Yes
+* Supports Topic: Yes
+* Supports Fanout: Yes
+* Supports Priority: No
+* Supports TTL: No
+* Acknowledgements: Yes: a connection's unacknowledged messages are redelivered
+  when it disconnects (at-least-once, like RabbitMQ)
+* Prefetch (QoS): Yes (``prefetch_count``, per channel)
+* Event loop: Yes (``register_with_event_loop``; Celery workers consume by readiness)
+* ``Producer.batch``: Yes
+
+Connection String
+=================
+Connection string has the following format:
+
+.. code-block::
+
+    unix:///ABSOLUTE/PATH/TO/broker.sock
+
+The three slashes matter: the path must be absolute. Importing ``transports``
+registers the ``unix`` alias with Kombu.
+
+Transport Options
+=================
+* ``rpc_timeout``: (float) Seconds to wait for the broker's answer to a
+  declaration, ``basic_get`` and the like, and for a blocked write to drain,
+  before the connection is reported broken. Default ``10``.
+* ``write_buffer``: (bool) Opt-in: publishes are buffered in the client and
+  written in batches; the buffer is flushed when it reaches
+  ``write_buffer_size`` bytes, every ``write_buffer_interval`` seconds by a
+  timer, before any call that waits for the broker, and on close. Off by
+  default: every publish is handed to the kernel before ``publish`` returns.
+* ``write_buffer_size``: (int) Default ``65536``.
+* ``write_buffer_interval``: (float) Default ``0.002``.
+* ``read_size``: (int) Bytes read per ``recv``. Default ``262144``.
+"""
+from __future__ import annotations
+
+import datetime
+import decimal
+import os
+import select
+import socket
+import struct
+import threading
+import uuid as uuid_mod
+from collections import deque
+from itertools import count
+from json import JSONDecoder
+from json.encoder import c_make_encoder, encode_basestring_ascii
+from time import monotonic
+
+from amqp.protocol import queue_declare_ok_t
+from kombu.exceptions import ChannelError, OperationalError
+from kombu.message import Message as _BaseMessage
+from kombu.log import get_logger
+from kombu.transport import virtual
+from kombu.utils.uuid import uuid
+
+from . import broker as proto
+from .framing import MAX_FRAME, FrameError, FrameReader, encode_message
+
+__all__ = ("Transport", "Channel", "BrokerConnectionError")
+
+logger = get_logger(__name__)
+
+DEFAULT_RPC_TIMEOUT = 10.0
+DEFAULT_READ_SIZE = 256 * 1024
+DEFAULT_WRITE_BUFFER_SIZE = 64 * 1024
+DEFAULT_WRITE_BUFFER_INTERVAL = 0.002
+SOCKET_BUFFER = 1024 * 1024
+ROUTE_CACHE_MAX = 1024
+# Room for the delivery header the broker puts in front of a message.
+MAX_MESSAGE = MAX_FRAME - 64
+
+_U16 = proto.U16.pack
+_U32 = proto.U32.pack
+_PUBLISH_HEAD = proto.PUBLISH_HEAD.pack
+_TAG_FLAG = proto.TAG_FLAG.pack
+_QOS = proto.QOS_BODY.pack
+_ACK_LEN = proto.U32.pack(proto.TAG_FLAG.size)
+_RPC_HEAD = proto.RPC_HEAD.pack
+_DELIVER_UNPACK = proto.DELIVER_BODY.unpack_from
+_HEAD_LEN = proto.U32.unpack_from
+_OP_DELIVER = proto.OP_DELIVER
+_OP_REPLY = proto.OP_REPLY
+_POLLIN = select.POLLIN | select.POLLERR | select.POLLHUP
+_POLLOUT = select.POLLOUT | select.POLLERR | select.POLLHUP
+
+
+# The C scanner under json.loads, minus its per-call checks: the header is ours.
+_scan_json = JSONDecoder().scan_once
+
+
+def _not_json(obj):
+    # What kombu's JSON would write as a string; anything else is the caller's bug.
+    if isinstance(obj, (datetime.datetime, datetime.date, datetime.time)):
+        return obj.isoformat()
+    if isinstance(obj, (uuid_mod.UUID, decimal.Decimal)):
+        return str(obj)
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
+# framing.encode_message's format, built without copying the message dict: the
+# publish hot path. c_make_encoder is what json.dumps uses underneath.
+_encode_head = c_make_encoder(None, _not_json, encode_basestring_ascii, None, ":", ",",
+                              False, False, True) if c_make_encoder else None
+
+
+def _encode_payload(message: dict) -> bytes:
+    if _encode_head is None:
+        return encode_message(message)
+    body = message.pop("body", None)
+    if isinstance(body, str):
+        raw = body.encode("utf-8")
+        message["_b"] = "s"
+    elif body is None:
+        raw = b""
+        message["_b"] = "n"
+    else:
+        raw = bytes(body)
+        message["_b"] = "b"
+    try:
+        head = _encode_head(message, 0)[0].encode("ascii")
+    finally:
+        del message["_b"]
+        message["body"] = body
+    return b"".join((_U32(len(head)), head, raw))
+
+
+class BrokerConnectionError(ConnectionError, OperationalError):
+    """The unix broker is not there, went away, or stopped answering.
+
+    An ``OSError`` (so it is one of the transport's ``connection_errors``, which
+    kombu's ``ensure`` retries) and kombu's ``OperationalError`` (what
+    ``Connection.connect()`` raises on other transports for "nobody is there").
+    """
+
+
+def _ms(timeout):
+    return None if timeout is None else max(0, int(timeout * 1000 + 0.999))
+
+
+class Message(virtual.Message):
+    """A delivery: the broker's delivery tag and redelivered flag, the body raw."""
+
+    def __init__(self, payload, channel=None, **kwargs):
+        self._raw = payload
+        properties = payload["properties"]
+        # kombu's base Message, skipping virtual.Message's body decoding (no base64 here).
+        _BaseMessage.__init__(
+            self, body=payload.get("body"), channel=channel,
+            delivery_tag=properties["delivery_tag"],
+            content_type=payload.get("content-type"),
+            content_encoding=payload.get("content-encoding"), headers=payload.get("headers"),
+            properties=properties, delivery_info=properties.get("delivery_info"),
+            postencode="utf-8", **kwargs)
+
+
+def _decode_delivery(frame, offset: int, tag: int, redelivered: int) -> dict:
+    """Message payload inside ``frame`` at ``offset`` -> kombu message dict."""
+    (head_len,) = _HEAD_LEN(frame, offset)
+    start = offset + 4
+    end = start + head_len
+    meta = _scan_json(frame[start:end].decode("utf-8"), 0)[0]
+    kind = meta.pop("_b")
+    body = frame[end:]
+    if kind == "n":
+        body = None
+    elif kind == "s" and not body:
+        body = ""
+    # A str body stays UTF-8 bytes: kombu's Message would encode it back anyway.
+    props = meta["properties"]
+    props["delivery_tag"] = tag
+    info = props.get("delivery_info")
+    if info is None:
+        info = props["delivery_info"] = {}
+    info["redelivered"] = bool(redelivered)
+    meta["body"] = body
+    return meta
+
+
+class PublishBatch:
+    """``Producer.batch`` session: frames are joined and written once per flush."""
+
+    def __init__(self, channel, max_size):
+        self.channel = channel
+        self.max_size = max_size
+        self._frames: list[bytes] = []
+        self._closed = False
+        self._aborted = False
+
+    def publish(self, message, exchange="", routing_key="", **kwargs):
+        if self._closed or self._aborted:
+            raise RuntimeError("unix publish batch is closed")
+        self._frames.append(self.channel._publish_frame(message, exchange, routing_key))
+        if len(self._frames) >= self.max_size:
+            self.flush()
+
+    def flush(self):
+        frames = self._frames
+        if frames:
+            data = b"".join(frames)
+            frames.clear()
+            self.channel.connection._send_now(data)
+
+    def discard(self):
+        self._aborted = True
+        self._frames.clear()
+
+    def close(self):
+        self._closed = True
+        self._frames.clear()
+
+
+class Channel(virtual.Channel):
+    """A channel on the broker: routing, queues and acks live there."""
+
+    Message = Message
+    body_encoding = None          # the frame carries bytes: no base64
+    do_restore = False            # the broker redelivers unacked messages itself
+    supports_fanout = True
+    supports_batch_publish = True
+
+    def __init__(self, connection, **kwargs):
+        super().__init__(connection, **kwargs)
+        self._cid_seq = count(1)
+        self._by_cid: dict[int, tuple] = {}     # cid -> (callback, no_ack, consumer_tag, queue)
+        self._tag_to_cid: dict[str, int] = {}
+        self._route_prefix: dict[tuple, bytes] = {}
+        self.no_ack_consumers = set()
+        connection._channel_by_id[self.channel_id] = self
+
+    # -- publishing -------------------------------------------------------------------
+
+    def _publish_frame(self, message, exchange, routing_key) -> bytes:
+        props = message["properties"]
+        info = props.get("delivery_info")
+        if info is None:
+            props["delivery_info"] = {"exchange": exchange, "routing_key": routing_key}
+        else:
+            info["exchange"] = exchange
+            info["routing_key"] = routing_key
+        key = (exchange, routing_key)
+        prefix = self._route_prefix.get(key)
+        if prefix is None:
+            ex = (exchange or "").encode("utf-8")
+            rk = (routing_key or "").encode("utf-8")
+            prefix = (_PUBLISH_HEAD(proto.OP_PUBLISH, self.channel_id, len(ex)) + ex
+                      + _U16(len(rk)) + rk)
+            if len(self._route_prefix) >= ROUTE_CACHE_MAX:
+                self._route_prefix.clear()
+            self._route_prefix[key] = prefix
+        payload = _encode_payload(message)
+        if len(payload) > MAX_MESSAGE:
+            raise ChannelError(f"message of {len(payload)} bytes is larger than the unix "
+                               f"transport carries ({MAX_MESSAGE} bytes)")
+        return b"".join((_U32(len(prefix) + len(payload)), prefix, payload))
+
+    def basic_publish(self, message, exchange="", routing_key="", **kwargs):
+        conn = self.connection
+        if conn is None:
+            raise BrokerConnectionError("channel is closed")
+        frame = self._publish_frame(message, exchange, routing_key)
+        if conn.write_buffer:
+            conn._buffer(frame)
+        else:
+            conn._write(frame)
+
+    def create_publish_batch(self, max_size):
+        return PublishBatch(self, max_size)
+
+    # -- declarations (answered by the broker) --------------------------------------------
+
+    def exchange_declare(self, exchange=None, type="direct", durable=False, auto_delete=False,
+                         arguments=None, nowait=False, passive=False):
+        type = type or "direct"
+        exchange = exchange or f"amq.{type}"
+        flags = ((proto.F_PASSIVE if passive else 0) | (proto.F_DURABLE if durable else 0)
+                 | (proto.F_AUTO_DELETE if auto_delete else 0))
+        self._rpc(proto.OP_EXCHANGE_DECLARE,
+                  bytes((flags,)) + proto.pack_str(exchange) + proto.pack_str(type),
+                  "Channel.exchange_declare")
+
+    def exchange_delete(self, exchange, if_unused=False, nowait=False):
+        self._rpc(proto.OP_EXCHANGE_DELETE, proto.pack_str(exchange), "Channel.exchange_delete")
+
+    def queue_declare(self, queue=None, passive=False, durable=False, exclusive=False,
+                      auto_delete=False, arguments=None, nowait=False, **kwargs):
+        queue = queue or f"amq.gen-{uuid()}"
+        flags = ((proto.F_PASSIVE if passive else 0) | (proto.F_DURABLE if durable else 0)
+                 | (proto.F_AUTO_DELETE if auto_delete else 0)
+                 | (proto.F_EXCLUSIVE if exclusive else 0))
+        data = self._rpc(proto.OP_QUEUE_DECLARE, bytes((flags,)) + proto.pack_str(queue),
+                         "Channel.queue_declare")
+        messages, consumers = proto.COUNTS.unpack_from(data, 0)
+        return queue_declare_ok_t(queue, messages, consumers)
+
+    def queue_bind(self, queue, exchange=None, routing_key="", arguments=None, **kwargs):
+        exchange = exchange or "amq.direct"
+        self._rpc(proto.OP_QUEUE_BIND, proto.pack_str(queue) + proto.pack_str(exchange)
+                  + proto.pack_str(routing_key or ""), "Channel.queue_bind")
+
+    def queue_unbind(self, queue, exchange=None, routing_key="", arguments=None, **kwargs):
+        exchange = exchange or "amq.direct"
+        self._rpc(proto.OP_QUEUE_UNBIND, proto.pack_str(queue) + proto.pack_str(exchange)
+                  + proto.pack_str(routing_key or ""), "Channel.queue_unbind")
+
+    def queue_purge(self, queue, **kwargs):
+        data = self._rpc(proto.OP_QUEUE_PURGE, proto.pack_str(queue), "Channel.queue_purge")
+        return proto.U32.unpack_from(data, 0)[0]
+
+    def queue_delete(self, queue, if_unused=False, if_empty=False, **kwargs):
+        flags = (proto.F_IF_UNUSED if if_unused else 0) | (proto.F_IF_EMPTY if if_empty else 0)
+        data = self._rpc(proto.OP_QUEUE_DELETE, bytes((flags,)) + proto.pack_str(queue),
+                         "Channel.queue_delete")
+        return proto.U32.unpack_from(data, 0)[0]
+
+    def after_reply_message_received(self, queue):
+        self.queue_delete(queue)
+
+    # The virtual-channel interface, for code written against it.
+    def _put(self, queue, message, **kwargs):
+        self.basic_publish(message, "", queue)
+
+    def _get(self, queue, timeout=None):
+        from queue import Empty
+
+        message = self.basic_get(queue, no_ack=True)
+        if message is None:
+            raise Empty()
+        return message._raw
+
+    def _size(self, queue):
+        return self.queue_declare(queue, passive=True).message_count
+
+    def _purge(self, queue):
+        return self.queue_purge(queue)
+
+    def _delete(self, queue, *args, **kwargs):
+        self.queue_delete(queue)
+
+    def _new_queue(self, queue, **kwargs):
+        self.queue_declare(queue)
+
+    def _has_queue(self, queue, **kwargs):
+        try:
+            self.queue_declare(queue, passive=True)
+        except ChannelError:
+            return False
+        return True
+
+    # -- consuming -------------------------------------------------------------------------
+
+    def basic_qos(self, prefetch_size=0, prefetch_count=0, apply_global=False):
+        self.connection._send_now(_U32(7) + _QOS(proto.OP_QOS, self.channel_id,
+                                                 int(prefetch_count or 0)))
+
+    def basic_consume(self, queue, no_ack, callback, consumer_tag, **kwargs):
+        cid = next(self._cid_seq)
+        self._by_cid[cid] = (callback, bool(no_ack), consumer_tag, queue)
+        self._tag_to_cid[consumer_tag] = cid
+        self._consumers.add(consumer_tag)
+        self._tag_to_queue[consumer_tag] = queue
+        self._active_queues.append(queue)
+        if no_ack:
+            self.no_ack_consumers.add(consumer_tag)
+        self._rpc(proto.OP_CONSUME, proto.U32.pack(cid) + bytes((1 if no_ack else 0,))
+                  + proto.pack_str(queue), "Channel.basic_consume")
+        return consumer_tag
+
+    def basic_cancel(self, consumer_tag):
+        cid = self._tag_to_cid.pop(consumer_tag, None)
+        self._consumers.discard(consumer_tag)
+        self.no_ack_consumers.discard(consumer_tag)
+        queue = self._tag_to_queue.pop(consumer_tag, None)
+        try:
+            self._active_queues.remove(queue)
+        except ValueError:
+            pass
+        if cid is None:
+            return
+        self._by_cid.pop(cid, None)
+        conn = self.connection
+        if conn is not None and conn._usable():
+            conn._send_now(_U32(7) + _QOS(proto.OP_CANCEL, self.channel_id, cid))
+
+    def basic_get(self, queue, no_ack=False, **kwargs):
+        data = self._rpc(proto.OP_GET, bytes((1 if no_ack else 0,)) + proto.pack_str(queue),
+                         "Channel.basic_get", empty_ok=True)
+        if data is None:
+            return None
+        tag, redelivered = proto.GET_OK.unpack_from(data, 0)
+        raw = _decode_delivery(data, proto.GET_OK.size, tag, redelivered)
+        return self.Message(raw, channel=self)
+
+    def basic_ack(self, delivery_tag, multiple=False):
+        self.connection._send_ack(_ACK_LEN + _TAG_FLAG(proto.OP_ACK, self.channel_id, delivery_tag,
+                                            1 if multiple else 0))
+
+    def basic_reject(self, delivery_tag, requeue=False):
+        self.connection._send_ack(_ACK_LEN + _TAG_FLAG(proto.OP_REJECT, self.channel_id, delivery_tag,
+                                            1 if requeue else 0))
+
+    def basic_recover(self, requeue=False):
+        if not requeue:
+            raise NotImplementedError("Does not support recover(requeue=False)")
+        self._rpc(proto.OP_RECOVER, b"", "Channel.basic_recover")
+
+    def _on_delivery(self, frame, cid, tag, redelivered):
+        entry = self._by_cid.get(cid)
+        if entry is None:
+            # Cancelled while the delivery was in flight: hand it back, unread.
+            if tag:
+                self.basic_reject(tag, requeue=True)
+            return
+        callback, _no_ack, consumer_tag, queue = entry
+        try:
+            raw = _decode_delivery(frame, proto.DELIVER_BODY_HEAD, tag, redelivered)
+        except (ValueError, StopIteration, KeyError, TypeError, AttributeError,
+                struct.error) as exc:
+            # Someone published bytes that are not a kombu message: drop it rather
+            # than fail on it forever (it would come back on every redelivery).
+            logger.error("unix transport: dropping a malformed message from queue %r: %r",
+                         queue, exc)
+            if tag:
+                self.basic_reject(tag, requeue=False)
+            return
+        info = raw["properties"]["delivery_info"]
+        info["consumer_tag"] = consumer_tag
+        callback(Message(raw, channel=self))
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _rpc(self, op, body, method, empty_ok=False):
+        conn = self.connection
+        if conn is None:
+            raise BrokerConnectionError("channel is closed")
+        return conn._rpc(op, self.channel_id, body, method, empty_ok)
+
+    def drain_events(self, timeout=None, callback=None):
+        return self.connection.drain_events(self.connection, timeout=timeout)
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        conn = self.connection
+        for consumer_tag in list(self._consumers):
+            self.basic_cancel(consumer_tag)
+        if conn is not None:
+            conn._channel_by_id.pop(self.channel_id, None)
+            if conn._usable():
+                try:
+                    conn._send_now(_U32(3) + proto.HEAD.pack(proto.OP_CHANNEL_CLOSE,
+                                                             self.channel_id))
+                except conn.connection_errors:
+                    pass
+            conn.close_channel(self)
+        self.exchange_types = None
+
+
+class Transport(virtual.Transport):
+    """Kombu transport over a UNIX domain socket to :mod:`transports.broker`."""
+
+    Channel = Channel
+
+    can_parse_url = True
+    polling_interval = None
+    default_port = None
+    driver_type = "unix"
+    driver_name = "unix"
+
+    implements = virtual.Transport.implements.extend(
+        asynchronous=True,
+        batch_publish=True,
+        exchange_type=frozenset(["direct", "topic", "fanout"]),
+        heartbeats=False,
+    )
+
+    connection_errors = virtual.Transport.connection_errors + (OSError,)
+    channel_errors = virtual.Transport.channel_errors
+
+    def __init__(self, client, **kwargs):
+        super().__init__(client, **kwargs)
+        opts = client.transport_options or {}
+        self.path = self._socket_path(client)
+        self.rpc_timeout = float(opts.get("rpc_timeout", DEFAULT_RPC_TIMEOUT))
+        self.read_size = int(opts.get("read_size", DEFAULT_READ_SIZE))
+        self.write_buffer = bool(opts.get("write_buffer", False))
+        self.write_buffer_size = int(opts.get("write_buffer_size", DEFAULT_WRITE_BUFFER_SIZE))
+        self.write_buffer_interval = float(
+            opts.get("write_buffer_interval", DEFAULT_WRITE_BUFFER_INTERVAL))
+        self._sock = None
+        self._fd = None
+        self._pid = None
+        self._reader = FrameReader()
+        self._pending: deque = deque()   # delivery frames not yet handed to consumers
+        self._replies: dict[int, bytes] = {}
+        self._reqids = count(1)
+        self._channel_by_id: dict[int, Channel] = {}
+        self._acks: list[bytes] = []     # acks coalesced while a batch is dispatched
+        self._dispatching = 0
+        self._closing = False
+        self._loop = None
+        self._wake_r = self._wake_w = None
+        self._wake_armed = False
+        self._poller = self._wpoller = None
+        self._hello = None               # reqid of the greeting whose answer is due
+        self._failure: BaseException | None = None
+        # write_buffer mode
+        self._wbuf: list[bytes] = []
+        self._wlen = 0
+        self._wcond = threading.Condition(threading.RLock())
+        self._flusher = None
+
+    @staticmethod
+    def _socket_path(client) -> str:
+        url = client.hostname or ""
+        if "://" not in url:
+            # Connection(transport='unix', virtual_host='/abs/path.sock') and friends.
+            url = client.virtual_host or url
+            if url and not url.startswith("/"):
+                url = "/" + url
+        return proto.socket_path_from_url(url)
+
+    def as_uri(self, uri, include_password=False, mask="**"):
+        return f"unix://{self.path}"
+
+    def driver_version(self):
+        return str(proto.PROTOCOL_VERSION)
+
+    # -- connection -------------------------------------------------------------------------
+
+    def establish_connection(self):
+        self._connect()
+        return super().establish_connection()
+
+    def _connect(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.client.connect_timeout or self.rpc_timeout)
+        try:
+            sock.connect(self.path)
+        except OSError as exc:
+            sock.close()
+            reason = exc.strerror or str(exc)
+            raise BrokerConnectionError(
+                f"no unix broker at {self.path}: {reason} "
+                f"(start one with: celery-bench broker unix://{self.path})") from None
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+            except OSError:
+                pass
+        sock.setblocking(False)
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._pid = os.getpid()
+        self._poller = select.poll()
+        self._wpoller = select.poll()
+        self._failure = None
+        # The greeting is not waited for (a round trip per connection saved): its
+        # answer is checked when it arrives, before anything that follows it.
+        self._hello = next(self._reqids)
+        body = proto.MAGIC + _U16(proto.PROTOCOL_VERSION)
+        self._write(_U32(7 + len(body)) + _RPC_HEAD(proto.OP_HELLO, 0, self._hello) + body)
+
+    def _usable(self) -> bool:
+        return self._sock is not None and self._pid == os.getpid() and not self._closing
+
+    def verify_connection(self, connection):
+        return self._sock is not None
+
+    def close_connection(self, connection):
+        if self._sock is not None and self._pid == os.getpid():
+            try:
+                self._flush_acks()
+                self._flush_wbuf()
+            except self.connection_errors:
+                pass
+        self._closing = True
+        super().close_connection(connection)
+        self._close_socket()
+
+    def _close_socket(self):
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        loop, self._loop = self._loop, None
+        if loop is not None:
+            try:
+                loop.remove(self._fd)
+            except Exception:  # the hub may already have dropped it
+                pass
+            loop.on_tick.discard(self._on_tick)
+            if self._wake_r is not None:
+                try:
+                    loop.remove(self._wake_r)
+                except Exception:
+                    pass
+        if self._wake_r is not None:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = None
+        with self._wcond:
+            self._wcond.notify_all()
+        # In a forked child this only drops our copy of the fd; the parent keeps its own.
+        sock.close()
+
+    def _broken(self, reason: str):
+        """The stream is unusable (EOF, error, timeout): close it and raise."""
+        self._close_socket()
+        exc = BrokerConnectionError(f"unix broker at {self.path}: {reason}")
+        self._failure = exc
+        raise exc
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def _send_ack(self, data: bytes):
+        if self._dispatching:
+            self._acks.append(data)
+        else:
+            self._send_now(data)
+
+    def _send_now(self, data: bytes):
+        if self._acks:
+            # Acks held back during a dispatch go first: a channel close or a
+            # recover must not overtake them (the broker would requeue acked work).
+            data = b"".join(self._acks) + data
+            self._acks.clear()
+        if self.write_buffer:
+            # The timer thread writes too: one writer at a time, buffered frames first.
+            with self._wcond:
+                if self._wbuf:
+                    self._flush_locked()
+                self._write(data)
+        else:
+            self._write(data)
+
+    def _write(self, data: bytes):
+        sock = self._sock
+        if sock is None:
+            raise self._failure or BrokerConnectionError(
+                f"unix broker at {self.path}: connection is closed")
+        try:
+            sent = sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._broken(f"write failed: {exc.strerror or exc}")
+        if sent != len(data):
+            self._send_rest(memoryview(data)[sent:])
+
+    def _send_rest(self, view):
+        poller = self._wpoller  # its own: the timer thread may write while we read
+        poller.register(self._fd, _POLLOUT)
+        try:
+            while view:
+                deadline = monotonic() + self.rpc_timeout
+                while not poller.poll(_ms(max(0.0, deadline - monotonic()))):
+                    if monotonic() >= deadline:
+                        self._broken(f"broker accepted no data for {self.rpc_timeout:g}s")
+                try:
+                    sent = self._sock.send(view)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError as exc:
+                    self._broken(f"write failed: {exc.strerror or exc}")
+                view = view[sent:]
+        finally:
+            if self._sock is not None:
+                poller.unregister(self._fd)
+
+    def _buffer(self, data: bytes):
+        with self._wcond:
+            if self._failure is not None:
+                raise self._failure
+            was_empty = not self._wbuf
+            self._wbuf.append(data)
+            self._wlen += len(data)
+            if self._wlen >= self.write_buffer_size:
+                self._flush_locked()
+            elif was_empty:
+                if self._flusher is None or self._flusher[1] != os.getpid():
+                    thread = threading.Thread(target=self._flush_periodically,
+                                              name="unix-transport-flush", daemon=True)
+                    self._flusher = (thread, os.getpid())
+                    thread.start()
+                self._wcond.notify()
+
+    def _flush_wbuf(self):
+        if self._wbuf:
+            with self._wcond:
+                self._flush_locked()
+
+    def _flush_locked(self):
+        frames = self._wbuf
+        if not frames:
+            return
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        self._wbuf = []
+        self._wlen = 0
+        self._write(data)
+
+    def _flush_periodically(self):
+        # Timer flush so a buffered publish never waits longer than the interval.
+        interval = self.write_buffer_interval
+        cond = self._wcond
+        with cond:
+            while self._sock is not None:
+                if not self._wbuf:
+                    cond.wait(1.0)
+                    continue
+                cond.wait(interval)
+                try:
+                    self._flush_locked()
+                except BrokerConnectionError as exc:
+                    self._failure = exc
+                    self._wbuf = []
+                    return
+                except OSError as exc:
+                    self._failure = BrokerConnectionError(str(exc))
+                    return
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def _read(self, timeout) -> bool:
+        """Read what is there (waiting up to ``timeout``; None = forever); sort the frames."""
+        sock = self._sock
+        if sock is None:
+            raise self._failure or BrokerConnectionError(
+                f"unix broker at {self.path}: connection is closed")
+        try:
+            data = sock.recv(self.read_size)
+        except (BlockingIOError, InterruptedError):
+            if timeout == 0:
+                return False
+            poller = self._poller
+            poller.register(self._fd, _POLLIN)
+            try:
+                ready = poller.poll(_ms(timeout))
+            finally:
+                poller.unregister(self._fd)
+            if not ready:
+                return False
+            try:
+                data = sock.recv(self.read_size)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError as exc:
+                self._broken(f"read failed: {exc.strerror or exc}")
+        except OSError as exc:
+            self._broken(f"read failed: {exc.strerror or exc}")
+        if not data:
+            self._broken("the broker closed the connection")
+        reader = self._reader
+        reader.feed(data)
+        pending = self._pending
+        try:
+            frames = reader.frames()
+        except FrameError as exc:
+            self._broken(f"not a unix broker, or a broken stream: {exc}")
+        for frame in frames:
+            op = frame[0]
+            if op == _OP_DELIVER:
+                pending.append(frame)
+            elif op == _OP_REPLY and len(frame) >= 8:
+                reqid = proto.RPC_HEAD.unpack_from(frame, 0)[2]
+                if reqid == self._hello:
+                    self._hello = None
+                    if frame[7] != proto.STATUS_OK:
+                        self._broken(bytes(frame[8:]).decode("utf-8", "replace"))
+                else:
+                    self._replies[reqid] = frame
+            else:
+                self._broken(f"unexpected frame (op {op}) from {self.path}: not a unix broker?")
+        return True
+
+    def _rpc(self, op, channel_id, body, method, empty_ok=False):
+        reqid = next(self._reqids)
+        self._send_now(_U32(7 + len(body)) + _RPC_HEAD(op, channel_id, reqid) + body)
+        deadline = monotonic() + self.rpc_timeout
+        replies = self._replies
+        while reqid not in replies:
+            remaining = deadline - monotonic()
+            if remaining <= 0:
+                self._broken(f"no answer to {method} within {self.rpc_timeout:g}s")
+            self._read(remaining)
+        frame = replies.pop(reqid)
+        status = frame[7]
+        data = frame[8:]
+        if status == proto.STATUS_OK:
+            return data
+        if status == proto.STATUS_EMPTY and empty_ok:
+            return None
+        text = bytes(data).decode("utf-8", "replace")
+        code = 404 if status == proto.STATUS_NOT_FOUND else 406
+        raise ChannelError(text, (50, 10), method, code)
+
+    def _flush_acks(self):
+        if self._acks:
+            self._send_now(b"")
+
+    def _dispatch(self):
+        """Hand every buffered delivery to its consumer; acks written meanwhile go out once."""
+        pending = self._pending
+        channels = self._channel_by_id
+        unpack = _DELIVER_UNPACK
+        self._dispatching += 1
+        try:
+            while pending:
+                frame = pending.popleft()
+                _, chid, cid, tag, redelivered = unpack(frame, 0)
+                channel = channels.get(chid)
+                if channel is None:
+                    continue  # closed channel: the broker requeued its unacked already
+                channel._on_delivery(frame, cid, tag, redelivered)
+        finally:
+            self._dispatching -= 1
+            if not self._dispatching and self._acks and self._sock is not None:
+                self._flush_acks()
+
+    def drain_events(self, connection, timeout=None):
+        if not self._pending:
+            if self._wbuf:
+                self._flush_wbuf()
+            if timeout is None:
+                while not self._pending:
+                    self._read(None)
+            else:
+                deadline = monotonic() + timeout
+                while not self._pending:
+                    got = self._read(max(0.0, deadline - monotonic()))
+                    if not got and not self._pending and monotonic() >= deadline:
+                        raise socket.timeout()
+        self._dispatch()
+
+    # -- event loop --------------------------------------------------------------------------
+
+    def register_with_event_loop(self, connection, loop):
+        self._loop = loop
+        loop.add_reader(self._fd, self.on_readable)
+        # Deliveries read while waiting for an RPC answer sit in memory, not on the
+        # socket, so readiness will not announce them. A tick callback notices them
+        # and pokes our own pipe rather than dispatching there and then: the
+        # dispatch then runs from poll(), before the next turn's tick callbacks
+        # (the prefork pool's among them) look for work, so nothing waits for the
+        # poll timeout.
+        if self._wake_r is None:
+            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        loop.add_reader(self._wake_r, self._on_wake)
+        loop.on_tick.add(self._on_tick)
+
+    def _on_tick(self):
+        if self._pending and not self._wake_armed:
+            self._wake_armed = True
+            try:
+                os.write(self._wake_w, b"!")
+            except BlockingIOError:
+                pass
+
+    def _on_wake(self, *args):
+        try:
+            os.read(self._wake_r, 512)
+        except BlockingIOError:
+            pass
+        self._wake_armed = False
+        if self._pending and self._sock is not None:
+            self._dispatch()
+
+    def on_readable(self, fileno=None):
+        if self._sock is None:
+            return
+        self._read(0)
+        if self._pending:
+            self._dispatch()
