@@ -1,0 +1,385 @@
+"""Publish rate: the ladder from a raw ``queue.Queue`` to Celery, per transport.
+
+Rungs (cell params ``api`` / ``producer`` / ``method``):
+
+- ``queue``  / ``-``                    / ``put``        the ceiling
+- ``kombu``  / held, per-call, new-connection, batch / ``publish``
+- ``celery`` / default, held            / delay, apply_async, send_task
+
+over every transport in :mod:`bench.brokers` (a new broker module joins the
+matrix with no change here) and each serializer. Each cell warms up, publishes
+(closed loop, or on a fixed schedule with ``--rate``), then a consumer counts
+what arrived: ``lost = sent - received``. Where the broker module says
+``CROSS_PROCESS`` the consumer is another process attached before publishing,
+so it also records end-to-end latency; otherwise (memory) the cell drains in
+this process every ``CHUNK`` messages, outside the timed sections, which keeps
+memory flat. Sizing is by time (``--duration``, capped at ``Sizing.cap``
+messages) unless ``--messages`` is given, so slow rungs send fewer messages
+without taking longer. The body is ``{"data": "xx..."}`` whose JSON is
+``payload_bytes`` long (112 by default); Celery sends it as the first task arg.
+
+``cpu_us_per_msg`` (closed loop) is the publishing thread's own CPU time per
+message: on a shared machine it is the figure being descheduled cannot inflate.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+import uuid
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import brokers, pacing, recorder
+from ..drivers import celery as celery_driver
+from ..drivers import kombu as kombu_driver
+from ..drivers import queue as queue_driver
+from ..runner import Skip
+
+NAME = "publish"
+DESCRIPTION = ("Publish rate and latency: queue.Queue ceiling, Kombu producer strategies, "
+               "Celery delay/apply_async/send_task; every message counted")
+
+PAYLOAD_BYTES = 112
+CHUNK = 50_000            # in-process consumers drain every CHUNK messages (flat memory)
+APP_TRANSPORT = "app"     # the transport param of --app cells
+
+
+@dataclass(frozen=True)
+class Sizing:
+    duration: float       # seconds of publishing per cell
+    warmup: float         # seconds of warm-up, not counted
+    cap: int              # most messages a cell sends (buffers are preallocated to it)
+
+
+QUICK = Sizing(duration=0.4, warmup=0.1, cap=200_000)
+FULL = Sizing(duration=2.0, warmup=0.5, cap=2_000_000)
+
+CELERY_RUNGS = (("delay", "default"), ("apply_async", "default"), ("send_task", "default"),
+                ("apply_async", "held"), ("send_task", "held"))
+# --quick over cross-process transports: the Celery rungs that say the most per second spent.
+CELERY_QUICK_REMOTE = (("apply_async", "default"), ("apply_async", "held"))
+
+SUMMARY = [
+    ("throughput_per_s", "msg/s"),
+    ("publish.p50", "pub p50 us"),
+    ("publish.p99", "pub p99 us"),
+    ("lost", "lost"),
+    ("e2e.p50", "e2e p50 us"),
+    ("e2e.p99", "e2e p99 us"),
+    ("from_intended.p99", "p99 from intended us"),
+    ("schedule_lag.p99", "lag p99 us"),
+    ("sent", "sent"),
+]
+
+
+# --------------------------------------------------------------------------- the matrix
+def _cell(api, producer, method, transport, serializer, payload_bytes) -> dict:
+    return {"api": api, "producer": producer, "method": method, "transport": transport,
+            "serializer": serializer, "payload_bytes": payload_bytes}
+
+
+def _broker_attr(name: str, attr: str, default):
+    try:
+        return getattr(brokers.module(name), attr)
+    except ImportError:
+        return default
+
+
+def _app(opts):
+    """The user's app and task for --app/--task (validated: a usage error otherwise)."""
+    app = celery_driver.load_app(opts.app)
+    task = opts.task or celery_driver.DEFAULT_TASK
+    celery_driver.check_task(app, opts.app, task)
+    return app, task
+
+
+def cells(opts) -> list[dict]:
+    payload = PAYLOAD_BYTES if opts.payload_bytes is None else opts.payload_bytes
+    serializers = tuple(opts.serializers) or (("json",) if opts.quick else ("json", "pickle"))
+    out = [_cell("queue", "-", "put", "memory", "-", payload)]
+    if opts.app:
+        app, _ = _app(opts)
+        ser = app.conf.task_serializer
+        out += [_cell("kombu", s, "publish", APP_TRANSPORT, ser, payload)
+                for s in kombu_driver.STRATEGIES]
+        out += [_cell("celery", p, m, APP_TRANSPORT, ser, payload) for m, p in CELERY_RUNGS]
+        return out
+    for transport in brokers.names():
+        in_process = not _broker_attr(transport, "CROSS_PROCESS", True)
+        rungs = CELERY_RUNGS if (in_process or not opts.quick) else CELERY_QUICK_REMOTE
+        for ser in serializers:
+            out += [_cell("kombu", s, "publish", transport, ser, payload)
+                    for s in kombu_driver.STRATEGIES]
+            out += [_cell("celery", p, m, transport, ser, payload) for m, p in rungs]
+    return out
+
+
+def requires(params) -> set:
+    if params["api"] == "queue" or params["transport"] == APP_TRANSPORT:
+        return set()
+    service = _broker_attr(params["transport"], "SERVICE", None)  # missing module: run_cell skips
+    return {service} if service else set()
+
+
+# --------------------------------------------------------------------------- hot loops
+now_ns = recorder.now_ns
+
+
+def _closed_loop(send, start, end, first: int, stop: int, deadline: int) -> int:
+    """Publish as fast as possible; only timestamps into preallocated buffers."""
+    now = now_ns
+    for i in range(first, stop):
+        t = now()
+        send(i, t)
+        e = now()
+        start[i] = t
+        end[i] = e
+        if e > deadline:
+            return i + 1
+    return stop
+
+
+def _paced_loop(send, intended, start, end, pacer, first: int, stop: int) -> int:
+    """Publish on the pacer's schedule; the intended time is kept beside the actual one."""
+    now, wait = now_ns, pacer.wait
+    for i in range(first, stop):
+        due = wait(i)
+        t = now()
+        send(i, t)
+        e = now()
+        intended[i] = due
+        start[i] = t
+        end[i] = e
+    return stop
+
+
+# --------------------------------------------------------------------------- one cell
+def _sizing(opts) -> Sizing:
+    return QUICK if opts.quick else FULL
+
+
+def _plan(opts, sizing: Sizing) -> tuple[int, int | None]:
+    """(messages to send at most, publishing budget in ns or None)."""
+    if opts.messages:
+        return int(opts.messages), None
+    duration = opts.duration or sizing.duration
+    if opts.rate:
+        return max(1, min(sizing.cap, math.ceil(opts.rate * duration))), None
+    return sizing.cap, int(duration * 1e9)
+
+
+def _warmup(driver, seconds: float) -> int:
+    """Publish warm-up messages (sequence -1) for ``seconds``; return how many."""
+    if seconds <= 0:
+        return 0
+    sent = 0
+    with driver.sending() as send:
+        end = now_ns() + int(seconds * 1e9)
+        while sent < CHUNK:
+            send(-1, now_ns())
+            sent += 1
+            if now_ns() >= end:
+                break
+    return sent
+
+
+def _publish(driver, ts, n: int, budget_ns, pacer, drain_chunk) -> tuple[int, int, int]:
+    """Send up to ``n`` messages; return (sent, ns spent publishing, CPU ns of this thread).
+
+    The CPU time is what the publisher itself burned: on a shared machine it is the
+    figure that being descheduled does not inflate.
+    """
+    sent = busy = 0
+    cpu0 = time.thread_time_ns()
+    with driver.sending() as send:
+        if pacer is not None:
+            pacer.start()
+        while sent < n:
+            stop = min(n, sent + CHUNK) if drain_chunk else n
+            c0 = now_ns()
+            if pacer is not None:
+                sent = _paced_loop(send, ts.intended, ts.start, ts.end, pacer, sent, stop)
+            else:
+                deadline = c0 + budget_ns - busy if budget_ns else 1 << 62
+                sent = _closed_loop(send, ts.start, ts.end, sent, stop, deadline)
+            busy += now_ns() - c0
+            if budget_ns and pacer is None and busy >= budget_ns:
+                break
+            if drain_chunk and sent < n:
+                d0 = time.thread_time_ns()
+                drain_chunk(sent)   # outside the timed sections
+                cpu0 += time.thread_time_ns() - d0
+        exit_start = now_ns()
+    busy += now_ns() - exit_start   # a batch flushes on exit: that is publishing too
+    return sent, busy, time.thread_time_ns() - cpu0
+
+
+def _histograms(ts, sent: int, got: kombu_driver.Received, rate) -> tuple[dict, str]:
+    rec = recorder.Recorder()
+    ts.count = sent
+    start, end = ts.column("start"), ts.column("end")
+    rec.add("publish", (end - start) / 1000.0)
+    e2e_ns = lag_ns = mask = None
+    if got.e2e_ns is not None:
+        mask = got.seen[:sent].astype(bool)
+        e2e_ns = got.e2e_ns[:sent][mask]
+        rec.add("e2e", e2e_ns / 1000.0)
+    basis = "receive" if e2e_ns is not None else "publish-return"
+    if rate:
+        intended = ts.column("intended")
+        lag_ns = start - intended
+        rec.add("schedule_lag", lag_ns / 1000.0)
+        if e2e_ns is not None:  # receive time minus intended = e2e + how late the send left
+            rec.add("from_intended", (e2e_ns + lag_ns[mask]) / 1000.0)
+            rec.add("from_send", e2e_ns / 1000.0)
+        else:
+            rec.add("from_intended", (end - intended) / 1000.0)
+            rec.add("from_send", (end - start) / 1000.0)
+    return rec.histograms, basis
+
+
+def _measure(driver, cross_process: bool, opts, workdir: Path) -> dict:
+    sizing = _sizing(opts)
+    n, budget_ns = _plan(opts, sizing)
+    warm_s = sizing.warmup if opts.warmup is None else opts.warmup
+    cols = ("intended", "start", "end") if opts.rate else ("start", "end")
+    ts = recorder.Timestamps(n, cols)
+    pacer = pacing.Pacer(opts.rate) if opts.rate else None
+    consumer = None
+    notes = []
+    warm_note = None
+    try:
+        if cross_process:
+            consumer = kombu_driver.ConsumerProcess(driver.consumer_spec(), n, workdir,
+                                                    opts.timeout)
+            consumer.start()
+            consumer.wait_ready()
+        driver.open()
+        warm_sent = _warmup(driver, warm_s)
+        if consumer is not None:
+            warm_got = consumer.warm(warm_sent)
+        else:
+            wt = kombu_driver.Tally(0)
+            driver.drain(wt, lambda: wt.warmup >= warm_sent, opts.timeout)
+            warm_got = wt.warmup
+        if warm_got < warm_sent:
+            warm_note = f"warm-up: {warm_sent - warm_got} of {warm_sent} lost"
+
+        tally = None if cross_process else kombu_driver.Tally(n)
+
+        def drain_upto(upto: int) -> None:
+            driver.drain(tally, lambda: tally.received >= upto, opts.timeout)
+        drain_chunk = None if cross_process else drain_upto
+
+        sent, busy_ns, cpu_ns = _publish(driver, ts, n, budget_ns, pacer, drain_chunk)
+        t0 = time.monotonic()
+        if consumer is not None:
+            got = consumer.finish(sent)
+            notes += got.notes
+        else:
+            drain_upto(sent)
+            got = kombu_driver.Received(**tally.counts())
+        drain_s = time.monotonic() - t0
+    finally:
+        if consumer is not None:
+            consumer.stop()
+        driver.close()
+
+    histograms, basis = _histograms(ts, sent, got, opts.rate)
+    busy_s = busy_ns / 1e9
+    lost = sent - got.received
+    metrics = {
+        "throughput_per_s": sent / busy_s if busy_s > 0 else 0.0,
+        "sent": sent, "received": got.received, "lost": lost,
+        "duplicates": got.duplicates, "consumer_errors": got.errors, "elapsed_s": round(busy_s, 6),
+        # Closed loop only: with --rate the pacer's spin-wait would count as publishing.
+        "cpu_us_per_msg": cpu_ns / 1000.0 / sent if sent and not opts.rate else None,
+        "drain_s": round(drain_s, 3), "warmup_sent": warm_sent,
+        "consumer": "concurrent process" if cross_process else "in-process after publishing",
+    }
+    if lost:
+        notes.insert(0, f"lost {lost} of {sent}")
+    if warm_note:
+        notes.append(warm_note)
+    if got.stray:
+        notes.append(f"{got.stray} messages with unknown sequence numbers")
+    if opts.rate:
+        elapsed = (int(ts.column("end")[-1]) - pacer.t0) / 1e9 if sent else 0.0
+        rate_metrics = pacing.achieved(opts.rate, sent, elapsed)
+        metrics.update(rate_metrics, latency_basis=basis)
+        metrics["throughput_per_s"] = rate_metrics["rate_achieved_per_s"]
+        if rate_metrics["rate_shortfall"]:
+            notes.append(f"achieved {rate_metrics['rate_achieved_per_s']:.0f}/s of "
+                         f"{opts.rate:g}/s asked")
+    out = {"metrics": metrics, "histograms": histograms}
+    if notes:
+        out["note"] = "; ".join(notes)
+    return out
+
+
+def _target(params, opts, stack: ExitStack, workdir: Path):
+    """Where this cell publishes: a bench broker environment, or the --app's broker."""
+    if params["transport"] == APP_TRANSPORT:
+        app, _ = _app(opts)
+        target = celery_driver.app_target(app, opts.app)
+        try:
+            with target.connect() as conn:
+                conn.ensure_connection(max_retries=1, timeout=min(opts.timeout, 10.0))
+        except Exception as exc:
+            raise Skip(f"--app {opts.app}: broker {celery_driver.broker_label(app)} "
+                       f"unreachable: {exc}") from None
+        return target
+    name = params["transport"]
+    try:
+        mod = brokers.module(name)
+    except ImportError as exc:
+        raise Skip(f"transport {name!r} not available yet: bench.brokers.{name} "
+                   f"does not import ({exc})") from None
+    if params["producer"] == "batch" and not mod.SUPPORTS_BATCH:
+        raise Skip(f"no Producer.batch on {name} (SUPPORTS_BATCH=False): it would "
+                   f"publish one by one, as held does")
+    env = stack.enter_context(brokers.broker(name, workdir))
+    return kombu_driver.Target.from_env(env, mod.CROSS_PROCESS, mod.SUPPORTS_BATCH)
+
+
+def make_payload(nbytes: int):
+    """A body whose JSON is ``nbytes`` long: ``{"data": "xxx..."}`` (a bare string when
+    smaller than the braces)."""
+    overhead = len(json.dumps({"data": ""}))
+    if nbytes < overhead:
+        return "x" * max(0, nbytes - 2)
+    return {"data": "x" * (nbytes - overhead)}
+
+
+def run_cell(params, opts) -> dict:
+    payload = make_payload(int(params["payload_bytes"]))
+    queue_name = f"celery-bench-publish-{uuid.uuid4().hex[:12]}"
+    base = Path(opts.workdir) if opts.workdir else Path(tempfile.gettempdir())
+    workdir = base / queue_name
+    try:
+        with ExitStack() as stack:
+            if params["api"] == "queue":
+                return _measure(queue_driver.Publisher(payload), False, opts, workdir)
+            target = _target(params, opts, stack, workdir)
+            if params["producer"] == "batch" and not target.supports_batch:
+                raise Skip("no Producer.batch on this broker: it would publish one by one, "
+                           "as held does")
+            user_app, task = _app(opts) if params["transport"] == APP_TRANSPORT else (None, None)
+            if params["api"] == "kombu":
+                driver = kombu_driver.Publisher(target, queue_name, params["producer"],
+                                                params["serializer"], payload, opts.timeout)
+            else:
+                driver = celery_driver.Publisher(
+                    target, queue_name, params["method"], params["producer"],
+                    params["serializer"], payload, opts.timeout, app=user_app,
+                    task_name=task or celery_driver.DEFAULT_TASK)
+            result = _measure(driver, target.cross_process, opts, workdir)
+            if user_app is not None:
+                result["metrics"]["broker"] = celery_driver.broker_label(user_app)
+            return result
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,311 @@
+"""The publish scenario against real brokers: every message counted, the real CLI run.
+
+No test asserts a duration; rates are checked only as ratios of what was asked.
+"""
+import socket
+import textwrap
+import uuid
+
+import psutil
+import pytest
+
+from bench import brokers, results, runner
+from bench.drivers import kombu as kombu_driver
+from bench.scenarios import publish
+
+KEYS = {"api", "producer", "method", "transport", "serializer", "payload_bytes"}
+
+
+def cell(api="kombu", producer="held", method="publish", transport="memory", serializer="json",
+         payload_bytes=112) -> dict:
+    return {"api": api, "producer": producer, "method": method, "transport": transport,
+            "serializer": serializer, "payload_bytes": payload_bytes}
+
+
+def options(tmp_path, **kw) -> runner.RunOptions:
+    kw.setdefault("duration", 0.2)
+    kw.setdefault("warmup", 0.05)
+    kw.setdefault("timeout", 60.0)
+    return runner.RunOptions(quick=True, workdir=tmp_path, **kw)
+
+
+def transport_ready(name: str, need) -> None:
+    """Skip while a transport's module is missing; need its service (fail in CI)."""
+    try:
+        mod = brokers.module(name)
+    except ImportError as exc:
+        pytest.skip(f"bench.brokers.{name} not importable yet: {exc}")
+    if mod.SERVICE:
+        need(mod.SERVICE)
+
+
+def consumer_processes() -> list:
+    return [p for p in psutil.Process().children(recursive=True)
+            if "bench.drivers.kombu" in " ".join(p.cmdline())]
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def assert_counted(c: results.Cell) -> None:
+    m = c.metrics
+    assert c.status == "ok", c.reason
+    assert m["sent"] > 0
+    assert m["received"] + m["lost"] == m["sent"]
+    assert c.histograms["publish"]["count"] == m["sent"]
+    if c.params["transport"] == "filesystem":
+        # Kombu's filesystem transport races a concurrent consumer (it can take a file
+        # before the publisher wrote it: JSONDecodeError, message gone); each such loss
+        # must show as a consumer receive error, never vanish.
+        assert m["lost"] <= m["consumer_errors"], c.reason
+    else:
+        assert m["lost"] == 0, c.reason
+        assert m["duplicates"] == 0
+
+
+# --------------------------------------------------------------------------- the matrix
+def test_every_cell_has_the_same_params_and_every_transport_is_in():
+    for quick in (True, False):
+        cells = publish.cells(runner.RunOptions(quick=quick))
+        assert all(set(c) == KEYS for c in cells)
+        assert cells[0]["api"] == "queue"
+        assert {c["transport"] for c in cells} == set(brokers.names())
+        for name in brokers.names():
+            kombu = {c["producer"] for c in cells
+                     if c["transport"] == name and c["api"] == "kombu"}
+            assert kombu == set(kombu_driver.STRATEGIES)
+    quick = publish.cells(runner.RunOptions(quick=True))
+    full = publish.cells(runner.RunOptions(quick=False))
+    assert {c["serializer"] for c in quick if c["api"] != "queue"} == {"json"}
+    assert {c["serializer"] for c in full if c["api"] != "queue"} == {"json", "pickle"}
+    assert all(c in full for c in quick)
+    memory_celery = {(c["method"], c["producer"]) for c in quick
+                     if c["transport"] == "memory" and c["api"] == "celery"}
+    assert memory_celery == set(publish.CELERY_RUNGS)
+
+
+def test_tally_counts_duplicates_warmup_and_strays():
+    t = kombu_driver.Tally(3, keep_e2e=True)
+    for i in (0, 1, 1, -1, 7, 2):
+        t.add(i, 100, 350)
+    assert t.counts() == {"received": 3, "duplicates": 1, "warmup": 1, "stray": 1}
+    assert list(t.e2e) == [250, 250, 250]
+
+
+# --------------------------------------------------------------------------- the real CLI
+def test_cli_quick_memory_counts_every_message(cli_run, tmp_path):
+    proc = cli_run("run", "publish", "--quick", "--transport", "memory", "--out", "x.json",
+                   "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    run = results.load(tmp_path / "x.json")
+    cells = run.find("publish")
+    assert len(cells) == len([c for c in publish.cells(runner.RunOptions(quick=True))
+                              if c["transport"] == "memory"])
+    for c in cells:
+        if c.params["producer"] == "batch":
+            assert c.status == "skipped" and "batch" in c.reason
+            continue
+        assert_counted(c)
+        assert "e2e" not in c.histograms       # memory: drained after publishing
+    held = run.find("publish", api="kombu", producer="held")[0]
+    assert held.metrics["consumer"].startswith("in-process")
+
+
+# --------------------------------------------------------------------------- every transport
+@pytest.mark.parametrize("transport", brokers.MODULES)
+def test_each_transport_loses_nothing(transport, need, tmp_path):
+    transport_ready(transport, need)
+    opts = options(tmp_path)
+    cross = brokers.module(transport).CROSS_PROCESS
+    for params in (cell(transport=transport),
+                   cell("celery", "default", "apply_async", transport=transport)):
+        c = runner.run_cell(publish, params, opts)
+        assert_counted(c)
+        if cross:
+            assert c.metrics["consumer"] == "concurrent process"
+            assert c.histograms["e2e"]["count"] == c.metrics["received"]
+        else:
+            assert "e2e" not in c.histograms
+    assert consumer_processes() == []
+
+
+def test_batch_publishes_on_redis(need, tmp_path):
+    need("redis")
+    c = runner.run_cell(publish, cell(producer="batch", transport="redis"), options(tmp_path))
+    assert_counted(c)
+
+
+def test_batch_is_skipped_with_the_reason_where_unsupported(tmp_path):
+    c = runner.run_cell(publish, cell(producer="batch", transport="memory"), options(tmp_path))
+    assert c.status == "skipped"
+    assert "Producer.batch" in c.reason and "SUPPORTS_BATCH" in c.reason
+
+
+def test_pickle_cells(tmp_path):
+    opts = options(tmp_path)
+    for params in (cell(serializer="pickle"),
+                   cell("celery", "held", "send_task", serializer="pickle")):
+        assert_counted(runner.run_cell(publish, params, opts))
+
+
+def test_a_missing_transport_module_skips_with_the_reason(monkeypatch, tmp_path):
+    real = brokers.module
+
+    def module(name):
+        if name == "fifo":
+            raise ModuleNotFoundError("No module named 'bench.brokers.fifo'")
+        return real(name)
+
+    monkeypatch.setattr(brokers, "module", module)
+    assert publish.requires(cell(transport="fifo")) == set()
+    c = runner.run_cell(publish, cell(transport="fifo"), options(tmp_path))
+    assert c.status == "skipped"
+    assert "fifo" in c.reason and "not available" in c.reason
+
+
+# --------------------------------------------------------------------------- open loop
+def test_open_loop_rate_holds_on_memory(tmp_path):
+    c = runner.run_cell(publish, cell(), options(tmp_path, rate=500, duration=2.0))
+    assert_counted(c)
+    m = c.metrics
+    assert m["sent"] == 1000
+    assert abs(m["rate_achieved_per_s"] - 500) <= 0.05 * 500, m
+    assert m["rate_shortfall"] is False
+    assert m["latency_basis"] == "publish-return"
+    for name in ("from_intended", "from_send", "schedule_lag"):
+        assert c.histograms[name]["count"] == 1000
+    # Latency from the intended time can only be longer than from the actual send.
+    assert c.histograms["from_intended"]["p99"] >= c.histograms["from_send"]["p50"]
+
+
+def test_open_loop_with_a_concurrent_consumer_measures_from_receipt(need, tmp_path):
+    need("redis")
+    c = runner.run_cell(publish, cell(transport="redis"), options(tmp_path, rate=200, duration=1.0))
+    assert_counted(c)
+    assert c.metrics["latency_basis"] == "receive"
+    assert c.histograms["from_intended"]["count"] == c.metrics["received"]
+    assert c.histograms["from_send"]["count"] == c.histograms["e2e"]["count"]
+
+
+# --------------------------------------------------------------------------- loss is reported
+def test_the_consumer_process_reports_loss_and_duplicates(need, tmp_path):
+    need("redis")
+    from bench.brokers import redis as redis_broker
+
+    with redis_broker.broker(tmp_path) as env:
+        target = kombu_driver.Target.from_env(env, True, False)
+        driver = kombu_driver.Publisher(target, f"celery-bench-test-{uuid.uuid4().hex[:8]}",
+                                        "held", "json", "x", 30.0)
+        consumer = kombu_driver.ConsumerProcess(driver.consumer_spec(), 20, tmp_path, 30.0)
+        try:
+            consumer.start()
+            consumer.wait_ready()
+            driver.open()
+            with driver.sending() as send:
+                for i in (0, 1, 2, 3, 3, 4):   # 3 twice; 5 and 6 "sent" but never published
+                    send(i, kombu_driver.now_ns())
+            got = consumer.finish(7)
+        finally:
+            consumer.stop()
+            driver.close()
+    assert (got.received, got.duplicates) == (5, 1)
+    assert got.seen[:7].tolist() == [1, 1, 1, 1, 1, 0, 0]
+    assert any("stopped counting" in n for n in got.notes)
+    assert consumer_processes() == []
+
+
+# --------------------------------------------------------------------------- --app / --task
+APP_MODULE = """
+    import os
+    from celery import Celery
+
+    app = Celery("{name}", broker=os.environ["CELERY_BENCH_REDIS_URL"])
+    app.conf.task_routes = {{"{name}.add": {{"queue": "{real_queue}"}}}}
+
+    @app.task(name="{name}.add")
+    def add(x, y, z=0):
+        return x + y
+"""
+
+
+def write_app(folder, redis_url) -> tuple[str, str]:
+    name = f"proj_{uuid.uuid4().hex[:8]}"
+    real_queue = f"celery-bench-test-real-{uuid.uuid4().hex[:8]}"
+    (folder / f"{name}.py").write_text(textwrap.dedent(
+        APP_MODULE.format(name=name, real_queue=real_queue)))
+    return name, real_queue
+
+
+def test_app_and_task_measure_a_users_stack(cli_run, tmp_path, redis_url):
+    import redis
+
+    name, real_queue = write_app(tmp_path, redis_url)
+    proc = cli_run("run", "publish", "--quick", "--app", f"{name}:app", "--task", f"{name}.add",
+                   "--only", "api=celery", "--duration", "0.2", "--out", "app.json", "--quiet",
+                   env={"CELERY_BENCH_REDIS_URL": redis_url})
+    assert proc.returncode == 0, proc.stderr
+    cells = results.load(tmp_path / "app.json").find("publish", api="celery")
+    assert {(c.params["method"], c.params["producer"]) for c in cells} == \
+        set(publish.CELERY_RUNGS)
+    for c in cells:
+        assert c.params["transport"] == "app"
+        assert_counted(c)
+        assert "****" in c.metrics["broker"] or "@" not in c.metrics["broker"]
+    # Only the cell's own queue was used: the app's real route received nothing.
+    assert redis.Redis.from_url(redis_url).llen(real_queue) == 0
+
+
+def test_app_routes_are_restored_after_a_cell(tmp_path, redis_url, monkeypatch):
+    from bench.drivers import celery as celery_driver
+
+    name, real_queue = write_app(tmp_path, redis_url)
+    monkeypatch.setenv("CELERY_BENCH_REDIS_URL", redis_url)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    opts = options(tmp_path, app=f"{name}:app", task=f"{name}.add")
+    app = celery_driver.load_app(opts.app)
+    before = app.conf.task_routes
+    c = runner.run_cell(publish, cell("celery", "default", "delay", transport="app"), opts)
+    assert_counted(c)
+    assert app.conf.task_routes == before
+    assert app.amqp.router.route({}, f"{name}.add")["queue"].name == real_queue
+
+
+def test_app_usage_errors_are_one_line(cli_run, tmp_path, redis_url):
+    name, _ = write_app(tmp_path, redis_url)
+    cases = {
+        "cannot import module": ["--app", "no_such_module_here:app"],
+        "has no attribute": ["--app", f"{name}:nope"],
+        "has no task named": ["--app", f"{name}:app", "--task", "no.such.task"],
+    }
+    for expected, args in cases.items():
+        proc = cli_run("run", "publish", "--quick", *args, "--out", "e.json",
+                       env={"CELERY_BENCH_REDIS_URL": redis_url})
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- unreachable services
+def test_unreachable_redis_skips_its_cells_and_the_run_still_passes(cli_run, tmp_path):
+    url = f"redis://127.0.0.1:{closed_port()}/0"
+    proc = cli_run("run", "publish", "--quick", "--only", "api=kombu", "--only", "producer=held",
+                   "--duration", "0.1", "--warmup", "0", "--out", "u.json", "--quiet",
+                   env={"CELERY_BENCH_REDIS_URL": url})
+    assert proc.returncode == 0, proc.stderr
+    run = results.load(tmp_path / "u.json")
+    (redis_cell,) = run.find("publish", transport="redis")
+    assert redis_cell.status == "skipped"
+    assert "unreachable" in redis_cell.reason
+    (memory_cell,) = run.find("publish", api="kombu", transport="memory")
+    assert memory_cell.status == "ok"
+
+    proc = cli_run("run", "publish", "--transport", "redis", "--out", "v.json",
+                   env={"CELERY_BENCH_REDIS_URL": url})
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "redis" in lines[0], proc.stderr
