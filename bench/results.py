@@ -198,10 +198,13 @@ class Run:
                 "cells": [c.to_dict() for c in self.cells]}
 
     def find(self, scenario: str | None = None, **params) -> list[Cell]:
-        """Cells of ``scenario`` whose params include every ``params`` item."""
+        """Cells of ``scenario`` whose params include every ``params`` item.
+
+        A value may list alternatives: ``transport="memory|redis"``.
+        """
         return [c for c in self.cells
                 if (scenario is None or c.scenario == scenario)
-                and all(str(c.params.get(k)) == str(v) for k, v in params.items())]
+                and all(str(c.params.get(k)) in str(v).split("|") for k, v in params.items())]
 
 
 class SchemaError(ValueError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import tempfile
 import time
 import traceback
@@ -18,7 +19,7 @@ from typing import Callable
 
 from . import brokers, config, results
 
-SCENARIOS = ("publish", "join", "prefetch", "fanout")
+SCENARIOS = ("publish", "worker", "join", "prefetch", "fanout")
 # The quick suite of `make bench`: every scenario, each its own quick slice.
 DEFAULT_SCENARIOS = SCENARIOS
 
@@ -178,7 +179,8 @@ def run(opts: RunOptions, on_cell: Callable | None = None,
     check_named_transports(opts)
     cells = plan(opts)
     run_ = results.Run(results.environment(services_environment()))
-    if opts.workdir is None:
+    own_workdir = opts.workdir is None
+    if own_workdir:
         opts.workdir = Path(tempfile.mkdtemp(prefix="celery-bench-"))
     if on_start:
         on_start(cells)
@@ -197,4 +199,8 @@ def run(opts: RunOptions, on_cell: Callable | None = None,
         if opts.out:
             results.dump(run_, opts.out)
         raise
+    finally:
+        if own_workdir:
+            shutil.rmtree(opts.workdir, ignore_errors=True)
+            opts.workdir = None
     return run_

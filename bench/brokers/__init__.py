@@ -39,6 +39,11 @@ CAPABILITY_NAMES = {
 }
 
 
+class TransportUnavailable(config.UsageError, ImportError):
+    """A transport module that does not import: a usage error on the CLI, an ImportError
+    for scenarios that skip such cells."""
+
+
 @dataclass
 class BrokerEnv:
     url: str
@@ -56,7 +61,10 @@ def module(name: str) -> ModuleType:
     if name not in MODULES:
         raise config.UsageError(
             f"--transport {name!r} is not a transport; choose from {', '.join(MODULES)}")
-    return importlib.import_module(f"{__name__}.{name}")
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ImportError as exc:
+        raise TransportUnavailable(f"transport {name!r} cannot be loaded here: {exc}") from None
 
 
 def names() -> tuple[str, ...]:

@@ -1,0 +1,421 @@
+"""Scenario ``join``: how long, and at what cost, a process waits for a group.
+
+The seed ("Celery uses spin-loops. Gah!"): a process waiting on subtasks polled
+PostgreSQL ~600 times a second. Each cell publishes a group of ``bench.sleep``
+tasks to a real worker process (prefork by default) and waits with one method:
+Celery's ``join()``, ``join_native()``, ``GroupResult.get()``, a chord callback,
+or one of the speedups in :mod:`bench.joins` (``redis-pubsub``, ``db-batch``).
+
+Per join: ``total`` = publish start -> values in hand; ``done`` = publish start
+-> end of the last task (worker-side CLOCK_MONOTONIC reading carried back in
+the result); ``lag`` = total - done, the time spent purely waiting. Backend
+round trips issued by the waiter during the wait are counted for real
+(bench.roundtrips: redis commands, SQL statements, AMQP frames), as is the
+waiter's CPU (process time).
+
+A poll is one look followed by a sleep (counted: the waiter's ``time.sleep``
+calls during the wait, plus the first look); a wait that sleeps not at all
+(pub/sub, rpc) is one poll, so its round trips per poll are per join.
+One worker serves every consecutive cell of the same backend/transport.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+import time
+import uuid
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+from celery import chord, group
+from celery.exceptions import TimeoutError as CeleryTimeout
+
+from .. import brokers, config, joins, recorder, roundtrips, runner, workers
+from ..celery_app import make_app
+from . import _celery
+
+NAME = "join"
+DESCRIPTION = (
+    "Waiting for a group's results: join(), join_native(), GroupResult.get(), a chord "
+    "callback, and bench.joins' redis-pubsub / db-batch, over redis, rpc, SQLite and "
+    "PostgreSQL result backends, with a real prefork worker. Histograms total (publish -> "
+    "results in hand) and lag (results in hand - end of the last task, worker-side clock); "
+    "per join: backend_round_trips (redis commands, SQL statements, AMQP frames the waiter "
+    "sent while waiting), connects_per_join, waiter_cpu_s; round_trips_per_s, "
+    "round_trips_per_poll (a poll = a look then a sleep). interval 'default' is Celery's "
+    "(0.5 s). --task-seconds makes tasks sleep; --messages sets joins per cell.")
+
+BACKENDS = ("sqlite", "postgresql", "redis", "rpc")
+METHODS = {
+    "sqlite": ("join", "join_native", "get", "chord", "db-batch"),
+    "postgresql": ("join", "join_native", "get", "chord", "db-batch"),
+    "redis": ("join", "join_native", "get", "chord", "redis-pubsub"),
+    "rpc": ("join", "join_native", "get", "chord"),
+}
+UNSUPPORTED = {
+    ("sqlite", "join_native"): "the database backend has no get_many: join_native() "
+                               "raises AttributeError (GroupResult.get() falls back to join())",
+    ("postgresql", "join_native"): "the database backend has no get_many: join_native() "
+                                   "raises AttributeError (GroupResult.get() falls back to join())",
+    ("rpc", "chord"): "the rpc backend does not support chords",
+}
+GROUP_SIZES = (1, 10, 100, 1000)
+INTERVALS = ("default", 0.05, 0.005)     # "default": not passed, Celery uses 0.5 s
+# (backend, method, interval): the known facts and both speedups, each beside Celery's own.
+QUICK = [("sqlite", "join", "default"), ("sqlite", "db-batch", "default"),
+         ("sqlite", "join", 0.005), ("sqlite", "db-batch", 0.005), ("sqlite", "chord", "default"),
+         ("redis", "join", "default"), ("redis", "join_native", "default"),
+         ("redis", "redis-pubsub", "default")]
+QUICK_GROUP = 10
+# Joins per repeat (after the warm-up), and the seconds after which a cell stops
+# adding joins once it has MIN_JOINS.
+JOINS = {1: 30, 10: 20, 100: 8, 1000: 3}
+QUICK_JOINS = 4
+MIN_JOINS = 3
+BUDGET_S, QUICK_BUDGET_S = 8.0, 2.0
+WARMUP_GROUP = 10
+STOP_GRACE_S = 1.0   # an idle worker on a polling transport needs seconds for a warm shutdown
+
+SUMMARY = [
+    ("total.p50", "total p50 us"),
+    ("lag.p50", "lag p50 us"),
+    ("round_trips_per_poll", "RT/poll"),
+    ("round_trips_per_s", "RT/s"),
+    ("lag.p99", "lag p99 us"),
+    ("backend_round_trips", "RT/join"),
+    ("waiter_cpu_s", "waiter CPU s/join"),
+]
+
+
+def _transport(backend: str) -> str:
+    if backend == "redis":
+        return "redis"
+    if backend == "rpc":
+        return "amqp"  # the rpc backend replies over the broker: it needs AMQP
+    return _celery.embedded_transport()
+
+
+def _cell(backend, method, size, interval, task_seconds) -> dict:
+    return {"backend": backend, "transport": _transport(backend), "method": method,
+            "group_size": size, "interval": interval, "task_seconds": task_seconds}
+
+
+def cells(opts) -> list[dict]:
+    task_seconds = float(opts.task_seconds or 0.0)
+    if opts.quick:
+        return [_cell(b, m, QUICK_GROUP, i, task_seconds) for b, m, i in QUICK]
+    out = []
+    for b in BACKENDS:
+        for m in METHODS[b]:
+            if (b, m) in UNSUPPORTED:  # one skipped row says why, instead of twelve
+                out.append(_cell(b, m, QUICK_GROUP, "default", task_seconds))
+                continue
+            out += [_cell(b, m, size, interval, task_seconds)
+                    for size in GROUP_SIZES for interval in INTERVALS]
+    return out
+
+
+BACKEND_SERVICE = {"sqlite": None, "postgresql": "postgres", "redis": "redis", "rpc": "amqp"}
+
+
+def requires(params) -> set[str]:
+    return _celery.services(params["transport"], BACKEND_SERVICE[params["backend"]])
+
+
+# --------------------------------------------------------------------------- worker reuse
+@dataclass
+class _Setup:
+    key: tuple
+    stack: ExitStack
+    app: object
+    worker: workers.Worker
+    counter: roundtrips.Counter
+    joins: int = 0
+
+
+_current: _Setup | None = None
+_repeats_done: dict = {}
+
+
+def _key(params, opts) -> tuple:
+    return (params["backend"], params["transport"], opts.pool, opts.concurrency or 2)
+
+
+def _backend(backend: str, folder: Path, tag: str) -> tuple[str, dict, callable]:
+    """(result backend URL, Celery settings, cleanup after the worker stopped)."""
+    if backend == "redis":
+        return config.service_url("redis"), {"result_expires": 600}, lambda: None
+    if backend == "rpc":
+        return "rpc://", {}, lambda: None
+    tables = {"task": f"bench_taskmeta_{tag}", "group": f"bench_groupmeta_{tag}"}
+    conf = {"database_table_names": tables}
+    if backend == "sqlite":
+        return f"db+sqlite:///{folder / 'results.sqlite'}", conf, lambda: None
+    url = config.service_url("postgres")
+
+    def drop_tables():  # unique names, so ours; Celery's sequences are shared, left alone
+        import sqlalchemy as sa
+
+        engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+        try:
+            with engine.begin() as conn:
+                for name in tables.values():
+                    conn.exec_driver_sql(f'DROP TABLE IF EXISTS "{name}"')
+        except Exception:  # best effort: the measurement is made, the server may be gone
+            pass
+        finally:
+            engine.dispose()
+    return f"db+{url}", conf, drop_tables
+
+
+def _start(params, opts) -> _Setup:
+    tag = uuid.uuid4().hex[:10]
+    base = Path(opts.workdir) if opts.workdir else Path(tempfile.gettempdir())
+    folder = base / f"join-{tag}"
+    folder.mkdir(mode=0o700, parents=True)
+    stack = ExitStack()
+    stack.callback(shutil.rmtree, folder, True)
+    try:
+        env = stack.enter_context(brokers.broker(params["transport"], folder))
+        backend_url, conf, cleanup = _backend(params["backend"], folder, tag)
+        stack.callback(cleanup)
+        queue = f"bench.join.{tag}"
+        conf["task_default_queue"] = queue
+        stack.callback(delete_queue, env, queue)
+        with _celery.worker_failures():
+            w = stack.enter_context(workers.worker(
+                env.url, backend_url, transport_options=env.transport_options, conf=conf,
+                pool=opts.pool, concurrency=opts.concurrency or 2,
+                ready_timeout=min(60.0, opts.timeout), stop_timeout=STOP_GRACE_S))
+        app = make_app(env.url, backend_url, env.transport_options, **conf)
+        counter = roundtrips.attach(app.backend)  # before the backend's first use
+        stack.callback(app.close)
+        stack.callback(joins.release, app.backend)
+        return _Setup(_key(params, opts), stack, app, w, counter)
+    except BaseException:
+        stack.close()
+        raise
+
+
+def delete_queue(env, name: str) -> None:
+    """Delete a cell's queue and its same-named exchange (unique names, so ours).
+
+    Declared first: kombu's redis transport removes a queue's binding keys only
+    when this connection's own state knows the binding.
+    """
+    from kombu import Exchange, Queue
+
+    try:
+        with env.connection(connect_timeout=3) as conn:
+            channel = conn.channel()
+            queue = Queue(name, Exchange(name), name, channel=channel)
+            queue.declare()
+            queue.delete()
+            Exchange(name, channel=channel).delete()
+    except Exception:  # best effort: the measurement is made
+        pass
+
+
+def _teardown() -> None:
+    global _current
+    setup, _current = _current, None
+    if setup is not None:
+        setup.stack.close()
+
+
+def _setup_for(params, opts) -> _Setup:
+    global _current
+    if _current is not None and (_current.key != _key(params, opts)
+                                 or not _current.worker.alive()):
+        _teardown()
+    if _current is None:
+        _current = _start(params, opts)
+    return _current
+
+
+def _runnable(params) -> bool:
+    if (params["backend"], params["method"]) in UNSUPPORTED:
+        return False
+    return all(config.probe(s).ok for s in requires(params))
+
+
+def _used_later(params, opts) -> bool:
+    """Does a later cell of this run reuse this cell's worker?"""
+    try:
+        planned = [p for _, p in runner.plan(dataclasses.replace(opts, scenarios=(NAME,)))]
+    except Exception:  # e.g. a direct call with options the runner would reject
+        return False
+    if params not in planned:
+        return False
+    key = _key(params, opts)
+    return any(_key(p, opts) == key and _runnable(p)
+               for p in planned[planned.index(params) + 1:])
+
+
+def _last_use(params, opts) -> bool:
+    name = repr(sorted(params.items()))
+    _repeats_done[name] = _repeats_done.get(name, 0) + 1
+    if _repeats_done[name] < max(1, opts.repeat):
+        return False
+    _repeats_done.pop(name)
+    return not _used_later(params, opts)
+
+
+# --------------------------------------------------------------------------- measuring
+def _waiter(method: str, interval, timeout: float):
+    """``wait(result, on_interval) -> member values`` for ``method``."""
+    kw = {} if interval == "default" else {"interval": float(interval)}
+    if method == "join":
+        return lambda r, cb: r.join(timeout=timeout, on_interval=cb, **kw)
+    if method == "join_native":
+        return lambda r, cb: r.join_native(timeout=timeout, on_interval=cb, **kw)
+    if method == "get":
+        return lambda r, cb: r.get(timeout=timeout, on_interval=cb, **kw)
+    if method == "chord":
+        return lambda r, cb: r.get(timeout=timeout, on_interval=cb, **kw)["members"]
+    if method == "redis-pubsub":
+        return lambda r, cb: joins.redis_join(r, timeout=timeout, on_interval=cb, **kw)
+    if method == "db-batch":
+        return lambda r, cb: joins.db_join(r, timeout=timeout, on_interval=cb, **kw)
+    raise ValueError(f"unknown method {method!r}")
+
+
+@dataclass
+class _Sample:
+    total_ns: list = field(default_factory=list)
+    done_ns: list = field(default_factory=list)
+    lag_ns: list = field(default_factory=list)
+    wait_ns: int = 0
+    cpu_ns: int = 0
+    round_trips: int = 0
+    publish_round_trips: int = 0
+    connects: int = 0
+    polls: int = 0
+
+
+@contextmanager
+def _watching_sleeps(worker: workers.Worker):
+    """Count the waiter's sleeps (its polls) and fail fast if the worker dies.
+
+    Patches ``time.sleep`` for the duration of one wait, because Celery's own
+    hook cannot count: ``AsyncResult.get`` wraps ``on_interval`` in a one-shot
+    promise, so it fires at most once per member however often the waiter polls.
+    """
+    real_sleep = time.sleep
+    count = [0]
+
+    def sleep(seconds):
+        count[0] += 1
+        _check_alive(worker)
+        real_sleep(seconds)
+
+    time.sleep = sleep
+    try:
+        yield count
+    finally:
+        time.sleep = real_sleep
+
+
+def _check_alive(worker: workers.Worker, *_) -> None:
+    if not worker.alive():
+        raise workers.WorkerError(_celery.one_line(
+            f"worker {worker.hostname} died during the join; log {worker.log_path} "
+            f"ends:\n{worker.log_tail(8)}"))
+
+
+def _one_join(setup: _Setup, params, wait, acc: _Sample | None, size: int | None = None) -> None:
+    app, n = setup.app, int(size or params["group_size"])
+    sigs = [app.signature("bench.sleep", args=(params["task_seconds"],)) for _ in range(n)]
+    worker = setup.worker
+    on_interval = partial(_check_alive, worker)
+    counter, now = setup.counter, recorder.now_ns
+    before_publish = counter.read()
+    t0 = now()
+    if params["method"] == "chord":
+        res = chord(sigs, app=app)(app.signature("bench.join.collect"))
+    else:
+        res = group(sigs, app=app).apply_async()
+    t_pub = now()
+    rt_pub = counter.since(before_publish)[0]
+    before_wait = counter.read()
+    with _watching_sleeps(worker) as sleeps:
+        cpu0 = time.process_time_ns()
+        try:
+            values = wait(res, on_interval)
+        except CeleryTimeout:
+            _check_alive(worker)  # a dead worker is the better reason
+            raise
+        t_end = now()
+        cpu1 = time.process_time_ns()
+    rt, connects = counter.since(before_wait)
+    setup.joins += 1
+    if len(values) != n:
+        raise RuntimeError(f"{params['method']} returned {len(values)} values for {n} tasks")
+    if acc is None:
+        return
+    last_end = max(v["end_ns"] for v in values)
+    acc.total_ns.append(t_end - t0)
+    acc.done_ns.append(last_end - t0)
+    acc.lag_ns.append(t_end - last_end)
+    acc.wait_ns += t_end - t_pub
+    acc.cpu_ns += cpu1 - cpu0
+    acc.round_trips += rt
+    acc.publish_round_trips += rt_pub
+    acc.connects += connects
+    acc.polls += sleeps[0] + 1
+
+
+def _measure(setup: _Setup, params, opts) -> dict:
+    wait = _waiter(params["method"], params["interval"], opts.timeout)
+    # Warm-up (pool children, connections, tables, this method's own caches); a small
+    # group is enough, and a 1000-task warm-up would double the cell's time.
+    for _ in range(2 if setup.joins == 0 else 1):
+        _one_join(setup, params, wait, None, size=min(WARMUP_GROUP, int(params["group_size"])))
+    size = int(params["group_size"])
+    wanted = opts.messages or (QUICK_JOINS if opts.quick else JOINS.get(size, 3))
+    budget = opts.duration or (QUICK_BUDGET_S if opts.quick else BUDGET_S)
+    acc = _Sample()
+    started = time.monotonic()
+    while len(acc.total_ns) < wanted:
+        _one_join(setup, params, wait, acc)
+        if len(acc.total_ns) >= MIN_JOINS and time.monotonic() - started >= budget:
+            break
+    joins_ = len(acc.total_ns)
+    rec = recorder.Recorder()
+    rec.add("total", recorder.ns_to_us(acc.total_ns))
+    rec.add("lag", recorder.ns_to_us(acc.lag_ns))
+    rec.add("done", recorder.ns_to_us(acc.done_ns))
+    wait_s = acc.wait_ns / 1e9
+    metrics = {
+        "joins": joins_,
+        "tasks": joins_ * size,
+        "backend_round_trips": acc.round_trips / joins_,
+        "round_trips_per_s": acc.round_trips / wait_s if wait_s else None,
+        "round_trips_per_poll": acc.round_trips / acc.polls,
+        "polls_per_join": acc.polls / joins_,
+        "connects_per_join": acc.connects / joins_,
+        "publish_round_trips": acc.publish_round_trips / joins_,
+        "waiter_cpu_s": acc.cpu_ns / 1e9 / joins_,
+        "waiter_cpu_frac": acc.cpu_ns / acc.wait_ns if acc.wait_ns else None,
+        "wait_s": wait_s / joins_,
+    }
+    return {"metrics": metrics, "histograms": rec.histograms}
+
+
+def run_cell(params, opts) -> dict:
+    reason = UNSUPPORTED.get((params["backend"], params["method"]))
+    if reason:
+        raise runner.Skip(reason)
+    try:
+        setup = _setup_for(params, opts)
+        result = _measure(setup, params, opts)
+    except BaseException:
+        _teardown()  # a failed or interrupted cell leaves no worker and no queue behind
+        _repeats_done.pop(repr(sorted(params.items())), None)
+        raise
+    if _last_use(params, opts):
+        _teardown()
+    return result
