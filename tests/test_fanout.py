@@ -5,17 +5,7 @@ import psutil
 
 from bench import runner, workers
 from bench.scenarios import _celery, fanout
-
-
-def celery_children():
-    found = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if "celery" in " ".join(proc.cmdline()):
-                found.append(proc)
-        except psutil.Error:  # exited meanwhile
-            pass
-    return found
+from support import celery_children
 
 
 def assert_no_worker_left():

@@ -22,6 +22,7 @@ from kombu.asynchronous import Hub
 import transports  # noqa: F401  registers the fifo alias
 from bench import brokers
 from transports import fifo, framing
+from support import child, drain_until, qname
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT_S = 30.0  # generous bound for anything that should take milliseconds
@@ -31,28 +32,6 @@ WAIT_S = 30.0  # generous bound for anything that should take milliseconds
 def env(tmp_path):
     with brokers.broker("fifo", tmp_path) as e:
         yield e
-
-
-def qname(prefix="q"):
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def drain_until(conn, pred, timeout=WAIT_S):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("messages did not arrive in time")
-        try:
-            conn.drain_events(timeout=0.5)
-        except socket.timeout:
-            pass
-
-
-def child(code: str, *args) -> subprocess.Popen:
-    """A Python child with the repo importable; stdout piped."""
-    envv = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=str(ROOT),
-                            env=envv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 CONSUMER_CHILD = """

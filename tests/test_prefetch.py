@@ -14,18 +14,7 @@ import pytest
 from bench import brokers, runner, workers
 from bench.celery_app import make_app
 from bench.scenarios import _celery, prefetch
-
-
-def celery_children():
-    """Worker processes (and pool children) this test process still has."""
-    found = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if "celery" in " ".join(proc.cmdline()):
-                found.append(proc)
-        except psutil.Error:  # exited meanwhile
-            pass
-    return found
+from support import celery_children
 
 
 def assert_no_worker_left():

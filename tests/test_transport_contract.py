@@ -22,6 +22,7 @@ from kombu import Consumer, Exchange, Producer, Queue
 
 import transports  # noqa: F401  registers the unix and fifo aliases
 from bench import brokers
+from support import direct_queue, drain_quietly, drain_until, qname, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["memory", "unix", "fifo"]
@@ -73,47 +74,6 @@ def need(caps, *wanted):
     missing = [w for w in wanted if w not in caps]
     if missing:
         pytest.skip(f"{caps.name} lacks {', '.join(missing)}")
-
-
-def qname(prefix="q"):
-    return f"contract-{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def direct_queue(prefix="q"):
-    name = qname(prefix)
-    return Queue(name, Exchange(name, type="direct"), routing_key=name)
-
-
-def drain_until(conn, pred, timeout=WAIT_S):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("messages did not arrive in time")
-        try:
-            conn.drain_events(timeout=0.2)
-        except socket.timeout:
-            pass
-
-
-def drain_quietly(conn, seconds):
-    """Drain for ``seconds`` (to show that nothing more arrives)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            conn.drain_events(timeout=0.05)
-        except socket.timeout:
-            pass
-
-
-def wait_until(pred, timeout=WAIT_S, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def publish(conn, queue, body, **kwargs):

@@ -25,6 +25,7 @@ from kombu.exceptions import OperationalError
 import transports  # noqa: F401  registers the unix alias
 from transports import broker as unix_broker
 from transports import unix
+from support import child, direct_queue, drain_quietly, drain_until, qname
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT_S = 30.0  # generous bound for what takes milliseconds
@@ -43,41 +44,6 @@ def broker(sockdir):
     proc = unix_broker.start(str(sockdir / "broker.sock"), log_path=sockdir / "broker.log")
     yield proc
     proc.stop()
-
-
-def qname(prefix="q"):
-    return f"unix-{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def direct_queue(prefix="q"):
-    name = qname(prefix)
-    return Queue(name, Exchange(name, type="direct"), routing_key=name)
-
-
-def drain_until(conn, pred, timeout=WAIT_S):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("messages did not arrive in time")
-        try:
-            conn.drain_events(timeout=0.2)
-        except socket.timeout:
-            pass
-
-
-def drain_quietly(conn, seconds):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            conn.drain_events(timeout=0.05)
-        except socket.timeout:
-            pass
-
-
-def child(code: str, *args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=str(ROOT),
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 # -- the socket and the URL ---------------------------------------------------------------
