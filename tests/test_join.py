@@ -16,6 +16,7 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 
 from bench import brokers, config, joins, results, roundtrips, runner, workers
 from bench.celery_app import make_app
+from bench.scenarios import _celery
 from bench.scenarios import join as scenario
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +63,7 @@ def bench_setup(tmp_path, broker_name, backend_url, **conf):
     stack = ExitStack()
     env = stack.enter_context(brokers.broker(broker_name, tmp_path))
     conf["task_default_queue"] = f"bench.test.join.{uuid.uuid4().hex[:10]}"
-    stack.callback(scenario.delete_queue, env, conf["task_default_queue"])
+    stack.callback(_celery.delete_queues, env, [conf["task_default_queue"]])
     stack.enter_context(workers.worker(env.url, backend_url, conf=conf, concurrency=2,
                                        transport_options=env.transport_options,
                                        stop_timeout=2))

@@ -12,7 +12,7 @@ import pytest
 
 from bench import brokers, config, workers
 from bench.celery_app import make_app
-from bench.scenarios.join import delete_queue
+from bench.scenarios._celery import delete_queues
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -45,7 +45,7 @@ def queue():
     name = f"bench.test.workers.{uuid.uuid4().hex[:10]}"
     yield name
     if config.probe("redis").ok:  # the redis tests leave kombu binding keys behind
-        delete_queue(brokers.BrokerEnv(config.service_url("redis")), name)
+        delete_queues(brokers.BrokerEnv(config.service_url("redis")), [name])
 
 
 def test_worker_runs_tasks_and_leaves_no_process(redis_url, queue):

@@ -184,7 +184,7 @@ def _start(params, opts) -> _Setup:
         stack.callback(cleanup)
         queue = f"bench.join.{tag}"
         conf["task_default_queue"] = queue
-        stack.callback(delete_queue, env, queue)
+        stack.callback(_celery.delete_queues, env, [queue])
         with _celery.worker_failures():
             w = stack.enter_context(workers.worker(
                 env.url, backend_url, transport_options=env.transport_options, conf=conf,
@@ -198,25 +198,6 @@ def _start(params, opts) -> _Setup:
     except BaseException:
         stack.close()
         raise
-
-
-def delete_queue(env, name: str) -> None:
-    """Delete a cell's queue and its same-named exchange (unique names, so ours).
-
-    Declared first: kombu's redis transport removes a queue's binding keys only
-    when this connection's own state knows the binding.
-    """
-    from kombu import Exchange, Queue
-
-    try:
-        with env.connection(connect_timeout=3) as conn:
-            channel = conn.channel()
-            queue = Queue(name, Exchange(name), name, channel=channel)
-            queue.declare()
-            queue.delete()
-            Exchange(name, channel=channel).delete()
-    except Exception:  # best effort: the measurement is made
-        pass
 
 
 def _teardown() -> None:
