@@ -7,7 +7,9 @@ of their own; params that are the same in every cell are said once above.
 """
 from __future__ import annotations
 
+from rich import box
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -60,21 +62,31 @@ def varying_params(cells: list[results.Cell]) -> tuple[list[str], dict]:
     return varying, constant
 
 
-def scenario_table(name: str, cells: list[results.Cell], summary) -> Table:
+def scenario_table(name: str, cells: list[results.Cell], summary,
+                   notes: dict[str, int] | None = None) -> Table:
+    """One scenario's table. Long reasons become numbered notes (``notes``: text -> number),
+    printed under the table, so each cell stays one line."""
+    notes = {} if notes is None else notes
     varying, constant = varying_params(cells)
+    # A column nobody has a value for (e.g. rate columns in a closed-loop run) is left out.
+    summary = [(spec, header) for spec, header in summary
+               if any(column_value(c, spec) is not None for c in cells)]
     caption = ", ".join(f"{k}={v}" for k, v in constant.items())
     table = Table(title=f"[bold]{name}[/bold]", caption=caption or None, caption_justify="left",
-                  show_lines=False, header_style="bold")
+                  show_lines=False, header_style="bold", box=box.SIMPLE_HEAD)
     for k in varying:
-        table.add_column(k)
+        table.add_column(k, no_wrap=True)
     for _, header in summary:
-        table.add_column(header, justify="right")
-    table.add_column("status / note", overflow="fold", max_width=60)
+        table.add_column(header, justify="right", no_wrap=True)
+    table.add_column("status", no_wrap=True, min_width=11)
     for c in cells:
         row = [fmt(c.params.get(k)) for k in varying]
         row += [fmt(column_value(c, spec)) for spec, _ in summary]
-        note = c.status if not c.reason else f"{c.status}: {c.reason}"
-        row.append(Text(note, style=STATUS_STYLE.get(c.status, "")))
+        status = c.status
+        if c.reason:
+            number = notes.setdefault(c.reason, len(notes) + 1)
+            status = f"{status} [{number}]"
+        row.append(Text(status, style=STATUS_STYLE.get(c.status, "")))
         table.add_row(*row)
     return table
 
@@ -91,7 +103,22 @@ def print_run(run: results.Run, console: Console | None = None) -> None:
             summary = scenario_module(name).SUMMARY
         except Exception:
             summary = []
-        console.print(scenario_table(name, cells, summary))
+        notes: dict[str, int] = {}
+        table = scenario_table(name, cells, summary, notes)
+        # Never truncate a figure: render at the table's natural width (a narrow terminal
+        # wraps the lines; a pipe or CI log gets them whole, not cut at 80 columns).
+        wide = console.options.update_width(10_000)
+        natural = Measurement.get(console, wide, table).maximum
+        saved = console.width
+        console.width = max(saved, natural)
+        try:
+            console.print(table)
+        finally:
+            console.width = saved
+        for text, number in notes.items():
+            console.print(f"  [{number}] {text}", markup=False, highlight=False, soft_wrap=True)
+        if notes:
+            console.print()
     counts = {s: sum(1 for c in run.cells if c.status == s) for s in results.STATUSES}
     console.print(f"{len(run.cells)} cells: {counts['ok']} ok, {counts['skipped']} skipped, "
                   f"{counts['failed']} failed")

@@ -82,11 +82,10 @@ STOP_GRACE_S = 1.0   # an idle worker on a polling transport needs seconds for a
 SUMMARY = [
     ("total.p50", "total p50 us"),
     ("lag.p50", "lag p50 us"),
-    ("round_trips_per_poll", "RT/poll"),
-    ("round_trips_per_s", "RT/s"),
     ("lag.p99", "lag p99 us"),
-    ("backend_round_trips", "RT/join"),
-    ("waiter_cpu_s", "waiter CPU s/join"),
+    ("round_trips_per_poll", "rt/poll"),
+    ("round_trips_per_s", "rt/s"),
+    ("waiter_cpu_s", "cpu s"),
 ]
 
 
