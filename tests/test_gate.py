@@ -102,7 +102,7 @@ def test_not_measured_warns_by_default_and_can_fail(tmp_path):
     assert [v.status for v in verdicts] == ["WARN", "WARN"]
     assert "was skipped in the run (redis unreachable)" in verdicts[0].text
     assert "no cell matches publish[transport=unix]" in verdicts[1].text
-    assert gate.summary(verdicts) == "0 passed, 0 failed, 2 not measured (warned)"
+    assert gate.summary(verdicts) == "gate checks: 0 pass, 0 fail, 2 not measured (warned)"
     verdicts = _verdicts(tmp_path, body, _run(), missing="fail")
     assert [v.status for v in verdicts] == ["FAIL", "FAIL"]
     verdicts = _verdicts(tmp_path, 'missing = "fail"\n' + textwrap.dedent(body), _run())
@@ -116,7 +116,7 @@ def test_ignored_not_measured_and_the_compact_report(tmp_path):
     assert gate.report_lines(verdicts) == ["PASS  publish[] lost == 0: 3 cells pass (values 0)"]
     verbose = gate.report_lines(verdicts, verbose=True)
     assert len(verbose) == 7 and verbose[-1].startswith("SKIP  ")   # 3 x (verdict, values) + 1
-    assert gate.summary(verdicts) == "3 passed, 0 failed, 1 not measured (ignored)"
+    assert gate.summary(verdicts) == "gate checks: 3 pass, 0 fail, 1 not measured (ignored)"
 
 
 def test_a_failed_cell_fails_its_rules(tmp_path):
@@ -200,7 +200,7 @@ def test_cli_gate_exit_codes(tmp_path, cli_run):
     res = cli_run("gate", "good.json", "--spec", "gates.toml")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "PASS  per-call vs held: 0.6 is between 0.4 and 0.9" in res.stdout
-    assert "1 passed, 0 failed" in res.stdout
+    assert "gate checks: 1 pass, 0 fail" in res.stdout
     res = cli_run("gate", "bad.json", "--spec", "gates.toml")
     assert res.returncode == 1
     assert "FAIL  per-call vs held: 0.1 is below the range" in res.stdout
