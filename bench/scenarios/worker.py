@@ -1,0 +1,546 @@
+"""Scenario ``worker``: how fast a real Celery worker runs tasks, per transport.
+
+A worker process (``celery worker``, Celery's defaults: prefetch multiplier 4,
+early ack, log level WARNING) in the ``solo`` pool and in ``prefork`` with
+concurrency 2, over every cross-process transport. The task,
+``bench.worker.tick`` (:mod:`bench.tasks.worker`), does nothing but append its
+worker-side start/end readings (CLOCK_MONOTONIC, shared by every process on the
+host) to a per-process file, so every task is counted (received, lost,
+duplicates) without a result backend in the measurement.
+
+``mode=throughput``: ``tasks`` no-op tasks (10,000; 2,000 quick) wait in the
+queue before the worker starts (``load=prefilled``), behind a tenth as many
+warm-up tasks; ``tasks_per_s`` = tasks / (first start -> last end). A fifo
+queue exists only while its consumer reads it, so there the worker runs first
+and this process publishes as fast as it can while it works (``load=fed``,
+Celery's own messages built ahead; ``min_backlog`` says whether the worker ever
+waited for the publisher). ``stall_s`` adds up the pauses of a second or more
+between two task starts; ``x_amqp``/``x_redis`` divide by that transport's
+rate measured earlier in the same run.
+
+``mode=latency``: the worker idle, tasks published with ``send_task`` at a
+modest open-loop rate (200/s; ``--rate``, ``--duration``): ``publish_to_start``
+= intended send time -> task start, ``from_send`` = actual send -> start,
+``schedule_lag`` = how late the sender was.
+
+One worker serves the throughput and latency cells of a transport and pool
+(its queue is the worker's, unique, deleted after); a prefilled throughput
+cell always starts a fresh one.
+
+What the cells show, and why (Celery 5.7, Kombu 5.7):
+
+- amqp + solo with a backlog pauses for 10 s now and then (~250-500 tasks/s
+  over 10,000, 7-8k/s between pauses; a 2,000 backlog often has none). The
+  solo pool runs a task inside the socket read; its early ack goes to the
+  hub's ``call_soon`` queue. A read continued from that queue runs a task
+  whose ack is queued after the hub chose its poll timeout, and the hub then
+  polls (``fire_timers``: until the next timer, at most 10 s) without running
+  it; with the prefetch window (4) used up, RabbitMQ sends nothing and the
+  socket stays quiet. strace shows the acks written right after a 10 s
+  ``epoll_wait``; a poll timeout of 0 while callbacks wait removes the pauses;
+  ``worker_prefetch_multiplier`` 1 still pauses, 64 hid them (deliveries keep
+  the socket readable). Prefork acks via its result pipe, which wakes the poll.
+- fifo + solo: the fifo transport delivers from a hub tick callback, after the
+  timeout was chosen, and stops reading while the window is full, so with a
+  backlog the worker runs 4 tasks per poll timeout (1 s: no timers) and the
+  publisher blocks on the full pipe: the throughput cell fails. Waking the
+  hub when the tick leaves callbacks queued brings it to ~16k tasks/s.
+- filesystem: Kombu lists and sorts the whole folder per message, so the rate
+  falls with the backlog (~1,000/s at 2,000 queued, ~170/s at 11,000).
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from itertools import count
+from pathlib import Path
+
+import numpy as np
+from kombu.utils.uuid import uuid as task_id
+
+from .. import brokers, pacing, recorder, results, runner, workers
+from ..celery_app import make_app
+from ..tasks import worker as tick
+from . import _celery
+
+NAME = "worker"
+DESCRIPTION = (
+    "A real Celery worker (solo, and prefork -c 2; Celery's defaults: prefetch x4, early "
+    "ack) running no-op tasks over each cross-process transport. throughput: 10,000 tasks "
+    "(2,000 quick) queued before the worker starts, behind 10% warm-up tasks (a fifo queue "
+    "exists only while its consumer reads it: fed by a publisher while the worker runs); "
+    "tasks/s = first task start -> last task end, worker-side CLOCK_MONOTONIC; every task "
+    "counted (lost, duplicates); stall_s sums pauses >= 1 s between task starts. latency: "
+    "send_task at 200/s (--rate) for 5 s (1 s quick; --duration); publish_to_start = "
+    "intended send -> task start. Celery's own behaviour, found here: with the solo pool the "
+    "event loop can sit in poll() (until its next timer: up to 10 s, 1 s without timers) "
+    "while the acks of the tasks it just ran wait in its call_soon queue and the prefetch "
+    "window (4) is used up, so nothing more arrives: amqp+solo pauses 10 s a few times per "
+    "10,000 tasks (hence ~250-500 tasks/s; 7-8k/s between pauses), fifo+solo stops "
+    "reading once a backlog builds (its throughput cell fails).")
+
+TASK = tick.TASK
+MODES = ("throughput", "latency")
+POOLS = ("solo", "prefork")
+DEFAULT_CONCURRENCY = 2
+TASKS, TASKS_QUICK = 10_000, 2_000
+RATE = 200.0
+DURATION, DURATION_QUICK = 5.0, 1.0
+WARMUP_FRACTION = 0.1      # prefilled: warm-up tasks queued ahead of the measured ones
+WARMUP_LATENCY_S = 0.2     # paced warm-up before a latency stream (--warmup)
+WARMUP_FED = 50            # tasks, paced, before a fed throughput run
+STALL_S = 1.0              # a pause this long between two task starts is a stall
+IDLE_LIMIT_S = 15.0        # no task for this long (Celery's longest poll is 10 s): stop waiting
+FEED_WRITE_TIMEOUT = 3.0   # a no-op worker empties a full pipe in well under 1 s
+POLL_S = 0.01
+# Queues that exist only while their consumer reads them ("no consumer, no publish").
+FED = frozenset({"fifo"})
+# Polling transport at ~1k tasks/s: full runs only.
+SLOW = frozenset({"filesystem"})
+BASELINES = ("amqp", "redis")
+
+SUMMARY = [
+    ("tasks_per_s", "tasks/s"),
+    ("x_amqp", "x amqp"),
+    ("x_redis", "x redis"),
+    ("lost", "lost"),
+    ("stall_s", "stalled s"),
+    ("publish_to_start.p50", "pub-start p50 us"),
+    ("publish_to_start.p99", "pub-start p99 us"),
+    ("sent", "sent"),
+]
+
+
+# --------------------------------------------------------------------------- the matrix
+def _transports(opts) -> tuple:
+    if opts.transports:
+        return tuple(opts.transports)
+    out = []
+    for name in brokers.names():
+        try:
+            mod = brokers.module(name)
+        except ImportError:
+            continue
+        if not mod.CROSS_PROCESS:
+            continue
+        if opts.quick and (mod.SERVICE is not None or name in SLOW):
+            continue
+        out.append(name)
+    return tuple(out)
+
+
+def cells(opts) -> list[dict]:
+    concurrency = opts.concurrency or DEFAULT_CONCURRENCY
+    tasks = opts.messages or (TASKS_QUICK if opts.quick else TASKS)
+    rate = opts.rate or RATE
+    duration = opts.duration or (DURATION_QUICK if opts.quick else DURATION)
+    paced = opts.messages or max(1, round(rate * duration))
+    out = []
+    for transport in _transports(opts):
+        for pool in POOLS:
+            c = 1 if pool == "solo" else concurrency
+            base = {"transport": transport, "pool": pool, "concurrency": c}
+            out.append({**base, "mode": "throughput", "tasks": tasks, "rate": "-"})
+            out.append({**base, "mode": "latency", "tasks": paced, "rate": rate})
+    return out
+
+
+def requires(params) -> set[str]:
+    return _celery.services(params["transport"])
+
+
+# --------------------------------------------------------------------------- tick files
+class _Ticks:
+    """The records ``bench.worker.tick`` appends to ``<folder>/<pid>.bin``, read as they come."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._offsets: dict[str, int] = {}
+        self._by_run: dict[int, list] = {}
+
+    def poll(self) -> None:
+        size = tick.RECORD.size
+        for entry in os.scandir(self.folder):
+            if not entry.name.endswith(".bin"):
+                continue
+            offset = self._offsets.get(entry.name, 0)
+            whole = (entry.stat().st_size - offset) // size * size
+            if whole <= 0:
+                continue
+            with open(entry.path, "rb") as fh:
+                fh.seek(offset)
+                data = fh.read(whole)
+            self._offsets[entry.name] = offset + len(data)
+            rows = np.frombuffer(data, dtype="<i8").reshape(-1, 4)
+            for run in np.unique(rows[:, 0]).tolist():
+                self._by_run.setdefault(run, []).append(rows[rows[:, 0] == run])
+
+    def count(self, run: int) -> int:
+        return sum(len(r) for r in self._by_run.get(run, ()))
+
+    def records(self, run: int) -> np.ndarray:
+        """(run, index, start_ns, end_ns) rows of ``run``, in arrival order."""
+        parts = self._by_run.get(run)
+        return np.concatenate(parts) if parts else np.empty((0, 4), dtype=np.int64)
+
+    def forget(self, run: int) -> None:
+        self._by_run.pop(run, None)
+
+
+# --------------------------------------------------------------------------- the worker
+@dataclass
+class _Rig:
+    key: tuple
+    stack: ExitStack
+    env: object
+    app: object
+    queue: str
+    ticks: _Ticks
+    procs: list = field(default_factory=list)
+    warm: bool = False
+    clean: bool = True      # nothing of an earlier run is still queued or running
+
+
+_rig: _Rig | None = None
+_runs = count(1)
+_repeats_done: Counter = Counter()
+_rates: dict[tuple, list[float]] = {}   # throughput per (run workdir, transport, pool, c, tasks)
+
+
+def _rig_key(params) -> tuple:
+    return (params["transport"], params["pool"], int(params["concurrency"]))
+
+
+def close() -> None:
+    """Stop the kept worker and its broker environment (idempotent)."""
+    global _rig
+    rig, _rig = _rig, None
+    if rig is not None:
+        rig.stack.close()
+
+
+atexit.register(close)  # after bench.workers' own: runs first, so queues get deleted
+
+
+def _open(params, opts) -> _Rig:
+    """A broker environment, a unique queue and the app; no worker yet."""
+    global _rig
+    close()
+    tag = uuid.uuid4().hex[:12]
+    queue = f"bench.worker.{tag}"
+    stack = ExitStack()
+    try:
+        folder = Path(opts.workdir or tempfile.gettempdir()) / f"worker-{tag}"
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        stack.callback(shutil.rmtree, folder, True)
+        ticks = folder / "ticks"
+        ticks.mkdir(mode=0o700)
+        env = stack.enter_context(brokers.broker(params["transport"], folder))
+        options = dict(env.transport_options)
+        if params["transport"] in FED:
+            options["write_timeout"] = FEED_WRITE_TIMEOUT
+        app = make_app(env.url, None, options, task_default_queue=queue, task_ignore_result=True)
+        stack.callback(app.close)
+        stack.callback(_celery.delete_queues, env, [queue])
+    except BaseException:
+        stack.close()
+        raise
+    _rig = _Rig(_rig_key(params), stack, env, app, queue, _Ticks(ticks))
+    return _rig
+
+
+def _start_worker(rig: _Rig, params, opts) -> None:
+    env = rig.env
+    with _celery.worker_failures():
+        proc = rig.stack.enter_context(workers.worker(
+            env.url, transport_options=env.transport_options,
+            conf={"task_default_queue": rig.queue, "task_ignore_result": True},
+            pool=params["pool"], concurrency=int(params["concurrency"]), queues=[rig.queue],
+            env={tick.DIR_ENV: str(rig.ticks.folder)}, loglevel="WARNING",
+            ready_timeout=opts.timeout))
+    rig.stack.callback(_celery.stop_quickly, [proc])
+    rig.procs = [proc]
+
+
+def _running_rig(params, opts) -> _Rig:
+    """The kept worker when it fits this cell, else a new one."""
+    rig = _rig
+    if (rig is not None and rig.key == _rig_key(params) and rig.procs and rig.clean
+            and all(w.alive() for w in rig.procs)):
+        return rig
+    rig = _open(params, opts)
+    _start_worker(rig, params, opts)
+    return rig
+
+
+def _keep(params, opts) -> bool:
+    """Will the next repeat, or a later planned cell, use this cell's worker?"""
+    name = results.cell_key(NAME, params)
+    _repeats_done[name] += 1
+    if _repeats_done[name] < max(1, opts.repeat):
+        return True
+    _repeats_done.pop(name)
+    planned = runner.planned(sys.modules[__name__], opts)
+    if params not in planned:
+        return False
+    key = _rig_key(params)
+    return any(_rig_key(p) == key for p in planned[planned.index(params) + 1:])
+
+
+# --------------------------------------------------------------------------- publishing
+class _PublishStopped(Exception):
+    def __init__(self, published: int, error: Exception):
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.published, self.error = published, error
+
+
+def _messages(app, run: int, n: int) -> list[tuple]:
+    """Celery's own messages (as ``send_task`` builds them), built ahead of publishing."""
+    build = app.amqp.as_task_v2
+    return [build(task_id(), TASK, args=(run, i), ignore_result=True)[:3] for i in range(n)]
+
+
+def _publish(rig: _Rig, messages, sent=None) -> float:
+    """Publish ``messages`` back to back; returns the rate (messages/s)."""
+    app, queue = rig.app, rig.queue
+    with app.producer_or_acquire() as producer:
+        producer.maybe_declare(app.amqp.queues[queue])
+        publish, now = producer.publish, recorder.now_ns
+        t0 = now()
+        for i, (headers, properties, body) in enumerate(messages):
+            if sent is not None:
+                sent[i] = now()
+            try:
+                publish(body, exchange="", routing_key=queue, serializer="json",
+                        headers=headers, delivery_mode=2, **properties)
+            except Exception as exc:
+                raise _PublishStopped(i, exc) from None
+        elapsed = now() - t0
+    return len(messages) / (elapsed / 1e9) if elapsed else 0.0
+
+
+def _paced(rig: _Rig, run: int, n: int, rate: float, ts=None) -> float:
+    """``send_task`` on an open-loop schedule; returns the seconds it took."""
+    app, queue = rig.app, rig.queue
+    pacer = pacing.Pacer(rate)
+    now = recorder.now_ns
+    with app.producer_or_acquire() as producer:
+        send = app.send_task
+        t0 = pacer.start()
+        for i in range(n):
+            due = pacer.wait(i)
+            if ts is not None:
+                ts.intended[i] = due
+                ts.sent[i] = now()
+            send(TASK, args=(run, i), queue=queue, producer=producer, ignore_result=True)
+        elapsed = now() - t0
+    if ts is not None:
+        ts.count = n
+    return elapsed / 1e9
+
+
+# --------------------------------------------------------------------------- waiting
+def _collect(rig: _Rig, run: int, n: int, opts, what: str) -> tuple[np.ndarray, str | None]:
+    """Rows of ``run`` once its ``n`` tasks all ran, or what is there and why not.
+
+    Stops waiting when no task ran for IDLE_LIMIT_S (longer than any pause Celery
+    takes by itself) or after ``opts.timeout``; a dead worker fails the cell.
+    """
+    deadline = time.monotonic() + opts.timeout
+    idle_limit = min(IDLE_LIMIT_S, opts.timeout)
+    seen, changed = -1, time.monotonic()
+    while True:
+        rig.ticks.poll()
+        got = rig.ticks.count(run)
+        now = time.monotonic()
+        if got >= n and len(np.unique(rig.ticks.records(run)[:, 1])) >= n:
+            rows = rig.ticks.records(run)
+            rig.ticks.forget(run)
+            return rows, None
+        if got != seen:
+            seen, changed = got, now
+        _celery.check_alive(rig.procs)
+        if now >= deadline or now - changed >= idle_limit:
+            rows = rig.ticks.records(run)
+            rig.ticks.forget(run)
+            rig.clean = False
+            done = len(np.unique(rows[:, 1]))
+            return rows, (f"{n - done} of {n} {what} had not run after "
+                          f"{opts.timeout if now >= deadline else idle_limit:g} s"
+                          f"{'' if now >= deadline else ' without a task running'}")
+        time.sleep(POLL_S)
+
+
+def _require_all(rig, run, n, opts, what) -> None:
+    """Warm-up tasks must all run before anything is measured."""
+    _, why = _collect(rig, run, n, opts, what)
+    if why:
+        raise TimeoutError(why)
+
+
+def _first_runs(rows: np.ndarray, n: int) -> tuple[np.ndarray, int]:
+    """One row per task index in [0, n) (its first run) and the count of extra runs."""
+    rows = rows[(rows[:, 1] >= 0) & (rows[:, 1] < n)]
+    order = np.argsort(rows[:, 2], kind="stable")
+    rows = rows[order]
+    _, first = np.unique(rows[:, 1], return_index=True)
+    return rows[np.sort(first)], len(rows) - len(first)
+
+
+def _counts(n: int, ran: np.ndarray, duplicates: int) -> dict:
+    return {"sent": n, "received": len(ran), "lost": n - len(ran), "duplicates": duplicates}
+
+
+# --------------------------------------------------------------------------- throughput
+def _throughput(params, opts) -> dict:
+    transport, n = params["transport"], int(params["tasks"])
+    fed = transport in FED
+    run = next(_runs)
+    if fed:
+        rig = _running_rig(params, opts)
+        if not rig.warm:
+            warm = next(_runs)
+            _paced(rig, warm, WARMUP_FED, RATE)
+            _require_all(rig, warm, WARMUP_FED, opts, "warm-up tasks")
+            rig.warm = True
+        messages = _messages(rig.app, run, n)
+        sent = np.zeros(n, dtype=np.int64)
+        try:
+            publish_rate = _publish(rig, messages, sent)
+        except _PublishStopped as exc:
+            rig.clean = False
+            rig.ticks.poll()
+            raise RuntimeError(
+                f"the worker stopped taking tasks ({rig.ticks.count(run)} of {exc.published} "
+                f"published had run) and the publisher gave up: {exc}") from None
+    else:
+        # The backlog must be in place before a worker reads the queue: a fresh one.
+        rig = _open(params, opts)
+        warm_n = max(100, int(n * WARMUP_FRACTION))
+        warm = next(_runs)
+        _publish(rig, _messages(rig.app, warm, warm_n))
+        publish_rate = _publish(rig, _messages(rig.app, run, n))
+        sent = None
+        _start_worker(rig, params, opts)
+        _require_all(rig, warm, warm_n, opts, "warm-up tasks")
+        rig.warm = True
+    rows, why = _collect(rig, run, n, opts, "tasks")
+    ran, duplicates = _first_runs(rows, n)
+    metrics = {"load": "fed" if fed else "prefilled", **_counts(n, ran, duplicates),
+               "publish_per_s": publish_rate}
+    rec = recorder.Recorder()
+    notes = [why] if why else []
+    if len(ran):
+        starts = np.sort(ran[:, 2])
+        span_s = (int(ran[:, 3].max()) - int(starts[0])) / 1e9
+        gaps = np.diff(starts)
+        stalls = gaps[gaps >= STALL_S * 1e9]
+        stall_s = float(stalls.sum()) / 1e9
+        metrics["tasks_per_s"] = len(ran) / span_s if span_s > 0 else None
+        metrics["span_s"] = span_s
+        metrics["stalls"] = int(len(stalls))
+        metrics["stall_s"] = stall_s
+        busy = span_s - stall_s
+        metrics["tasks_per_s_between_stalls"] = len(ran) / busy if busy > 0 else None
+        rec.add("start_gap", gaps / 1000.0)
+        if len(stalls):
+            notes.append(f"{len(stalls)} pause(s) >= {STALL_S:g} s between tasks, "
+                         f"{stall_s:.1f} s in all (see the scenario's description)")
+        if sent is not None:
+            metrics["min_backlog"] = _min_backlog(sent, starts)
+        _ratios(metrics, params, opts)
+    out = {"metrics": metrics, "histograms": rec.histograms}
+    if notes:
+        out["note"] = "; ".join(notes)
+    return out
+
+
+def _min_backlog(sent: np.ndarray, starts: np.ndarray) -> int:
+    """Fewest tasks published but not yet started at a task start while publishing
+    (past the first tenth: the backlog builds up from nothing).
+
+    At or below the prefetch window the worker may have waited for the publisher.
+    """
+    first = len(starts) // 10
+    during = starts[first:]
+    during = during[during <= sent.max()]
+    if not len(during):
+        return 0
+    started_before = np.arange(first, first + len(during))
+    backlog = np.searchsorted(np.sort(sent), during, side="right") - started_before
+    return int(backlog.min())
+
+
+def _ratios(metrics: dict, params, opts) -> None:
+    """x_amqp / x_redis: this rate over theirs, measured earlier in this run."""
+    rate = metrics.get("tasks_per_s")
+    if not rate:
+        return
+    run_id = str(opts.workdir)
+    same = (params["pool"], int(params["concurrency"]), int(params["tasks"]))
+    _rates.setdefault((run_id, params["transport"], *same), []).append(rate)
+    for base in BASELINES:
+        theirs = _rates.get((run_id, base, *same))
+        if base != params["transport"] and theirs:
+            metrics[f"x_{base}"] = rate / statistics.median(theirs)
+
+
+# --------------------------------------------------------------------------- latency
+def _latency(params, opts) -> dict:
+    n, rate = int(params["tasks"]), float(params["rate"])
+    rig = _running_rig(params, opts)
+    warm_n = max(10, round(rate * (opts.warmup if opts.warmup is not None else WARMUP_LATENCY_S)))
+    warm = next(_runs)
+    _paced(rig, warm, warm_n, rate)
+    _require_all(rig, warm, warm_n, opts, "warm-up tasks")
+    rig.warm = True
+    run = next(_runs)
+    ts = recorder.Timestamps(n, columns=("intended", "sent"))
+    elapsed = _paced(rig, run, n, rate, ts)
+    rows, why = _collect(rig, run, n, opts, "tasks")
+    ran, duplicates = _first_runs(rows, n)
+    index, start = ran[:, 1], ran[:, 2]
+    intended, sent = ts.column("intended"), ts.column("sent")
+    rec = recorder.Recorder()
+    rec.add("publish_to_start", (start - intended[index]) / 1000.0)
+    rec.add("from_send", (start - sent[index]) / 1000.0)
+    rec.add("schedule_lag", (sent - intended) / 1000.0)
+    metrics = {**_counts(n, ran, duplicates), **pacing.achieved(rate, n, elapsed)}
+    out = {"metrics": metrics, "histograms": rec.histograms}
+    notes = [why] if why else []
+    if metrics["rate_shortfall"]:
+        notes.append(f"sent {metrics['rate_achieved_per_s']:.0f}/s of {rate:g}/s asked")
+    if notes:
+        out["note"] = "; ".join(notes)
+    return out
+
+
+# --------------------------------------------------------------------------- one cell
+def run_cell(params, opts) -> dict:
+    mode = params["mode"]
+    if mode not in MODES:
+        raise runner.Skip(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    reason = _celery.unusable(params["transport"])
+    if reason:
+        raise runner.Skip(reason)
+    keep = False
+    try:
+        out = _throughput(params, opts) if mode == "throughput" else _latency(params, opts)
+        used_again = _keep(params, opts)
+        keep = used_again and _rig is not None and _rig.clean
+    except BaseException:
+        _repeats_done.pop(results.cell_key(NAME, params), None)  # the runner stops repeating
+        raise
+    finally:
+        if not keep:
+            close()
+    return out

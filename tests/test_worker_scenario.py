@@ -1,0 +1,176 @@
+"""The worker scenario with real workers: every task accounted for, latency histograms
+that cover every task sent, one worker per transport and pool, none left behind.
+
+Speed ratios (unix vs amqp/redis) are benchmark results, not assertions here:
+the machine is shared and noisy.
+"""
+import numpy as np
+import pytest
+from kombu import Connection
+
+from bench import config, runner, workers
+from bench.scenarios import worker as scenario
+from support import celery_children
+
+pytestmark = pytest.mark.timeout(300)
+
+TASKS = 500   # --messages: per throughput cell, and per latency cell (at RATE: 1 s)
+RATE = 500.0
+
+
+def run(tmp_path, **kw):
+    kw.setdefault("timeout", 60)
+    opts = runner.RunOptions(scenarios=("worker",), workdir=tmp_path, **kw)
+    return runner.run(opts)
+
+
+def assert_no_worker_left():
+    assert scenario._rig is None
+    assert not workers._registry
+    assert celery_children() == []
+
+
+def counting_starts(monkeypatch):
+    started = []
+    real = workers.start
+
+    def start(*args, **kwargs):
+        w = real(*args, **kwargs)
+        started.append(w)
+        return w
+    monkeypatch.setattr(workers, "start", start)
+    return started
+
+
+def check_throughput(c, tasks):
+    assert c.status == "ok", c.reason
+    m = c.metrics
+    assert m["sent"] == m["received"] == tasks
+    assert m["lost"] == 0 and m["duplicates"] == 0
+    assert m["tasks_per_s"] > 0
+    assert c.histograms["start_gap"]["count"] == tasks - 1
+
+
+def check_latency(c):
+    assert c.status == "ok", c.reason
+    m = c.metrics
+    assert m["lost"] == 0 and m["duplicates"] == 0
+    assert m["received"] == m["sent"] == c.params["tasks"]
+    for name in ("publish_to_start", "from_send", "schedule_lag"):
+        assert c.histograms[name]["count"] == m["sent"], name
+    # From the intended time, never less than from the actual send.
+    assert c.histograms["publish_to_start"]["p50"] >= c.histograms["from_send"]["p50"]
+
+
+def test_matrix_and_quick_slice():
+    quick = scenario.cells(runner.RunOptions(quick=True))
+    assert {c["transport"] for c in quick} == {"unix", "fifo"}
+    assert {(c["pool"], c["concurrency"]) for c in quick} == {("solo", 1), ("prefork", 2)}
+    assert {c["tasks"] for c in quick if c["mode"] == "throughput"} == {scenario.TASKS_QUICK}
+    full = scenario.cells(runner.RunOptions())
+    assert {c["transport"] for c in full} == {"filesystem", "redis", "amqp", "unix", "fifo"}
+    assert {c["tasks"] for c in full if c["mode"] == "throughput"} == {10_000}
+    assert len(full) == 5 * 2 * 2
+    # Throughput before latency, so the latency cell reuses the worker.
+    modes = [c["mode"] for c in full]
+    assert modes[:2] == ["throughput", "latency"]
+    assert all(c["transport"] != "memory" for c in full)
+
+
+@pytest.mark.parametrize("transport", ["unix", "fifo"])
+def test_embedded_transport_counts_every_task(tmp_path, monkeypatch, transport):
+    """Prefork -c 2: unix prefilled, fifo fed; one worker for both modes."""
+    started = counting_starts(monkeypatch)
+    run_ = run(tmp_path, quick=True, transports=(transport,), only=(("pool", "prefork"),))
+    by_mode = {c.params["mode"]: c for c in run_.cells}
+    assert set(by_mode) == {"throughput", "latency"}
+    thr = by_mode["throughput"]
+    check_throughput(thr, scenario.TASKS_QUICK)
+    assert thr.metrics["load"] == ("fed" if transport == "fifo" else "prefilled")
+    check_latency(by_mode["latency"])
+    assert len(started) == 1  # the latency cell reused the throughput cell's worker
+    assert all("--concurrency 2" in " ".join(w.argv) for w in started)
+    assert_no_worker_left()
+
+
+def test_solo_on_unix_small(tmp_path):
+    run_ = run(tmp_path, transports=("unix",), messages=TASKS, rate=RATE,
+               only=(("pool", "solo"),))
+    by_mode = {c.params["mode"]: c for c in run_.cells}
+    check_throughput(by_mode["throughput"], TASKS)
+    check_latency(by_mode["latency"])
+    assert by_mode["latency"].params["tasks"] == TASKS  # --messages sets both
+    assert_no_worker_left()
+
+
+def queue_gone(transport: str, name: str) -> bool:
+    if transport == "redis":
+        import redis
+
+        client = redis.Redis.from_url(config.service_url("redis"))
+        try:
+            return not client.exists(name, f"_kombu.binding.{name}")
+        finally:
+            client.close()
+    with Connection(config.service_url("amqp")) as conn:
+        try:
+            conn.channel().queue_declare(queue=name, passive=True)
+        except conn.channel_errors:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("transport", ["redis", "amqp"])
+def test_server_transport(tmp_path, need, monkeypatch, transport):
+    need(transport)
+    queues = []
+    real = scenario._open
+
+    def recording_open(params, opts):
+        rig = real(params, opts)
+        queues.append(rig.queue)
+        return rig
+    monkeypatch.setattr(scenario, "_open", recording_open)
+    run_ = run(tmp_path, transports=(transport,), messages=TASKS,
+               only=(("pool", "prefork"), ("mode", "throughput")))
+    (c,) = run_.cells
+    check_throughput(c, TASKS)
+    assert c.metrics["load"] == "prefilled"
+    assert_no_worker_left()
+    assert len(queues) == 1 and queue_gone(transport, queues[0])
+
+
+def test_ratio_to_a_baseline_measured_in_the_same_run(tmp_path, need):
+    need("redis")
+    run_ = run(tmp_path, transports=("redis", "unix"), messages=TASKS,
+               only=(("pool", "prefork"), ("mode", "throughput")))
+    redis_cell, unix_cell = run_.cells
+    assert redis_cell.params["transport"] == "redis" and "x_redis" not in redis_cell.metrics
+    assert unix_cell.metrics["x_redis"] == pytest.approx(
+        unix_cell.metrics["tasks_per_s"] / redis_cell.metrics["tasks_per_s"])
+    assert_no_worker_left()
+
+
+def test_a_worker_that_dies_fails_its_cell_with_its_log(tmp_path, monkeypatch):
+    """The pool children are killed mid-cell: a failed cell saying why, nothing left."""
+    real = scenario._start_worker
+
+    def start_then_kill(rig, params, opts):
+        real(rig, params, opts)
+        rig.procs[0].stop(timeout=0)  # SIGTERM then SIGKILL: the worker is gone
+    monkeypatch.setattr(scenario, "_start_worker", start_then_kill)
+    run_ = run(tmp_path, transports=("unix",), messages=TASKS,
+               only=(("pool", "solo"), ("mode", "throughput")))
+    (c,) = run_.cells
+    assert c.status == "failed"
+    assert "died" in c.reason or "exited" in c.reason
+    assert_no_worker_left()
+
+
+def test_first_runs_and_backlog():
+    rows = np.array([[1, 0, 10, 11], [1, 1, 20, 21], [1, 1, 30, 31], [1, 5, 40, 41]])
+    ran, duplicates = scenario._first_runs(rows, 3)
+    assert ran[:, 1].tolist() == [0, 1] and duplicates == 1  # index 5 is not ours
+    sent = np.arange(100, dtype=np.int64)           # one sent per ns
+    starts = np.arange(50, 100, dtype=np.int64) + 0  # starts lag far behind sends
+    assert scenario._min_backlog(sent, starts) > 40
