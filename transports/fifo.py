@@ -446,6 +446,8 @@ class Transport(virtual.Transport):
         self._bind_cache = None
         self._routes = {}           # (exchange, routing_key) -> queues, direct and local only
         self._loop = None
+        self._wake_r = self._wake_w = None   # pipe that makes the event loop's poll return
+        self._wake_armed = False
         _live_transports.add(self)
 
     @staticmethod
@@ -720,7 +722,24 @@ class Transport(virtual.Transport):
     # -- event loop -------------------------------------------------------------
     def register_with_event_loop(self, connection, loop):
         self._loop = loop
+        # Buffered messages are in memory, not in a pipe, so readiness will not announce
+        # them. Delivering them from the tick callback runs after the loop chose its poll
+        # timeout: with the solo pool the tasks' acks then wait for that timeout (1 s
+        # with no timers). The tick pokes this pipe instead, and delivery runs from poll().
+        if self._wake_r is None:
+            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        loop.add_reader(self._wake_r, self._on_wake)
         loop.on_tick.add(self._on_tick)
+
+    def _on_wake(self, *args):
+        try:
+            os.read(self._wake_r, 512)
+        except (BlockingIOError, TypeError):
+            pass
+        self._wake_armed = False
+        for inbox in list(self._inboxes.values()):
+            if inbox.rfd >= 0 and inbox.pending():
+                self._pump(inbox)
 
     def on_readable(self, fd):
         """The read end of a queue is readable: read once, deliver what prefetch allows."""
@@ -744,11 +763,12 @@ class Transport(virtual.Transport):
         loop = self._loop
         if loop is None:
             return
+        wake = False
         for inbox in list(self._inboxes.values()):
             if inbox.rfd < 0:
                 continue
             if inbox.pending():
-                self._pump(inbox)
+                wake = wake or self._deliverable(inbox)
             want = not inbox.pending() and self._deliverable(inbox)
             if want and inbox.reg is None:
                 loop.add_reader(inbox.rfd, self.on_readable, inbox.rfd)
@@ -756,6 +776,12 @@ class Transport(virtual.Transport):
             elif not want and inbox.reg is not None and inbox.reg[1] is self:
                 loop.remove_reader(inbox.rfd)
                 inbox.reg = None
+        if wake and not self._wake_armed:
+            self._wake_armed = True
+            try:
+                os.write(self._wake_w, b"!")
+            except BlockingIOError:
+                pass
 
     # -- producer side ----------------------------------------------------------
     def _send(self, queue, payload, missing_ok):
@@ -955,15 +981,29 @@ class Transport(virtual.Transport):
     def _release(self):
         if self._loop is not None:
             self._loop.on_tick.discard(self._on_tick)
+            if self._wake_r is not None:
+                try:
+                    self._loop.remove_reader(self._wake_r)
+                except Exception:  # the loop may be closing already
+                    pass
         for queue in list(self._inboxes):
             self._detach(queue)
         self._loop = None
+        self._close_wake()
         self._close_outboxes()
+
+    def _close_wake(self):
+        if self._wake_r is not None:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = None
+        self._wake_armed = False
 
     def _after_fork_in_child(self):
         self._inboxes.clear()
         self._by_fd.clear()
         self._close_outboxes()
+        self._close_wake()
         self._loop = None
         self._sid = os.urandom(SID_SIZE)
         self._chunk_lock = threading.Lock()
