@@ -79,7 +79,8 @@ def cli():
               help="Point the celery cells at your own app (and its broker).")
 @click.option("--task", metavar="NAME", help="Task name the celery cells send (with --app).")
 @click.option("--pool", type=click.Choice(["prefork", "solo", "threads", "eventlet", "gevent"]),
-              default="prefork", show_default=True, help="Worker pool for worker scenarios.")
+              help="Worker pool for worker scenarios (default: prefork; the worker "
+                   "scenario runs solo and prefork unless given).")
 @click.option("--concurrency", type=click.IntRange(1, 256), help="Worker concurrency.")
 @click.option("--task-seconds", type=click.FloatRange(0, 3600),
               help="Seconds each task sleeps in join cells.")

@@ -40,7 +40,7 @@ class RunOptions:
     messages: int | None = None     # messages per cell (overrides duration where it applies)
     warmup: float | None = None     # seconds of warm-up (scenario default if None)
     timeout: float = 120.0          # the longest any single wait may take
-    pool: str = "prefork"
+    pool: str | None = None         # worker pool; None = each scenario's default
     concurrency: int | None = None
     task_seconds: float | None = None
     app: str | None = None          # --app MODULE:APP for the celery publish cells

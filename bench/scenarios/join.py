@@ -140,7 +140,7 @@ _repeats_done: dict = {}
 
 
 def _key(params, opts) -> tuple:
-    return (params["backend"], params["transport"], opts.pool, opts.concurrency or 2)
+    return (params["backend"], params["transport"], opts.pool or "prefork", opts.concurrency or 2)
 
 
 def _backend(backend: str, folder: Path, tag: str) -> tuple[str, dict, callable]:
@@ -187,7 +187,7 @@ def _start(params, opts) -> _Setup:
         with _celery.worker_failures():
             w = stack.enter_context(workers.worker(
                 env.url, backend_url, transport_options=env.transport_options, conf=conf,
-                pool=opts.pool, concurrency=opts.concurrency or 2,
+                pool=opts.pool or "prefork", concurrency=opts.concurrency or 2,
                 ready_timeout=min(60.0, opts.timeout), stop_timeout=STOP_GRACE_S))
         app = make_app(env.url, backend_url, env.transport_options, **conf)
         counter = roundtrips.attach(app.backend)  # before the backend's first use

@@ -146,7 +146,7 @@ def cells(opts) -> list[dict]:
     paced = opts.messages or max(1, round(rate * duration))
     out = []
     for transport in _transports(opts):
-        for pool in POOLS:
+        for pool in ((opts.pool,) if opts.pool else POOLS):
             c = 1 if pool == "solo" else concurrency
             base = {"transport": transport, "pool": pool, "concurrency": c}
             out.append({**base, "mode": "throughput", "tasks": tasks, "rate": "-"})
