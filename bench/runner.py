@@ -101,12 +101,14 @@ def plan(opts: RunOptions) -> list[tuple]:
     return cells
 
 
-def planned(mod, opts: RunOptions) -> list[dict]:
-    """The cells of one scenario this run will execute, in order.
+def _finish(mod) -> None:
+    """A scenario's cells are over (or the run stops): let it stop what it kept.
 
-    Scenarios that keep a worker across cells use it to know what comes next.
+    Scenarios that keep a worker across cells of the same setup define ``finish()``.
     """
-    return [p for p in mod.cells(opts) if matches(p, opts)]
+    finish = getattr(mod, "finish", None)
+    if finish is not None:
+        finish()
 
 
 def check_named_transports(opts: RunOptions) -> None:
@@ -184,8 +186,12 @@ def run(opts: RunOptions, on_cell: Callable | None = None,
         opts.workdir = Path(tempfile.mkdtemp(prefix="celery-bench-"))
     if on_start:
         on_start(cells)
+    current = None  # the scenario whose cells are running: finish() it when they end
     try:
         for mod, params in cells:
+            if mod is not current:
+                _finish(current)
+                current = mod
             started = time.monotonic()
             cell = run_cell(mod, params, opts)
             cell.metrics.setdefault("cell_wall_s", round(time.monotonic() - started, 3))
@@ -200,6 +206,7 @@ def run(opts: RunOptions, on_cell: Callable | None = None,
             results.dump(run_, opts.out)
         raise
     finally:
+        _finish(current)
         if own_workdir:
             shutil.rmtree(opts.workdir, ignore_errors=True)
             opts.workdir = None

@@ -9,9 +9,10 @@ chord whose body collects every result).
 
 One worker (``--pool``, ``--concurrency``, default prefork 4) serves every
 shape of a transport: it is started for the first cell and kept while the
-planned cells that follow use the same transport, backend, pool and
-concurrency (so serial and the parallel shapes run side by side on the same
-worker); otherwise, and on any error, it is stopped after the cell.
+cells that follow use the same transport, backend, pool and concurrency (so
+serial and the parallel shapes run side by side on the same worker); it is
+stopped when the setup changes, on any error, and by ``finish()`` after the
+scenario's last cell.
 """
 from __future__ import annotations
 
@@ -23,10 +24,10 @@ import time
 import uuid
 from collections import Counter
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-from .. import brokers, config, recorder, results, runner, workers
+from .. import brokers, config, recorder, runner, workers
 from ..celery_app import make_app
 from . import _celery
 
@@ -107,7 +108,6 @@ class _Rig:
 
 _rig: _Rig | None = None
 _serial: dict[tuple, list[float]] = {}   # serial makespans (s) per rig key and size
-_repeats_done: Counter = Counter()
 
 
 def _rig_key(params) -> tuple:
@@ -115,13 +115,15 @@ def _rig_key(params) -> tuple:
 
 
 def close() -> None:
-    """Stop the kept worker and its broker environment (idempotent)."""
+    """Stop the kept worker and its broker environment (idempotent). The runner calls
+    it as ``finish()`` after the scenario's last cell."""
     global _rig
     rig, _rig = _rig, None
     if rig is not None:
         rig.stack.close()
 
 
+finish = close
 atexit.register(close)  # after bench.workers' own: runs first, so queues get deleted
 
 
@@ -167,19 +169,6 @@ def _open_rig(params, opts) -> _Rig:
     return rig
 
 
-def _keep_rig(params, opts) -> bool:
-    """Will the next planned cell (or repeat) use this worker too?"""
-    key = results.cell_key(NAME, params)
-    _repeats_done[key] += 1
-    if _repeats_done[key] % max(1, opts.repeat):
-        return True
-    planned = [p for p in cells(opts) if runner.matches(p, opts)]
-    keys = [results.cell_key(NAME, p) for p in planned]
-    if key not in keys:
-        return False
-    return any(_rig_key(p) == _rig_key(params) for p in planned[keys.index(key) + 1:])
-
-
 # --------------------------------------------------------------------------- one round
 def _run_shape(rig: _Rig, shape, pages, objects, sleeps, deadline) -> tuple[float, dict]:
     """Run ``shape`` once; (makespan in seconds, the object accounting)."""
@@ -222,7 +211,6 @@ def run_cell(params, opts) -> dict:
         raise runner.Skip(reason)
     rounds = ROUNDS_QUICK if opts.quick else ROUNDS
     sleeps = _sleeps(params)
-    keep = False
     try:
         rig = _open_rig(params, opts)
         makespans, counts = [], Counter()
@@ -240,13 +228,9 @@ def run_cell(params, opts) -> dict:
                                     time.monotonic() + opts.timeout)
             _serial[base_key] = [seconds]
             note = "serial baseline: one round measured inside this cell"
-        keep = _keep_rig(params, opts)
     except BaseException:
-        _repeats_done.pop(results.cell_key(NAME, params), None)  # the runner stops repeating
+        close()  # a failed or interrupted cell leaves no worker behind
         raise
-    finally:
-        if not keep:
-            close()
     serial_s = statistics.median(_serial[base_key])
     makespan_s = statistics.median(makespans)
     metrics = {"makespan_s": makespan_s, "speedup": serial_s / makespan_s,

@@ -20,7 +20,6 @@ One worker serves every consecutive cell of the same backend/transport.
 """
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import tempfile
 import time
@@ -136,7 +135,6 @@ class _Setup:
 
 
 _current: _Setup | None = None
-_repeats_done: dict = {}
 
 
 def _key(params, opts) -> tuple:
@@ -214,34 +212,6 @@ def _setup_for(params, opts) -> _Setup:
     if _current is None:
         _current = _start(params, opts)
     return _current
-
-
-def _runnable(params) -> bool:
-    if (params["backend"], params["method"]) in UNSUPPORTED:
-        return False
-    return all(config.probe(s).ok for s in requires(params))
-
-
-def _used_later(params, opts) -> bool:
-    """Does a later cell of this run reuse this cell's worker?"""
-    try:
-        planned = [p for _, p in runner.plan(dataclasses.replace(opts, scenarios=(NAME,)))]
-    except Exception:  # e.g. a direct call with options the runner would reject
-        return False
-    if params not in planned:
-        return False
-    key = _key(params, opts)
-    return any(_key(p, opts) == key and _runnable(p)
-               for p in planned[planned.index(params) + 1:])
-
-
-def _last_use(params, opts) -> bool:
-    name = repr(sorted(params.items()))
-    _repeats_done[name] = _repeats_done.get(name, 0) + 1
-    if _repeats_done[name] < max(1, opts.repeat):
-        return False
-    _repeats_done.pop(name)
-    return not _used_later(params, opts)
 
 
 # --------------------------------------------------------------------------- measuring
@@ -391,11 +361,10 @@ def run_cell(params, opts) -> dict:
         raise runner.Skip(reason)
     try:
         setup = _setup_for(params, opts)
-        result = _measure(setup, params, opts)
+        return _measure(setup, params, opts)
     except BaseException:
         _teardown()  # a failed or interrupted cell leaves no worker and no queue behind
-        _repeats_done.pop(repr(sorted(params.items())), None)
         raise
-    if _last_use(params, opts):
-        _teardown()
-    return result
+
+
+finish = _teardown  # the runner calls it after the scenario's last cell

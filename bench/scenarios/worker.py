@@ -54,11 +54,9 @@ import atexit
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 import uuid
-from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from itertools import count
@@ -67,7 +65,7 @@ from pathlib import Path
 import numpy as np
 from kombu.utils.uuid import uuid as task_id
 
-from .. import brokers, pacing, recorder, results, runner, workers
+from .. import brokers, pacing, recorder, runner, workers
 from ..celery_app import make_app
 from ..tasks import worker as tick
 from . import _celery
@@ -212,7 +210,6 @@ class _Rig:
 
 _rig: _Rig | None = None
 _runs = count(1)
-_repeats_done: Counter = Counter()
 _rates: dict[tuple, list[float]] = {}   # throughput per (run workdir, transport, pool, c, tasks)
 
 
@@ -228,6 +225,7 @@ def close() -> None:
         rig.stack.close()
 
 
+finish = close  # the runner calls it after the scenario's last cell
 atexit.register(close)  # after bench.workers' own: runs first, so queues get deleted
 
 
@@ -280,20 +278,6 @@ def _running_rig(params, opts) -> _Rig:
     rig = _open(params, opts)
     _start_worker(rig, params, opts)
     return rig
-
-
-def _keep(params, opts) -> bool:
-    """Will the next repeat, or a later planned cell, use this cell's worker?"""
-    name = results.cell_key(NAME, params)
-    _repeats_done[name] += 1
-    if _repeats_done[name] < max(1, opts.repeat):
-        return True
-    _repeats_done.pop(name)
-    planned = runner.planned(sys.modules[__name__], opts)
-    if params not in planned:
-        return False
-    key = _rig_key(params)
-    return any(_rig_key(p) == key for p in planned[planned.index(params) + 1:])
 
 
 # --------------------------------------------------------------------------- publishing
@@ -532,15 +516,11 @@ def run_cell(params, opts) -> dict:
     reason = _celery.unusable(params["transport"])
     if reason:
         raise runner.Skip(reason)
-    keep = False
     try:
         out = _throughput(params, opts) if mode == "throughput" else _latency(params, opts)
-        used_again = _keep(params, opts)
-        keep = used_again and _rig is not None and _rig.clean
     except BaseException:
-        _repeats_done.pop(results.cell_key(NAME, params), None)  # the runner stops repeating
+        close()  # a failed or interrupted cell leaves no worker behind
         raise
-    finally:
-        if not keep:
-            close()
+    if _rig is not None and not _rig.clean:
+        close()
     return out
