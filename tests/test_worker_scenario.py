@@ -64,8 +64,15 @@ def check_latency(c):
 
 def test_matrix_and_quick_slice():
     quick = scenario.cells(runner.RunOptions(quick=True))
-    assert {c["transport"] for c in quick} == {"unix", "fifo"}
-    assert {(c["pool"], c["concurrency"]) for c in quick} == {("solo", 1), ("prefork", 2)}
+    # The embedded transports in both pools, plus the servers' prefork throughput first
+    # (the references of the unix/amqp and unix/redis ratios).
+    refs = [c for c in quick if c["transport"] in scenario.SERVER_REFERENCES]
+    assert quick[:len(refs)] == refs
+    assert {(c["transport"], c["pool"], c["mode"]) for c in refs} == {
+        ("amqp", "prefork", "throughput"), ("redis", "prefork", "throughput")}
+    embedded = quick[len(refs):]
+    assert {c["transport"] for c in embedded} == {"unix", "fifo"}
+    assert {(c["pool"], c["concurrency"]) for c in embedded} == {("solo", 1), ("prefork", 2)}
     assert {c["tasks"] for c in quick if c["mode"] == "throughput"} == {scenario.TASKS_QUICK}
     full = scenario.cells(runner.RunOptions())
     assert {c["transport"] for c in full} == {"filesystem", "redis", "amqp", "unix", "fifo"}

@@ -91,6 +91,7 @@ MODES = ("throughput", "latency")
 POOLS = ("solo", "prefork")
 DEFAULT_CONCURRENCY = 2
 TASKS, TASKS_QUICK = 10_000, 2_000
+SERVER_REFERENCES = ("amqp", "redis")  # quick-run comparison cells
 RATE = 200.0
 DURATION, DURATION_QUICK = 5.0, 1.0
 WARMUP_FRACTION = 0.1      # prefilled: warm-up tasks queued ahead of the measured ones
@@ -143,6 +144,12 @@ def cells(opts) -> list[dict]:
     duration = opts.duration or (DURATION_QUICK if opts.quick else DURATION)
     paced = opts.messages or max(1, round(rate * duration))
     out = []
+    if opts.quick and not opts.transports and opts.pool in (None, "prefork"):
+        # The servers' prefork throughput first (skipped when unreachable), so the unix/amqp
+        # and unix/redis ratios (x_amqp, x_redis) are measured side by side in every quick run.
+        for transport in SERVER_REFERENCES:
+            out.append({"transport": transport, "pool": "prefork", "concurrency": concurrency,
+                        "mode": "throughput", "tasks": tasks, "rate": "-"})
     for transport in _transports(opts):
         for pool in ((opts.pool,) if opts.pool else POOLS):
             c = 1 if pool == "solo" else concurrency
