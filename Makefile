@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install bench test gate locust clean
+.PHONY: help install bench test gate microbench locust clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -27,8 +27,11 @@ test: $(STAMP)  ## run the test suite (real Redis, RabbitMQ, PostgreSQL)
 gate: $(STAMP)  ## compare results/latest.json against the committed baseline
 	$(BIN)/celery-bench gate results/latest.json
 
+microbench: $(STAMP)  ## pytest-benchmark timings of the harness's own hot spots
+	$(BIN)/python -m pytest tests/test_microbench.py --benchmark-only $(ARGS)
+
 locust: $(STAMP)  ## Locust web UI on 127.0.0.1:8089
-	$(BIN)/locust -f bench/locustfile.py --web-host 127.0.0.1
+	$(BIN)/locust --config locust.conf
 
 clean:  ## remove the venv and run outputs
 	rm -rf $(VENV) results/latest.json results/runs .pytest_cache

@@ -19,7 +19,8 @@ HEADER_SIZE = HEADER.size
 # Refuse absurd length prefixes (garbage on a socket) instead of allocating them.
 MAX_FRAME = 64 * 1024 * 1024
 
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+# ensure_ascii: the C encoder's fast path; the header is then pure ASCII (cheap to encode).
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
 _loads = json.loads
 _pack = HEADER.pack
 _unpack_from = HEADER.unpack_from
@@ -49,7 +50,7 @@ def encode_message(message: dict) -> bytes:
     else:
         raw = bytes(body)
         meta["_b"] = "b"
-    head = _dumps(meta).encode("utf-8")
+    head = _dumps(meta).encode("ascii")
     return _pack(len(head)) + head + raw
 
 
@@ -60,7 +61,7 @@ def decode_message(payload) -> dict:
         end = HEADER_SIZE + head_len
         if end > len(payload):
             raise FrameError("message header runs past the frame")
-        meta = _loads(bytes(payload[HEADER_SIZE:end]))
+        meta = _loads(str(payload[HEADER_SIZE:end], "utf-8"))  # str: json skips sniffing
         kind = meta.pop("_b")
     except FrameError:
         raise
