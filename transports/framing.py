@@ -11,16 +11,39 @@ kombu's default base64 round trip; ``meta["_b"]`` says whether the body was
 """
 from __future__ import annotations
 
+import datetime
+import decimal
 import json
 import struct
+import uuid
+from json.encoder import c_make_encoder, encode_basestring_ascii
 
 HEADER = struct.Struct(">I")
 HEADER_SIZE = HEADER.size
 # Refuse absurd length prefixes (garbage on a socket) instead of allocating them.
 MAX_FRAME = 64 * 1024 * 1024
 
-# ensure_ascii: the C encoder's fast path; the header is then pure ASCII (cheap to encode).
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
+
+
+def _not_json(obj):
+    # What kombu's JSON would write as a string; anything else is the caller's bug.
+    if isinstance(obj, (datetime.datetime, datetime.date, datetime.time)):
+        return obj.isoformat()
+    if isinstance(obj, (uuid.UUID, decimal.Decimal)):
+        return str(obj)
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
+if c_make_encoder is not None:
+    # The C encoder under json.dumps, called directly (no per-call option checks):
+    # this runs once per publish. ASCII output, so encoding it to bytes is cheap.
+    _encode_c = c_make_encoder(None, _not_json, encode_basestring_ascii, None, ":", ",",
+                               False, False, True)
+
+    def _dumps(obj) -> str:
+        return "".join(_encode_c(obj, 0))
+else:  # pragma: no cover - CPython always has _json
+    _dumps = json.JSONEncoder(separators=(",", ":"), default=_not_json).encode
 _loads = json.loads
 _pack = HEADER.pack
 _unpack_from = HEADER.unpack_from
@@ -38,19 +61,28 @@ def frame(payload: bytes) -> bytes:
 
 
 def encode_message(message: dict) -> bytes:
-    """A kombu message dict -> frame payload (not yet framed)."""
-    body = message.get("body")
-    meta = {k: v for k, v in message.items() if k != "body"}
+    """A kombu message dict -> frame payload (not yet framed).
+
+    The dict is borrowed, not copied (this is the publish hot path): its body is
+    taken out while the header is encoded and put back before returning.
+    """
+    had_body = "body" in message
+    body = message.pop("body", None)
     if isinstance(body, str):
         raw = body.encode("utf-8")
-        meta["_b"] = "s"
+        message["_b"] = "s"
     elif body is None:
         raw = b""
-        meta["_b"] = "n"
+        message["_b"] = "n"
     else:
         raw = bytes(body)
-        meta["_b"] = "b"
-    head = _dumps(meta).encode("ascii")
+        message["_b"] = "b"
+    try:
+        head = _dumps(message).encode("ascii")
+    finally:
+        del message["_b"]
+        if had_body:
+            message["body"] = body
     return _pack(len(head)) + head + raw
 
 

@@ -56,18 +56,14 @@ Transport Options
 """
 from __future__ import annotations
 
-import datetime
-import decimal
 import os
 import select
 import socket
 import struct
 import threading
-import uuid as uuid_mod
 from collections import deque
 from itertools import count
 from json import JSONDecoder
-from json.encoder import c_make_encoder, encode_basestring_ascii
 from time import monotonic
 
 from amqp.protocol import queue_declare_ok_t
@@ -110,42 +106,6 @@ _POLLOUT = select.POLLOUT | select.POLLERR | select.POLLHUP
 
 # The C scanner under json.loads, minus its per-call checks: the header is ours.
 _scan_json = JSONDecoder().scan_once
-
-
-def _not_json(obj):
-    # What kombu's JSON would write as a string; anything else is the caller's bug.
-    if isinstance(obj, (datetime.datetime, datetime.date, datetime.time)):
-        return obj.isoformat()
-    if isinstance(obj, (uuid_mod.UUID, decimal.Decimal)):
-        return str(obj)
-    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
-
-
-# framing.encode_message's format, built without copying the message dict: the
-# publish hot path. c_make_encoder is what json.dumps uses underneath.
-_encode_head = c_make_encoder(None, _not_json, encode_basestring_ascii, None, ":", ",",
-                              False, False, True) if c_make_encoder else None
-
-
-def _encode_payload(message: dict) -> bytes:
-    if _encode_head is None:
-        return encode_message(message)
-    body = message.pop("body", None)
-    if isinstance(body, str):
-        raw = body.encode("utf-8")
-        message["_b"] = "s"
-    elif body is None:
-        raw = b""
-        message["_b"] = "n"
-    else:
-        raw = bytes(body)
-        message["_b"] = "b"
-    try:
-        head = _encode_head(message, 0)[0].encode("ascii")
-    finally:
-        del message["_b"]
-        message["body"] = body
-    return b"".join((_U32(len(head)), head, raw))
 
 
 class BrokerConnectionError(ConnectionError, OperationalError):
@@ -271,7 +231,7 @@ class Channel(virtual.Channel):
             if len(self._route_prefix) >= ROUTE_CACHE_MAX:
                 self._route_prefix.clear()
             self._route_prefix[key] = prefix
-        payload = _encode_payload(message)
+        payload = encode_message(message)
         if len(payload) > MAX_MESSAGE:
             raise ChannelError(f"message of {len(payload)} bytes is larger than the unix "
                                f"transport carries ({MAX_MESSAGE} bytes)")
