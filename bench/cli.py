@@ -121,8 +121,11 @@ def run(scenarios, quick, transports, only, repeat, duration, messages, rate, wa
         if not quiet and console.is_terminal:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                        TimeElapsedColumn)
+            # No refresh thread: it would take the GIL ~10 times a second inside the
+            # measured loops. The bar moves when a cell ends.
             progress = Progress(TextColumn("[bold]cells"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), console=console, transient=True)
+                                TimeElapsedColumn(), console=console, transient=True,
+                                auto_refresh=False)
             progress.start()
             progress.add_task("cells", total=len(cells))
 
@@ -131,6 +134,7 @@ def run(scenarios, quick, transports, only, repeat, duration, messages, rate, wa
         if progress is not None:
             progress.console.print(line, markup=False, highlight=False)
             progress.advance(0)
+            progress.refresh()
         else:
             click.echo(line, err=True)
 

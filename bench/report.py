@@ -120,7 +120,8 @@ def print_run(run: results.Run, console: Console | None = None) -> None:
         if notes:
             console.print()
     counts = {s: sum(1 for c in run.cells if c.status == s) for s in results.STATUSES}
-    console.print(f"{len(run.cells)} cells: {counts['ok']} ok, {counts['skipped']} skipped, "
+    n = len(run.cells)
+    console.print(f"{n} cell{'' if n == 1 else 's'}: {counts['ok']} ok, {counts['skipped']} skipped, "
                   f"{counts['failed']} failed")
 
 

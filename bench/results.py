@@ -136,6 +136,8 @@ def aggregate(scenario: str, params: dict, repeats: list[dict], unit_of=None) ->
             if len(numeric) > 1:
                 cell.spread[name] = {"min": min(numeric), "max": max(numeric),
                                      "stdev": statistics.stdev(numeric), "n": len(numeric)}
+        elif values and all(isinstance(v, bool) for v in values):
+            cell.metrics[name] = any(values)  # a flag raised in any repeat stays raised
         else:
             cell.metrics[name] = values[-1]
     for name, (hist, overflow, unit) in merged.items():
@@ -144,7 +146,7 @@ def aggregate(scenario: str, params: dict, repeats: list[dict], unit_of=None) ->
 
 
 # Counts that add up over repeats (every message must be accounted for).
-SUMMED = {"sent", "received", "lost", "duplicates", "errors", "overflow"}
+SUMMED = {"sent", "received", "lost", "duplicates", "errors", "overflow", "consumer_errors"}
 
 
 # --------------------------------------------------------------------------- environment

@@ -168,20 +168,20 @@ class Worker:
 
 
 def _install_sigterm() -> None:
-    """SIGTERM stops our workers, then exits (finally blocks and atexit run)."""
+    """SIGTERM and SIGHUP (terminal closed) stop our workers, then exit (finally blocks
+    and atexit run). Workers live in their own sessions: no signal reaches them but ours."""
     global _sigterm_installed
     if _sigterm_installed or threading.current_thread() is not threading.main_thread():
         return
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        _sigterm_installed = True  # someone else owns SIGTERM; atexit still covers us
-        return
+    _sigterm_installed = True
 
-    def on_sigterm(signum, frame):
+    def on_signal(signum, frame):
         stop_all(timeout=5.0)
         raise SystemExit(128 + signum)
 
-    signal.signal(signal.SIGTERM, on_sigterm)
-    _sigterm_installed = True
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is signal.SIG_DFL:  # someone else's: atexit still covers us
+            signal.signal(signum, on_signal)
 
 
 def stop_all(timeout: float = 10.0) -> None:
@@ -242,8 +242,13 @@ def start(broker_url: str, backend_url: str | None = None, *, transport_options=
                                     start_new_session=True)  # own group: killpg reaches pool children
         except OSError as exc:
             raise WorkerError(f"cannot start worker ({' '.join(argv[:6])} ...): {exc}") from exc
-    w = Worker(proc, hostname.replace("%h", os.uname().nodename), log_path, ready_file, argv)
-    _registry[w.pid] = w
+    try:
+        w = Worker(proc, hostname.replace("%h", os.uname().nodename), log_path, ready_file, argv)
+        _registry[w.pid] = w
+    except BaseException:  # e.g. Ctrl-C before it was registered: nothing else knows of it
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
     return w
 
 

@@ -80,3 +80,14 @@ def test_achieved():
     assert short["rate_achieved_per_s"] == 90.0 and short["rate_shortfall"] is True
     assert achieved(100.0, 960, 10.0)["rate_shortfall"] is False    # within 5%
     assert achieved(100.0, 0, 0.0)["rate_achieved_per_s"] == 0.0
+
+
+def test_shift_moves_the_whole_schedule_later():
+    """A pause the harness takes itself (an in-process drain) is not lateness."""
+    from bench.pacing import Pacer
+
+    pacer = Pacer(1000.0, clock=lambda: 0, sleep=lambda s: None)
+    pacer.start(t0=0)
+    before = pacer.intended(10)
+    pacer.shift(5_000_000)
+    assert pacer.intended(10) == before + 5_000_000

@@ -99,3 +99,15 @@ def test_passwords_inside_longer_strings_are_masked():
         {"reason": "redis at redis://:****@h:1/0 refused"}
     assert mask_secrets("http://h/a:b@c") == "http://h/a:b@c"        # no userinfo: untouched
     assert mask_secrets("postgresql+psycopg2://postgres@h/db") == "postgresql+psycopg2://postgres@h/db"
+
+
+def test_flags_and_error_counts_survive_repeats():
+    """A shortfall flagged in one repeat stays flagged; consumer errors add up."""
+    from bench import results
+
+    reps = [{"metrics": {"rate_shortfall": False, "consumer_errors": 0}},
+            {"metrics": {"rate_shortfall": True, "consumer_errors": 2}},
+            {"metrics": {"rate_shortfall": False, "consumer_errors": 0}}]
+    cell = results.aggregate("publish", {}, reps)
+    assert cell.metrics["rate_shortfall"] is True
+    assert cell.metrics["consumer_errors"] == 2

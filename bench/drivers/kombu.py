@@ -12,8 +12,9 @@ Strategies (``producer`` cell param):
 
 Producers are built with Kombu's defaults (``auto_declare``: every publish passes
 its exchange to ``maybe_declare``, answered from a per-connection cache) and every
-publish passes ``retry=True``, as Celery does (``task_publish_retry``) and Kombu's
-docs show: the Kombu and Celery rungs then differ only by what Celery adds.
+publish passes ``retry=True`` with Celery's default ``task_publish_retry_policy``
+(3 retries), as Celery does: the Kombu and Celery rungs then differ only by what
+Celery adds, and a broker that dies fails the cell instead of retrying forever.
 
 A message carries its sequence number ``i`` and its send time ``t``
 (``perf_counter_ns``, one clock for the whole host) in two headers; warm-up
@@ -45,6 +46,10 @@ from kombu import pools
 
 STRATEGIES = ("held", "per-call", "new-connection", "batch")
 CONSUMER_POLL_S = 0.02    # a consumer's drain_events timeout: how often it looks at its orders
+# Celery's default task_publish_retry_policy: bounded, unlike retry=True alone.
+RETRY_POLICY = {"max_retries": 3, "interval_start": 0, "interval_step": 0.2, "interval_max": 1}
+# After the last expected message, drain this long more so a late duplicate is counted.
+GRACE_S = 0.1
 SETTLE_S = 2.0            # once all is sent, a consumer stops after this long without a message
 STOP_GRACE_S = 0.5        # how long a consumer process may take to close before SIGTERM
 MAX_ERRORS = 1000         # a consumer process gives up after this many receive errors
@@ -225,7 +230,8 @@ class Publisher:
             publish = producer.publish
 
             def send(i, t):
-                publish(body, routing_key=rk, headers={"i": i, "t": t}, retry=True)
+                publish(body, routing_key=rk, headers={"i": i, "t": t}, retry=True,
+                        retry_policy=RETRY_POLICY)
 
             try:
                 if self.strategy == "batch":
@@ -242,7 +248,8 @@ class Publisher:
             def send(i, t):
                 with group[conn].acquire(block=True, timeout=acquire_timeout) as producer:
                     producer.publish(body, exchange=ex, routing_key=rk, serializer=ser,
-                                     headers={"i": i, "t": t}, retry=True)
+                                     headers={"i": i, "t": t}, retry=True,
+                                     retry_policy=RETRY_POLICY)
             yield send
         else:  # new-connection
             connect = self.target.connect
@@ -250,7 +257,8 @@ class Publisher:
             def send(i, t):
                 with connect() as conn:
                     Producer(conn, exchange=ex, serializer=ser).publish(
-                        body, routing_key=rk, headers={"i": i, "t": t}, retry=True)
+                        body, routing_key=rk, headers={"i": i, "t": t}, retry=True,
+                        retry_policy=RETRY_POLICY)
             yield send
 
     def drain(self, tally: Tally, until, timeout: float) -> None:
@@ -442,7 +450,7 @@ def _consume_main() -> int:
                 pass
             print("ready", flush=True)
             threading.Thread(target=read_orders, daemon=True).start()
-            deadline = last = None
+            deadline = last = complete_at = None
             while True:
                 while not orders.empty():
                     order = orders.get()
@@ -452,6 +460,7 @@ def _consume_main() -> int:
                         warm_target = int(order[1])
                     elif order[0] == "expect":
                         expect = int(order[1])
+                        complete_at = None
                     deadline = last = time.monotonic()
                 before = tally.received + tally.warmup + tally.duplicates
                 try:
@@ -477,8 +486,10 @@ def _consume_main() -> int:
                     phase_errors = 0
                 if expect is not None:
                     if tally.received + phase_errors >= expect:
-                        break
-                    if now - last > SETTLE_S:
+                        complete_at = complete_at or now
+                        if now - complete_at >= GRACE_S:
+                            break
+                    elif now - last > SETTLE_S:
                         notes.append(f"no message for {SETTLE_S:g}s: stopped counting")
                         break
                     if now - deadline > timeout:
