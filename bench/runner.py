@@ -19,7 +19,7 @@ from typing import Callable
 
 from . import brokers, config, results
 
-SCENARIOS = ("publish", "worker", "join", "prefetch", "fanout")
+SCENARIOS = ("publish", "consume", "worker", "join", "prefetch", "fanout")
 # The quick suite of `make bench`: every scenario, each its own quick slice.
 DEFAULT_SCENARIOS = SCENARIOS
 

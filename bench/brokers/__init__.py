@@ -6,6 +6,10 @@ Each module defines::
     SERVICE = "redis" | None       # a bench.config service it needs, None = embedded
     CROSS_PROCESS = True           # can another process (consumer, worker) reach it
     SUPPORTS_BATCH = False         # does kombu ``Producer.batch`` batch for real
+    HOLDS_BACKLOG = True           # can messages wait in a queue before its consumer attaches
+                                   # (optional: missing means True; see HOLDS_BACKLOG_DEFAULT)
+    MAX_BACKLOG = None             # the most messages worth queueing (optional: None = no
+                                   # limit), where each message costs more as the backlog grows
     CAPABILITIES = {...}           # what the transport does (see CAPABILITY_NAMES)
     @contextmanager
     def broker(workdir: Path) -> Iterator[BrokerEnv]
@@ -37,6 +41,10 @@ CAPABILITY_NAMES = {
     "fanout",         # fanout exchanges (Celery remote control)
     "cross_process",
 }
+
+
+# For a broker module that does not say HOLDS_BACKLOG.
+HOLDS_BACKLOG_DEFAULT = True
 
 
 class TransportUnavailable(config.UsageError, ImportError):

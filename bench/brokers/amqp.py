@@ -8,6 +8,9 @@ NAME = "amqp"
 SERVICE = "amqp"
 CROSS_PROCESS = True
 SUPPORTS_BATCH = False
+# A queue keeps what was published before its consumer attached (a backlog can be prefilled).
+HOLDS_BACKLOG = True
+MAX_BACKLOG = None  # no backlog size makes each message dearer
 CAPABILITIES = {"ack", "requeue", "size", "purge", "multi_consumer", "multi_producer",
                 "fanout", "cross_process"}
 

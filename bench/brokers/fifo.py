@@ -19,6 +19,9 @@ SERVICE = None
 CROSS_PROCESS = True
 SUPPORTS_BATCH = False
 # size/purge: seen from the consuming process; fanout: to consumers attached at publish time.
+# No consumer, no publish: a backlog exists only while its consumer reads (feed it instead).
+HOLDS_BACKLOG = False
+MAX_BACKLOG = None  # no backlog size makes each message dearer
 CAPABILITIES = {"size", "purge", "multi_producer", "fanout", "cross_process"}
 
 

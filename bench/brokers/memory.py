@@ -7,6 +7,9 @@ NAME = "memory"
 SERVICE = None
 CROSS_PROCESS = False
 SUPPORTS_BATCH = False
+# A queue keeps what was published before its consumer attached (a backlog can be prefilled).
+HOLDS_BACKLOG = True
+MAX_BACKLOG = None  # no backlog size makes each message dearer
 CAPABILITIES = {"ack", "requeue", "size", "purge", "fanout"}
 
 

@@ -10,6 +10,9 @@ NAME = "unix"
 SERVICE = None
 CROSS_PROCESS = True
 SUPPORTS_BATCH = True  # transports.unix implements Producer.batch
+# A queue keeps what was published before its consumer attached (a backlog can be prefilled).
+HOLDS_BACKLOG = True
+MAX_BACKLOG = None  # no backlog size makes each message dearer
 CAPABILITIES = {"ack", "requeue", "size", "purge", "multi_consumer", "multi_producer",
                 "fanout", "cross_process"}
 

@@ -1,0 +1,320 @@
+"""Consume rate: how fast Kombu drains a queue, per transport.
+
+A cell declares a unique queue, prefills it with ``N`` messages from the
+publish scenario's held Kombu producer (not timed), then a
+:class:`kombu.Consumer` in this process, whose callback decodes the body and
+acks each message (``ack=yes``, Kombu's default; ``ack=no`` consumes with
+``no_ack``), drains it with ``conn.drain_events(timeout=...)`` until every
+message arrived. ``consume_per_s`` = received / (first drain call -> last
+message received); ``cpu_us_per_msg`` is the draining thread's own CPU time per
+message (not inflated by waiting or being descheduled). Every message carries its sequence number, so ``lost``
+and ``duplicates`` are counted; ``gap`` is the time between consecutive
+receives. A small prefill + drain warms up first, not counted.
+
+A transport whose queue holds nothing until its consumer attaches (broker
+module ``HOLDS_BACKLOG = False``: fifo) cannot be prefilled: the consumer
+attaches first and a producer in another process
+(:class:`bench.drivers.producer.ProducerProcess`) publishes the ``N``
+messages as fast as it can while this process drains, so that cell is bounded
+by the producer's rate too (its note says so; ``feed_per_s`` is that rate).
+
+``x_memory`` divides by the memory transport's rate measured earlier in the
+same run (same serializer, payload and ack): memory cells come first.
+
+Sizing: at most 20,000 messages for embedded transports and 2,000 for servers
+(``--quick``: memory, unix, fifo, redis, amqp), 100,000 / 10,000 in the full
+matrix (every transport, ``ack`` yes and no); the prefill stops early after
+``Sizing.prefill_s`` seconds (slow publishers send fewer: filesystem, redis).
+A broker module's ``MAX_BACKLOG`` caps ``N`` where each message costs more as
+the backlog grows (filesystem: 2,000). ``--messages`` sets ``N``.
+"""
+from __future__ import annotations
+
+import shutil
+import socket
+import statistics
+import tempfile
+import time
+import uuid
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import brokers, recorder
+from ..drivers import kombu as kombu_driver
+from ..drivers.producer import ProducerProcess
+from ..runner import Skip
+from .publish import PAYLOAD_BYTES, make_payload
+
+NAME = "consume"
+DESCRIPTION = ("Consume (drain) rate per transport: a prefilled queue drained by a Kombu "
+               "Consumer in this process (callback decodes and acks), drain_events in a "
+               "loop; consume/s from the first drain call to the last message; every "
+               "message counted; fifo is fed by a concurrent producer process")
+
+QUICK_TRANSPORTS = ("memory", "unix", "fifo", "redis", "amqp")
+FED_NOTE = "fed by a concurrent producer process: bounded by the producer's rate"
+POLL_S = 0.05        # one drain_events wait; the whole drain is bounded by opts.timeout
+
+
+@dataclass(frozen=True)
+class Sizing:
+    embedded: int        # messages for a transport without a server
+    server: int          # messages for redis, amqp
+    prefill_s: float     # the prefill stops after this long (slow publishers send fewer)
+
+
+QUICK = Sizing(embedded=20_000, server=2_000, prefill_s=1.5)
+FULL = Sizing(embedded=100_000, server=10_000, prefill_s=5.0)
+
+SUMMARY = [
+    ("consume_per_s", "msg/s"),
+    ("x_memory", "x memory"),
+    ("cpu_us_per_msg", "cpu us/msg"),
+    ("gap.p50", "gap p50 us"),
+    ("gap.p99", "gap p99 us"),
+    ("received", "received"),
+    ("lost", "lost"),
+    ("duplicates", "dups"),
+]
+
+
+# --------------------------------------------------------------------------- the matrix
+def _module(name: str):
+    try:
+        return brokers.module(name)
+    except ImportError:
+        return None
+
+
+def cells(opts) -> list[dict]:
+    payload = PAYLOAD_BYTES if opts.payload_bytes is None else opts.payload_bytes
+    serializers = tuple(opts.serializers) or ("json",)
+    transports = QUICK_TRANSPORTS if opts.quick else brokers.names()
+    acks = ("yes",) if opts.quick else ("yes", "no")
+    # Memory first (brokers.names() order): x_memory needs its rate measured already.
+    return [{"transport": t, "serializer": s, "payload_bytes": payload, "ack": a}
+            for a in acks for s in serializers for t in transports]
+
+
+def requires(params) -> set:
+    mod = _module(params["transport"])  # missing module: run_cell skips with the reason
+    return {mod.SERVICE} if mod is not None and mod.SERVICE else set()
+
+
+# --------------------------------------------------------------------------- draining
+class _Drainer:
+    """A Consumer on ``conn`` counting into a Tally, with a receive timestamp per message."""
+
+    def __init__(self, conn, queue, ack: bool, accept, capacity: int):
+        self.conn = conn
+        self.tally = kombu_driver.Tally(capacity)
+        self.ts = recorder.Timestamps(capacity, ("recv",))
+        self.consumer = conn.Consumer([queue], callbacks=[self._callback(ack)], no_ack=not ack,
+                                      accept=list(accept))
+
+    def _callback(self, ack: bool):
+        add, recv, now, cap = self.tally.add, self.ts.recv, recorder.now_ns, self.ts.capacity
+        seen = self._seen = [0]
+
+        def record(message) -> None:
+            t = now()
+            h = message.headers
+            i = h["i"]
+            add(i, h["t"], t)
+            k = seen[0]
+            if k < cap and i >= 0:
+                recv[k] = t
+                seen[0] = k + 1
+
+        if not ack:
+            return lambda body, message: record(message)
+
+        def on_body(body, message):  # kombu decoded the body: a real consumer's cost
+            record(message)
+            message.ack()
+        return on_body
+
+    def __enter__(self):
+        self.consumer.consume()
+        try:  # one look first: a fifo consumer attaches (holds its pipe) here
+            self.conn.drain_events(timeout=0.01)
+        except socket.timeout:
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.consumer.cancel()
+        except Exception:  # a broken connection: the cell's error says why
+            pass
+
+    def got(self) -> int:
+        t = self.tally
+        return t.received + t.duplicates + t.stray
+
+    def until(self, count: int, warm: bool, timeout: float) -> int:
+        """Drain until ``count`` (measured, or warm-up) messages arrived, no message came
+        for SETTLE_S, or ``timeout`` s passed. Returns perf_counter_ns of the first call;
+        ``cpu_ns`` is then this thread's CPU time spent draining."""
+        tally, drain = self.tally, self.conn.drain_events
+        progress = (lambda: tally.warmup) if warm else self.got
+        settle, deadline = kombu_driver.SETTLE_S, time.monotonic() + timeout
+        last = time.monotonic()
+        cpu0 = time.thread_time_ns()
+        t0 = recorder.now_ns()
+        while progress() < count:
+            before = progress()
+            try:
+                drain(timeout=POLL_S)
+            except socket.timeout:
+                pass
+            now = time.monotonic()
+            if progress() != before:
+                last = now
+            elif now - last > settle or now > deadline:
+                break
+        self.cpu_ns = time.thread_time_ns() - cpu0
+        return t0
+
+    def receive_times(self):
+        self.ts.count = self._seen[0]
+        return self.ts.column("recv")
+
+
+# --------------------------------------------------------------------------- one cell
+def _sizing(opts) -> Sizing:
+    return QUICK if opts.quick else FULL
+
+
+def _count(mod, opts) -> int:
+    if opts.messages:
+        return int(opts.messages)
+    sizing = _sizing(opts)
+    n = sizing.server if mod.SERVICE else sizing.embedded
+    limit = getattr(mod, "MAX_BACKLOG", None)   # filesystem: its drain is quadratic
+    return min(n, limit) if limit else n
+
+
+def _prefill(driver, first: int, n: int, budget_s: float | None) -> int:
+    """Publish ``n`` messages (sequence numbers from ``first``; -1 = warm-up) with the held
+    producer; stop early after ``budget_s``. Returns how many were sent."""
+    now = recorder.now_ns
+    end = now() + int(budget_s * 1e9) if budget_s else 1 << 62
+    sent = 0
+    with driver.sending() as send:
+        for k in range(n):
+            t = now()
+            send(-1 if first < 0 else first + k, t)
+            sent += 1
+            if t > end:
+                break
+    return sent
+
+
+def _measure(driver, target, holds_backlog: bool, n: int, ack: bool, opts,
+             workdir: Path) -> dict:
+    warm_n = max(50, n // 20)
+    notes = []
+    producer = None
+    feed_s = None
+    try:
+        driver.open()
+        drainer = _Drainer(driver.conn, driver.queue, ack, driver.accept, n)
+        if holds_backlog:
+            warm_sent = _prefill(driver, -1, warm_n, None)
+            with drainer:
+                drainer.until(warm_sent, True, opts.timeout)
+            sent = _prefill(driver, 0, n, _sizing(opts).prefill_s)
+            with drainer:
+                t0 = drainer.until(sent, False, opts.timeout)
+        else:
+            with drainer:  # the consumer first: nothing is kept for a queue nobody reads
+                producer = ProducerProcess(target, driver.queue.name, driver.serializer,
+                                           driver.payload, workdir, opts.timeout)
+                producer.start()
+                producer.wait_ready()
+                producer.send(-1, warm_n)
+                drainer.until(warm_n, True, opts.timeout)
+                warm_sent, _ = producer.wait_sent()
+                producer.send(0, n)
+                t0 = drainer.until(n, False, opts.timeout)
+                sent, feed_s = producer.wait_sent()
+            notes.append(FED_NOTE)
+    finally:
+        if producer is not None:
+            producer.stop()
+        driver.close()
+
+    tally = drainer.tally
+    recv = drainer.receive_times()
+    elapsed_s = (int(recv[-1]) - t0) / 1e9 if len(recv) else 0.0
+    rec = recorder.Recorder()
+    rec.add("gap", (recv[1:] - recv[:-1]) / 1000.0)
+    lost = sent - tally.received
+    if lost:
+        notes.insert(0, f"lost {lost} of {sent}")
+    if tally.warmup < warm_sent:
+        notes.append(f"warm-up: {warm_sent - tally.warmup} of {warm_sent} lost")
+    if tally.stray:
+        notes.append(f"{tally.stray} messages with unknown sequence numbers")
+    metrics = {
+        "consume_per_s": tally.received / elapsed_s if elapsed_s > 0 else 0.0,
+        "sent": sent, "received": tally.received, "lost": lost,
+        "duplicates": tally.duplicates, "elapsed_s": round(elapsed_s, 6),
+        # This thread's CPU per message while draining: waiting (for a producer, or
+        # descheduled on a shared machine) does not count, so it compares fed and prefilled.
+        "cpu_us_per_msg": drainer.cpu_ns / 1000.0 / tally.received if tally.received else None,
+        "warmup_sent": warm_sent,
+        "load": "prefilled" if holds_backlog else "fed",
+    }
+    if feed_s:
+        metrics["feed_per_s"] = sent / feed_s
+    out = {"metrics": metrics, "histograms": rec.histograms}
+    if notes:
+        out["note"] = "; ".join(notes)
+    return out
+
+
+# x_memory: the memory rates of this run, per (run workdir, serializer, payload, ack).
+_memory_rates: dict[tuple, list[float]] = {}
+
+
+def _x_memory(metrics: dict, params, opts) -> None:
+    rate = metrics.get("consume_per_s")
+    if not rate:
+        return
+    key = (str(opts.workdir), params["serializer"], int(params["payload_bytes"]), params["ack"])
+    if params["transport"] == "memory":
+        _memory_rates.setdefault(key, []).append(rate)
+        metrics["x_memory"] = 1.0
+    elif _memory_rates.get(key):
+        metrics["x_memory"] = rate / statistics.median(_memory_rates[key])
+
+
+def run_cell(params, opts) -> dict:
+    name = params["transport"]
+    try:
+        mod = brokers.module(name)
+    except ImportError as exc:
+        raise Skip(f"transport {name!r} not available: bench.brokers.{name} "
+                   f"does not import ({exc})") from None
+    if params["ack"] not in ("yes", "no"):
+        raise ValueError(f"ack={params['ack']!r}: expected yes or no")
+    holds_backlog = getattr(mod, "HOLDS_BACKLOG", brokers.HOLDS_BACKLOG_DEFAULT)
+    payload = make_payload(int(params["payload_bytes"]))
+    queue_name = f"celery-bench-consume-{uuid.uuid4().hex[:12]}"
+    base = Path(opts.workdir) if opts.workdir else Path(tempfile.gettempdir())
+    workdir = base / queue_name
+    try:
+        with ExitStack() as stack:
+            env = stack.enter_context(brokers.broker(name, workdir))
+            target = kombu_driver.Target.from_env(env, mod.CROSS_PROCESS, mod.SUPPORTS_BATCH)
+            driver = kombu_driver.Publisher(target, queue_name, "held", params["serializer"],
+                                            payload, opts.timeout)
+            result = _measure(driver, target, holds_backlog, _count(mod, opts),
+                              params["ack"] == "yes", opts, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    _x_memory(result["metrics"], params, opts)
+    return result

@@ -1,0 +1,80 @@
+"""The consume scenario against real brokers: every message drained and counted.
+
+No test asserts a rate or a duration: the ratio aims live in results/baselines/gates.toml.
+"""
+import psutil
+import pytest
+
+from bench import brokers, runner
+from bench.scenarios import consume
+
+KEYS = {"transport", "serializer", "payload_bytes", "ack"}
+TRANSPORTS = ("memory", "unix", "fifo", "redis", "amqp")
+
+
+def cell(transport="memory", ack="yes") -> dict:
+    return {"transport": transport, "serializer": "json", "payload_bytes": 112, "ack": ack}
+
+
+def options(tmp_path, **kw) -> runner.RunOptions:
+    kw.setdefault("messages", 2_000)
+    kw.setdefault("timeout", 60.0)
+    return runner.RunOptions(quick=True, workdir=tmp_path, **kw)
+
+
+def children() -> list:
+    return [p for p in psutil.Process().children(recursive=True)
+            if "bench.drivers" in " ".join(p.cmdline())]
+
+
+def assert_drained(c) -> None:
+    m = c.metrics
+    assert c.status == "ok", c.reason
+    assert m["sent"] == 2_000
+    assert m["received"] == m["sent"]
+    assert m["lost"] == 0 and m["duplicates"] == 0, c.reason
+    assert m["consume_per_s"] > 0
+    assert c.histograms["gap"]["count"] == m["received"] - 1
+
+
+def test_the_matrix_puts_memory_first_and_covers_every_transport():
+    quick = consume.cells(runner.RunOptions(quick=True))
+    full = consume.cells(runner.RunOptions(quick=False))
+    assert all(set(c) == KEYS for c in quick + full)
+    assert quick[0]["transport"] == "memory" and full[0]["transport"] == "memory"
+    assert {c["transport"] for c in quick} == set(TRANSPORTS)
+    assert {c["transport"] for c in full} == set(brokers.names())
+    assert {c["ack"] for c in full} == {"yes", "no"}
+    assert all(c in full for c in quick)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_each_transport_drains_every_message(transport, need, tmp_path):
+    mod = brokers.module(transport)
+    if mod.SERVICE:
+        need(mod.SERVICE)
+    opts = options(tmp_path)
+    if transport != "memory":  # x_memory is against this run's memory cell
+        runner.run_cell(consume, cell("memory"), opts)
+    c = runner.run_cell(consume, cell(transport), opts)
+    assert_drained(c)
+    assert c.metrics["x_memory"] > 0
+    if mod.HOLDS_BACKLOG:
+        assert c.metrics["load"] == "prefilled"
+    else:
+        assert c.metrics["load"] == "fed"
+        assert consume.FED_NOTE in c.reason
+    assert children() == []
+
+
+@pytest.mark.parametrize("transport", ("memory", "fifo"))
+def test_no_ack_drains_every_message(transport, tmp_path):
+    assert_drained(runner.run_cell(consume, cell(transport, ack="no"), options(tmp_path)))
+    assert children() == []
+
+
+def test_backlog_limit_caps_the_filesystem_cell():
+    fs = brokers.module("filesystem")
+    assert fs.MAX_BACKLOG and consume._count(fs, runner.RunOptions()) == fs.MAX_BACKLOG
+    assert consume._count(brokers.module("memory"), runner.RunOptions()) == \
+        consume.FULL.embedded
