@@ -143,7 +143,7 @@ def run_cell(mod, params: dict, opts: RunOptions) -> results.Cell:
     try:
         for _ in range(max(1, opts.repeat)):
             repeats.append(mod.run_cell(dict(params), opts))
-    except Skip as exc:
+    except (Skip, brokers.TransportUnavailable) as exc:  # a transport that cannot load here
         return results.Cell(mod.NAME, params, "skipped", str(exc))
     except KeyboardInterrupt:
         raise

@@ -76,3 +76,18 @@ def celery_children() -> list:
         except psutil.Error:  # exited meanwhile
             pass
     return found
+
+
+def counting_starts(monkeypatch) -> list:
+    """Record every worker ``bench.workers.start`` spawns (to check reuse across cells)."""
+    from bench import workers
+
+    started = []
+    real = workers.start
+
+    def start(*args, **kwargs):
+        w = real(*args, **kwargs)
+        started.append(w)
+        return w
+    monkeypatch.setattr(workers, "start", start)
+    return started

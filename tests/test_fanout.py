@@ -1,29 +1,16 @@
 """The fanout scenario with real workers: every object accounted for, the
 parallel shapes faster than serial as a ratio measured in the same run, and
 one worker serving all the shapes of a transport."""
-import psutil
 
 from bench import runner, workers
 from bench.scenarios import _celery, fanout
-from support import celery_children
+from support import celery_children, counting_starts
 
 
 def assert_no_worker_left():
     assert fanout._rig is None
     assert not workers._registry
     assert celery_children() == []
-
-
-def counting_starts(monkeypatch):
-    started = []
-    real = workers.start
-
-    def start(*args, **kwargs):
-        w = real(*args, **kwargs)
-        started.append(w)
-        return w
-    monkeypatch.setattr(workers, "start", start)
-    return started
 
 
 # 100 ms objects (not the quick slice's 30 ms): the ratio then holds on a busy

@@ -155,15 +155,16 @@ def test_a_missing_transport_module_skips_with_the_reason(monkeypatch, tmp_path)
     real = brokers.module
 
     def module(name):
-        if name == "fifo":
-            raise ModuleNotFoundError("No module named 'bench.brokers.fifo'")
+        if name == "fifo":  # what brokers.module raises when the module cannot import
+            raise brokers.TransportUnavailable(
+                "transport 'fifo' cannot be loaded here: No module named 'bench.brokers.fifo'")
         return real(name)
 
     monkeypatch.setattr(brokers, "module", module)
     assert publish.requires(cell(transport="fifo")) == set()
     c = runner.run_cell(publish, cell(transport="fifo"), options(tmp_path))
     assert c.status == "skipped"
-    assert "fifo" in c.reason and "not available" in c.reason
+    assert "fifo" in c.reason and "cannot be loaded" in c.reason
 
 
 # --------------------------------------------------------------------------- open loop

@@ -10,7 +10,7 @@ from kombu import Connection
 
 from bench import config, runner, workers
 from bench.scenarios import worker as scenario
-from support import celery_children
+from support import celery_children, counting_starts
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -28,18 +28,6 @@ def assert_no_worker_left():
     assert scenario._rig is None
     assert not workers._registry
     assert celery_children() == []
-
-
-def counting_starts(monkeypatch):
-    started = []
-    real = workers.start
-
-    def start(*args, **kwargs):
-        w = real(*args, **kwargs)
-        started.append(w)
-        return w
-    monkeypatch.setattr(workers, "start", start)
-    return started
 
 
 def check_throughput(c, tasks):
