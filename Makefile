@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 .PHONY: help install bench test gate microbench locust clean
 
 help:  ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,7 +24,7 @@ bench: $(STAMP)  ## run the quick default suite, write results/latest.json
 test: $(STAMP)  ## run the test suite (real Redis, RabbitMQ, PostgreSQL)
 	$(BIN)/python -m pytest $(ARGS)
 
-gate: $(STAMP)  ## compare results/latest.json against the committed baseline
+gate: $(STAMP)  ## check results/latest.json against results/baselines/gates.toml
 	$(BIN)/celery-bench gate results/latest.json
 
 microbench: $(STAMP)  ## pytest-benchmark timings of the harness's own hot spots
