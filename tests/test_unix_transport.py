@@ -203,12 +203,17 @@ def test_broker_restart_is_a_connection_error_then_reconnects(sockdir):
             got = []
             consumer = Consumer(conn, [q], callbacks=[lambda b, m: (got.append(b), m.ack())])
             consumer.consume()
-            threading.Timer(0.3, first.stop).start()
+            stopper = threading.Timer(0.3, first.stop)
+            stopper.start()
             started = time.monotonic()
             with pytest.raises(conn.connection_errors) as info:
                 conn.drain_events(timeout=None)  # blocks: only the broker's exit ends it
             assert time.monotonic() - started < WAIT_S
             assert path in str(info.value)
+            # The first broker drops its clients before it has exited: wait for the exit,
+            # or the second one's readiness probe may be answered by the dying first.
+            stopper.join(WAIT_S)
+            assert not first.alive()
 
             second = unix_broker.start(path)
             try:
