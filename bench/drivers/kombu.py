@@ -306,6 +306,9 @@ class ConsumerProcess:
     Every wait has a timeout; :meth:`stop` always ends the process.
     """
 
+    MAIN = "bench.drivers.kombu"   # the child's module (a subclass runs another child)
+    ROLE = "consumer"              # names its stderr file
+
     def __init__(self, spec: dict, capacity: int, workdir: Path, timeout: float):
         self.spec = dict(spec, capacity=int(capacity), timeout=float(timeout),
                          out=str(Path(workdir) / "consumer"))
@@ -320,9 +323,9 @@ class ConsumerProcess:
         env = dict(os.environ)
         # Whatever this process can import (an --app module, the transports), the consumer can.
         env["PYTHONPATH"] = os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p)
-        self._stderr = open(self.workdir / "consumer.stderr", "w+")
+        self._stderr = open(self.workdir / f"{self.ROLE}.stderr", "w+")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.drivers.kombu"], stdin=subprocess.PIPE,
+            [sys.executable, "-m", self.MAIN], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=self._stderr, text=True, bufsize=1, env=env)
         threading.Thread(target=self._read, daemon=True).start()
         self._send(json.dumps(self.spec))

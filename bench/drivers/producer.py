@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import threading
 
 from . import kombu as kombu_driver
 
@@ -24,23 +22,12 @@ class ProducerProcess(kombu_driver.ConsumerProcess):
     """The parent's side: the consumer process's line protocol and shutdown, another child."""
 
     MAIN = "bench.drivers.producer"
+    ROLE = "producer"
 
     def __init__(self, target: kombu_driver.Target, queue_name: str, serializer: str,
                  payload, workdir, timeout: float):
         super().__init__({"target": target.spec, "queue_name": queue_name,
                           "serializer": serializer, "payload": payload}, 0, workdir, timeout)
-
-    def start(self) -> None:
-        # ConsumerProcess.start with this module as the child.
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p)
-        self._stderr = open(self.workdir / "producer.stderr", "w+")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", self.MAIN], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=self._stderr, text=True, bufsize=1, env=env)
-        threading.Thread(target=self._read, daemon=True).start()
-        self._send(json.dumps(self.spec))
 
     def send(self, first: int, n: int) -> None:
         """Order ``n`` messages; returns at once (see :meth:`wait_sent`)."""

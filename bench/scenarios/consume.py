@@ -33,9 +33,7 @@ from __future__ import annotations
 import shutil
 import socket
 import statistics
-import tempfile
 import time
-import uuid
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +41,7 @@ from pathlib import Path
 from .. import brokers, recorder
 from ..drivers import kombu as kombu_driver
 from ..drivers.producer import ProducerProcess
-from .publish import PAYLOAD_BYTES, make_payload
+from .publish import PAYLOAD_BYTES, cell_names, make_payload
 
 NAME = "consume"
 DESCRIPTION = ("Consume (drain) rate per transport: a prefilled queue drained by a Kombu "
@@ -298,9 +296,7 @@ def run_cell(params, opts) -> dict:
         raise ValueError(f"ack={params['ack']!r}: expected yes or no")
     holds_backlog = getattr(mod, "HOLDS_BACKLOG", brokers.HOLDS_BACKLOG_DEFAULT)
     payload = make_payload(int(params["payload_bytes"]))
-    queue_name = f"celery-bench-consume-{uuid.uuid4().hex[:12]}"
-    base = Path(opts.workdir) if opts.workdir else Path(tempfile.gettempdir())
-    workdir = base / queue_name
+    queue_name, workdir = cell_names(NAME, opts)
     try:
         with ExitStack() as stack:
             env = stack.enter_context(brokers.broker(name, workdir))

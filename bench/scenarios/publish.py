@@ -352,11 +352,16 @@ def make_payload(nbytes: int):
     return {"data": "x" * (nbytes - overhead)}
 
 
+def cell_names(scenario: str, opts) -> tuple[str, Path]:
+    """A unique queue name for one cell, and that cell's private folder under the run's."""
+    queue_name = f"celery-bench-{scenario}-{uuid.uuid4().hex[:12]}"
+    base = Path(opts.workdir) if opts.workdir else Path(tempfile.gettempdir())
+    return queue_name, base / queue_name
+
+
 def run_cell(params, opts) -> dict:
     payload = make_payload(int(params["payload_bytes"]))
-    queue_name = f"celery-bench-publish-{uuid.uuid4().hex[:12]}"
-    base = Path(opts.workdir) if opts.workdir else Path(tempfile.gettempdir())
-    workdir = base / queue_name
+    queue_name, workdir = cell_names(NAME, opts)
     try:
         with ExitStack() as stack:
             if params["api"] == "queue":
