@@ -15,6 +15,7 @@ from celery.signals import worker_ready
 
 import transports  # noqa: F401  registers the unix and fifo kombu aliases
 import bench.tasks  # noqa: F401  shared tasks bind to every app built here
+from bench import plugins
 
 CONF_ENV = "CELERY_BENCH_APP_CONF"
 # bench.workers sets this in a worker's environment; the worker writes the file when ready.
@@ -81,5 +82,6 @@ def _write_ready_file(sender=None, **kwargs):
     os.replace(tmp, path)  # atomic: the harness never reads half a file
 
 
+plugins.load()  # a plugin transport must be known in a worker process too
 app = _app_from_env()
 app.set_current()

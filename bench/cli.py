@@ -6,6 +6,7 @@ and exits 2; Ctrl-C exits 130 after writing the results measured so far.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -50,6 +51,9 @@ def _app_spec(ctx, param, value):
 @click.version_option(package_name="celery-bench")
 def cli():
     """Load tests and benchmarks for Celery and Kombu, recorded as HdrHistograms."""
+    from . import plugins
+
+    plugins.load()
 
 
 @cli.command()
@@ -95,28 +99,33 @@ def cli():
 @click.option("--quiet", is_flag=True, help="No progress bars: one plain line per cell.")
 def run(scenarios, quick, transports, only, repeat, duration, messages, rate, warmup, timeout,
         serializers, payload_bytes, app, task, pool, concurrency, task_seconds, out, quiet):
-    """Run SCENARIOS (default: all of them) and write a results file."""
-    from . import brokers, report, runner
+    """Run SCENARIOS (default: all of them) and write a results file.
+
+    Exits 1 when a cell failed or lost messages (unless its transport declares that loss
+    as a known behaviour), naming them."""
+    from . import brokers, report, results, runner
+    from . import scenarios as registry
 
     for name in transports:
-        brokers.module(name)  # validates the name: one line, exit 2
+        brokers.info(name)  # validates the name: one line, exit 2
+    for name in scenarios:
+        registry.get(name)  # one line, exit 2
     opts = runner.RunOptions(
-        scenarios=tuple(scenarios) or runner.DEFAULT_SCENARIOS, quick=quick,
+        scenarios=tuple(scenarios), quick=quick,
         transports=tuple(transports), only=runner.parse_only(only), repeat=repeat,
         duration=duration, rate=rate, messages=messages, warmup=warmup, timeout=timeout,
         pool=pool, concurrency=concurrency, task_seconds=task_seconds, app=app, task=task,
         payload_bytes=payload_bytes, serializers=tuple(serializers), out=out, quiet=quiet)
-    for name in opts.scenarios:
-        runner.scenario_module(name)
     if task and not app:
         raise config.UsageError("--task needs --app MODULE:APP (the app that defines it)")
+    _check_writable(out, "--out")
 
     console = report.Console(stderr=True)
     progress = None
 
-    def on_start(cells):
+    def on_start(total):
         nonlocal progress
-        if not cells:
+        if not total:
             raise config.UsageError("no cell matches the filters given (--only/--transport)")
         if not quiet and console.is_terminal:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
@@ -127,7 +136,7 @@ def run(scenarios, quick, transports, only, repeat, duration, messages, rate, wa
                                 TimeElapsedColumn(), console=console, transient=True,
                                 auto_refresh=False)
             progress.start()
-            progress.add_task("cells", total=len(cells))
+            progress.add_task("cells", total=total)
 
     def on_cell(cell):
         line = report.cell_line(cell)
@@ -150,6 +159,29 @@ def run(scenarios, quick, transports, only, repeat, duration, messages, rate, wa
             progress.stop()
     report.print_run(result)
     click.echo(f"results written to {out}")
+    bad = runner.failures(result)
+    if bad:
+        for cell in bad:
+            click.echo(f"{cell.status}: {cell.key}: {cell.reason}", err=True)
+        click.echo(f"celery-bench: {len(bad)} cell{'s' if len(bad) > 1 else ''} failed or "
+                   f"lost messages", err=True)
+        sys.exit(1)
+
+
+def _check_writable(path: str, option: str) -> None:
+    """Fail before measuring, not after: one line naming the option, exit 2."""
+    target = Path(path)
+    if target.exists() and target.is_dir():
+        raise config.UsageError(f"{option} {path}: is a folder; give a file path")
+    folder = target.parent if str(target.parent) else Path(".")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".celery-bench-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise config.UsageError(f"{option} {path}: cannot write there "
+                                f"({exc.strerror or exc}); choose a writable path") from None
 
 
 @cli.command(name="list")
@@ -157,30 +189,28 @@ def list_():
     """Scenarios, transports, and which services are reachable now (and why not)."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    from . import brokers, runner
+    from . import brokers, scenarios
 
     console = Console()
     t = Table(title="scenarios", header_style="bold")
     t.add_column("name")
     t.add_column("what it measures")
-    for name in runner.SCENARIOS:
-        try:
-            t.add_row(name, runner.scenario_module(name).DESCRIPTION)
-        except ImportError as exc:
-            t.add_row(name, f"[red]unavailable: {exc}")
+    for name in scenarios.names():
+        t.add_row(name, Text(scenarios.get(name).description))
     console.print(t)
     t = Table(title="transports", header_style="bold")
     for col in ("name", "needs", "reachable", "detail"):
         t.add_column(col)
     for name in brokers.names():
         try:
-            mod = brokers.module(name)
+            info = brokers.info(name)
         except ImportError as exc:
             t.add_row(name, "-", "[red]no", f"module missing: {exc}")
             continue
         reach = brokers.reachability(name)
-        t.add_row(name, mod.SERVICE or "nothing (embedded)",
+        t.add_row(name, info.service or "nothing (embedded)",
                   "[green]yes" if reach.ok else "[red]no",
                   reach.version or reach.reason or "")
     console.print(t)
@@ -245,10 +275,22 @@ def _selectors(values, option="--cell"):
 @click.option("--metric", "metrics", multiple=True, metavar="NAME",
               help="Metric to compare, e.g. throughput_per_s or publish_us.p99 "
                    "(default: throughputs, p50 and p99).")
-@click.option("--noise", type=click.FloatRange(0, 1), default=0.05, show_default=True,
-              help="Without repeats, differences below this fraction are noise.")
-def compare(paths, by, ref, cells, metrics, noise):
-    """Compare two results files cell by cell, or cells within one run (--by / two --cell)."""
+@click.option("--noise", type=click.FloatRange(0, 10), metavar="FRACTION",
+              help="Smallest difference called: the 95% interval must lie beyond "
+                   "1/(1+FRACTION)-(1+FRACTION). Default 0.30 across runs (a shared "
+                   "machine drifts between runs), 0.05 within one run (rounds paired).")
+@click.option("--fail-on", type=click.Choice(["slower", "faster", "any"]),
+              help="Exit 1 when any row is significantly slower (or faster, or either "
+                   "way, 'any' including higher/lower of metrics with no better side).")
+def compare(paths, by, ref, cells, metrics, noise, fail_on):
+    """Compare two results files cell by cell, or cells within one run (--by / two --cell).
+
+    \b
+    Each row: "1.80x faster (95% CI 1.62-1.98, 5 vs 5 repeats, p=0.0004)",
+    "no significant difference (...)", or "not enough repeats to judge" (fewer
+    than 3 repeats a side: the ratio is shown as measured). Within one run,
+    repeats pair by the round they were measured in. Exit 0, or 1 with --fail-on.
+    """
     from . import compare as cmp
     from . import results
 
@@ -263,12 +305,14 @@ def compare(paths, by, ref, cells, metrics, noise):
         if by:
             raise config.UsageError("--by compares cells within ONE run; give one results file")
         pairs = cmp.compare_runs(runs[0], runs[1], metrics, noise, selectors)
-        click.echo(cmp.format_runs(pairs, paths[0], paths[1]))
+        click.echo(cmp.format_runs(pairs, paths[0], paths[1], noise))
+        judged = cmp.every_comparison(pairs)
     elif by:
         groups = cmp.compare_within(runs[0], by, ref, metrics, noise, selectors)
         if not groups:
             raise config.UsageError(f"--by {by}: no two cells differ only in {by}")
-        click.echo(cmp.format_within(groups, paths[0]))
+        click.echo(cmp.format_within(groups, paths[0], noise))
+        judged = cmp.every_comparison(groups)
     elif len(selectors) == 2:
         found = []
         for sel in selectors:
@@ -277,14 +321,18 @@ def compare(paths, by, ref, cells, metrics, noise):
                 raise config.UsageError(f"--cell {sel}: matches {len(matches)} cells in "
                                         f"{paths[0]}; it must match exactly one")
             found.append(matches[0])
-        pair = cmp.Pair(found[1].key, found[0], found[1], [],
-                        cmp._not_ok(found[0], "BASE") or cmp._not_ok(found[1], "NEW"))
-        if not pair.note:
-            pair.comparisons = cmp.compare_cells(found[0], found[1], metrics, noise)
-        click.echo(cmp.format_runs([pair], found[0].key, found[1].key))
+        pair = cmp.compare_pair(found[0], found[1], metrics, noise)
+        click.echo(cmp.format_runs([pair], found[0].key, found[1].key, noise, paired=True))
+        judged = pair.comparisons
     else:
         raise config.UsageError("compare needs BASE NEW, or one run with --by PARAM "
                                 "or two --cell SELECTOR")
+    if fail_on:
+        failed = cmp.failing(judged, fail_on)
+        if failed:
+            click.echo(f"--fail-on {fail_on}: {len(failed)} row(s) significantly "
+                       f"{fail_on if fail_on != 'any' else 'different'}")
+            sys.exit(1)
 
 
 @cli.command()

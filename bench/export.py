@@ -24,13 +24,13 @@ def _summary(scenario: str, cells: list) -> list:
     """The scenario's SUMMARY columns; for a scenario this checkout lacks (a Locust
     export, an older run), its throughputs and each histogram's p50 and p99."""
     from .compare import default_metrics
-    from .runner import scenario_module
+    from .scenarios import summary as summary_of
 
-    try:
-        return list(scenario_module(scenario).SUMMARY)
-    except Exception:
-        names = dict.fromkeys(m for c in cells if c.status == "ok" for m in default_metrics(c))
-        return [(m, m) for m in names]
+    known = summary_of(scenario)
+    if known:
+        return known
+    names = dict.fromkeys(m for c in cells if c.status == "ok" for m in default_metrics(c))
+    return [(m, m) for m in names]
 
 
 def _by_scenario(run: results.Run) -> dict[str, list]:

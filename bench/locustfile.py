@@ -34,6 +34,7 @@ from locust import User, constant, events, task
 from bench import brokers, recorder, results
 from bench.drivers import celery as celery_driver
 from bench.drivers import kombu as kombu_driver
+from bench.drivers.target import Target
 
 PURGE_EVERY = 10_000
 PAYLOAD = "x" * 112                     # the publish scenario's default body
@@ -74,7 +75,7 @@ class Broker:
     name = ""
 
     @classmethod
-    def target(cls, environment) -> kombu_driver.Target:
+    def target(cls, environment) -> Target:
         name = _option(environment, "transport", "memory")
         with cls.lock:
             if cls.env is None or name != cls.name:
@@ -83,8 +84,7 @@ class Broker:
                 cls.stack.callback(shutil.rmtree, workdir, ignore_errors=True)
                 cls.env = cls.stack.enter_context(brokers.broker(name, workdir))
                 cls.name = name
-            mod = brokers.module(cls.name)
-            return kombu_driver.Target.from_env(cls.env, mod.CROSS_PROCESS, mod.SUPPORTS_BATCH)
+            return Target.from_env(cls.env, brokers.info(cls.name))
 
     @classmethod
     def close(cls):
@@ -216,14 +216,15 @@ def _write_results(environment, **kwargs):
         request_type, transport, name = key
         samples = Recorded.samples.get(key, [])
         errors = Recorded.errors.get(key, 0)
-        hist, overflow = recorder.histogram(samples)
+        hist, overflow, invalid = recorder.histogram(samples)
         metrics = {"sent": len(samples) + errors, "errors": errors,
                    "throughput_per_s": len(samples) / Recorded.elapsed if Recorded.elapsed
                    else 0.0, "duration_s": round(Recorded.elapsed, 3)}
         params = {"api": request_type, "how": name.rsplit("/", 1)[-1], "transport": transport,
                   "users": _option(environment, "num_users", None)}
         cell = results.aggregate("locust", params, [
-            {"metrics": metrics, "histograms": {"publish": (hist, overflow, recorder.UNIT)}}])
+            {"metrics": metrics,
+             "histograms": {"publish": recorder.Recorded(hist, overflow, invalid=invalid)}}])
         cell.reason = f"Locust request {request_type} {name!r}, closed loop"
         cells.append(cell)
     results.dump(results.Run(results.environment(), cells), out)

@@ -15,7 +15,7 @@ from rich.text import Text
 
 from . import results
 
-STATUS_STYLE = {"ok": "green", "skipped": "yellow", "failed": "red"}
+STATUS_STYLE = {"ok": "green", "skipped": "yellow", "failed": "red", "lost": "red"}
 
 
 def fmt(value) -> str:
@@ -92,17 +92,14 @@ def scenario_table(name: str, cells: list[results.Cell], summary,
 
 
 def print_run(run: results.Run, console: Console | None = None) -> None:
-    from .runner import scenario_module
+    from .scenarios import summary as summary_of
 
     console = console or Console()
     by_scenario: dict[str, list] = {}
     for c in run.cells:
         by_scenario.setdefault(c.scenario, []).append(c)
     for name, cells in by_scenario.items():
-        try:
-            summary = scenario_module(name).SUMMARY
-        except Exception:
-            summary = []
+        summary = summary_of(name)
         notes: dict[str, int] = {}
         table = scenario_table(name, cells, summary, notes)
         # Never truncate a figure: render at the table's natural width (a narrow terminal
@@ -122,18 +119,15 @@ def print_run(run: results.Run, console: Console | None = None) -> None:
     counts = {s: sum(1 for c in run.cells if c.status == s) for s in results.STATUSES}
     n = len(run.cells)
     console.print(f"{n} cell{'' if n == 1 else 's'}: {counts['ok']} ok, {counts['skipped']} skipped, "
-                  f"{counts['failed']} failed")
+                  f"{counts['failed']} failed, {counts['lost']} lost messages")
 
 
 def cell_line(cell: results.Cell) -> str:
     """One plain line per finished cell, for progress and --quiet logs."""
-    from .runner import scenario_module
+    from .scenarios import summary as summary_of
 
     params = " ".join(f"{k}={v}" for k, v in cell.params.items())
-    try:
-        summary = scenario_module(cell.scenario).SUMMARY
-    except Exception:
-        summary = []
+    summary = summary_of(cell.scenario)
     figures = "  ".join(f"{h}={fmt(column_value(cell, s))}" for s, h in summary[:4])
     tail = f"  ({cell.reason})" if cell.reason else ""
     return f"{cell.status:7s} {cell.scenario} {params}  {figures}{tail}"

@@ -4,13 +4,21 @@ A run is ``{"schema", "environment", "cells"}``. Each cell::
 
     {"scenario": "publish",
      "params": {"api": "kombu", "producer": "held", "transport": "memory", ...},
-     "status": "ok" | "skipped" | "failed",
+     "status": "ok" | "skipped" | "failed" | "lost",
      "reason": "",                      # why skipped/failed; notes otherwise
+     "exempt": "",                      # why a loss is a known behaviour (the transport's)
      "metrics": {"throughput_per_s": ..., "sent": ..., "received": ..., "lost": ...},
      "spread": {"throughput_per_s": {"min", "max", "stdev", "n"}},   # over repeats
-     "repeats": [{"metrics": {...}, "histograms": {name: summary without hdr}}],
+     "repeats": [{"round": 0, "started_utc", "elapsed_s", "loadavg_1m", "cpu_steal",
+                  "metrics": {...}, "histograms": {name: summary without hdr},
+                  "notes": [...]}],
      "histograms": {name: {"unit", "count", "p50", "p90", "p99", "p999",
                            "max", "overflow", "hdr"}}}   # merged over repeats
+
+A cell is ``lost`` when messages or tasks it published did not all arrive (its
+``lost`` metric is above 0): never ``ok``. Repeats are rounds: with ``--repeat N``
+every selected cell runs once per round (ABC ABC ABC), and ``round`` pairs the
+repeats of two cells measured side by side.
 
 ``hdr`` is ``HdrHistogram.encode()`` (base64 text), so any HdrHistogram
 implementation can decode and merge it. Every string written is passed through
@@ -35,21 +43,31 @@ from hdrh.histogram import HdrHistogram
 from .config import mask_secrets
 
 SCHEMA = "celery-bench/1"
-STATUSES = ("ok", "skipped", "failed")
+STATUSES = ("ok", "skipped", "failed", "lost")
 PERCENTILES = {"p50": 50.0, "p90": 90.0, "p99": 99.0, "p999": 99.9}
 
 
 # --------------------------------------------------------------------------- histograms
 def summarize(hist: HdrHistogram, unit: str = "us", overflow: int = 0,
-              with_hdr: bool = True) -> dict:
-    """The JSON form of one histogram."""
+              with_hdr: bool = True, invalid: int = 0, intervals=()) -> dict:
+    """The JSON form of one histogram.
+
+    ``invalid``: negative or NaN readings left out (a clock or accounting bug);
+    ``intervals``: :class:`bench.recorder.Interval` s, kept as
+    ``[{"start_s", "end_s", "hdr"}]`` (Unix seconds) for HdrHistogram's log format.
+    """
     out = {"unit": unit, "count": hist.get_total_count()}
     for name, pct in PERCENTILES.items():
         out[name] = hist.get_value_at_percentile(pct) if out["count"] else None
     out["max"] = hist.get_max_value() if out["count"] else None
     out["overflow"] = int(overflow)
+    if invalid:
+        out["invalid"] = int(invalid)
     if with_hdr:
         out["hdr"] = hist.encode().decode("ascii")
+        if intervals:
+            out["intervals"] = [{"start_s": round(iv.start_s, 6), "end_s": round(iv.end_s, 6),
+                                 "hdr": iv.hist.encode().decode("ascii")} for iv in intervals]
     return out
 
 
@@ -69,6 +87,7 @@ class Cell:
     spread: dict = field(default_factory=dict)
     repeats: list = field(default_factory=list)
     histograms: dict = field(default_factory=dict)
+    exempt: str = ""
 
     @property
     def key(self) -> str:
@@ -77,17 +96,20 @@ class Cell:
     def to_dict(self) -> dict:
         if self.status not in STATUSES:
             raise ValueError(f"bad cell status {self.status!r}")
-        return mask_secrets({
+        out = {
             "scenario": self.scenario, "params": self.params, "status": self.status,
             "reason": self.reason, "metrics": self.metrics, "spread": self.spread,
             "repeats": self.repeats, "histograms": self.histograms,
-        })
+        }
+        if self.exempt:
+            out["exempt"] = self.exempt
+        return mask_secrets(out)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Cell":
         return cls(d["scenario"], d.get("params", {}), d.get("status", "ok"),
                    d.get("reason", ""), d.get("metrics", {}), d.get("spread", {}),
-                   d.get("repeats", []), d.get("histograms", {}))
+                   d.get("repeats", []), d.get("histograms", {}), d.get("exempt", ""))
 
 
 def cell_key(scenario: str, params: dict) -> str:
@@ -96,29 +118,41 @@ def cell_key(scenario: str, params: dict) -> str:
     return f"{scenario}[{inner}]"
 
 
-def aggregate(scenario: str, params: dict, repeats: list[dict], unit_of=None) -> Cell:
+REPEAT_INFO = ("round", "started_utc", "elapsed_s", "loadavg_1m", "cpu_steal")
+
+
+def aggregate(scenario: str, params: dict, repeats: list[dict]) -> Cell:
     """Fold repeats into one cell.
 
-    Each repeat is ``{"metrics": {...}, "histograms": {name: (HdrHistogram, overflow, unit)}}``.
+    Each repeat is ``{"metrics": {...}, "histograms": {name: bench.recorder.Recorded},
+    "notes": [...]}`` plus the runner's :data:`REPEAT_INFO` about when and how it ran.
     Numeric metrics become the median over repeats (spread kept beside them);
     histograms are merged, so percentiles cover every sample of every repeat.
     """
     cell = Cell(scenario, dict(params))
-    merged: dict[str, list] = {}
+    merged: dict[str, dict] = {}
     for rep in repeats:
         rep_hists = {}
-        for name, (hist, overflow, unit) in rep.get("histograms", {}).items():
-            if name in merged:
-                merged[name][0].add(hist)
-                merged[name][1] += overflow
-            else:
-                copy = HdrHistogram(hist.lowest_trackable_value,
-                                    hist.highest_trackable_value,
-                                    hist.significant_figures)
-                copy.add(hist)
-                merged[name] = [copy, overflow, unit]
-            rep_hists[name] = summarize(hist, unit, overflow, with_hdr=False)
-        cell.repeats.append({"metrics": rep.get("metrics", {}), "histograms": rep_hists})
+        for name, rec in rep.get("histograms", {}).items():
+            hist = rec.hist
+            if name not in merged:
+                merged[name] = {"hist": HdrHistogram(hist.lowest_trackable_value,
+                                                     hist.highest_trackable_value,
+                                                     hist.significant_figures),
+                                "unit": rec.unit, "overflow": 0, "invalid": 0,
+                                "intervals": []}
+            m = merged[name]
+            m["hist"].add(hist)
+            m["overflow"] += rec.overflow
+            m["invalid"] += rec.invalid
+            m["intervals"] += rec.intervals
+            rep_hists[name] = summarize(hist, rec.unit, rec.overflow, with_hdr=False,
+                                        invalid=rec.invalid)
+        kept = {k: rep[k] for k in REPEAT_INFO if k in rep}
+        kept.update(metrics=rep.get("metrics", {}), histograms=rep_hists)
+        if rep.get("notes"):
+            kept["notes"] = list(rep["notes"])
+        cell.repeats.append(kept)
     names = []
     for rep in repeats:
         for k in rep.get("metrics", {}):
@@ -140,8 +174,15 @@ def aggregate(scenario: str, params: dict, repeats: list[dict], unit_of=None) ->
             cell.metrics[name] = any(values)  # a flag raised in any repeat stays raised
         else:
             cell.metrics[name] = values[-1]
-    for name, (hist, overflow, unit) in merged.items():
-        cell.histograms[name] = summarize(hist, unit, overflow)
+    for name, m in merged.items():
+        cell.histograms[name] = summarize(m["hist"], m["unit"], m["overflow"],
+                                          invalid=m["invalid"],
+                                          intervals=sorted(m["intervals"],
+                                                           key=lambda iv: iv.start_s))
+    notes = [n for rep in repeats for n in rep.get("notes") or ()]
+    cell.reason = "; ".join(dict.fromkeys(notes))
+    if (cell.metrics.get("lost") or 0) > 0:
+        cell.status = "lost"
     return cell
 
 
@@ -213,25 +254,40 @@ class SchemaError(ValueError):
     pass
 
 
-def validate(data: dict) -> None:
+def validate(data) -> None:
     """Raise SchemaError with a precise message when ``data`` is not a run."""
     if not isinstance(data, dict):
         raise SchemaError("a results file holds a JSON object")
     if data.get("schema") != SCHEMA:
         raise SchemaError(f"schema is {data.get('schema')!r}, expected {SCHEMA!r}")
-    for key in ("environment", "cells"):
+    for key, kind in (("environment", dict), ("cells", list)):
         if key not in data:
             raise SchemaError(f"missing top-level key {key!r}")
+        if not isinstance(data[key], kind):
+            raise SchemaError(f"{key!r} is a {type(data[key]).__name__}, expected a "
+                              f"{kind.__name__}")
     for i, cell in enumerate(data["cells"]):
-        for key in ("scenario", "params", "status", "metrics", "histograms"):
+        if not isinstance(cell, dict):
+            raise SchemaError(f"cell {i} is a {type(cell).__name__}, expected an object")
+        for key, kind in (("scenario", str), ("params", dict), ("status", str),
+                          ("metrics", dict), ("histograms", dict)):
             if key not in cell:
                 raise SchemaError(f"cell {i} lacks {key!r}")
+            if not isinstance(cell[key], kind):
+                raise SchemaError(f"cell {i}: {key!r} is a {type(cell[key]).__name__}, "
+                                  f"expected a {kind.__name__}")
         if cell["status"] not in STATUSES:
             raise SchemaError(f"cell {i} has status {cell['status']!r}")
+        if not isinstance(cell.get("repeats", []), list):
+            raise SchemaError(f"cell {i}: 'repeats' is not a list")
         for name, h in cell["histograms"].items():
+            if not isinstance(h, dict):
+                raise SchemaError(f"cell {i} histogram {name!r} is not an object")
             for key in ("unit", "count", "p50", "p99", "max", "overflow", "hdr"):
                 if key not in h:
                     raise SchemaError(f"cell {i} histogram {name!r} lacks {key!r}")
+            if not isinstance(h["hdr"], str):
+                raise SchemaError(f"cell {i} histogram {name!r}: 'hdr' is not a string")
 
 
 def dump(run: Run, path: str | os.PathLike) -> None:

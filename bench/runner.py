@@ -2,39 +2,39 @@
 
 The runner owns what every scenario shares: the ``--only``/``--transport``
 filters, probing services (an unreachable one skips its cells with the reason),
-repeats, turning an exception into a failed cell, rewriting the results file
-after every cell, and keeping what was measured when Ctrl-C arrives.
+rounds, turning an exception into a failed cell, rewriting the results file
+after every cell, and keeping what was measured when Ctrl-C arrives. It owns
+each scenario's lifetime: one instance per run, closed (``contextlib.closing``)
+when its cells are done, on a failure and on Ctrl-C.
+
+Rounds: with ``--repeat N`` every selected cell of a scenario runs once per
+round (ABC ABC ABC), so a noisy minute lands on both sides of a ratio, and the
+scenario keeps its workers and brokers across rounds where the setup matches.
+Each repeat records its round, start time, elapsed time, the load average and
+the CPU time stolen by the hypervisor while it ran (``/proc/stat``).
 """
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from contextlib import closing
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import brokers, config, results
-
-SCENARIOS = ("publish", "consume", "worker", "join", "prefetch", "fanout")
-# The quick suite of `make bench`: every scenario, each its own quick slice.
-DEFAULT_SCENARIOS = SCENARIOS
-
-
-class Skip(Exception):
-    """Raised by a scenario to skip a cell with a reason."""
+from . import brokers, config, results, scenarios
 
 
 @dataclass
 class RunOptions:
-    scenarios: tuple = DEFAULT_SCENARIOS
+    scenarios: tuple = ()           # names; () = every registered scenario
     quick: bool = False
     transports: tuple = ()          # --transport: keep cells with these transports
     only: tuple = ()                # --only KEY=VALUE pairs
-    repeat: int = 1
+    repeat: int = 1                 # rounds
     duration: float | None = None   # seconds of measurement per cell (scenario default if None)
     rate: float | None = None       # messages per second (open loop); None = closed loop
     messages: int | None = None     # messages per cell (overrides duration where it applies)
@@ -50,14 +50,17 @@ class RunOptions:
     out: str | None = None
     quiet: bool = False
     workdir: Path | None = None
-    extra: dict = field(default_factory=dict)
 
+    def names(self) -> tuple:
+        return tuple(self.scenarios) or scenarios.names()
 
-def scenario_module(name: str):
-    if name not in SCENARIOS:
-        raise config.UsageError(
-            f"scenario {name!r} does not exist; choose from {', '.join(SCENARIOS)}")
-    return importlib.import_module(f"bench.scenarios.{name}")
+    def to_dict(self) -> dict:
+        """What the run was asked, for the results file (the gate re-measures from it)."""
+        d = asdict(self)
+        d.pop("workdir")
+        d["scenarios"] = list(self.names())
+        d["only"] = [f"{k}={v}" for k, v in self.only]
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
 
 def parse_only(items) -> tuple:
@@ -81,34 +84,26 @@ def matches(params: dict, opts: RunOptions) -> bool:
     return True
 
 
-def plan(opts: RunOptions) -> list[tuple]:
-    """Every (scenario module, params) the options select, in order."""
-    cells = []
-    for name in opts.scenarios:
-        mod = scenario_module(name)
-        for params in mod.cells(opts):
-            if matches(params, opts):
-                cells.append((mod, params))
-    if opts.only:
-        known = {k for _, p in cells for k in p} | {k for name in opts.scenarios
-                                                    for p in scenario_module(name).cells(opts)
-                                                    for k in p}
-        for key, _ in opts.only:
-            if key not in known:
-                raise config.UsageError(
-                    f"--only {key}=...: no cell has a param {key!r}; "
-                    f"params are {', '.join(sorted(known))}")
-    return cells
+@dataclass
+class Planned:
+    scenario: scenarios.Scenario
+    cells: list                     # params of each selected cell
 
 
-def _finish(mod) -> None:
-    """A scenario's cells are over (or the run stops): let it stop what it kept.
-
-    Scenarios that keep a worker across cells of the same setup define ``finish()``.
-    """
-    finish = getattr(mod, "finish", None)
-    if finish is not None:
-        finish()
+def plan(opts: RunOptions) -> list[Planned]:
+    """Every scenario the options name (an instance each) and its selected cells."""
+    out, known = [], set()
+    for name in opts.names():
+        scenario = scenarios.get(name)(opts)
+        every = scenario.cells()
+        known |= {k for p in every for k in p}
+        out.append(Planned(scenario, [p for p in every if matches(p, opts)]))
+    for key, _ in opts.only:
+        if key not in known:
+            raise config.UsageError(
+                f"--only {key}=...: no cell has a param {key!r}; "
+                f"params are {', '.join(sorted(known))}")
+    return out
 
 
 def check_named_transports(opts: RunOptions) -> None:
@@ -119,8 +114,12 @@ def check_named_transports(opts: RunOptions) -> None:
             raise config.UsageError(f"--transport {name}: {reach.reason}")
 
 
-def _unreachable(mod, params) -> str | None:
-    for service in sorted(mod.requires(params)):
+def _unreachable(scenario: scenarios.Scenario, params) -> str | None:
+    try:
+        needed = scenario.requires(params)
+    except ImportError as exc:  # a transport module that does not load here
+        return str(exc)
+    for service in sorted(needed):
         reach = config.probe(service)
         if not reach.ok:
             return reach.reason
@@ -135,30 +134,137 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {detail}{loc}"
 
 
-def run_cell(mod, params: dict, opts: RunOptions) -> results.Cell:
-    reason = _unreachable(mod, params)
-    if reason:
-        return results.Cell(mod.NAME, params, "skipped", reason)
-    repeats = []
+def _cpu_times() -> tuple[int, int] | None:
+    """(steal, total) jiffies of all CPUs so far, from /proc/stat (None elsewhere)."""
     try:
-        for _ in range(max(1, opts.repeat)):
-            repeats.append(mod.run_cell(dict(params), opts))
-    except (Skip, brokers.TransportUnavailable) as exc:  # a transport that cannot load here
-        return results.Cell(mod.NAME, params, "skipped", str(exc))
-    except KeyboardInterrupt:
+        with open("/proc/stat") as fh:
+            fields = fh.readline().split()[1:]
+        values = [int(v) for v in fields]
+        return (values[7] if len(values) > 7 else 0), sum(values[:8])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@dataclass
+class CellRun:
+    """One cell across rounds: its repeats so far, or why it stopped."""
+    scenario: str
+    params: dict
+    repeats: list = field(default_factory=list)
+    status: str = ""                # "" while it runs; "skipped" / "failed" once it stopped
+    reason: str = ""
+
+    def cell(self) -> results.Cell:
+        cell = results.aggregate(self.scenario, self.params, self.repeats) if self.repeats \
+            else results.Cell(self.scenario, dict(self.params))
+        if self.status:
+            cell.status = self.status
+            cell.reason = "; ".join(filter(None, (self.reason, cell.reason)))
+        if cell.status == "lost" and "transport" in self.params:
+            try:
+                cell.exempt = brokers.info(self.params["transport"]).loss_exemption(
+                    self.params)
+            except ImportError:
+                pass
+        return cell
+
+
+def measure_once(scenario: scenarios.Scenario, state: CellRun, round_: int) -> None:
+    """Run one repeat of a cell; record it, or why the cell stops."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    cpu0 = _cpu_times()
+    started_utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    t0 = time.monotonic()
+    try:
+        outcome = scenario.run_cell(dict(state.params))
+    except (scenarios.Skip, brokers.TransportUnavailable) as exc:
+        state.status, state.reason = "skipped", str(exc)
+        return
+    except (KeyboardInterrupt, config.UsageError):
         raise
     except Exception as exc:  # a failed cell must not stop the run
-        cell = results.aggregate(mod.NAME, params, repeats) if repeats else \
-            results.Cell(mod.NAME, params)
-        cell.status, cell.reason = "failed", _one_line(exc)
+        state.status, state.reason = "failed", _one_line(exc)
         if os.environ.get("CELERY_BENCH_DEBUG"):
             traceback.print_exc()
-        return cell
-    cell = results.aggregate(mod.NAME, params, repeats)
-    notes = [r.get("note") for r in repeats if r.get("note")]
-    if notes:
-        cell.reason = "; ".join(dict.fromkeys(notes))
-    return cell
+        return
+    cpu1 = _cpu_times()
+    steal = None
+    if cpu0 and cpu1 and cpu1[1] > cpu0[1]:
+        steal = round((cpu1[0] - cpu0[0]) / (cpu1[1] - cpu0[1]), 4)
+    metrics = dict(outcome.metrics)
+    metrics.setdefault("cell_wall_s", round(time.monotonic() - t0, 3))
+    state.repeats.append({
+        "metrics": metrics, "histograms": outcome.histograms, "notes": list(outcome.notes),
+        "round": round_, "started_utc": started_utc,
+        "elapsed_s": round(time.monotonic() - t0, 3),
+        "loadavg_1m": round(load, 2) if load is not None else None, "cpu_steal": steal})
+
+
+def run(opts: RunOptions, on_cell: Callable | None = None, on_start: Callable | None = None,
+        on_cell_start: Callable | None = None, run_: results.Run | None = None) -> results.Run:
+    """Run every selected cell, round by round; write ``opts.out`` after each. Returns the run.
+
+    ``on_start(n)`` gets the number of cell runs ahead (cells x rounds);
+    ``on_cell_start(scenario, params, round)`` and ``on_cell(cell)`` frame each one.
+    On KeyboardInterrupt the results so far are written (``interrupted: true``) and the
+    interrupt is re-raised (the caller exits 130); every scenario is closed on the way.
+    """
+    check_named_transports(opts)
+    planned = plan(opts)
+    if run_ is None:
+        run_ = results.Run(results.environment(services_environment()))
+    run_.environment["options"] = opts.to_dict()
+    if opts.out:
+        results.dump(run_, opts.out)   # the file exists from the first moment
+    own_workdir = opts.workdir is None
+    if own_workdir:
+        opts.workdir = Path(tempfile.mkdtemp(prefix="celery-bench-"))
+    rounds = max(1, opts.repeat)
+    if on_start:
+        on_start(sum(len(p.cells) for p in planned) * rounds)
+    try:
+        for item in planned:
+            with closing(item.scenario) as scenario:
+                _run_rounds(scenario, item.cells, rounds, opts, run_, on_cell, on_cell_start)
+    except KeyboardInterrupt:
+        run_.environment["interrupted"] = True
+        if opts.out:
+            results.dump(run_, opts.out)
+        raise
+    finally:
+        for item in planned:  # scenarios that never started hold nothing; close is idempotent
+            item.scenario.close()
+        if own_workdir:
+            shutil.rmtree(opts.workdir, ignore_errors=True)
+            opts.workdir = None
+    return run_
+
+
+def _run_rounds(scenario, cells, rounds, opts, run_, on_cell, on_cell_start) -> None:
+    states = [CellRun(scenario.name, dict(p)) for p in cells]
+    slots = {}   # id(state) -> index of its cell in run_.cells (its first round's place)
+    for round_ in range(rounds):
+        scenario.begin_round(round_)
+        for state in states:
+            if state.status:
+                continue  # skipped or failed in an earlier round
+            if on_cell_start:
+                on_cell_start(scenario.name, state.params, round_)
+            if round_ == 0:
+                reason = _unreachable(scenario, state.params)
+                if reason:
+                    state.status, state.reason = "skipped", reason
+            if not state.status:
+                measure_once(scenario, state, round_)
+            cell = state.cell()
+            if id(state) not in slots:
+                slots[id(state)] = len(run_.cells)
+                run_.cells.append(cell)
+            run_.cells[slots[id(state)]] = cell
+            if opts.out:
+                results.dump(run_, opts.out)
+            if on_cell:
+                on_cell(cell)
 
 
 def services_environment() -> dict:
@@ -170,44 +276,23 @@ def services_environment() -> dict:
     return out
 
 
-def run(opts: RunOptions, on_cell: Callable | None = None,
-        on_start: Callable | None = None) -> results.Run:
-    """Run every selected cell; write ``opts.out`` after each. Returns the run.
+def failures(run_: results.Run) -> list[results.Cell]:
+    """Cells that make `celery-bench run` exit 1: failed, or lost messages without an
+    exemption their transport declares."""
+    return [c for c in run_.cells
+            if c.status == "failed" or (c.status == "lost" and not c.exempt)]
 
-    On KeyboardInterrupt the results so far are written and the interrupt is
-    re-raised (the caller exits 130); scenarios stop their own processes on the
-    way out through their ``finally`` blocks.
-    """
-    check_named_transports(opts)
-    cells = plan(opts)
-    run_ = results.Run(results.environment(services_environment()))
-    own_workdir = opts.workdir is None
-    if own_workdir:
-        opts.workdir = Path(tempfile.mkdtemp(prefix="celery-bench-"))
-    if on_start:
-        on_start(cells)
-    current = None  # the scenario whose cells are running: finish() it when they end
-    try:
-        for mod, params in cells:
-            if mod is not current:
-                _finish(current)
-                current = mod
-            started = time.monotonic()
-            cell = run_cell(mod, params, opts)
-            cell.metrics.setdefault("cell_wall_s", round(time.monotonic() - started, 3))
-            run_.cells.append(cell)
-            if opts.out:
-                results.dump(run_, opts.out)
-            if on_cell:
-                on_cell(cell)
-    except KeyboardInterrupt:
-        run_.environment["interrupted"] = True
-        if opts.out:
-            results.dump(run_, opts.out)
-        raise
-    finally:
-        _finish(current)
-        if own_workdir:
-            shutil.rmtree(opts.workdir, ignore_errors=True)
-            opts.workdir = None
-    return run_
+
+def run_cell(scenario: scenarios.Scenario, params: dict, rounds: int = 1) -> results.Cell:
+    """One cell of an open scenario, ``rounds`` times (for tests and the gate's re-measure):
+    the runner's own skip, failure and status rules, no results file."""
+    state = CellRun(scenario.name, dict(params))
+    reason = _unreachable(scenario, state.params)
+    if reason:
+        state.status, state.reason = "skipped", reason
+    for round_ in range(rounds):
+        if state.status:
+            break
+        scenario.begin_round(round_)
+        measure_once(scenario, state, round_)
+    return state.cell()

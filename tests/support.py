@@ -91,3 +91,24 @@ def counting_starts(monkeypatch) -> list:
         return w
     monkeypatch.setattr(workers, "start", start)
     return started
+
+
+def scenario(name: str, opts):
+    """An instance of scenario ``name`` for ``opts`` (close it, or use :func:`run_cell`)."""
+    from bench import scenarios
+
+    return scenarios.get(name)(opts)
+
+
+def cells(name: str, opts) -> list:
+    return scenario(name, opts).cells()
+
+
+def run_cell(name: str, params: dict, opts, rounds: int = 1):
+    """One cell through the runner's rules, in a scenario instance closed afterwards."""
+    from contextlib import closing
+
+    from bench import runner
+
+    with closing(scenario(name, opts)) as sc:
+        return runner.run_cell(sc, params, rounds)

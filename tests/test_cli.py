@@ -1,31 +1,19 @@
 """The real ``celery-bench`` command, run as a subprocess (the ``cli_run`` fixture)."""
-import importlib
 import json
 import re
 
 import pytest
 
-from bench import config, runner
+from bench import config, runner, scenarios
 
 from factory import cell, write
 
 UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"
 
 
-def _available(name):
-    try:
-        importlib.import_module(f"bench.scenarios.{name}")
-        return True
-    except ImportError:
-        return False
-
-
 def _scenario_args():
-    """Every scenario when all exist (the default), else the ones that do."""
-    present = [s for s in runner.SCENARIOS if _available(s)]
-    if not present:
-        pytest.skip("no scenario module exists yet (bench/scenarios/*.py)")
-    return [] if len(present) == len(runner.SCENARIOS) else present
+    """Every scenario (the default)."""
+    return []
 
 
 def _one_line_error(res, *words):
@@ -96,11 +84,9 @@ def test_unreachable_named_transport_exits_2_naming_it(cli_run):
 
 
 def _scenario_with_redis_cells():
-    for name in runner.SCENARIOS:
-        if not _available(name):
-            continue
-        mod = runner.scenario_module(name)
-        if any(p.get("transport") == "redis" for p in mod.cells(runner.RunOptions())):
+    for name in scenarios.names():
+        if any(p.get("transport") == "redis"
+               for p in scenarios.get(name)(runner.RunOptions()).cells()):
             return name
     pytest.skip("no scenario has redis cells yet")
 
@@ -127,7 +113,6 @@ def test_passwords_given_by_flag_or_env_never_reach_the_results_file(cli_run, tm
     assert any("--amqp-url=amqp://guest:****@" in a for a in data["environment"]["argv"])
 
 
-@pytest.mark.skipif(not _available("publish"), reason="bench/scenarios/publish.py not written yet")
 def test_quick_memory_publish_run_masks_the_amqp_password(cli_run, tmp_path):
     res = cli_run("run", "publish", "--quick", "--transport", "memory", "--quiet",
                   "--out", "r.json", "--amqp-url", "amqp://guest:quick-s3cret@127.0.0.1:5672//",

@@ -2,11 +2,14 @@
 
 No test asserts a rate or a duration: the ratio aims live in results/baselines/gates.toml.
 """
+from contextlib import closing
+
 import psutil
 import pytest
 
 from bench import brokers, runner
 from bench.scenarios import consume
+from support import cells, run_cell, scenario
 
 KEYS = {"transport", "serializer", "payload_bytes", "ack"}
 TRANSPORTS = ("memory", "unix", "fifo", "redis", "amqp")
@@ -38,8 +41,8 @@ def assert_drained(c) -> None:
 
 
 def test_the_matrix_puts_memory_first_and_covers_every_transport():
-    quick = consume.cells(runner.RunOptions(quick=True))
-    full = consume.cells(runner.RunOptions(quick=False))
+    quick = cells("consume", runner.RunOptions(quick=True))
+    full = cells("consume", runner.RunOptions(quick=False))
     assert all(set(c) == KEYS for c in quick + full)
     assert quick[0]["transport"] == "memory" and full[0]["transport"] == "memory"
     assert {c["transport"] for c in quick} == set(TRANSPORTS)
@@ -50,16 +53,17 @@ def test_the_matrix_puts_memory_first_and_covers_every_transport():
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_each_transport_drains_every_message(transport, need, tmp_path):
-    mod = brokers.module(transport)
-    if mod.SERVICE:
-        need(mod.SERVICE)
+    info = brokers.info(transport)
+    if info.service:
+        need(info.service)
     opts = options(tmp_path)
-    if transport != "memory":  # x_memory is against this run's memory cell
-        runner.run_cell(consume, cell("memory"), opts)
-    c = runner.run_cell(consume, cell(transport), opts)
+    with closing(scenario("consume", opts)) as sc:
+        if transport != "memory":  # x_memory is against this round's memory cell
+            runner.run_cell(sc, cell("memory"))
+        c = runner.run_cell(sc, cell(transport))
     assert_drained(c)
     assert c.metrics["x_memory"] > 0
-    if mod.HOLDS_BACKLOG:
+    if info.holds_backlog:
         assert c.metrics["load"] == "prefilled"
     else:
         assert c.metrics["load"] == "fed"
@@ -69,12 +73,12 @@ def test_each_transport_drains_every_message(transport, need, tmp_path):
 
 @pytest.mark.parametrize("transport", ("memory", "fifo"))
 def test_no_ack_drains_every_message(transport, tmp_path):
-    assert_drained(runner.run_cell(consume, cell(transport, ack="no"), options(tmp_path)))
+    assert_drained(run_cell("consume", cell(transport, ack="no"), options(tmp_path)))
     assert children() == []
 
 
 def test_backlog_limit_caps_the_filesystem_cell():
-    fs = brokers.module("filesystem")
-    assert fs.MAX_BACKLOG and consume._count(fs, runner.RunOptions()) == fs.MAX_BACKLOG
-    assert consume._count(brokers.module("memory"), runner.RunOptions()) == \
+    fs = brokers.info("filesystem")
+    assert fs.max_backlog and consume._count(fs, runner.RunOptions()) == fs.max_backlog
+    assert consume._count(brokers.info("memory"), runner.RunOptions()) == \
         consume.FULL.embedded

@@ -2,13 +2,12 @@
 parallel shapes faster than serial as a ratio measured in the same run, and
 one worker serving all the shapes of a transport."""
 
-from bench import runner, workers
-from bench.scenarios import _celery, fanout
-from support import celery_children, counting_starts
+from bench import brokers, runner, workers
+from bench.scenarios import fanout
+from support import celery_children, cells, counting_starts, scenario
 
 
 def assert_no_worker_left():
-    assert fanout._rig is None
     assert not workers._registry
     assert celery_children() == []
 
@@ -57,14 +56,13 @@ def test_quick_slice_without_a_server(tmp_path, monkeypatch):
     started = counting_starts(monkeypatch)
     run_ = run(tmp_path, quick=True)
     assert {(c.params["transport"], c.params["backend"]) for c in run_.cells} == {
-        (_celery.embedded_transport(), "sqlite")}
+        (brokers.embedded(), "sqlite")}
     check_shapes(run_)
     assert len(started) == 1
     assert_no_worker_left()
 
 
 def test_alone_a_cell_measures_its_own_serial_baseline(tmp_path):
-    fanout._serial.clear()
     run_ = run(tmp_path, quick=True, only=(("shape", "per-page"),))
     (c,) = run_.cells
     assert c.status == "ok", c.reason
@@ -81,12 +79,13 @@ def test_a_worker_that_cannot_start_fails_each_cell_with_its_log(tmp_path):
 
 
 def test_cells_and_requirements():
-    quick = fanout.cells(runner.RunOptions(quick=True))
+    quick = cells("fanout", runner.RunOptions(quick=True))
     assert [c["shape"] for c in quick] == list(fanout.SHAPES)
     assert all(c["pool"] == "prefork" and c["concurrency"] == 4 for c in quick)
-    assert all(fanout.requires(c) == set() for c in quick)
-    full = fanout.cells(runner.RunOptions(pool="threads", concurrency=8))
+    sc = scenario("fanout", runner.RunOptions())
+    assert all(sc.requires(c) == set() for c in quick)
+    full = cells("fanout", runner.RunOptions(pool="threads", concurrency=8))
     assert {c["transport"] for c in full} >= {"redis", "amqp"}
     assert all(c["pool"] == "threads" and c["concurrency"] == 8 for c in full)
     amqp = next(c for c in full if c["transport"] == "amqp")
-    assert fanout.requires(amqp) == {"amqp", "redis"}
+    assert sc.requires(amqp) == {"amqp", "redis"}

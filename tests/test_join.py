@@ -14,10 +14,11 @@ import pytest
 from celery import group
 from celery.exceptions import TimeoutError as CeleryTimeout
 
-from bench import brokers, config, joins, results, roundtrips, runner, workers
+from bench import backends, brokers, config, joins, results, roundtrips, runner, workers
 from bench.celery_app import make_app
 from bench.scenarios import _celery
 from bench.scenarios import join as scenario
+from support import run_cell
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(180)
@@ -74,7 +75,7 @@ def bench_setup(tmp_path, broker_name, backend_url, **conf):
 
 
 def embedded() -> str:
-    return scenario._transport("sqlite")
+    return scenario._transport(backends.get("sqlite"))
 
 
 def opts_for(tmp_path, **kw) -> runner.RunOptions:
@@ -224,14 +225,14 @@ def test_rpc_and_postgres_cells_run(tmp_path, need, monkeypatch):
     need("amqp")
     need("postgres")
     tables = []
-    real_backend = scenario._backend
+    real_open = backends.Backend.open
 
-    def recording_backend(*args):
-        url, conf, cleanup = real_backend(*args)
-        if args[0] == "postgresql":
+    def recording_open(self, *args):
+        url, conf, cleanup = real_open(self, *args)
+        if self.name == "postgresql":
             tables.extend(conf["database_table_names"].values())
         return url, conf, cleanup
-    monkeypatch.setattr(scenario, "_backend", recording_backend)
+    monkeypatch.setattr(backends.Backend, "open", recording_open)
     only = (("group_size", "10"), ("interval", "0.05"))
     opts = opts_for(tmp_path, messages=3, only=only + (("method", "join"),))
     run = runner.run(opts)
@@ -253,8 +254,8 @@ def test_rpc_and_postgres_cells_run(tmp_path, need, monkeypatch):
 
 def test_join_timeout_fails_the_cell_and_stops_the_worker(tmp_path):
     opts = opts_for(tmp_path, task_seconds=30, timeout=1.5, messages=1)
-    params = scenario._cell("sqlite", "db-batch", 1, 0.05, 30.0)
-    cell = runner.run_cell(scenario, params, opts)
+    params = scenario._cell(backends.get("sqlite"), "db-batch", 1, 0.05, 30.0)
+    cell = run_cell("join", params, opts)
     assert cell.status == "failed"
     assert "TimeoutError" in cell.reason
     assert not workers._registry
@@ -262,7 +263,7 @@ def test_join_timeout_fails_the_cell_and_stops_the_worker(tmp_path):
 
 def test_worker_dying_mid_join_fails_the_cell_with_its_log(tmp_path):
     opts = opts_for(tmp_path, task_seconds=30, timeout=60, messages=1)
-    params = scenario._cell("sqlite", "join", 1, 0.05, 30.0)
+    params = scenario._cell(backends.get("sqlite"), "join", 1, 0.05, 30.0)
 
     def kill_when_started():
         deadline = time.monotonic() + 30
@@ -277,7 +278,7 @@ def test_worker_dying_mid_join_fails_the_cell_with_its_log(tmp_path):
     killer = threading.Thread(target=kill_when_started, daemon=True)
     killer.start()
     started = time.monotonic()
-    cell = runner.run_cell(scenario, params, opts)
+    cell = run_cell("join", params, opts)
     killer.join(5)
     assert cell.status == "failed"
     assert "died" in cell.reason and "log" in cell.reason

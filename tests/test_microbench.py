@@ -53,10 +53,10 @@ def test_timestamps_hot_loop(benchmark):
         ts.count = 10_000
 
     benchmark(loop)
-    assert (ts.diff_us("end", "start") >= 0).all()
+    assert ((ts.column("end") - ts.column("start")) >= 0).all()
 
 
 def test_histogram_of_a_million_samples(benchmark):
     values = np.random.default_rng(1).lognormal(3, 1, 1_000_000)
-    hist, overflow = benchmark.pedantic(recorder.histogram, args=(values,), rounds=3)
+    hist, overflow, *_ = benchmark.pedantic(recorder.histogram, args=(values,), rounds=3)
     assert hist.get_total_count() == 1_000_000 and overflow == 0

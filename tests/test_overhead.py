@@ -19,10 +19,11 @@ from kombu import Producer  # noqa: E402
 
 from bench import brokers, runner  # noqa: E402
 from bench.drivers import kombu as kombu_driver  # noqa: E402
-from bench.scenarios import publish  # noqa: E402
+from bench.drivers.target import Target  # noqa: E402
+from bench.scenarios import PAYLOAD_BYTES, make_payload, publish  # noqa: E402
 
 PARAMS = {"api": "kombu", "producer": "held", "method": "publish", "transport": "memory",
-          "serializer": "json", "payload_bytes": publish.PAYLOAD_BYTES}
+          "serializer": "json", "payload_bytes": PAYLOAD_BYTES}
 WARMUP_S = 0.2
 
 
@@ -30,11 +31,11 @@ def side_by_side(rounds: int = 5, messages: int = 30_000, workdir=None) -> dict:
     """Median msg/s of the harness and of a bare loop, and their ratio."""
     workdir = Path(workdir or tempfile.mkdtemp(prefix="overhead-"))
     opts = runner.RunOptions(messages=messages, warmup=WARMUP_S, workdir=workdir)
-    body = publish.make_payload(PARAMS["payload_bytes"])
+    body = make_payload(PARAMS["payload_bytes"])
     harness, bare = [], []
     harness_cpu, bare_cpu = [], []   # msg per second of the publishing thread's CPU time
     with brokers.broker("memory", workdir) as env:
-        target = kombu_driver.Target.from_env(env, cross_process=False, supports_batch=False)
+        target = Target.from_env(env, brokers.info("memory"))
         driver = kombu_driver.Publisher(target, f"overhead-{uuid.uuid4().hex[:8]}", "held",
                                         "json", body, 60.0)
         driver.open()
@@ -58,10 +59,11 @@ def side_by_side(rounds: int = 5, messages: int = 30_000, workdir=None) -> dict:
             bare_cpu.append(messages / cpu)
             return messages / elapsed
 
+        scenario = publish.Publish(opts)
         try:
             for _ in range(rounds):
                 bare.append(bare_round())
-                metrics = publish.run_cell(dict(PARAMS), opts)["metrics"]
+                metrics = scenario.run_cell(dict(PARAMS)).metrics
                 harness.append(metrics["throughput_per_s"])
                 harness_cpu.append(1e6 / metrics["cpu_us_per_msg"])
         finally:

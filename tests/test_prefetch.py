@@ -11,10 +11,10 @@ import time
 import psutil
 import pytest
 
-from bench import brokers, runner, workers
+from bench import backends, brokers, runner, workers
 from bench.celery_app import make_app
 from bench.scenarios import _celery, prefetch
-from support import celery_children
+from support import celery_children, cells, run_cell, scenario
 
 
 def assert_no_worker_left():
@@ -61,7 +61,7 @@ def test_quick_slice_reproduces_the_seed_without_a_server(tmp_path):
     """What `make bench` runs: the embedded transport, no server at all."""
     run_ = run(tmp_path, quick=True)
     assert {c.params["transport"] for c in run_.cells} == {
-        _celery.embedded_transport(multi_consumer=True)}
+        brokers.embedded(multi_consumer=True)}
     check_seed(run_)
     assert_no_worker_left()
 
@@ -70,7 +70,7 @@ def test_disable_prefetch_stops_the_wait_on_redis(tmp_path, need):
     need("redis")
     params = prefetch._cell("redis", 4, False, True, 2.0)
     opts = runner.RunOptions(workdir=tmp_path, timeout=60)
-    c = runner.run_cell(prefetch, params, opts)
+    c = run_cell("prefetch", params, opts)
     assert c.status == "ok", c.reason
     assert c.metrics["short_tasks_delayed"] == 0
     assert_no_worker_left()
@@ -79,37 +79,38 @@ def test_disable_prefetch_stops_the_wait_on_redis(tmp_path, need):
 def test_disable_prefetch_is_skipped_with_the_reason_off_redis(tmp_path, need):
     need("amqp")
     params = prefetch._cell("amqp", 4, False, True, 2.0)
-    c = runner.run_cell(prefetch, params, runner.RunOptions(workdir=tmp_path))
+    c = run_cell("prefetch", params, runner.RunOptions(workdir=tmp_path))
     assert c.status == "skipped"
-    assert "redis" in c.reason and "'amqp'" in c.reason
+    assert "redis" in c.reason and "amqp" in c.reason
     assert_no_worker_left()
 
 
 def test_an_unreachable_broker_skips_its_cells(tmp_path, monkeypatch):
     monkeypatch.setenv("CELERY_BENCH_REDIS_URL", "redis://127.0.0.1:1/0")
     params = prefetch._cell("redis", 4, False, False, 2.0)
-    c = runner.run_cell(prefetch, params, runner.RunOptions(workdir=tmp_path))
+    c = run_cell("prefetch", params, runner.RunOptions(workdir=tmp_path))
     assert c.status == "skipped" and "127.0.0.1:1" in c.reason
 
 
 def test_cells_matrix():
-    quick = prefetch.cells(runner.RunOptions(quick=True))
+    quick = cells("prefetch", runner.RunOptions(quick=True))
     assert [(c["prefetch_multiplier"], c["acks_late"]) for c in quick] == [(4, False), (1, True)]
-    assert all(brokers.module(c["transport"]).SERVICE is None for c in quick)
-    full = prefetch.cells(runner.RunOptions())
+    assert all(brokers.info(c["transport"]).service is None for c in quick)
+    full = cells("prefetch", runner.RunOptions())
     assert {c["transport"] for c in full} >= {"redis", "amqp"}
     assert {c["prefetch_multiplier"] for c in full if c["disable_prefetch"]} == {4}
-    assert prefetch.requires(prefetch._cell("amqp", 1, True, False, 3.0)) == {"amqp"}
-    assert prefetch.requires(quick[0]) == set()
+    sc = scenario("prefetch", runner.RunOptions())
+    assert sc.requires(prefetch._cell("amqp", 1, True, False, 3.0)) == {"amqp"}
+    assert sc.requires(quick[0]) == set()
 
 
 def test_a_worker_that_dies_fails_the_wait_with_its_log(tmp_path):
     """What a cell sees when a worker dies mid-measurement: the reason, promptly."""
-    with brokers.broker(_celery.embedded_transport(), tmp_path) as env:
+    with brokers.broker(brokers.embedded(), tmp_path) as env:
         queue = f"bench.prefetch.test-{os.getpid()}-{time.monotonic_ns()}"
         backend = f"db+sqlite:///{tmp_path / 'r.sqlite'}"
         app = make_app(env.url, backend, env.transport_options, task_default_queue=queue)
-        _celery.prepare_sqlite(app)
+        backends.embedded().prepare(app)
         try:
             with workers.worker(env.url, backend, transport_options=env.transport_options,
                                 conf={"task_default_queue": queue}, queues=[queue]) as w:

@@ -4,6 +4,7 @@ No test asserts a duration; rates are checked only as ratios of what was asked.
 """
 import socket
 import textwrap
+import time
 import uuid
 
 import psutil
@@ -11,7 +12,10 @@ import pytest
 
 from bench import brokers, results, runner
 from bench.drivers import kombu as kombu_driver
+from bench.drivers.consumer import ConsumerProcess, Tally
+from bench.drivers.target import Target
 from bench.scenarios import publish
+from support import cells, run_cell
 
 KEYS = {"api", "producer", "method", "transport", "serializer", "payload_bytes"}
 
@@ -32,16 +36,16 @@ def options(tmp_path, **kw) -> runner.RunOptions:
 def transport_ready(name: str, need) -> None:
     """Skip while a transport's module is missing; need its service (fail in CI)."""
     try:
-        mod = brokers.module(name)
+        info = brokers.info(name)
     except ImportError as exc:
         pytest.skip(f"bench.brokers.{name} not importable yet: {exc}")
-    if mod.SERVICE:
-        need(mod.SERVICE)
+    if info.service:
+        need(info.service)
 
 
 def consumer_processes() -> list:
     return [p for p in psutil.Process().children(recursive=True)
-            if "bench.drivers.kombu" in " ".join(p.cmdline())]
+            if "bench.drivers.consumer" in " ".join(p.cmdline())]
 
 
 def closed_port() -> int:
@@ -69,16 +73,16 @@ def assert_counted(c: results.Cell) -> None:
 # --------------------------------------------------------------------------- the matrix
 def test_every_cell_has_the_same_params_and_every_transport_is_in():
     for quick in (True, False):
-        cells = publish.cells(runner.RunOptions(quick=quick))
-        assert all(set(c) == KEYS for c in cells)
-        assert cells[0]["api"] == "queue"
-        assert {c["transport"] for c in cells} == set(brokers.names())
+        every = cells("publish", runner.RunOptions(quick=quick))
+        assert all(set(c) == KEYS for c in every)
+        assert every[0]["api"] == "queue"
+        assert {c["transport"] for c in every} == set(brokers.names())
         for name in brokers.names():
-            kombu = {c["producer"] for c in cells
+            kombu = {c["producer"] for c in every
                      if c["transport"] == name and c["api"] == "kombu"}
             assert kombu == set(kombu_driver.STRATEGIES)
-    quick = publish.cells(runner.RunOptions(quick=True))
-    full = publish.cells(runner.RunOptions(quick=False))
+    quick = cells("publish", runner.RunOptions(quick=True))
+    full = cells("publish", runner.RunOptions(quick=False))
     assert {c["serializer"] for c in quick if c["api"] != "queue"} == {"json"}
     assert {c["serializer"] for c in full if c["api"] != "queue"} == {"json", "pickle"}
     assert all(c in full for c in quick)
@@ -88,7 +92,7 @@ def test_every_cell_has_the_same_params_and_every_transport_is_in():
 
 
 def test_tally_counts_duplicates_warmup_and_strays():
-    t = kombu_driver.Tally(3, keep_e2e=True)
+    t = Tally(3, keep_e2e=True)
     for i in (0, 1, 1, -1, 7, 2):
         t.add(i, 100, 350)
     assert t.counts() == {"received": 3, "duplicates": 1, "warmup": 1, "stray": 1}
@@ -101,10 +105,10 @@ def test_cli_quick_memory_counts_every_message(cli_run, tmp_path):
                    "--quiet")
     assert proc.returncode == 0, proc.stderr
     run = results.load(tmp_path / "x.json")
-    cells = run.find("publish")
-    assert len(cells) == len([c for c in publish.cells(runner.RunOptions(quick=True))
+    found = run.find("publish")
+    assert len(found) == len([c for c in cells("publish", runner.RunOptions(quick=True))
                               if c["transport"] == "memory"])
-    for c in cells:
+    for c in found:
         if c.params["producer"] == "batch":
             assert c.status == "skipped" and "batch" in c.reason
             continue
@@ -115,14 +119,14 @@ def test_cli_quick_memory_counts_every_message(cli_run, tmp_path):
 
 
 # --------------------------------------------------------------------------- every transport
-@pytest.mark.parametrize("transport", brokers.MODULES)
+@pytest.mark.parametrize("transport", brokers.names())
 def test_each_transport_loses_nothing(transport, need, tmp_path):
     transport_ready(transport, need)
     opts = options(tmp_path)
-    cross = brokers.module(transport).CROSS_PROCESS
+    cross = brokers.info(transport).cross_process
     for params in (cell(transport=transport),
                    cell("celery", "default", "apply_async", transport=transport)):
-        c = runner.run_cell(publish, params, opts)
+        c = run_cell("publish", params, opts)
         assert_counted(c)
         if cross:
             assert c.metrics["consumer"] == "concurrent process"
@@ -134,25 +138,25 @@ def test_each_transport_loses_nothing(transport, need, tmp_path):
 
 def test_batch_publishes_on_redis(need, tmp_path):
     need("redis")
-    c = runner.run_cell(publish, cell(producer="batch", transport="redis"), options(tmp_path))
+    c = run_cell("publish", cell(producer="batch", transport="redis"), options(tmp_path))
     assert_counted(c)
 
 
 def test_batch_is_skipped_with_the_reason_where_unsupported(tmp_path):
-    c = runner.run_cell(publish, cell(producer="batch", transport="memory"), options(tmp_path))
+    c = run_cell("publish", cell(producer="batch", transport="memory"), options(tmp_path))
     assert c.status == "skipped"
-    assert "Producer.batch" in c.reason and "SUPPORTS_BATCH" in c.reason
+    assert "Producer.batch" in c.reason and "supports_batch" in c.reason
 
 
 def test_pickle_cells(tmp_path):
     opts = options(tmp_path)
     for params in (cell(serializer="pickle"),
                    cell("celery", "held", "send_task", serializer="pickle")):
-        assert_counted(runner.run_cell(publish, params, opts))
+        assert_counted(run_cell("publish", params, opts))
 
 
 def test_a_missing_transport_module_skips_with_the_reason(monkeypatch, tmp_path):
-    real = brokers.module
+    real = brokers.REGISTRY.module
 
     def module(name):
         if name == "fifo":  # what brokers.module raises when the module cannot import
@@ -160,16 +164,16 @@ def test_a_missing_transport_module_skips_with_the_reason(monkeypatch, tmp_path)
                 "transport 'fifo' cannot be loaded here: No module named 'bench.brokers.fifo'")
         return real(name)
 
-    monkeypatch.setattr(brokers, "module", module)
-    assert publish.requires(cell(transport="fifo")) == set()
-    c = runner.run_cell(publish, cell(transport="fifo"), options(tmp_path))
+    monkeypatch.setattr(brokers.REGISTRY, "module", module)
+    assert any(c["transport"] == "fifo" for c in cells("publish", options(tmp_path)))
+    c = run_cell("publish", cell(transport="fifo"), options(tmp_path))
     assert c.status == "skipped"
     assert "fifo" in c.reason and "cannot be loaded" in c.reason
 
 
 # --------------------------------------------------------------------------- open loop
 def test_open_loop_rate_holds_on_memory(tmp_path):
-    c = runner.run_cell(publish, cell(), options(tmp_path, rate=500, duration=2.0))
+    c = run_cell("publish", cell(), options(tmp_path, rate=500, duration=2.0))
     assert_counted(c)
     m = c.metrics
     assert m["sent"] == 1000
@@ -184,7 +188,7 @@ def test_open_loop_rate_holds_on_memory(tmp_path):
 
 def test_open_loop_with_a_concurrent_consumer_measures_from_receipt(need, tmp_path):
     need("redis")
-    c = runner.run_cell(publish, cell(transport="redis"), options(tmp_path, rate=200, duration=1.0))
+    c = run_cell("publish", cell(transport="redis"), options(tmp_path, rate=200, duration=1.0))
     assert_counted(c)
     assert c.metrics["latency_basis"] == "receive"
     assert c.histograms["from_intended"]["count"] == c.metrics["received"]
@@ -197,17 +201,17 @@ def test_the_consumer_process_reports_loss_and_duplicates(need, tmp_path):
     from bench.brokers import redis as redis_broker
 
     with redis_broker.broker(tmp_path) as env:
-        target = kombu_driver.Target.from_env(env, True, False)
+        target = Target.from_env(env, brokers.info("redis"))
         driver = kombu_driver.Publisher(target, f"celery-bench-test-{uuid.uuid4().hex[:8]}",
                                         "held", "json", "x", 30.0)
-        consumer = kombu_driver.ConsumerProcess(driver.consumer_spec(), 20, tmp_path, 30.0)
+        consumer = ConsumerProcess(driver.consumer_spec(), 20, tmp_path, 30.0)
         try:
             consumer.start()
             consumer.wait_ready()
             driver.open()
             with driver.sending() as send:
                 for i in (0, 1, 2, 3, 3, 4):   # 3 twice; 5 and 6 "sent" but never published
-                    send(i, kombu_driver.now_ns())
+                    send(i, time.perf_counter_ns())
             got = consumer.finish(7)
         finally:
             consumer.stop()
@@ -260,16 +264,16 @@ def test_app_and_task_measure_a_users_stack(cli_run, tmp_path, redis_url):
 
 
 def test_app_routes_are_restored_after_a_cell(tmp_path, redis_url, monkeypatch):
-    from bench.drivers import celery as celery_driver
+    from bench.drivers import userapp
 
     name, real_queue = write_app(tmp_path, redis_url)
     monkeypatch.setenv("CELERY_BENCH_REDIS_URL", redis_url)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     opts = options(tmp_path, app=f"{name}:app", task=f"{name}.add")
-    app = celery_driver.load_app(opts.app)
+    app = userapp.load_app(opts.app)
     before = app.conf.task_routes
-    c = runner.run_cell(publish, cell("celery", "default", "delay", transport="app"), opts)
+    c = run_cell("publish", cell("celery", "default", "delay", transport="app"), opts)
     assert_counted(c)
     assert app.conf.task_routes == before
     assert app.amqp.router.route({}, f"{name}.add")["queue"].name == real_queue

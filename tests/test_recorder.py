@@ -24,7 +24,7 @@ def _reference(values, pct):
 def test_percentiles_match_numpy_within_hdr_precision(seed):
     rng = np.random.default_rng(seed)
     values = rng.lognormal(mean=np.log(300), sigma=1.2, size=50_000)  # ~1 us .. ~100 ms
-    hist, overflow = recorder.histogram(values)
+    hist, overflow, *_ = recorder.histogram(values)
     assert overflow == 0
     assert hist.get_total_count() == values.size
     for pct in (1, 25, 50, 90, 99, 99.9, 99.99, 100):
@@ -35,7 +35,7 @@ def test_percentiles_match_numpy_within_hdr_precision(seed):
 
 
 def test_known_small_sample():
-    hist, _ = recorder.histogram([100, 200, 300, 400, 500, 600, 700, 800, 900, 1000])
+    hist, _, *_ = recorder.histogram([100, 200, 300, 400, 500, 600, 700, 800, 900, 1000])
     assert hist.get_value_at_percentile(50) == 500
     assert hist.get_value_at_percentile(90) == 900
     assert hist.get_value_at_percentile(100) == 1000
@@ -44,16 +44,16 @@ def test_known_small_sample():
 
 def test_overflow_is_clamped_and_counted():
     values = [10, 20, recorder.HIGHEST_US * 2, recorder.HIGHEST_US + 1]
-    hist, overflow = recorder.histogram(values)
+    hist, overflow, *_ = recorder.histogram(values)
     assert overflow == 2
     assert hist.get_total_count() == 4            # clamped, not dropped
     assert hist.values_are_equivalent(hist.get_max_value(), recorder.HIGHEST_US)
-    small, over = recorder.histogram([5, 50], highest=10)
+    small, over, *_ = recorder.histogram([5, 50], highest=10)
     assert over == 1 and small.get_max_value() == 10
 
 
 def test_values_below_one_microsecond_count_as_one():
-    hist, overflow = recorder.histogram([0.0, 0.2, 0.7, 0.49, 3])
+    hist, overflow, *_ = recorder.histogram([0.0, 0.2, 0.7, 0.49, 3])
     assert overflow == 0 and hist.get_total_count() == 5
     assert hist.get_min_value() == 1
     assert hist.get_value_at_percentile(80) == 1
@@ -61,24 +61,24 @@ def test_values_below_one_microsecond_count_as_one():
 
 
 def test_empty_input():
-    hist, overflow = recorder.histogram([])
+    hist, overflow, *_ = recorder.histogram([])
     assert hist.get_total_count() == 0 and overflow == 0
 
 
-def test_timestamps_buffers_and_diff():
+def test_timestamps_buffers():
     ts = recorder.Timestamps(4)
     start, end = ts.start, ts.end
     for i in range(3):
         start[i] = 1_000 * i
         end[i] = 1_000 * i + 2_500 * (i + 1)
     ts.count = 3
-    assert list(ts.diff_us("end", "start")) == [2.5, 5.0, 7.5]
+    assert list((ts.column("end") - ts.column("start")) / 1000) == [2.5, 5.0, 7.5]
     assert len(ts.column("start")) == 3
 
 
 def test_encode_decode_round_trip():
     rng = np.random.default_rng(7)
-    hist, overflow = recorder.histogram(rng.integers(1, 10_000_000, 20_000))
+    hist, overflow, *_ = recorder.histogram(rng.integers(1, 10_000_000, 20_000))
     summary = results.summarize(hist, "us", overflow)
     back = results.decode(summary)
     assert back.get_total_count() == hist.get_total_count()
@@ -120,7 +120,39 @@ def test_aggregate_merges_repeats():
 
 
 def test_aggregate_single_repeat_has_no_spread():
-    hist, overflow = recorder.histogram([1, 2, 3])
+    hist, overflow, *_ = recorder.histogram([1, 2, 3])
     cell = results.aggregate("s", {}, [{"metrics": {"x": 5.0},
-                                        "histograms": {"h": (hist, overflow, "us")}}])
+                                        "histograms": {"h": recorder.Recorded(hist, overflow, "us")}}])
     assert cell.metrics["x"] == 5.0 and cell.spread == {}
+
+
+def test_negative_and_nan_readings_are_counted_not_recorded():
+    hist, overflow, invalid = recorder.histogram([5, -3, float("nan"), 7, -0.5, float("inf")])
+    assert invalid == 4 and overflow == 0
+    assert hist.get_total_count() == 2 and hist.get_min_value() == 5
+    rec = recorder.Recorder()
+    rec.add("h", [1, -1, 2])
+    cell = results.aggregate("s", {}, [{"metrics": {}, "histograms": rec.histograms}])
+    assert cell.histograms["h"]["invalid"] == 1 and cell.histograms["h"]["count"] == 2
+    assert cell.repeats[0]["histograms"]["h"]["invalid"] == 1
+
+
+def test_interval_histograms_split_by_time_and_sum_to_the_whole():
+    at = np.array([0, 100, 900_000_000, 1_000_000_001, 2_500_000_000, 2_600_000_000])
+    values = [10, 20, 30, 40, 50, 60]
+    parts = recorder.intervals(values, at, interval_s=1.0, offset_ns=0)
+    assert [p.hist.get_total_count() for p in parts] == [3, 1, 2]
+    assert [round(p.start_s, 3) for p in parts] == [0.0, 1.0, 2.0]
+    assert all(round(p.end_s - p.start_s, 6) == 1.0 for p in parts)
+    rec = recorder.Recorder()
+    rec.add("h", values, at_ns=at)
+    summary = results.aggregate("s", {}, [{"metrics": {}, "histograms": rec.histograms}]) \
+        .histograms["h"]
+    assert sum(results.decode(iv).get_total_count() for iv in summary["intervals"]) == 6
+
+
+def test_interval_count_is_bounded_whatever_the_span():
+    at = np.array([0, 10 ** 13])   # ~2.8 hours apart at 1 s intervals
+    parts = recorder.intervals([1, 2], at, interval_s=1.0, offset_ns=0)
+    assert len(parts) == 2 and parts[-1].start_s <= 10 ** 4
+    assert (parts[1].end_s - parts[1].start_s) * recorder.MAX_INTERVALS >= 10 ** 4

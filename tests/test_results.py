@@ -7,11 +7,11 @@ from bench import recorder, results
 
 
 def _run(secret_url=None):
-    hist, overflow = recorder.histogram([10, 20, 30, 40, 5_000])
+    hist, overflow, *_ = recorder.histogram([10, 20, 30, 40, 5_000])
     cell = results.aggregate(
         "publish", {"api": "kombu", "transport": "memory"},
         [{"metrics": {"throughput_per_s": 1000.0, "sent": 5, "received": 5, "lost": 0},
-          "histograms": {"publish_us": (hist, overflow, "us")}}])
+          "histograms": {"publish_us": recorder.Recorded(hist, overflow, "us")}}])
     env = results.environment({"amqp": {"url": secret_url}} if secret_url else {})
     skipped = results.Cell("publish", {"api": "kombu", "transport": "redis"}, "skipped",
                            "redis unreachable")

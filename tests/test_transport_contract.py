@@ -1,7 +1,8 @@
 """The contract every transport of the bench passes: memory, unix and fifo.
 
 One suite, parameterized over broker names; each test asks for the capabilities
-it needs (``bench.brokers.<name>.CAPABILITIES``) and skips on a transport that
+it needs (``bench.brokers.info(name)``: its capabilities, and ``cross_process``) and
+skips on a transport that
 lacks them, saying which. Consumers attach before producers publish (a fifo
 has nowhere to keep a message nobody reads), and counts are waited for with a
 bound rather than read once (a broker serves each connection in its own turn).
@@ -59,7 +60,8 @@ class Caps(frozenset):
 
 @pytest.fixture
 def caps(name):
-    found = Caps(brokers.module(name).CAPABILITIES)
+    info = brokers.info(name)
+    found = Caps(info.capabilities | ({"cross_process"} if info.cross_process else set()))
     found.name = name
     return found
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from kombu import Connection
 
-from bench import config, runner, workers
+from bench import brokers, config, runner, workers
 from bench.scenarios import worker as scenario
-from support import celery_children, counting_starts
+from support import celery_children, cells, counting_starts
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -25,7 +25,6 @@ def run(tmp_path, **kw):
 
 
 def assert_no_worker_left():
-    assert scenario._rig is None
     assert not workers._registry
     assert celery_children() == []
 
@@ -51,10 +50,10 @@ def check_latency(c):
 
 
 def test_matrix_and_quick_slice():
-    quick = scenario.cells(runner.RunOptions(quick=True))
+    quick = cells("worker", runner.RunOptions(quick=True))
     # The embedded transports in both pools, plus the servers' prefork throughput first
     # (the references of the unix/amqp and unix/redis ratios).
-    refs = [c for c in quick if c["transport"] in scenario.SERVER_REFERENCES]
+    refs = [c for c in quick if c["transport"] in brokers.servers()]
     assert quick[:len(refs)] == refs
     assert {(c["transport"], c["pool"], c["mode"]) for c in refs} == {
         ("amqp", "prefork", "throughput"), ("redis", "prefork", "throughput")}
@@ -62,7 +61,7 @@ def test_matrix_and_quick_slice():
     assert {c["transport"] for c in embedded} == {"unix", "fifo"}
     assert {(c["pool"], c["concurrency"]) for c in embedded} == {("solo", 1), ("prefork", 2)}
     assert {c["tasks"] for c in quick if c["mode"] == "throughput"} == {scenario.TASKS_QUICK}
-    full = scenario.cells(runner.RunOptions())
+    full = cells("worker", runner.RunOptions())
     assert {c["transport"] for c in full} == {"filesystem", "redis", "amqp", "unix", "fifo"}
     assert {c["tasks"] for c in full if c["mode"] == "throughput"} == {10_000}
     assert len(full) == 5 * 2 * 2

@@ -12,17 +12,19 @@ from urllib.parse import quote
 
 import transports  # noqa: F401  registers the fifo:// alias wherever this env is used
 
-from . import BrokerEnv
+from . import BrokerEnv, Transport
 
-NAME = "fifo"
-SERVICE = None
-CROSS_PROCESS = True
-SUPPORTS_BATCH = False
-# size/purge: seen from the consuming process; fanout: to consumers attached at publish time.
-# No consumer, no publish: a backlog exists only while its consumer reads (feed it instead).
-HOLDS_BACKLOG = False
-MAX_BACKLOG = None  # no backlog size makes each message dearer
-CAPABILITIES = {"size", "purge", "multi_producer", "fanout", "cross_process"}
+TRANSPORT = Transport(
+    "fifo",
+    # No consumer, no publish: a backlog exists only while its consumer reads (feed it).
+    holds_backlog=False,
+    # size/purge: seen from the consuming process; fanout: to consumers attached at
+    # publish time; one consumer process per queue, at-most-once once read.
+    capabilities={"size", "purge", "multi_producer", "fanout"})
+
+# A publisher blocked on a full pipe gives up after this long: a consumer that reads empties
+# a full pipe in well under a second, so a longer block means it stopped reading.
+WRITE_TIMEOUT_S = 3.0
 
 
 @contextmanager
@@ -31,6 +33,6 @@ def broker(workdir):
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     folder.chmod(0o700)  # mkdir's mode is masked by umask and ignored for an existing folder
     try:
-        yield BrokerEnv(f"fifo://{quote(str(folder))}", {}, description=f"named pipes in {folder}")
+        yield BrokerEnv(f"fifo://{quote(str(folder))}", {"write_timeout": WRITE_TIMEOUT_S})
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -4,17 +4,13 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import BrokerEnv
+from . import BrokerEnv, Transport
 
-NAME = "unix"
-SERVICE = None
-CROSS_PROCESS = True
-SUPPORTS_BATCH = True  # transports.unix implements Producer.batch
-# A queue keeps what was published before its consumer attached (a backlog can be prefilled).
-HOLDS_BACKLOG = True
-MAX_BACKLOG = None  # no backlog size makes each message dearer
-CAPABILITIES = {"ack", "requeue", "size", "purge", "multi_consumer", "multi_producer",
-                "fanout", "cross_process"}
+TRANSPORT = Transport(
+    "unix",
+    supports_batch=True,  # transports.unix implements Producer.batch
+    capabilities={"ack", "requeue", "size", "purge", "multi_consumer", "multi_producer",
+                  "fanout"})
 
 # sun_path holds 107 bytes; a deep workdir falls back to a short private dir in /tmp.
 _MAX_PATH = 100
@@ -36,7 +32,7 @@ def broker(workdir):
     path = folder / "broker.sock"
     proc = unix_broker.start(str(path), log_path=folder / "broker.log")
     try:
-        yield BrokerEnv(f"unix://{path}", {}, description=f"unix broker pid {proc.pid} at {path}")
+        yield BrokerEnv(f"unix://{path}", {})
     finally:
         # Runs on KeyboardInterrupt too: SIGTERM, then SIGKILL after 5 s.
         proc.stop()

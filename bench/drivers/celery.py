@@ -17,23 +17,17 @@ reaches the user's workers.
 """
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 from contextlib import contextmanager
-from functools import lru_cache
 
 from kombu import pools
 
-from .. import config
-from . import kombu as kombu_driver
+from .consumer import drain
+from .target import Target, delete_queue, queue_spec
 
 METHODS = ("delay", "apply_async", "send_task")
 PRODUCERS = ("default", "held")
 DEFAULT_TASK = "bench.noop"
 EXTRACT = "bench.drivers.celery:extract"
-# Transport aliases that name one of bench.brokers' modules differently.
-ALIASES = {"pyamqp": "amqp", "amqps": "amqp", "librabbitmq": "amqp", "rediss": "redis"}
 
 
 def extract(message) -> tuple[int, int]:
@@ -43,73 +37,12 @@ def extract(message) -> tuple[int, int]:
     return int(args[1]), int(args[2])
 
 
-# --------------------------------------------------------------------------- --app / --task
-@lru_cache(maxsize=None)
-def load_app(spec: str):
-    """The Celery app named by ``MODULE:ATTR``; a bad spec is a one-line usage error."""
-    from celery import Celery
-
-    module, sep, attr = spec.partition(":")
-    if not sep or not module or not attr:
-        raise config.UsageError(f"--app {spec!r}: expected MODULE:APP, e.g. proj.celery:app")
-    if os.getcwd() not in sys.path:  # like `celery -A`: the project is where you run it
-        sys.path.insert(0, os.getcwd())
-    try:
-        mod = importlib.import_module(module)
-    except Exception as exc:
-        raise config.UsageError(
-            f"--app {spec}: cannot import module {module!r} ({type(exc).__name__}: {exc}); "
-            f"run from the project folder or set PYTHONPATH") from None
-    app = getattr(mod, attr, None)
-    if app is None:
-        raise config.UsageError(f"--app {spec}: module {module!r} has no attribute {attr!r}")
-    if not isinstance(app, Celery):
-        raise config.UsageError(
-            f"--app {spec}: {attr!r} is a {type(app).__name__}, not a Celery app")
-    import bench.tasks  # noqa: F401  bench.noop, the default --task, binds to every app
-    return app
-
-
-def check_task(app, spec: str, name: str) -> None:
-    try:
-        app.loader.import_default_modules()
-    except Exception:
-        pass  # a project that needs more setup still has its directly defined tasks
-    app.finalize(auto=True)
-    if name not in app.tasks:
-        own = sorted(t for t in app.tasks if not t.startswith("celery."))
-        raise config.UsageError(
-            f"--task {name}: app {spec} has no task named {name!r}; "
-            f"its tasks: {', '.join(own[:8]) or 'none'}")
-
-
-def app_target(app, spec: str) -> kombu_driver.Target:
-    """Where a user's app publishes, with what its broker module says about it."""
-    from .. import brokers
-
-    alias = app.connection_for_write().transport_cls
-    name = ALIASES.get(alias, alias)
-    cross, batch = True, False
-    if name in brokers.MODULES:
-        try:
-            mod = brokers.module(name)
-            cross, batch = mod.CROSS_PROCESS, mod.SUPPORTS_BATCH
-        except ImportError:
-            pass
-    return kombu_driver.Target(app.connection_for_write, {"app": spec},
-                               cross_process=cross, supports_batch=batch)
-
-
-def broker_label(app) -> str:
-    return config.mask_url(app.connection_for_write().as_uri())
-
-
 # --------------------------------------------------------------------------- publisher
 class Publisher:
     api = "celery"
     extract = EXTRACT
 
-    def __init__(self, target: kombu_driver.Target, queue_name: str, method: str,
+    def __init__(self, target: Target, queue_name: str, method: str,
                  producer: str, serializer: str, payload: str, timeout: float,
                  app=None, task_name: str = DEFAULT_TASK):
         if method not in METHODS or producer not in PRODUCERS:
@@ -201,12 +134,11 @@ class Publisher:
 
     def drain(self, tally, until, timeout: float) -> None:
         with self.target.connect() as conn:
-            kombu_driver.drain(conn, self.queue, extract, tally, until, timeout,
-                               accept=self.accept)
+            drain(conn, self.queue, extract, tally, until, timeout, accept=self.accept)
 
     def consumer_spec(self) -> dict:
         self.prepare()
-        return {"target": self.target.spec, "queue": kombu_driver.queue_spec(self.queue),
+        return {"target": self.target.spec, "queue": queue_spec(self.queue),
                 "extract": self.extract, "accept": self.accept}
 
     def close(self) -> None:
@@ -214,8 +146,8 @@ class Publisher:
         if app is None:
             return
         if self.queue is not None:
-            kombu_driver.delete_queue(self.target.connect, self.queue,
-                                      delete_exchange=self.queue.exchange is not None
+            delete_queue(self.target.connect, self.queue,
+                         delete_exchange=self.queue.exchange is not None
                                       and self.queue.exchange.name == self.queue_name)
         # Celery's producer pool lives in kombu's process-global pools: close this cell's.
         try:

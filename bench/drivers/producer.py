@@ -12,47 +12,48 @@ Lines on stdout (child -> parent): ``ready``, ``sent N SECONDS``.
 from __future__ import annotations
 
 import json
-import os
 import sys
+from time import perf_counter_ns as now
 
-from . import kombu as kombu_driver
+from .child import LineChild, run_child
+from .target import Target, connection_from_spec
 
 
-class ProducerProcess(kombu_driver.ConsumerProcess):
-    """The parent's side: the consumer process's line protocol and shutdown, another child."""
-
+class ProducerProcess(LineChild):
     MAIN = "bench.drivers.producer"
     ROLE = "producer"
 
-    def __init__(self, target: kombu_driver.Target, queue_name: str, serializer: str,
+    def __init__(self, target: Target, queue_name: str, serializer: str,
                  payload, workdir, timeout: float):
         super().__init__({"target": target.spec, "queue_name": queue_name,
-                          "serializer": serializer, "payload": payload}, 0, workdir, timeout)
+                          "serializer": serializer, "payload": payload,
+                          "timeout": float(timeout)}, workdir, timeout)
 
     def send(self, first: int, n: int) -> None:
         """Order ``n`` messages; returns at once (see :meth:`wait_sent`)."""
-        self._send(f"send {int(first)} {int(n)}")
+        self.send_line(f"send {int(first)} {int(n)}")
 
     def wait_sent(self) -> tuple[int, float]:
         """(messages sent, seconds the child spent publishing them)."""
-        n, seconds = self._wait("sent", self.timeout).split()
+        n, seconds = self.wait_for("sent", self.timeout).split()
         return int(n), float(seconds)
 
 
 def _produce_main() -> int:
+    from . import kombu as kombu_driver
+
     spec = json.loads(sys.stdin.readline())
     try:
         import transports  # noqa: F401  registers the unix and fifo aliases
     except ImportError:
         pass
     url_spec = spec["target"]
-    target = kombu_driver.Target(lambda: kombu_driver.target_connection(url_spec), url_spec)
+    target = Target(lambda: connection_from_spec(url_spec), url_spec)
     driver = kombu_driver.Publisher(target, spec["queue_name"], "held", spec["serializer"],
                                     spec["payload"], float(spec["timeout"]))
     driver.open()
     try:
         print("ready", flush=True)
-        now = kombu_driver.now_ns
         for line in sys.stdin:
             order = line.split()
             if not order or order[0] != "send":
@@ -75,9 +76,4 @@ def _produce_main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        code = _produce_main()
-    except KeyboardInterrupt:
-        code = 130
-    sys.stdout.flush()
-    os._exit(code)
+    run_child(_produce_main)

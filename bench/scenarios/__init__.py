@@ -1,0 +1,156 @@
+"""The scenario contract, the registry, and what scenarios share.
+
+A scenario is one class in its own module::
+
+    @register
+    class Publish(Scenario):
+        name = "publish"
+        description = "one line for `celery-bench list`"
+        summary = [("throughput_per_s", "msg/s"), ("publish.p99", "p99 us")]  # table columns
+
+        def cells(self) -> list[dict]: ...          # the params of every cell the options select
+        def run_cell(self, params) -> Outcome: ...  # measure one cell once (one repeat)
+        def requires(self, params) -> set[str]: ... # services (default: the transport's)
+        def close(self) -> None: ...                # stop what it kept (workers, brokers)
+
+The runner builds one instance per run from the options (``Scenario(opts)``: no I/O
+there), runs its cells round by round (ABC ABC ABC), tells it each round
+(:meth:`Scenario.begin_round`), and closes it with ``contextlib.closing`` when its
+cells are done, on a failure and on Ctrl-C. Whatever a scenario keeps between cells
+(a worker, ratios to an earlier cell of the round) lives on the instance.
+
+Two ways to refuse: raise :class:`Skip` for "cannot run here" (the cell is skipped
+with the reason), :class:`bench.config.UsageError` for a user's mistake (one line,
+exit 2). Any other exception fails the cell and the run goes on.
+
+A scenario outside this package joins with ``@register`` in a module that
+``bench.plugins`` imports (``CELERY_BENCH_PLUGINS=mypkg.myscenario``).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Iterator
+
+from .. import brokers, config
+
+PAYLOAD_BYTES = 112       # the default message body's JSON length (the seeds' size)
+
+
+class Skip(Exception):
+    """This cell cannot run here (a transport that lacks something, a missing module)."""
+
+
+@dataclass
+class Outcome:
+    """One repeat of one cell: figures, HdrHistograms, and notes for the reader.
+
+    ``histograms``: name -> ``(HdrHistogram, overflow, unit)`` as built by
+    :class:`bench.recorder.Recorder` (``Recorder.histograms``).
+    """
+    metrics: dict
+    histograms: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+
+
+class Scenario:
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    summary: ClassVar[list] = []          # [(metric or "hist.pXX", column header)]
+
+    def __init__(self, opts):
+        self.opts = opts
+        self.round = 0
+
+    def cells(self) -> list[dict]:
+        raise NotImplementedError
+
+    def requires(self, params: dict) -> set[str]:
+        """Services the cell needs; an unreachable one skips it with the reason."""
+        return brokers.services(params.get("transport"))
+
+    def begin_round(self, index: int) -> None:
+        """Round ``index`` (0-based) starts: every selected cell runs once in it."""
+        self.round = index
+
+    def run_cell(self, params: dict) -> Outcome:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop whatever the scenario kept across cells. Idempotent."""
+
+    # -- shared helpers
+    @contextmanager
+    def cell_folder(self, tag: str | None = None) -> Iterator[Path]:
+        """A private folder (0700) for one cell under the run's work folder, removed after."""
+        folder = Path(self.opts.workdir or tempfile.gettempdir()) / \
+            f"{self.name}-{tag or uuid.uuid4().hex[:12]}"
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def unique_name(scenario: str) -> str:
+    """A queue name no other cell or concurrent run uses."""
+    return f"celery-bench-{scenario}-{uuid.uuid4().hex[:12]}"
+
+
+def make_payload(nbytes: int):
+    """A body whose JSON is ``nbytes`` long: ``{"data": "xxx..."}`` (a bare string when
+    smaller than the braces)."""
+    overhead = len(json.dumps({"data": ""}))
+    if nbytes < overhead:
+        return "x" * max(0, nbytes - 2)
+    return {"data": "x" * (nbytes - overhead)}
+
+
+def payload_bytes(opts) -> int:
+    return PAYLOAD_BYTES if opts.payload_bytes is None else int(opts.payload_bytes)
+
+
+class Registry:
+    """Scenario name -> class, in the order `celery-bench run` runs them."""
+
+    def __init__(self):
+        self._classes: dict[str, type[Scenario]] = {}
+
+    def register(self, cls: type[Scenario]) -> type[Scenario]:
+        if not cls.name:
+            raise ValueError(f"{cls.__name__}: a scenario needs a name")
+        self._classes[cls.name] = cls
+        return cls
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._classes)
+
+    def get(self, name: str) -> type[Scenario]:
+        try:
+            return self._classes[name]
+        except KeyError:
+            raise config.UsageError(f"scenario {name!r} does not exist; choose from "
+                                    f"{', '.join(self._classes)}") from None
+
+
+REGISTRY = Registry()
+register = REGISTRY.register
+names = REGISTRY.names
+get = REGISTRY.get
+
+
+def summary(name: str) -> list:
+    """The table columns of scenario ``name`` ([] for one this checkout does not know)."""
+    try:
+        return list(get(name).summary)
+    except config.UsageError:
+        return []
+
+
+# The built-in scenarios register themselves; their order is the run's order.
+from . import publish, consume, worker, join, prefetch, fanout  # noqa: E402,F401

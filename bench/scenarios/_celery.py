@@ -1,11 +1,12 @@
-"""What the scenarios that run real Celery workers share (prefetch, fanout, join):
-the transport for their quick slice, waiting on results while watching the
-workers, and deleting a cell's queues afterwards.
+"""What the scenarios that run real Celery workers share (worker, join, prefetch,
+fanout): a kept worker, waiting on results while watching the workers, and deleting a
+cell's queues afterwards.
 """
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import ResultSet
@@ -18,46 +19,51 @@ WATCH_S = 0.5
 LOG_LINES = 6   # lines of a failed worker's log kept in the cell's reason
 
 
-def embedded_transport(multi_consumer: bool = False) -> str:
-    """The serverless transport for a quick slice: ours (unix) once it exists, else filesystem.
-
-    ``multi_consumer``: several worker processes must share one queue.
-    """
-    try:
-        mod = brokers.module("unix")
-    except ImportError:
-        return "filesystem"
-    if not mod.CROSS_PROCESS or (multi_consumer and "multi_consumer" not in mod.CAPABILITIES):
-        return "filesystem"
-    return "unix"
-
-
-def services(transport: str, *others: str | None) -> set[str]:
-    """Services a cell needs: its transport's server (if any) and ``others``."""
-    return {s for s in (brokers.module(transport).SERVICE, *others) if s}
-
-
 def unusable(transport: str) -> str | None:
     """Why worker processes cannot use ``transport`` (None when they can)."""
-    if not brokers.module(transport).CROSS_PROCESS:
+    if not brokers.info(transport).cross_process:
         return f"the {transport} transport is in-process: a worker process cannot reach it"
     return None
 
 
-def prepare_sqlite(app) -> None:
-    """Create a SQLite result backend's tables before pool children race to, in WAL mode.
+@dataclass
+class Rig:
+    """What a scenario keeps across cells: workers and whatever it started for them
+    (broker environment, app, folders), all closed by ``stack``."""
+    key: tuple
+    stack: ExitStack
+    procs: list = field(default_factory=list)
 
-    WAL (kept in the file) lets the harness read while workers write, and costs
-    one fsync per commit instead of a rollback journal's several.
+    def alive(self) -> bool:
+        return all(w.alive() for w in self.procs)
+
+    def close(self) -> None:
+        self.stack.close()
+
+
+class KeptWorker:
+    """One rig reused while the setup key matches and its workers are alive.
+
+    ``get(key, open_rig)`` returns the kept rig or closes it and opens a new one with
+    ``open_rig()``; ``close()`` (the scenario's) stops it. A failed cell should call
+    ``close()`` so nothing half-used is reused.
     """
-    from sqlalchemy import text
 
-    session = app.backend.ResultSession()
-    try:
-        session.execute(text("PRAGMA journal_mode=WAL"))
-        session.commit()
-    finally:
-        session.close()
+    def __init__(self):
+        self.rig: Rig | None = None
+
+    def get(self, key: tuple, open_rig) -> Rig:
+        rig = self.rig
+        if rig is not None and rig.key == key and rig.alive():
+            return rig
+        self.close()
+        self.rig = open_rig()
+        return self.rig
+
+    def close(self) -> None:
+        rig, self.rig = self.rig, None
+        if rig is not None:
+            rig.close()
 
 
 def one_line(text: str, tail: int | None = None) -> str:

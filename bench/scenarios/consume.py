@@ -12,27 +12,26 @@ and ``duplicates`` are counted; ``gap`` is the time between consecutive
 receives. A small prefill + drain warms up first, not counted.
 
 A transport whose queue holds nothing until its consumer attaches (broker
-module ``HOLDS_BACKLOG = False``: fifo) cannot be prefilled: the consumer
+``holds_backlog=False``: fifo) cannot be prefilled: the consumer
 attaches first and a producer in another process
 (:class:`bench.drivers.producer.ProducerProcess`) publishes the ``N``
 messages as fast as it can while this process drains, so that cell is bounded
 by the producer's rate too (its note says so; ``feed_per_s`` is that rate).
 
-``x_memory`` divides by the memory transport's rate measured earlier in the
-same run (same serializer, payload and ack): memory cells come first.
+``x_memory`` divides by the in-process reference transport's rate (memory,
+:func:`bench.brokers.reference`) measured earlier in the same round (same
+serializer, payload and ack): its cells come first.
 
 Sizing: at most 20,000 messages for embedded transports and 2,000 for servers
-(``--quick``: memory, unix, fifo, redis, amqp), 100,000 / 10,000 in the full
-matrix (every transport, ``ack`` yes and no); the prefill stops early after
+(``--quick``: every transport not declared ``slow``), 100,000 / 10,000 in the
+full matrix (every transport, ``ack`` yes and no); the prefill stops early after
 ``Sizing.prefill_s`` seconds (slow publishers send fewer: filesystem, redis).
-A broker module's ``MAX_BACKLOG`` caps ``N`` where each message costs more as
-the backlog grows (filesystem: 2,000). ``--messages`` sets ``N``.
+A transport's ``max_backlog`` caps ``N`` where each message costs more as the
+backlog grows (filesystem: 2,000). ``--messages`` sets ``N``.
 """
 from __future__ import annotations
 
-import shutil
 import socket
-import statistics
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -40,16 +39,12 @@ from pathlib import Path
 
 from .. import brokers, recorder
 from ..drivers import kombu as kombu_driver
+from ..drivers.consumer import SETTLE_S, Tally
 from ..drivers.producer import ProducerProcess
-from .publish import PAYLOAD_BYTES, cell_names, make_payload
+from ..drivers.target import Target
+from ..config import UsageError
+from . import Outcome, Scenario, make_payload, payload_bytes, register, unique_name
 
-NAME = "consume"
-DESCRIPTION = ("Consume (drain) rate per transport: a prefilled queue drained by a Kombu "
-               "Consumer in this process (callback decodes and acks), drain_events in a "
-               "loop; consume/s from the first drain call to the last message; every "
-               "message counted; fifo is fed by a concurrent producer process")
-
-QUICK_TRANSPORTS = ("memory", "unix", "fifo", "redis", "amqp")
 FED_NOTE = "fed by a concurrent producer process: bounded by the producer's rate"
 POLL_S = 0.05        # one drain_events wait; the whole drain is bounded by opts.timeout
 
@@ -76,36 +71,13 @@ SUMMARY = [
 ]
 
 
-# --------------------------------------------------------------------------- the matrix
-def _module(name: str):
-    try:
-        return brokers.module(name)
-    except ImportError:
-        return None
-
-
-def cells(opts) -> list[dict]:
-    payload = PAYLOAD_BYTES if opts.payload_bytes is None else opts.payload_bytes
-    serializers = tuple(opts.serializers) or ("json",)
-    transports = QUICK_TRANSPORTS if opts.quick else brokers.names()
-    acks = ("yes",) if opts.quick else ("yes", "no")
-    # Memory first (brokers.names() order): x_memory needs its rate measured already.
-    return [{"transport": t, "serializer": s, "payload_bytes": payload, "ack": a}
-            for a in acks for s in serializers for t in transports]
-
-
-def requires(params) -> set:
-    mod = _module(params["transport"])  # missing module: run_cell skips with the reason
-    return {mod.SERVICE} if mod is not None and mod.SERVICE else set()
-
-
 # --------------------------------------------------------------------------- draining
 class _Drainer:
     """A Consumer on ``conn`` counting into a Tally, with a receive timestamp per message."""
 
     def __init__(self, conn, queue, ack: bool, accept, capacity: int):
         self.conn = conn
-        self.tally = kombu_driver.Tally(capacity)
+        self.tally = Tally(capacity)
         self.ts = recorder.Timestamps(capacity, ("recv",))
         self.consumer = conn.Consumer([queue], callbacks=[self._callback(ack)], no_ack=not ack,
                                       accept=list(accept))
@@ -156,7 +128,7 @@ class _Drainer:
         ``cpu_ns`` is then this thread's CPU time spent draining."""
         tally, drain = self.tally, self.conn.drain_events
         progress = (lambda: tally.warmup) if warm else self.got
-        settle, deadline = kombu_driver.SETTLE_S, time.monotonic() + timeout
+        settle, deadline = SETTLE_S, time.monotonic() + timeout
         last = time.monotonic()
         cpu0 = time.thread_time_ns()
         t0 = recorder.now_ns()
@@ -184,12 +156,12 @@ def _sizing(opts) -> Sizing:
     return QUICK if opts.quick else FULL
 
 
-def _count(mod, opts) -> int:
+def _count(info: brokers.Transport, opts) -> int:
     if opts.messages:
         return int(opts.messages)
     sizing = _sizing(opts)
-    n = sizing.server if mod.SERVICE else sizing.embedded
-    limit = getattr(mod, "MAX_BACKLOG", None)   # filesystem: its drain is quadratic
+    n = sizing.server if info.service else sizing.embedded
+    limit = info.max_backlog   # filesystem: its drain is quadratic in the backlog
     return min(n, limit) if limit else n
 
 
@@ -210,7 +182,7 @@ def _prefill(driver, first: int, n: int, budget_s: float | None) -> int:
 
 
 def _measure(driver, target, holds_backlog: bool, n: int, ack: bool, opts,
-             workdir: Path) -> dict:
+             workdir: Path) -> Outcome:
     warm_n = max(50, n // 20)
     notes = []
     producer = None
@@ -267,45 +239,60 @@ def _measure(driver, target, holds_backlog: bool, n: int, ack: bool, opts,
     }
     if feed_s:
         metrics["feed_per_s"] = sent / feed_s
-    out = {"metrics": metrics, "histograms": rec.histograms}
-    if notes:
-        out["note"] = "; ".join(notes)
-    return out
+    return Outcome(metrics, rec.histograms, notes)
 
 
-# x_memory: the memory rates of this run, per (run workdir, serializer, payload, ack).
-_memory_rates: dict[tuple, list[float]] = {}
+@register
+class Consume(Scenario):
+    name = "consume"
+    description = ("Consume (drain) rate per transport: a prefilled queue drained by a Kombu "
+                   "Consumer in this process (callback decodes and acks), drain_events in a "
+                   "loop; consume/s from the first drain call to the last message; every "
+                   "message counted; a transport that holds no backlog (fifo) is fed by a "
+                   "concurrent producer process")
+    summary = SUMMARY
 
+    def __init__(self, opts):
+        super().__init__(opts)
+        # The reference transport's rate per (round, serializer, payload, ack).
+        self._reference_rates: dict[tuple, float] = {}
 
-def _x_memory(metrics: dict, params, opts) -> None:
-    rate = metrics.get("consume_per_s")
-    if not rate:
-        return
-    key = (str(opts.workdir), params["serializer"], int(params["payload_bytes"]), params["ack"])
-    if params["transport"] == "memory":
-        _memory_rates.setdefault(key, []).append(rate)
-        metrics["x_memory"] = 1.0
-    elif _memory_rates.get(key):
-        metrics["x_memory"] = rate / statistics.median(_memory_rates[key])
+    def cells(self) -> list[dict]:
+        opts = self.opts
+        payload = payload_bytes(opts)
+        serializers = tuple(opts.serializers) or ("json",)
+        transports = [t.name for t in brokers.available() if not (opts.quick and t.slow)] \
+            if opts.quick else list(brokers.names())
+        acks = ("yes",) if opts.quick else ("yes", "no")
+        # The reference (memory) first in brokers' order: x_memory needs its rate already.
+        return [{"transport": t, "serializer": s, "payload_bytes": payload, "ack": a}
+                for a in acks for s in serializers for t in transports]
 
+    def _ratio(self, metrics: dict, params) -> None:
+        rate = metrics.get("consume_per_s")
+        reference = brokers.reference()
+        if not rate or reference is None:
+            return
+        # Paired with the reference cell of the same round.
+        key = (self.round, params["serializer"], int(params["payload_bytes"]), params["ack"])
+        if params["transport"] == reference:
+            self._reference_rates[key] = rate
+            metrics[f"x_{reference}"] = 1.0
+        elif key in self._reference_rates:
+            metrics[f"x_{reference}"] = rate / self._reference_rates[key]
 
-def run_cell(params, opts) -> dict:
-    name = params["transport"]
-    mod = brokers.module(name)  # the runner skips a transport that does not load here
-    if params["ack"] not in ("yes", "no"):
-        raise ValueError(f"ack={params['ack']!r}: expected yes or no")
-    holds_backlog = getattr(mod, "HOLDS_BACKLOG", brokers.HOLDS_BACKLOG_DEFAULT)
-    payload = make_payload(int(params["payload_bytes"]))
-    queue_name, workdir = cell_names(NAME, opts)
-    try:
-        with ExitStack() as stack:
+    def run_cell(self, params) -> Outcome:
+        name = params["transport"]
+        info = brokers.info(name)  # the runner skips a transport that does not load here
+        if params["ack"] not in ("yes", "no"):
+            raise UsageError(f"--only ack={params['ack']}: expected yes or no")
+        payload = make_payload(int(params["payload_bytes"]))
+        with self.cell_folder() as workdir, ExitStack() as stack:
             env = stack.enter_context(brokers.broker(name, workdir))
-            target = kombu_driver.Target.from_env(env, mod.CROSS_PROCESS, mod.SUPPORTS_BATCH)
-            driver = kombu_driver.Publisher(target, queue_name, "held", params["serializer"],
-                                            payload, opts.timeout)
-            result = _measure(driver, target, holds_backlog, _count(mod, opts),
-                              params["ack"] == "yes", opts, workdir)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    _x_memory(result["metrics"], params, opts)
-    return result
+            target = Target.from_env(env, info)
+            driver = kombu_driver.Publisher(target, unique_name(self.name), "held",
+                                            params["serializer"], payload, self.opts.timeout)
+            outcome = _measure(driver, target, info.holds_backlog, _count(info, self.opts),
+                               params["ack"] == "yes", self.opts, workdir)
+        self._ratio(outcome.metrics, params)
+        return outcome

@@ -16,7 +16,6 @@ scenario's last cell.
 """
 from __future__ import annotations
 
-import atexit
 import shutil
 import statistics
 import tempfile
@@ -27,11 +26,10 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import brokers, config, recorder, runner, workers
+from .. import backends, brokers, config, recorder, workers
 from ..celery_app import make_app
-from . import _celery
+from . import Outcome, Scenario, Skip, _celery, register
 
-NAME = "fanout"
 DESCRIPTION = (
     "The seed's crawl (pages x objects, HTTP calls as sleeps at 1/100 of its seconds: page "
     "5 ms, object 30 ms; --task-seconds sets the object's and scales the rest alike) in four "
@@ -67,105 +65,55 @@ SUMMARY = [
 ]
 
 
-def _backend_for(transport: str) -> str:
-    return "sqlite" if brokers.module(transport).SERVICE is None else "redis"
-
-
-def cells(opts) -> list[dict]:
-    pool = opts.pool or "prefork"
-    concurrency = opts.concurrency or DEFAULT_CONCURRENCY
-    # --transport picks the transports (the quick slice too); else embedded, redis, amqp.
-    embedded = _celery.embedded_transport()
-    transports = opts.transports or ((embedded,) if opts.quick else (embedded, "redis", "amqp"))
-    pages, objects = SIZE_QUICK if opts.quick else SIZE
-    object_ms = round((opts.task_seconds or OBJECT_S) * 1000, 3)
-    return [{"transport": t, "backend": _backend_for(t), "shape": shape, "pool": pool,
-             "concurrency": concurrency, "pages": pages, "objects": objects,
-             "object_ms": object_ms}
-            for t in transports for shape in SHAPES]
-
-
 def _sleeps(params) -> dict:
     scale = float(params["object_ms"]) / 1000 / OBJECT_S
     return {step: seconds * scale for step, seconds in SLEEPS.items()}
 
 
-def requires(params) -> set[str]:
-    return _celery.services(params["transport"],
-                            "redis" if params["backend"] == "redis" else None)
-
-
 # --------------------------------------------------------------------------- the worker
 @dataclass
-class _Rig:
-    key: tuple
-    stack: ExitStack
-    app: object
-    procs: list
-    queue: str
-    forget: bool            # results live on a server: delete them when read
-
-
-_rig: _Rig | None = None
-_serial: dict[tuple, list[float]] = {}   # serial makespans (s) per rig key and size
+class _Rig(_celery.Rig):
+    app: object = None
+    queue: str = ""
+    forget: bool = False     # results live on a server: delete them when read
 
 
 def _rig_key(params) -> tuple:
     return (params["transport"], params["backend"], params["pool"], int(params["concurrency"]))
 
 
-def close() -> None:
-    """Stop the kept worker and its broker environment (idempotent). The runner calls
-    it as ``finish()`` after the scenario's last cell."""
-    global _rig
-    rig, _rig = _rig, None
-    if rig is not None:
-        rig.stack.close()
-
-
-finish = close
-atexit.register(close)  # after bench.workers' own: runs first, so queues get deleted
-
-
 def _open_rig(params, opts) -> _Rig:
-    global _rig
-    key = _rig_key(params)
-    if _rig is not None and _rig.key == key and all(w.alive() for w in _rig.procs):
-        return _rig
-    close()
     tag = uuid.uuid4().hex[:12]
     queue = f"bench.fanout.{tag}"
     workdir = Path(opts.workdir or tempfile.gettempdir()) / f"fanout-{tag}"
     stack = ExitStack()
     try:
-        workdir.mkdir(parents=True, exist_ok=True)
+        workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         stack.callback(shutil.rmtree, workdir, True)
         env = stack.enter_context(brokers.broker(params["transport"], workdir))
-        if params["backend"] == "sqlite":
-            backend = f"db+sqlite:///{workdir / 'results.sqlite'}"
-        else:
-            backend = config.service_url("redis")
+        backend = backends.get(params["backend"])
+        backend_url, conf, cleanup = backend.open(workdir, tag)
+        stack.callback(cleanup)
         # Results a run leaves on the server expire; chords' counters too.
-        conf = {"task_default_queue": queue, "result_expires": 600}
-        app = make_app(env.url, backend, env.transport_options, **conf)
+        conf.update(task_default_queue=queue, result_expires=600)
+        app = make_app(env.url, backend_url, env.transport_options, **conf)
         stack.callback(app.close)
         stack.callback(_celery.delete_queues, env, [queue])
-        if params["backend"] == "sqlite":
-            _celery.prepare_sqlite(app)
+        backend.prepare(app)
         with _celery.worker_failures():
             proc = stack.enter_context(workers.worker(
-                env.url, backend, transport_options=env.transport_options, conf=conf,
+                env.url, backend_url, transport_options=env.transport_options, conf=conf,
                 pool=params["pool"], concurrency=int(params["concurrency"]), queues=[queue],
                 ready_timeout=opts.timeout))
         stack.callback(_celery.stop_quickly, [proc])
-        rig = _Rig(key, stack, app, [proc], queue, forget=params["backend"] != "sqlite")
+        rig = _Rig(_rig_key(params), stack, [proc], app=app, queue=queue,
+                   forget=backend.service is not None)
         # Warm-up: every pool child imports, connects and stores a result once.
         n = 2 * int(params["concurrency"])
         _run_shape(rig, "per-object", 1, n, WARM_SLEEPS, time.monotonic() + opts.timeout)
     except BaseException:
         stack.close()
         raise
-    _rig = rig
     return rig
 
 
@@ -202,44 +150,75 @@ def _run_shape(rig: _Rig, shape, pages, objects, sleeps, deadline) -> tuple[floa
     return makespan_ns / 1e9, counts
 
 
-def run_cell(params, opts) -> dict:
-    shape, pages, objects = params["shape"], int(params["pages"]), int(params["objects"])
-    if shape not in SHAPES:
-        raise config.UsageError(f"fanout shape {shape!r}: choose from {', '.join(SHAPES)}")
-    reason = _celery.unusable(params["transport"])
-    if reason:
-        raise runner.Skip(reason)
-    rounds = ROUNDS_QUICK if opts.quick else ROUNDS
-    sleeps = _sleeps(params)
-    try:
-        rig = _open_rig(params, opts)
-        makespans, counts = [], Counter()
-        for _ in range(rounds):
-            seconds, tally = _run_shape(rig, shape, pages, objects, sleeps,
+@register
+class Fanout(Scenario):
+    name = "fanout"
+    description = DESCRIPTION
+    summary = SUMMARY
+
+    def __init__(self, opts):
+        super().__init__(opts)
+        self.kept = _celery.KeptWorker()
+        # Serial makespans (s) per round, rig key and size: the speedup's reference.
+        self._serial: dict[tuple, list[float]] = {}
+
+    def cells(self) -> list[dict]:
+        opts = self.opts
+        pool = opts.pool or "prefork"
+        concurrency = opts.concurrency or DEFAULT_CONCURRENCY
+        # --transport picks the transports (the quick slice too); else ours and the servers.
+        embedded = brokers.embedded()
+        transports = opts.transports or \
+            ((embedded,) if opts.quick else (embedded, *brokers.servers()))
+        pages, objects = SIZE_QUICK if opts.quick else SIZE
+        object_ms = round((opts.task_seconds or OBJECT_S) * 1000, 3)
+        return [{"transport": t, "backend": backends.for_transport(t).name, "shape": shape,
+                 "pool": pool, "concurrency": concurrency, "pages": pages, "objects": objects,
+                 "object_ms": object_ms}
+                for t in transports for shape in SHAPES]
+
+    def requires(self, params) -> set[str]:
+        return brokers.services(params["transport"]) | backends.services(params["backend"])
+
+    def close(self) -> None:
+        self.kept.close()
+
+    def run_cell(self, params) -> Outcome:
+        opts = self.opts
+        shape, pages, objects = params["shape"], int(params["pages"]), int(params["objects"])
+        if shape not in SHAPES:
+            raise config.UsageError(f"--only shape={shape}: choose from {', '.join(SHAPES)}")
+        reason = _celery.unusable(params["transport"])
+        if reason:
+            raise Skip(reason)
+        rounds = ROUNDS_QUICK if opts.quick else ROUNDS
+        sleeps = _sleeps(params)
+        notes = []
+        try:
+            rig = self.kept.get(_rig_key(params), lambda: _open_rig(params, opts))
+            makespans, counts = [], Counter()
+            for _ in range(rounds):
+                seconds, tally = _run_shape(rig, shape, pages, objects, sleeps,
+                                            time.monotonic() + opts.timeout)
+                makespans.append(seconds)
+                counts.update(tally)
+            base_key = rig.key + (pages, objects, params["object_ms"], self.round)
+            if shape == "serial":
+                self._serial.setdefault(base_key, []).extend(makespans)
+            elif not self._serial.get(base_key):
+                seconds, _ = _run_shape(rig, "serial", pages, objects, sleeps,
                                         time.monotonic() + opts.timeout)
-            makespans.append(seconds)
-            counts.update(tally)
-        base_key = rig.key + (pages, objects, params["object_ms"])
-        note = None
-        if shape == "serial":
-            _serial.setdefault(base_key, []).extend(makespans)
-        elif not _serial.get(base_key):
-            seconds, _ = _run_shape(rig, "serial", pages, objects, sleeps,
-                                    time.monotonic() + opts.timeout)
-            _serial[base_key] = [seconds]
-            note = "serial baseline: one round measured inside this cell"
-    except BaseException:
-        close()  # a failed or interrupted cell leaves no worker behind
-        raise
-    serial_s = statistics.median(_serial[base_key])
-    makespan_s = statistics.median(makespans)
-    metrics = {"makespan_s": makespan_s, "speedup": serial_s / makespan_s,
-               "serial_makespan_s": serial_s, "rounds": rounds, **dict(counts)}
-    rec = recorder.Recorder()
-    rec.add("makespan", [s * 1e6 for s in makespans])
-    out = {"metrics": metrics, "histograms": rec.histograms}
-    if counts["lost"] or counts["duplicates"]:
-        out["note"] = f"{counts['lost']} objects lost, {counts['duplicates']} duplicates"
-    if note:
-        out["note"] = "; ".join(filter(None, (out.get("note"), note)))
-    return out
+                self._serial[base_key] = [seconds]
+                notes.append("serial baseline: one round measured inside this cell")
+        except BaseException:
+            self.kept.close()  # a failed or interrupted cell leaves no worker behind
+            raise
+        serial_s = statistics.median(self._serial[base_key])
+        makespan_s = statistics.median(makespans)
+        metrics = {"makespan_s": makespan_s, "speedup": serial_s / makespan_s,
+                   "serial_makespan_s": serial_s, "rounds": rounds, **dict(counts)}
+        rec = recorder.Recorder()
+        rec.add("makespan", [s * 1e6 for s in makespans])
+        if counts["lost"] or counts["duplicates"]:
+            notes.insert(0, f"{counts['lost']} objects lost, {counts['duplicates']} duplicates")
+        return Outcome(metrics, rec.histograms, notes)

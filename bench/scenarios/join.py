@@ -32,11 +32,10 @@ from pathlib import Path
 from celery import chord, group
 from celery.exceptions import TimeoutError as CeleryTimeout
 
-from .. import brokers, config, joins, recorder, roundtrips, runner, workers
+from .. import backends, brokers, joins, recorder, roundtrips, workers
 from ..celery_app import make_app
-from . import _celery
+from . import Outcome, Scenario, Skip, _celery, register
 
-NAME = "join"
 DESCRIPTION = (
     "Waiting for a group's results: join(), join_native(), GroupResult.get(), a chord "
     "callback, and bench.joins' redis-pubsub / db-batch, over redis, rpc, SQLite and "
@@ -47,27 +46,15 @@ DESCRIPTION = (
     "round_trips_per_poll (a poll = a look then a sleep). interval 'default' is Celery's "
     "(0.5 s). --task-seconds makes tasks sleep; --messages sets joins per cell.")
 
-BACKENDS = ("sqlite", "postgresql", "redis", "rpc")
-METHODS = {
-    "sqlite": ("join", "join_native", "get", "chord", "db-batch"),
-    "postgresql": ("join", "join_native", "get", "chord", "db-batch"),
-    "redis": ("join", "join_native", "get", "chord", "redis-pubsub"),
-    "rpc": ("join", "join_native", "get", "chord"),
-}
-UNSUPPORTED = {
-    ("sqlite", "join_native"): "the database backend has no get_many: join_native() "
-                               "raises AttributeError (GroupResult.get() falls back to join())",
-    ("postgresql", "join_native"): "the database backend has no get_many: join_native() "
-                                   "raises AttributeError (GroupResult.get() falls back to join())",
-    ("rpc", "chord"): "the rpc backend does not support chords",
-}
+CELERY_METHODS = ("join", "join_native", "get", "chord")
 GROUP_SIZES = (1, 10, 100, 1000)
 INTERVALS = ("default", 0.05, 0.005)     # "default": not passed, Celery uses 0.5 s
-# (backend, method, interval): the known facts and both speedups, each beside Celery's own.
-QUICK = [("sqlite", "join", "default"), ("sqlite", "db-batch", "default"),
-         ("sqlite", "join", 0.005), ("sqlite", "db-batch", 0.005), ("sqlite", "chord", "default"),
-         ("redis", "join", "default"), ("redis", "join_native", "default"),
-         ("redis", "redis-pubsub", "default")]
+# The quick slice: the known facts and both speedups, each beside Celery's own. On the
+# serverless backend: join and its speedup at Celery's interval and at 5 ms, and a chord;
+# on each server backend with a native join and a speedup: join, join_native, the speedup.
+QUICK_EMBEDDED = (("join", "default"), ("speedup", "default"), ("join", 0.005),
+                  ("speedup", 0.005), ("chord", "default"))
+QUICK_SERVER = (("join", "default"), ("join_native", "default"), ("speedup", "default"))
 QUICK_GROUP = 10
 # Joins per repeat (after the warm-up), and the seconds after which a cell stops
 # adding joins once it has MIN_JOINS.
@@ -88,84 +75,38 @@ SUMMARY = [
 ]
 
 
-def _transport(backend: str) -> str:
-    if backend == "redis":
-        return "redis"
-    if backend == "rpc":
-        return "amqp"  # the rpc backend replies over the broker: it needs AMQP
-    return _celery.embedded_transport()
+def _transport(backend: backends.Backend) -> str:
+    """The broker a backend's cells use: the one it must go with (rpc: amqp), the broker of
+    its own server (redis with redis), or the serverless one (SQLite, PostgreSQL)."""
+    if backend.transport:
+        return backend.transport
+    same = [t.name for t in brokers.available() if backend.service and t.service == backend.service]
+    return same[0] if same else brokers.embedded()
 
 
-def _cell(backend, method, size, interval, task_seconds) -> dict:
-    return {"backend": backend, "transport": _transport(backend), "method": method,
+def _methods(backend: backends.Backend) -> list[str]:
+    return [*CELERY_METHODS, *([backend.speedup] if backend.speedup else [])]
+
+
+def _unsupported(backend: backends.Backend, method: str) -> str:
+    if method == "join_native" and not backend.native_join:
+        return backend.native_join_missing
+    if method == "chord" and not backend.chords:
+        return backend.chords_missing
+    return ""
+
+
+def _cell(backend: backends.Backend, method, size, interval, task_seconds) -> dict:
+    return {"backend": backend.name, "transport": _transport(backend), "method": method,
             "group_size": size, "interval": interval, "task_seconds": task_seconds}
 
 
-def cells(opts) -> list[dict]:
-    task_seconds = float(opts.task_seconds or 0.0)
-    if opts.quick:
-        return [_cell(b, m, QUICK_GROUP, i, task_seconds) for b, m, i in QUICK]
-    out = []
-    for b in BACKENDS:
-        for m in METHODS[b]:
-            if (b, m) in UNSUPPORTED:  # one skipped row says why, instead of twelve
-                out.append(_cell(b, m, QUICK_GROUP, "default", task_seconds))
-                continue
-            out += [_cell(b, m, size, interval, task_seconds)
-                    for size in GROUP_SIZES for interval in INTERVALS]
-    return out
-
-
-BACKEND_SERVICE = {"sqlite": None, "postgresql": "postgres", "redis": "redis", "rpc": "amqp"}
-
-
-def requires(params) -> set[str]:
-    return _celery.services(params["transport"], BACKEND_SERVICE[params["backend"]])
-
-
-# --------------------------------------------------------------------------- worker reuse
+# --------------------------------------------------------------------------- a kept worker
 @dataclass
-class _Setup:
-    key: tuple
-    stack: ExitStack
-    app: object
-    worker: workers.Worker
-    counter: roundtrips.Counter
+class _Setup(_celery.Rig):
+    app: object = None
+    counter: roundtrips.Counter = None
     joins: int = 0
-
-
-_current: _Setup | None = None
-
-
-def _key(params, opts) -> tuple:
-    return (params["backend"], params["transport"], opts.pool or "prefork", opts.concurrency or 2)
-
-
-def _backend(backend: str, folder: Path, tag: str) -> tuple[str, dict, callable]:
-    """(result backend URL, Celery settings, cleanup after the worker stopped)."""
-    if backend == "redis":
-        return config.service_url("redis"), {"result_expires": 600}, lambda: None
-    if backend == "rpc":
-        return "rpc://", {}, lambda: None
-    tables = {"task": f"bench_taskmeta_{tag}", "group": f"bench_groupmeta_{tag}"}
-    conf = {"database_table_names": tables}
-    if backend == "sqlite":
-        return f"db+sqlite:///{folder / 'results.sqlite'}", conf, lambda: None
-    url = config.service_url("postgres")
-
-    def drop_tables():  # unique names, so ours; Celery's sequences are shared, left alone
-        import sqlalchemy as sa
-
-        engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-        try:
-            with engine.begin() as conn:
-                for name in tables.values():
-                    conn.exec_driver_sql(f'DROP TABLE IF EXISTS "{name}"')
-        except Exception:  # best effort: the measurement is made, the server may be gone
-            pass
-        finally:
-            engine.dispose()
-    return f"db+{url}", conf, drop_tables
 
 
 def _start(params, opts) -> _Setup:
@@ -177,7 +118,7 @@ def _start(params, opts) -> _Setup:
     stack.callback(shutil.rmtree, folder, True)
     try:
         env = stack.enter_context(brokers.broker(params["transport"], folder))
-        backend_url, conf, cleanup = _backend(params["backend"], folder, tag)
+        backend_url, conf, cleanup = backends.get(params["backend"]).open(folder, tag)
         stack.callback(cleanup)
         queue = f"bench.join.{tag}"
         conf["task_default_queue"] = queue
@@ -191,27 +132,14 @@ def _start(params, opts) -> _Setup:
         counter = roundtrips.attach(app.backend)  # before the backend's first use
         stack.callback(app.close)
         stack.callback(joins.release, app.backend)
-        return _Setup(_key(params, opts), stack, app, w, counter)
+        return _Setup(_key(params, opts), stack, [w], app=app, counter=counter)
     except BaseException:
         stack.close()
         raise
 
 
-def _teardown() -> None:
-    global _current
-    setup, _current = _current, None
-    if setup is not None:
-        setup.stack.close()
-
-
-def _setup_for(params, opts) -> _Setup:
-    global _current
-    if _current is not None and (_current.key != _key(params, opts)
-                                 or not _current.worker.alive()):
-        _teardown()
-    if _current is None:
-        _current = _start(params, opts)
-    return _current
+def _key(params, opts) -> tuple:
+    return (params["backend"], params["transport"], opts.pool or "prefork", opts.concurrency or 2)
 
 
 # --------------------------------------------------------------------------- measuring
@@ -279,7 +207,7 @@ def _check_alive(worker: workers.Worker, *_) -> None:
 def _one_join(setup: _Setup, params, wait, acc: _Sample | None, size: int | None = None) -> None:
     app, n = setup.app, int(size or params["group_size"])
     sigs = [app.signature("bench.sleep", args=(params["task_seconds"],)) for _ in range(n)]
-    worker = setup.worker
+    worker = setup.procs[0]
     on_interval = partial(_check_alive, worker)
     counter, now = setup.counter, recorder.now_ns
     before_publish = counter.read()
@@ -318,7 +246,7 @@ def _one_join(setup: _Setup, params, wait, acc: _Sample | None, size: int | None
     acc.polls += sleeps[0] + 1
 
 
-def _measure(setup: _Setup, params, opts) -> dict:
+def _measure(setup: _Setup, params, opts) -> Outcome:
     wait = _waiter(params["method"], params["interval"], opts.timeout)
     # Warm-up (pool children, connections, tables, this method's own caches); a small
     # group is enough, and a 1000-task warm-up would double the cell's time.
@@ -352,19 +280,58 @@ def _measure(setup: _Setup, params, opts) -> dict:
         "waiter_cpu_frac": acc.cpu_ns / acc.wait_ns if acc.wait_ns else None,
         "wait_s": wait_s / joins_,
     }
-    return {"metrics": metrics, "histograms": rec.histograms}
+    return Outcome(metrics, rec.histograms)
 
 
-def run_cell(params, opts) -> dict:
-    reason = UNSUPPORTED.get((params["backend"], params["method"]))
-    if reason:
-        raise runner.Skip(reason)
-    try:
-        setup = _setup_for(params, opts)
-        return _measure(setup, params, opts)
-    except BaseException:
-        _teardown()  # a failed or interrupted cell leaves no worker and no queue behind
-        raise
+@register
+class Join(Scenario):
+    name = "join"
+    description = DESCRIPTION
+    summary = SUMMARY
 
+    def __init__(self, opts):
+        super().__init__(opts)
+        self.kept = _celery.KeptWorker()
 
-finish = _teardown  # the runner calls it after the scenario's last cell
+    def cells(self) -> list[dict]:
+        opts = self.opts
+        task_seconds = float(opts.task_seconds or 0.0)
+        every = [backends.get(n) for n in backends.names()]
+        if opts.quick:
+            out = []
+            for b in every:
+                if b.service is None and b.transport is None:
+                    slice_ = QUICK_EMBEDDED
+                elif b.service and b.native_join and b.speedup:
+                    slice_ = QUICK_SERVER
+                else:
+                    continue
+                out += [_cell(b, b.speedup if m == "speedup" else m, QUICK_GROUP, i,
+                              task_seconds) for m, i in slice_]
+            return out
+        out = []
+        for b in every:
+            for m in _methods(b):
+                if _unsupported(b, m):  # one skipped row says why, instead of twelve
+                    out.append(_cell(b, m, QUICK_GROUP, "default", task_seconds))
+                    continue
+                out += [_cell(b, m, size, interval, task_seconds)
+                        for size in GROUP_SIZES for interval in INTERVALS]
+        return out
+
+    def requires(self, params) -> set[str]:
+        return brokers.services(params["transport"]) | backends.services(params["backend"])
+
+    def close(self) -> None:
+        self.kept.close()
+
+    def run_cell(self, params) -> Outcome:
+        reason = _unsupported(backends.get(params["backend"]), params["method"])
+        if reason:
+            raise Skip(reason)
+        try:
+            setup = self.kept.get(_key(params, self.opts), lambda: _start(params, self.opts))
+            return _measure(setup, params, self.opts)
+        except BaseException:
+            self.kept.close()  # a failed or interrupted cell leaves no worker and no queue
+            raise

@@ -16,19 +16,14 @@ multiplier.
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 import uuid
 from contextlib import ExitStack
-from pathlib import Path
 
-from .. import brokers, recorder, workers
+from .. import backends, brokers, recorder, workers
 from ..celery_app import make_app
-from ..runner import Skip
-from . import _celery
+from . import Outcome, Scenario, Skip, _celery, register
 
-NAME = "prefetch"
 DESCRIPTION = (
     "Head-of-line blocking: two prefork -c 1 workers; a long task (3 s; 2 s quick; "
     "--task-seconds) is published and, once it has started, 10 x 10 ms tasks in one "
@@ -60,40 +55,12 @@ def _cell(transport, multiplier, acks_late, disable_prefetch, long_s) -> dict:
             "disable_prefetch": disable_prefetch, "long_s": long_s, "shorts": SHORTS}
 
 
-def cells(opts) -> list[dict]:
-    # --transport picks the transports (the quick slice too); else embedded, redis, amqp.
-    embedded = _celery.embedded_transport(multi_consumer=True)
-    if opts.quick:
-        long_s = opts.task_seconds or LONG_S_QUICK
-        # The seed's default (early ack, prefetch 4) against the documented cure.
-        return [_cell(t, m, a, False, long_s) for t in (opts.transports or (embedded,))
-                for m, a in ((4, False), (1, True))]
-    long_s = opts.task_seconds or LONG_S
-    out = []
-    for transport in opts.transports or (embedded, "redis", "amqp"):
-        for multiplier in (4, 1):
-            for acks_late in (False, True):
-                out.append(_cell(transport, multiplier, acks_late, False, long_s))
-        for acks_late in (False, True):
-            out.append(_cell(transport, 4, acks_late, True, long_s))
-    return out
-
-
-def requires(params) -> set[str]:
-    return _celery.services(params["transport"])
-
-
-def _disable_prefetch_unsupported(env) -> str | None:
+def _disable_prefetch_unsupported(transport: str) -> str | None:
     # Celery 5.7 (worker/consumer/tasks.py) honours it only when driver_type == 'redis'.
-    conn = env.connection()
-    try:
-        driver = conn.transport.driver_type
-    finally:
-        conn.release()
-    if driver == "redis":
+    if "disable_prefetch" in brokers.info(transport).capabilities:
         return None
-    return (f"worker_disable_prefetch is redis-only in Celery 5.7 (this broker's driver is "
-            f"{driver!r}: the worker would ignore it)")
+    return (f"worker_disable_prefetch is ignored by Celery 5.7 over {transport} (it honours "
+            f"it on redis only): the cell would measure multiplier 4")
 
 
 def _warm_up(app, queue, procs, deadline) -> None:
@@ -152,45 +119,67 @@ def _measure(runs: list[dict], long_s: float) -> tuple[dict, list]:
     return metrics, [w / 1000.0 for w in waits_ns]
 
 
-def run_cell(params, opts) -> dict:
-    long_s, shorts = float(params["long_s"]), int(params["shorts"])
-    tag = uuid.uuid4().hex[:12]
-    queue = f"bench.prefetch.{tag}"
-    workdir = Path(opts.workdir or tempfile.gettempdir()) / f"prefetch-{tag}"
-    workdir.mkdir(parents=True, exist_ok=True)
-    conf = {"task_default_queue": queue,
-            "worker_prefetch_multiplier": int(params["prefetch_multiplier"]),
-            "task_acks_late": bool(params["acks_late"]),
-            "worker_disable_prefetch": bool(params["disable_prefetch"]),
-            "task_track_started": True}
-    backend = f"db+sqlite:///{workdir / 'results.sqlite'}"
-    try:
-        reason = _celery.unusable(params["transport"])
+@register
+class Prefetch(Scenario):
+    name = "prefetch"
+    description = DESCRIPTION
+    summary = SUMMARY
+
+    def cells(self) -> list[dict]:
+        opts = self.opts
+        # --transport picks the transports (the quick slice too); else ours and the servers.
+        embedded = brokers.embedded(multi_consumer=True)
+        if opts.quick:
+            long_s = opts.task_seconds or LONG_S_QUICK
+            # The seed's default (early ack, prefetch 4) against the documented cure.
+            return [_cell(t, m, a, False, long_s) for t in (opts.transports or (embedded,))
+                    for m, a in ((4, False), (1, True))]
+        long_s = opts.task_seconds or LONG_S
+        out = []
+        for transport in opts.transports or (embedded, *brokers.servers()):
+            for multiplier in (4, 1):
+                for acks_late in (False, True):
+                    out.append(_cell(transport, multiplier, acks_late, False, long_s))
+            for acks_late in (False, True):
+                out.append(_cell(transport, 4, acks_late, True, long_s))
+        return out
+
+    def run_cell(self, params) -> Outcome:
+        long_s, shorts = float(params["long_s"]), int(params["shorts"])
+        opts = self.opts
+        reason = _celery.unusable(params["transport"]) or \
+            (params["disable_prefetch"] and _disable_prefetch_unsupported(params["transport"]))
         if reason:
             raise Skip(reason)
-        with brokers.broker(params["transport"], workdir) as env, ExitStack() as stack:
-            if params["disable_prefetch"]:
-                reason = _disable_prefetch_unsupported(env)
-                if reason:
-                    raise Skip(reason)
+        queue = f"bench.prefetch.{uuid.uuid4().hex[:12]}"
+        conf = {"task_default_queue": queue,
+                "worker_prefetch_multiplier": int(params["prefetch_multiplier"]),
+                "task_acks_late": bool(params["acks_late"]),
+                "worker_disable_prefetch": bool(params["disable_prefetch"]),
+                "task_track_started": True}
+        backend = backends.embedded()
+        with self.cell_folder() as workdir, \
+                brokers.broker(params["transport"], workdir) as env, ExitStack() as stack:
+            backend_url, backend_conf, cleanup = backend.open(workdir, "prefetch")
+            stack.callback(cleanup)
+            conf.update(backend_conf)
             stack.callback(_celery.delete_queues, env, [queue])
-            app = make_app(env.url, backend, env.transport_options, **conf)
+            app = make_app(env.url, backend_url, env.transport_options, **conf)
             stack.callback(app.close)
-            _celery.prepare_sqlite(app)
+            backend.prepare(app)
             with _celery.worker_failures():
                 procs = stack.enter_context(workers.workers(
-                    WORKERS, env.url, backend, transport_options=env.transport_options,
+                    WORKERS, env.url, backend_url, transport_options=env.transport_options,
                     conf=conf, pool="prefork", concurrency=1, queues=[queue],
                     ready_timeout=opts.timeout))
                 _warm_up(app, queue, procs, time.monotonic() + opts.timeout)
                 pending = _publish(app, queue, long_s, shorts, procs,
                                    time.monotonic() + opts.timeout)
-                runs = _celery.wait(app, pending, procs, time.monotonic() + long_s + opts.timeout,
+                runs = _celery.wait(app, pending, procs,
+                                    time.monotonic() + long_s + opts.timeout,
                                     f"the long task and {shorts} short ones")
                 _celery.stop_quickly(procs)
             metrics, waits_us = _measure(runs, long_s)
             rec = recorder.Recorder()
             rec.add("short_wait", waits_us)
-            return {"metrics": metrics, "histograms": rec.histograms}
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+            return Outcome(metrics, rec.histograms)

@@ -9,8 +9,8 @@ Rungs (cell params ``api`` / ``producer`` / ``method``):
 over every transport in :mod:`bench.brokers` (a new broker module joins the
 matrix with no change here) and each serializer. Each cell warms up, publishes
 (closed loop, or on a fixed schedule with ``--rate``), then a consumer counts
-what arrived: ``lost = sent - received``. Where the broker module says
-``CROSS_PROCESS`` the consumer is another process attached before publishing,
+what arrived: ``lost = sent - received``. Where the transport declares
+``cross_process`` the consumer is another process attached before publishing,
 so it also records end-to-end latency; otherwise (memory) the cell drains in
 this process every ``CHUNK`` messages, outside the timed sections, which keeps
 memory flat. Sizing is by time (``--duration``, capped at ``Sizing.cap``
@@ -23,12 +23,8 @@ message: on a shared machine it is the figure being descheduled cannot inflate.
 """
 from __future__ import annotations
 
-import json
 import math
-import shutil
-import tempfile
 import time
-import uuid
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,13 +33,11 @@ from .. import brokers, pacing, recorder
 from ..drivers import celery as celery_driver
 from ..drivers import kombu as kombu_driver
 from ..drivers import queue as queue_driver
-from ..runner import Skip
+from ..drivers.consumer import ConsumerProcess, Received, Tally
+from ..drivers.target import Target
+from ..drivers.userapp import broker_label, check_task, load_app
+from . import Outcome, Scenario, Skip, make_payload, payload_bytes, register, unique_name
 
-NAME = "publish"
-DESCRIPTION = ("Publish rate and latency: queue.Queue ceiling, Kombu producer strategies, "
-               "Celery delay/apply_async/send_task; every message counted")
-
-PAYLOAD_BYTES = 112
 CHUNK = 50_000            # in-process consumers drain every CHUNK messages (flat memory)
 APP_TRANSPORT = "app"     # the transport param of --app cells
 
@@ -75,53 +69,9 @@ SUMMARY = [
 ]
 
 
-# --------------------------------------------------------------------------- the matrix
-def _cell(api, producer, method, transport, serializer, payload_bytes) -> dict:
+def _cell(api, producer, method, transport, serializer, payload) -> dict:
     return {"api": api, "producer": producer, "method": method, "transport": transport,
-            "serializer": serializer, "payload_bytes": payload_bytes}
-
-
-def _broker_attr(name: str, attr: str, default):
-    try:
-        return getattr(brokers.module(name), attr)
-    except ImportError:
-        return default
-
-
-def _app(opts):
-    """The user's app and task for --app/--task (validated: a usage error otherwise)."""
-    app = celery_driver.load_app(opts.app)
-    task = opts.task or celery_driver.DEFAULT_TASK
-    celery_driver.check_task(app, opts.app, task)
-    return app, task
-
-
-def cells(opts) -> list[dict]:
-    payload = PAYLOAD_BYTES if opts.payload_bytes is None else opts.payload_bytes
-    serializers = tuple(opts.serializers) or (("json",) if opts.quick else ("json", "pickle"))
-    out = [_cell("queue", "-", "put", "memory", "-", payload)]
-    if opts.app:
-        app, _ = _app(opts)
-        ser = app.conf.task_serializer
-        out += [_cell("kombu", s, "publish", APP_TRANSPORT, ser, payload)
-                for s in kombu_driver.STRATEGIES]
-        out += [_cell("celery", p, m, APP_TRANSPORT, ser, payload) for m, p in CELERY_RUNGS]
-        return out
-    for transport in brokers.names():
-        in_process = not _broker_attr(transport, "CROSS_PROCESS", True)
-        rungs = CELERY_RUNGS if (in_process or not opts.quick) else CELERY_QUICK_REMOTE
-        for ser in serializers:
-            out += [_cell("kombu", s, "publish", transport, ser, payload)
-                    for s in kombu_driver.STRATEGIES]
-            out += [_cell("celery", p, m, transport, ser, payload) for m, p in rungs]
-    return out
-
-
-def requires(params) -> set:
-    if params["api"] == "queue" or params["transport"] == APP_TRANSPORT:
-        return set()
-    service = _broker_attr(params["transport"], "SERVICE", None)  # missing module: run_cell skips
-    return {service} if service else set()
+            "serializer": serializer, "payload_bytes": payload}
 
 
 # --------------------------------------------------------------------------- hot loops
@@ -219,7 +169,7 @@ def _publish(driver, ts, n: int, budget_ns, pacer, drain_chunk) -> tuple[int, in
     return sent, busy, time.thread_time_ns() - cpu0
 
 
-def _histograms(ts, sent: int, got: kombu_driver.Received, rate) -> tuple[dict, str]:
+def _histograms(ts, sent: int, got: Received, rate) -> tuple[dict, str]:
     rec = recorder.Recorder()
     ts.count = sent
     start, end = ts.column("start"), ts.column("end")
@@ -243,7 +193,7 @@ def _histograms(ts, sent: int, got: kombu_driver.Received, rate) -> tuple[dict, 
     return rec.histograms, basis
 
 
-def _measure(driver, cross_process: bool, opts, workdir: Path) -> dict:
+def _measure(driver, cross_process: bool, opts, workdir: Path) -> Outcome:
     sizing = _sizing(opts)
     n, budget_ns = _plan(opts, sizing)
     warm_s = sizing.warmup if opts.warmup is None else opts.warmup
@@ -255,8 +205,7 @@ def _measure(driver, cross_process: bool, opts, workdir: Path) -> dict:
     warm_note = None
     try:
         if cross_process:
-            consumer = kombu_driver.ConsumerProcess(driver.consumer_spec(), n, workdir,
-                                                    opts.timeout)
+            consumer = ConsumerProcess(driver.consumer_spec(), n, workdir, opts.timeout)
             consumer.start()
             consumer.wait_ready()
         driver.open()
@@ -264,13 +213,13 @@ def _measure(driver, cross_process: bool, opts, workdir: Path) -> dict:
         if consumer is not None:
             warm_got = consumer.warm(warm_sent)
         else:
-            wt = kombu_driver.Tally(0)
+            wt = Tally(0)
             driver.drain(wt, lambda: wt.warmup >= warm_sent, opts.timeout)
             warm_got = wt.warmup
         if warm_got < warm_sent:
             warm_note = f"warm-up: {warm_sent - warm_got} of {warm_sent} lost"
 
-        tally = None if cross_process else kombu_driver.Tally(n)
+        tally = None if cross_process else Tally(n)
 
         def drain_upto(upto: int) -> None:
             driver.drain(tally, lambda: tally.received >= upto, opts.timeout)
@@ -283,7 +232,7 @@ def _measure(driver, cross_process: bool, opts, workdir: Path) -> dict:
             notes += got.notes
         else:
             drain_upto(sent)
-            got = kombu_driver.Received(**tally.counts())
+            got = Received(**tally.counts())
         drain_s = time.monotonic() - t0
     finally:
         if consumer is not None:
@@ -316,72 +265,96 @@ def _measure(driver, cross_process: bool, opts, workdir: Path) -> dict:
         if rate_metrics["rate_shortfall"]:
             notes.append(f"achieved {rate_metrics['rate_achieved_per_s']:.0f}/s of "
                          f"{opts.rate:g}/s asked")
-    out = {"metrics": metrics, "histograms": histograms}
-    if notes:
-        out["note"] = "; ".join(notes)
-    return out
+    return Outcome(metrics, histograms, notes)
 
 
-def _target(params, opts, stack: ExitStack, workdir: Path):
-    """Where this cell publishes: a bench broker environment, or the --app's broker."""
-    if params["transport"] == APP_TRANSPORT:
-        app, _ = _app(opts)
-        target = celery_driver.app_target(app, opts.app)
-        try:
-            with target.connect() as conn:
-                conn.ensure_connection(max_retries=1, timeout=min(opts.timeout, 10.0))
-        except Exception as exc:
-            raise Skip(f"--app {opts.app}: broker {celery_driver.broker_label(app)} "
-                       f"unreachable: {exc}") from None
-        return target
-    name = params["transport"]
-    mod = brokers.module(name)  # the runner skips a transport that does not load here
-    if params["producer"] == "batch" and not mod.SUPPORTS_BATCH:
-        raise Skip(f"no Producer.batch on {name} (SUPPORTS_BATCH=False): it would "
-                   f"publish one by one, as held does")
-    env = stack.enter_context(brokers.broker(name, workdir))
-    return kombu_driver.Target.from_env(env, mod.CROSS_PROCESS, mod.SUPPORTS_BATCH)
+@register
+class Publish(Scenario):
+    name = "publish"
+    description = ("Publish rate and latency: queue.Queue ceiling, Kombu producer strategies, "
+                   "Celery delay/apply_async/send_task; every message counted")
+    summary = SUMMARY
 
+    def _app(self):
+        """The user's app and task for --app/--task (validated: a usage error otherwise)."""
+        app = load_app(self.opts.app)
+        task = self.opts.task or celery_driver.DEFAULT_TASK
+        check_task(app, self.opts.app, task)
+        return app, task
 
-def make_payload(nbytes: int):
-    """A body whose JSON is ``nbytes`` long: ``{"data": "xxx..."}`` (a bare string when
-    smaller than the braces)."""
-    overhead = len(json.dumps({"data": ""}))
-    if nbytes < overhead:
-        return "x" * max(0, nbytes - 2)
-    return {"data": "x" * (nbytes - overhead)}
+    def cells(self) -> list[dict]:
+        opts = self.opts
+        payload = payload_bytes(opts)
+        serializers = tuple(opts.serializers) or (("json",) if opts.quick else ("json", "pickle"))
+        out = [_cell("queue", "-", "put", brokers.reference() or "-", "-", payload)]
+        if opts.app:
+            app, _ = self._app()
+            ser = app.conf.task_serializer
+            out += [_cell("kombu", s, "publish", APP_TRANSPORT, ser, payload)
+                    for s in kombu_driver.STRATEGIES]
+            out += [_cell("celery", p, m, APP_TRANSPORT, ser, payload) for m, p in CELERY_RUNGS]
+            return out
+        for transport in brokers.names():
+            try:
+                in_process = not brokers.info(transport).cross_process
+            except ImportError:
+                in_process = False  # listed, so the runner skips it with the reason
+            rungs = CELERY_RUNGS if (in_process or not opts.quick) else CELERY_QUICK_REMOTE
+            for ser in serializers:
+                out += [_cell("kombu", s, "publish", transport, ser, payload)
+                        for s in kombu_driver.STRATEGIES]
+                out += [_cell("celery", p, m, transport, ser, payload) for m, p in rungs]
+        return out
 
+    def requires(self, params) -> set:
+        if params["api"] == "queue" or params["transport"] == APP_TRANSPORT:
+            return set()
+        return brokers.services(params["transport"])
 
-def cell_names(scenario: str, opts) -> tuple[str, Path]:
-    """A unique queue name for one cell, and that cell's private folder under the run's."""
-    queue_name = f"celery-bench-{scenario}-{uuid.uuid4().hex[:12]}"
-    base = Path(opts.workdir) if opts.workdir else Path(tempfile.gettempdir())
-    return queue_name, base / queue_name
+    def _target(self, params, stack: ExitStack, workdir: Path) -> Target:
+        """Where this cell publishes: a bench broker environment, or the --app's broker."""
+        opts = self.opts
+        if params["transport"] == APP_TRANSPORT:
+            app, _ = self._app()
+            target = Target.for_app(app, opts.app)
+            try:
+                with target.connect() as conn:
+                    conn.ensure_connection(max_retries=1, timeout=min(opts.timeout, 10.0))
+            except Exception as exc:
+                raise Skip(f"--app {opts.app}: broker {broker_label(app)} "
+                           f"unreachable: {exc}") from None
+            return target
+        name = params["transport"]
+        info = brokers.info(name)  # the runner skips a transport that does not load here
+        if params["producer"] == "batch" and not info.supports_batch:
+            raise Skip(f"no Producer.batch on {name} (supports_batch=False): it would "
+                       f"publish one by one, as held does")
+        env = stack.enter_context(brokers.broker(name, workdir))
+        return Target.from_env(env, info)
 
-
-def run_cell(params, opts) -> dict:
-    payload = make_payload(int(params["payload_bytes"]))
-    queue_name, workdir = cell_names(NAME, opts)
-    try:
-        with ExitStack() as stack:
+    def run_cell(self, params) -> Outcome:
+        opts = self.opts
+        payload = make_payload(int(params["payload_bytes"]))
+        with self.cell_folder() as workdir, ExitStack() as stack:
             if params["api"] == "queue":
                 return _measure(queue_driver.Publisher(payload), False, opts, workdir)
-            target = _target(params, opts, stack, workdir)
+            target = self._target(params, stack, workdir)
             if params["producer"] == "batch" and not target.supports_batch:
                 raise Skip("no Producer.batch on this broker: it would publish one by one, "
                            "as held does")
-            user_app, task = _app(opts) if params["transport"] == APP_TRANSPORT else (None, None)
+            user_app, task = self._app() if params["transport"] == APP_TRANSPORT \
+                else (None, None)
+            queue_name = unique_name(self.name)
             if params["api"] == "kombu":
                 driver = kombu_driver.Publisher(target, queue_name, params["producer"],
-                                                params["serializer"], payload, opts.timeout)
+                                                params["serializer"], payload, opts.timeout,
+                                                retry=True)
             else:
                 driver = celery_driver.Publisher(
                     target, queue_name, params["method"], params["producer"],
                     params["serializer"], payload, opts.timeout, app=user_app,
                     task_name=task or celery_driver.DEFAULT_TASK)
-            result = _measure(driver, target.cross_process, opts, workdir)
+            outcome = _measure(driver, target.cross_process, opts, workdir)
             if user_app is not None:
-                result["metrics"]["broker"] = celery_driver.broker_label(user_app)
-            return result
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+                outcome.metrics["broker"] = broker_label(user_app)
+            return outcome

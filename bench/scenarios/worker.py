@@ -50,27 +50,24 @@ What the cells show, and why (Celery 5.7, Kombu 5.7):
 """
 from __future__ import annotations
 
-import atexit
 import os
 import shutil
-import statistics
 import tempfile
 import time
 import uuid
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 
 import numpy as np
 from kombu.utils.uuid import uuid as task_id
 
-from .. import brokers, pacing, recorder, runner, workers
+from .. import brokers, pacing, recorder, workers
 from ..celery_app import make_app
 from ..tasks import worker as tick
-from . import _celery
+from . import Outcome, Scenario, Skip, _celery, register
 
-NAME = "worker"
 DESCRIPTION = (
     "A real Celery worker (solo, and prefork -c 2; Celery's defaults: prefetch x4, early "
     "ack) running no-op tasks over each cross-process transport. throughput: 10,000 tasks "
@@ -91,7 +88,6 @@ MODES = ("throughput", "latency")
 POOLS = ("solo", "prefork")
 DEFAULT_CONCURRENCY = 2
 TASKS, TASKS_QUICK = 10_000, 2_000
-SERVER_REFERENCES = ("amqp", "redis")  # quick-run comparison cells
 RATE = 200.0
 DURATION, DURATION_QUICK = 5.0, 1.0
 WARMUP_FRACTION = 0.1      # prefilled: warm-up tasks queued ahead of the measured ones
@@ -99,68 +95,18 @@ WARMUP_LATENCY_S = 0.2     # paced warm-up before a latency stream (--warmup)
 WARMUP_FED = 50            # tasks, paced, before a fed throughput run
 STALL_S = 1.0              # a pause this long between two task starts is a stall
 IDLE_LIMIT_S = 15.0        # no task for this long (Celery's longest poll is 10 s): stop waiting
-FEED_WRITE_TIMEOUT = 3.0   # a no-op worker empties a full pipe in well under 1 s
 POLL_S = 0.01
-# Queues that exist only while their consumer reads them ("no consumer, no publish").
-FED = frozenset({"fifo"})
-# Polling transport at ~1k tasks/s: full runs only.
-SLOW = frozenset({"filesystem"})
-BASELINES = ("amqp", "redis")
 
 SUMMARY = [
     ("tasks_per_s", "tasks/s"),
-    ("x_amqp", "x amqp"),
-    ("x_redis", "x redis"),
+    # x_<server>: this rate over that server transport's, same round (amqp, redis).
+    *[(f"x_{name}", f"x {name}") for name in brokers.servers()],
     ("lost", "lost"),
     ("stall_s", "stalled s"),
     ("publish_to_start.p50", "pub-start p50 us"),
     ("publish_to_start.p99", "pub-start p99 us"),
     ("sent", "sent"),
 ]
-
-
-# --------------------------------------------------------------------------- the matrix
-def _transports(opts) -> tuple:
-    if opts.transports:
-        return tuple(opts.transports)
-    out = []
-    for name in brokers.names():
-        try:
-            mod = brokers.module(name)
-        except ImportError:
-            continue
-        if not mod.CROSS_PROCESS:
-            continue
-        if opts.quick and (mod.SERVICE is not None or name in SLOW):
-            continue
-        out.append(name)
-    return tuple(out)
-
-
-def cells(opts) -> list[dict]:
-    concurrency = opts.concurrency or DEFAULT_CONCURRENCY
-    tasks = opts.messages or (TASKS_QUICK if opts.quick else TASKS)
-    rate = opts.rate or RATE
-    duration = opts.duration or (DURATION_QUICK if opts.quick else DURATION)
-    paced = opts.messages or max(1, round(rate * duration))
-    out = []
-    if opts.quick and not opts.transports and opts.pool in (None, "prefork"):
-        # The servers' prefork throughput first (skipped when unreachable), so the unix/amqp
-        # and unix/redis ratios (x_amqp, x_redis) are measured side by side in every quick run.
-        for transport in SERVER_REFERENCES:
-            out.append({"transport": transport, "pool": "prefork", "concurrency": concurrency,
-                        "mode": "throughput", "tasks": tasks, "rate": "-"})
-    for transport in _transports(opts):
-        for pool in ((opts.pool,) if opts.pool else POOLS):
-            c = 1 if pool == "solo" else concurrency
-            base = {"transport": transport, "pool": pool, "concurrency": c}
-            out.append({**base, "mode": "throughput", "tasks": tasks, "rate": "-"})
-            out.append({**base, "mode": "latency", "tasks": paced, "rate": rate})
-    return out
-
-
-def requires(params) -> set[str]:
-    return _celery.services(params["transport"])
 
 
 # --------------------------------------------------------------------------- tick files
@@ -203,43 +149,24 @@ class _Ticks:
 
 # --------------------------------------------------------------------------- the worker
 @dataclass
-class _Rig:
-    key: tuple
-    stack: ExitStack
-    env: object
-    app: object
-    queue: str
-    ticks: _Ticks
-    procs: list = field(default_factory=list)
+class _Rig(_celery.Rig):
+    env: object = None
+    app: object = None
+    queue: str = ""
+    ticks: _Ticks = None
     warm: bool = False
     clean: bool = True      # nothing of an earlier run is still queued or running
 
-
-_rig: _Rig | None = None
-_runs = count(1)
-_rates: dict[tuple, list[float]] = {}   # throughput per (run workdir, transport, pool, c, tasks)
+    def alive(self) -> bool:
+        return bool(self.procs) and self.clean and super().alive()
 
 
 def _rig_key(params) -> tuple:
     return (params["transport"], params["pool"], int(params["concurrency"]))
 
 
-def close() -> None:
-    """Stop the kept worker and its broker environment (idempotent)."""
-    global _rig
-    rig, _rig = _rig, None
-    if rig is not None:
-        rig.stack.close()
-
-
-finish = close  # the runner calls it after the scenario's last cell
-atexit.register(close)  # after bench.workers' own: runs first, so queues get deleted
-
-
 def _open(params, opts) -> _Rig:
     """A broker environment, a unique queue and the app; no worker yet."""
-    global _rig
-    close()
     tag = uuid.uuid4().hex[:12]
     queue = f"bench.worker.{tag}"
     stack = ExitStack()
@@ -250,17 +177,14 @@ def _open(params, opts) -> _Rig:
         ticks = folder / "ticks"
         ticks.mkdir(mode=0o700)
         env = stack.enter_context(brokers.broker(params["transport"], folder))
-        options = dict(env.transport_options)
-        if params["transport"] in FED:
-            options["write_timeout"] = FEED_WRITE_TIMEOUT
-        app = make_app(env.url, None, options, task_default_queue=queue, task_ignore_result=True)
+        app = make_app(env.url, None, env.transport_options, task_default_queue=queue,
+                       task_ignore_result=True)
         stack.callback(app.close)
         stack.callback(_celery.delete_queues, env, [queue])
     except BaseException:
         stack.close()
         raise
-    _rig = _Rig(_rig_key(params), stack, env, app, queue, _Ticks(ticks))
-    return _rig
+    return _Rig(_rig_key(params), stack, env=env, app=app, queue=queue, ticks=_Ticks(ticks))
 
 
 def _start_worker(rig: _Rig, params, opts) -> None:
@@ -274,17 +198,6 @@ def _start_worker(rig: _Rig, params, opts) -> None:
             ready_timeout=opts.timeout))
     rig.stack.callback(_celery.stop_quickly, [proc])
     rig.procs = [proc]
-
-
-def _running_rig(params, opts) -> _Rig:
-    """The kept worker when it fits this cell, else a new one."""
-    rig = _rig
-    if (rig is not None and rig.key == _rig_key(params) and rig.procs and rig.clean
-            and all(w.alive() for w in rig.procs)):
-        return rig
-    rig = _open(params, opts)
-    _start_worker(rig, params, opts)
-    return rig
 
 
 # --------------------------------------------------------------------------- publishing
@@ -391,70 +304,6 @@ def _counts(n: int, ran: np.ndarray, duplicates: int) -> dict:
     return {"sent": n, "received": len(ran), "lost": n - len(ran), "duplicates": duplicates}
 
 
-# --------------------------------------------------------------------------- throughput
-def _throughput(params, opts) -> dict:
-    transport, n = params["transport"], int(params["tasks"])
-    fed = transport in FED
-    run = next(_runs)
-    if fed:
-        rig = _running_rig(params, opts)
-        if not rig.warm:
-            warm = next(_runs)
-            _paced(rig, warm, WARMUP_FED, RATE)
-            _require_all(rig, warm, WARMUP_FED, opts, "warm-up tasks")
-            rig.warm = True
-        messages = _messages(rig.app, run, n)
-        sent = np.zeros(n, dtype=np.int64)
-        try:
-            publish_rate = _publish(rig, messages, sent)
-        except _PublishStopped as exc:
-            rig.clean = False
-            rig.ticks.poll()
-            raise RuntimeError(
-                f"the worker stopped taking tasks ({rig.ticks.count(run)} of {exc.published} "
-                f"published had run) and the publisher gave up: {exc}") from None
-    else:
-        # The backlog must be in place before a worker reads the queue: a fresh one.
-        rig = _open(params, opts)
-        warm_n = max(100, int(n * WARMUP_FRACTION))
-        warm = next(_runs)
-        _publish(rig, _messages(rig.app, warm, warm_n))
-        publish_rate = _publish(rig, _messages(rig.app, run, n))
-        sent = None
-        _start_worker(rig, params, opts)
-        _require_all(rig, warm, warm_n, opts, "warm-up tasks")
-        rig.warm = True
-    rows, why = _collect(rig, run, n, opts, "tasks")
-    ran, duplicates = _first_runs(rows, n)
-    metrics = {"load": "fed" if fed else "prefilled", **_counts(n, ran, duplicates),
-               "publish_per_s": publish_rate}
-    rec = recorder.Recorder()
-    notes = [why] if why else []
-    if len(ran):
-        starts = np.sort(ran[:, 2])
-        span_s = (int(ran[:, 3].max()) - int(starts[0])) / 1e9
-        gaps = np.diff(starts)
-        stalls = gaps[gaps >= STALL_S * 1e9]
-        stall_s = float(stalls.sum()) / 1e9
-        metrics["tasks_per_s"] = len(ran) / span_s if span_s > 0 else None
-        metrics["span_s"] = span_s
-        metrics["stalls"] = int(len(stalls))
-        metrics["stall_s"] = stall_s
-        busy = span_s - stall_s
-        metrics["tasks_per_s_between_stalls"] = len(ran) / busy if busy > 0 else None
-        rec.add("start_gap", gaps / 1000.0)
-        if len(stalls):
-            notes.append(f"{len(stalls)} pause(s) >= {STALL_S:g} s between tasks, "
-                         f"{stall_s:.1f} s in all (see the scenario's description)")
-        if sent is not None:
-            metrics["min_backlog"] = _min_backlog(sent, starts)
-        _ratios(metrics, params, opts)
-    out = {"metrics": metrics, "histograms": rec.histograms}
-    if notes:
-        out["note"] = "; ".join(notes)
-    return out
-
-
 def _min_backlog(sent: np.ndarray, starts: np.ndarray) -> int:
     """Fewest tasks published but not yet started at a task start while publishing
     (past the first tenth: the backlog builds up from nothing).
@@ -471,63 +320,182 @@ def _min_backlog(sent: np.ndarray, starts: np.ndarray) -> int:
     return int(backlog.min())
 
 
-def _ratios(metrics: dict, params, opts) -> None:
-    """x_amqp / x_redis: this rate over theirs, measured earlier in this run."""
-    rate = metrics.get("tasks_per_s")
-    if not rate:
-        return
-    run_id = str(opts.workdir)
-    same = (params["pool"], int(params["concurrency"]), int(params["tasks"]))
-    _rates.setdefault((run_id, params["transport"], *same), []).append(rate)
-    for base in BASELINES:
-        theirs = _rates.get((run_id, base, *same))
-        if base != params["transport"] and theirs:
-            metrics[f"x_{base}"] = rate / statistics.median(theirs)
 
+# --------------------------------------------------------------------------- the scenario
+@register
+class Worker(Scenario):
+    name = "worker"
+    description = DESCRIPTION
+    summary = SUMMARY
 
-# --------------------------------------------------------------------------- latency
-def _latency(params, opts) -> dict:
-    n, rate = int(params["tasks"]), float(params["rate"])
-    rig = _running_rig(params, opts)
-    warm_n = max(10, round(rate * (opts.warmup if opts.warmup is not None else WARMUP_LATENCY_S)))
-    warm = next(_runs)
-    _paced(rig, warm, warm_n, rate)
-    _require_all(rig, warm, warm_n, opts, "warm-up tasks")
-    rig.warm = True
-    run = next(_runs)
-    ts = recorder.Timestamps(n, columns=("intended", "sent"))
-    elapsed = _paced(rig, run, n, rate, ts)
-    rows, why = _collect(rig, run, n, opts, "tasks")
-    ran, duplicates = _first_runs(rows, n)
-    index, start = ran[:, 1], ran[:, 2]
-    intended, sent = ts.column("intended"), ts.column("sent")
-    rec = recorder.Recorder()
-    rec.add("publish_to_start", (start - intended[index]) / 1000.0)
-    rec.add("from_send", (start - sent[index]) / 1000.0)
-    rec.add("schedule_lag", (sent - intended) / 1000.0)
-    metrics = {**_counts(n, ran, duplicates), **pacing.achieved(rate, n, elapsed)}
-    out = {"metrics": metrics, "histograms": rec.histograms}
-    notes = [why] if why else []
-    if metrics["rate_shortfall"]:
-        notes.append(f"sent {metrics['rate_achieved_per_s']:.0f}/s of {rate:g}/s asked")
-    if notes:
-        out["note"] = "; ".join(notes)
-    return out
+    def __init__(self, opts):
+        super().__init__(opts)
+        self.kept = _celery.KeptWorker()
+        self._runs = count(1)       # run ids tag each batch of tasks in the tick files
+        # Throughput per (round, transport, pool, concurrency, tasks): x_<server>.
+        self._rates: dict[tuple, float] = {}
 
+    def _transports(self) -> list[str]:
+        opts = self.opts
+        if opts.transports:
+            return list(opts.transports)
+        return [t.name for t in brokers.available() if t.cross_process
+                and not (opts.quick and (t.service or t.slow))]
 
-# --------------------------------------------------------------------------- one cell
-def run_cell(params, opts) -> dict:
-    mode = params["mode"]
-    if mode not in MODES:
-        raise runner.Skip(f"mode {mode!r} is not one of {', '.join(MODES)}")
-    reason = _celery.unusable(params["transport"])
-    if reason:
-        raise runner.Skip(reason)
-    try:
-        out = _throughput(params, opts) if mode == "throughput" else _latency(params, opts)
-    except BaseException:
-        close()  # a failed or interrupted cell leaves no worker behind
-        raise
-    if _rig is not None and not _rig.clean:
-        close()
-    return out
+    def cells(self) -> list[dict]:
+        opts = self.opts
+        concurrency = opts.concurrency or DEFAULT_CONCURRENCY
+        tasks = opts.messages or (TASKS_QUICK if opts.quick else TASKS)
+        rate = opts.rate or RATE
+        duration = opts.duration or (DURATION_QUICK if opts.quick else DURATION)
+        paced = opts.messages or max(1, round(rate * duration))
+        out = []
+        if opts.quick and not opts.transports and opts.pool in (None, "prefork"):
+            # The servers' prefork throughput first (skipped when unreachable), so the
+            # x_<server> ratios are measured side by side in every quick run.
+            for transport in brokers.servers():
+                out.append({"transport": transport, "pool": "prefork",
+                            "concurrency": concurrency, "mode": "throughput", "tasks": tasks,
+                            "rate": "-"})
+        for transport in self._transports():
+            for pool in ((opts.pool,) if opts.pool else POOLS):
+                c = 1 if pool == "solo" else concurrency
+                base = {"transport": transport, "pool": pool, "concurrency": c}
+                out.append({**base, "mode": "throughput", "tasks": tasks, "rate": "-"})
+                out.append({**base, "mode": "latency", "tasks": paced, "rate": rate})
+        return out
+
+    def close(self) -> None:
+        self.kept.close()
+
+    def _running_rig(self, params) -> _Rig:
+        """The kept worker when it fits this cell, else a new one."""
+        def open_rig():
+            rig = _open(params, self.opts)
+            try:
+                _start_worker(rig, params, self.opts)
+            except BaseException:
+                rig.close()
+                raise
+            return rig
+        return self.kept.get(_rig_key(params), open_rig)
+
+    # ----------------------------------------------------------------------- throughput
+    def _throughput(self, params) -> Outcome:
+        opts = self.opts
+        transport, n = params["transport"], int(params["tasks"])
+        fed = not brokers.info(transport).holds_backlog
+        run = next(self._runs)
+        if fed:
+            rig = self._running_rig(params)
+            if not rig.warm:
+                warm = next(self._runs)
+                _paced(rig, warm, WARMUP_FED, RATE)
+                _require_all(rig, warm, WARMUP_FED, opts, "warm-up tasks")
+                rig.warm = True
+            messages = _messages(rig.app, run, n)
+            sent = np.zeros(n, dtype=np.int64)
+            try:
+                publish_rate = _publish(rig, messages, sent)
+            except _PublishStopped as exc:
+                rig.clean = False
+                rig.ticks.poll()
+                raise RuntimeError(
+                    f"the worker stopped taking tasks ({rig.ticks.count(run)} of "
+                    f"{exc.published} published had run) and the publisher gave up: "
+                    f"{exc}") from None
+        else:
+            # The backlog must be in place before a worker reads the queue: a fresh one.
+            self.kept.close()
+            rig = self.kept.rig = _open(params, opts)
+            warm_n = max(100, int(n * WARMUP_FRACTION))
+            warm = next(self._runs)
+            _publish(rig, _messages(rig.app, warm, warm_n))
+            publish_rate = _publish(rig, _messages(rig.app, run, n))
+            sent = None
+            _start_worker(rig, params, opts)
+            _require_all(rig, warm, warm_n, opts, "warm-up tasks")
+            rig.warm = True
+        rows, why = _collect(rig, run, n, opts, "tasks")
+        ran, duplicates = _first_runs(rows, n)
+        metrics = {"load": "fed" if fed else "prefilled", **_counts(n, ran, duplicates),
+                   "publish_per_s": publish_rate}
+        rec = recorder.Recorder()
+        notes = [why] if why else []
+        if len(ran):
+            starts = np.sort(ran[:, 2])
+            span_s = (int(ran[:, 3].max()) - int(starts[0])) / 1e9
+            gaps = np.diff(starts)
+            stalls = gaps[gaps >= STALL_S * 1e9]
+            stall_s = float(stalls.sum()) / 1e9
+            metrics["tasks_per_s"] = len(ran) / span_s if span_s > 0 else None
+            metrics["span_s"] = span_s
+            metrics["stalls"] = int(len(stalls))
+            metrics["stall_s"] = stall_s
+            busy = span_s - stall_s
+            metrics["tasks_per_s_between_stalls"] = len(ran) / busy if busy > 0 else None
+            rec.add("start_gap", gaps / 1000.0)
+            if len(stalls):
+                notes.append(f"{len(stalls)} pause(s) >= {STALL_S:g} s between tasks, "
+                             f"{stall_s:.1f} s in all (see the scenario's description)")
+            if sent is not None:
+                metrics["min_backlog"] = _min_backlog(sent, starts)
+            self._ratios(metrics, params)
+        return Outcome(metrics, rec.histograms, notes)
+
+    def _ratios(self, metrics: dict, params) -> None:
+        """x_<server>: this rate over that server transport's, measured earlier this round."""
+        rate = metrics.get("tasks_per_s")
+        if not rate:
+            return
+        same = (params["pool"], int(params["concurrency"]), int(params["tasks"]), self.round)
+        self._rates[(params["transport"], *same)] = rate
+        for base in brokers.servers():
+            theirs = self._rates.get((base, *same))
+            if base != params["transport"] and theirs:
+                metrics[f"x_{base}"] = rate / theirs
+
+    # ----------------------------------------------------------------------- latency
+    def _latency(self, params) -> Outcome:
+        opts = self.opts
+        n, rate = int(params["tasks"]), float(params["rate"])
+        rig = self._running_rig(params)
+        warm_s = opts.warmup if opts.warmup is not None else WARMUP_LATENCY_S
+        warm_n = max(10, round(rate * warm_s))
+        warm = next(self._runs)
+        _paced(rig, warm, warm_n, rate)
+        _require_all(rig, warm, warm_n, opts, "warm-up tasks")
+        rig.warm = True
+        run = next(self._runs)
+        ts = recorder.Timestamps(n, columns=("intended", "sent"))
+        elapsed = _paced(rig, run, n, rate, ts)
+        rows, why = _collect(rig, run, n, opts, "tasks")
+        ran, duplicates = _first_runs(rows, n)
+        index, start = ran[:, 1], ran[:, 2]
+        intended, sent = ts.column("intended"), ts.column("sent")
+        rec = recorder.Recorder()
+        rec.add("publish_to_start", (start - intended[index]) / 1000.0)
+        rec.add("from_send", (start - sent[index]) / 1000.0)
+        rec.add("schedule_lag", (sent - intended) / 1000.0)
+        metrics = {**_counts(n, ran, duplicates), **pacing.achieved(rate, n, elapsed)}
+        notes = [why] if why else []
+        if metrics["rate_shortfall"]:
+            notes.append(f"sent {metrics['rate_achieved_per_s']:.0f}/s of {rate:g}/s asked")
+        return Outcome(metrics, rec.histograms, notes)
+
+    # ----------------------------------------------------------------------- one cell
+    def run_cell(self, params) -> Outcome:
+        mode = params["mode"]
+        if mode not in MODES:
+            raise Skip(f"mode {mode!r} is not one of {', '.join(MODES)}")
+        reason = _celery.unusable(params["transport"])
+        if reason:
+            raise Skip(reason)
+        try:
+            out = self._throughput(params) if mode == "throughput" else self._latency(params)
+        except BaseException:
+            self.kept.close()  # a failed or interrupted cell leaves no worker behind
+            raise
+        if self.kept.rig is not None and not self.kept.rig.clean:
+            self.kept.close()
+        return out

@@ -1,0 +1,118 @@
+"""Adding a scenario or a transport touches no existing scenario: both come from a
+throwaway module named in CELERY_BENCH_PLUGINS and run through the real CLI.
+Also the layout rules that keep it so (checked on the source, cheaply)."""
+import ast
+import json
+import subprocess
+import textwrap
+from pathlib import Path
+
+from bench import results
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TRANSPORT = '''
+    """A copy of Kombu's memory transport under another name."""
+    from contextlib import contextmanager
+
+    from bench.brokers import BrokerEnv, Transport
+
+    TRANSPORT = Transport("mirror", cross_process=False,
+                          capabilities={"ack", "requeue", "size", "purge", "fanout"})
+
+
+    @contextmanager
+    def broker(workdir):
+        yield BrokerEnv("memory://", {"polling_interval": 0.0})
+'''
+
+SCENARIO = '''
+    """A throwaway scenario: one cell per in-process transport, a fixed answer."""
+    from bench import brokers, recorder
+    from bench.scenarios import Outcome, Scenario, register
+
+
+    @register
+    class Echo(Scenario):
+        name = "echo"
+        description = "answers 42"
+        summary = [("answer", "answer")]
+
+        def cells(self):
+            return [{"transport": t.name, "n": 3} for t in brokers.available()
+                    if not t.cross_process]
+
+        def run_cell(self, params):
+            rec = recorder.Recorder()
+            rec.add("latency", [1, 2, 3])
+            return Outcome({"answer": 42, "round": self.round, "sent": 3, "received": 3,
+                            "lost": 0}, rec.histograms, [f"ran {params['transport']}"])
+'''
+
+
+def _plugins(tmp_path) -> dict:
+    (tmp_path / "cb_mirror.py").write_text(textwrap.dedent(TRANSPORT))
+    (tmp_path / "cb_echo.py").write_text(textwrap.dedent(SCENARIO))
+    return {"CELERY_BENCH_PLUGINS": "cb_mirror,cb_echo", "PYTHONPATH": str(tmp_path)}
+
+
+def test_a_plugin_scenario_and_transport_run_through_the_cli(cli_run, tmp_path):
+    env = _plugins(tmp_path)
+    listed = cli_run("list", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert "echo" in listed.stdout and "mirror" in listed.stdout
+
+    res = cli_run("run", "echo", "--repeat", "2", "--out", "e.json", "--quiet", env=env)
+    assert res.returncode == 0, res.stderr
+    run = results.load(tmp_path / "e.json")
+    assert {c.params["transport"] for c in run.cells} == {"memory", "mirror"}
+    for c in run.cells:
+        assert c.status == "ok" and c.metrics["answer"] == 42
+        assert [r["round"] for r in c.repeats] == [0, 1]   # one repeat per round
+        assert [r["metrics"]["round"] for r in c.repeats] == [0, 1]
+        assert c.histograms["latency"]["count"] == 6
+
+    # The new transport joins an existing scenario's matrix with no edit to it.
+    res = cli_run("run", "publish", "--transport", "mirror", "--only", "api=kombu",
+                  "--only", "producer=held", "--only", "serializer=json", "--duration", "0.1",
+                  "--warmup", "0",
+                  "--out", "p.json", "--quiet", env=env)
+    assert res.returncode == 0, res.stderr
+    (cell,) = results.load(tmp_path / "p.json").find("publish", transport="mirror")
+    assert cell.status == "ok" and cell.metrics["lost"] == 0 and cell.metrics["sent"] > 0
+
+
+def test_a_plugin_that_does_not_import_is_one_line(cli_run, tmp_path):
+    res = cli_run("list", env={"CELERY_BENCH_PLUGINS": "no_such_plugin_module"})
+    assert res.returncode == 2
+    assert res.stderr.strip().count("\n") == 0 and "CELERY_BENCH_PLUGINS" in res.stderr
+
+
+# --------------------------------------------------------------------------- layout rules
+def test_no_scenario_names_a_transport():
+    found = subprocess.run(["git", "grep", "-nE", '"(fifo|unix|filesystem|redis|amqp)"',
+                            "--", "bench/scenarios"], cwd=ROOT, capture_output=True,
+                           text=True)
+    assert found.stdout == "", found.stdout
+
+
+def test_scenarios_keep_no_module_state():
+    """No global statement, no module-level mutable container or cache under
+    bench/scenarios/ (a registry object is the one shared thing)."""
+    for path in (ROOT / "bench" / "scenarios").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        assert not any(isinstance(n, ast.Global) for n in ast.walk(tree)), path
+        for node in tree.body:
+            if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(
+                    node.value, (ast.Dict, ast.List, ast.Set, ast.Call)):
+                target = node.targets[0] if isinstance(node, ast.Assign) else node.target
+                name = getattr(target, "id", "")
+                call = node.value.func.id if isinstance(node.value, ast.Call) and \
+                    isinstance(node.value.func, ast.Name) else ""
+                # Constants are upper case; calls that build constants are fine.
+                assert name.isupper() or call in ("Sizing", "Registry", "frozenset") or \
+                    name in ("register", "names", "get"), (path.name, name)
+
+
+def test_the_runner_imports_scenarios_without_importlib():
+    assert "importlib" not in (ROOT / "bench" / "runner.py").read_text()
