@@ -1,19 +1,22 @@
 """Compare cells: two runs paired by cell key, or cells of one run side by side.
 
 Each comparison says the ratio in plain words, the way pyperf's ``compare_to``
-does: "1.80x faster", "1.12x slower", or "no significant difference". Whether
-a difference is significant is judged from the repeats a cell keeps:
+does: "1.80x faster (95% CI 1.62-1.98, 5 vs 5 repeats, p=0.0004)", "no
+significant difference (...)", or "not enough repeats to judge (1 vs 1; ...)".
+The statistics are in :mod:`bench.stats`:
 
-* both cells have >= 2 repeats: a bootstrap 95% interval of the ratio of the
-  repeat medians; significant when the interval leaves out 1.0;
-* one cell has repeats: significant when the other's single value lies outside
-  their min-max range and outside the noise band;
-* neither has repeats: significant only outside the noise band (default 5%),
-  and the line says there was no spread to judge by.
+* fewer than 3 repeats a side (or 3 paired rounds): no verdict, only the ratio
+  as measured;
+* within one run (``--by``, two ``--cell``): repeats are paired by the round
+  they were measured in (``repeats[i]["round"]``, else by position) and judged on
+  the per-round ratios, so whatever slowed the machine during a round cancels;
+* across two runs: the ratio of medians, Welch's t on the logs of the repeats.
+  A drift of the whole machine between runs moves every repeat of a run alike
+  and no test on the repeats can see it, so across runs a difference is called
+  only when its 95% interval lies wholly beyond ``--noise`` (default 30%).
 
-Speed is best judged by ratios measured side by side in ONE run
-(:func:`compare_within`, ``celery-bench compare RUN --by producer``); across
-runs on a shared machine, repeat with ``--repeat`` and read the interval.
+A verdict is significant when p < 0.05 and the 95% interval (which always
+contains the printed ratio, in the words' own terms) clears the noise band.
 
 Metrics are named as in the tables: a metric (``throughput_per_s``) or a
 histogram statistic (``publish_us.p99``). Cells are picked with selectors,
@@ -25,13 +28,12 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
-import numpy as np
-
-from . import config, results
+from . import config, results, stats
 from .report import fmt
 
-NOISE = 0.05
-BOOTSTRAP_RESAMPLES = 2000
+NOISE_ACROSS_RUNS = 0.30   # whole runs drift 1.3x (and more) between runs on a shared machine
+NOISE_WITHIN_RUN = 0.05    # paired rounds: drift cancels; smaller differences are "practically equal"
+CONFIDENCE = stats.CONFIDENCE
 HIST_STATS = ("p50", "p90", "p99", "p999", "max", "count")
 DEFAULT_HIST_STATS = ("p50", "p99")
 
@@ -88,19 +90,30 @@ def metric_value(cell: results.Cell, metric: str):
 
 def repeat_values(cell: results.Cell, metric: str) -> list[float]:
     """``metric`` in each repeat (histogram statistics come from each repeat's own summary)."""
-    out = []
+    return [v for v in (_repeat_value(rep, metric) for rep in cell.repeats) if v is not None]
+
+
+def _repeat_value(rep: dict, metric: str):
     hist, _, stat = metric.rpartition(".")
-    for rep in cell.repeats:
-        if metric in rep.get("metrics", {}):
-            value = rep["metrics"][metric]
-        elif hist in rep.get("histograms", {}):
-            value = rep["histograms"][hist].get(stat)
-        else:
-            value = None
-        value = _number(value)
-        if value is not None:
-            out.append(value)
-    return out
+    if metric in rep.get("metrics", {}):
+        return _number(rep["metrics"][metric])
+    if hist in rep.get("histograms", {}):
+        return _number(rep["histograms"][hist].get(stat))
+    return None
+
+
+def paired_values(base: results.Cell, new: results.Cell, metric: str) -> tuple[list, list]:
+    """``metric`` in the repeats of two cells of one run, paired by ``round`` (else by
+    position): ``(base_values, new_values)``, entry i of both from the same round."""
+    pairs = stats.pair_indices([r.get("round") for r in base.repeats],
+                               [r.get("round") for r in new.repeats])
+    out_b, out_n = [], []
+    for i, j in pairs:
+        b, n = _repeat_value(base.repeats[i], metric), _repeat_value(new.repeats[j], metric)
+        if b is not None and n is not None:
+            out_b.append(b)
+            out_n.append(n)
+    return out_b, out_n
 
 
 def _number(value):
@@ -144,11 +157,12 @@ class Comparison:
     base: float | None
     new: float | None
     unit: str = ""
-    ratio: float | None = None        # new / base
-    significant: bool | None = None
+    ratio: float | None = None        # new / base (paired: the median per-round ratio)
+    significant: bool | None = None   # None: not judged (missing, zero, too few repeats)
     direction: str = ""               # "faster" | "slower" | "higher" | "lower" | ""
     words: str = ""                   # the verdict in plain words
     detail: str = ""                  # how it was judged
+    verdict: stats.Verdict | None = None
 
     def line(self, width: int = 24) -> str:
         values = f"{fmt(self.base)}{self.unit} -> {fmt(self.new)}{self.unit}"
@@ -156,35 +170,46 @@ class Comparison:
         return f"{self.metric:<{width}} {values:<28} {self.words}{detail}"
 
 
-def ratio_words(ratio: float, better_up: bool | None) -> tuple[str, str]:
+def ratio_words(ratio: float, better_up: bool | None, digits: int = 2) -> tuple[str, str]:
     """(direction, words) for new/base = ``ratio``: "1.80x faster", "1.12x slower"."""
-    if abs(ratio - 1) < 0.005:
-        return "", "1.00x, unchanged"
+    if abs(ratio - 1) < 0.5 * 10 ** -digits:
+        return "", f"{1:.{digits}f}x, unchanged"
     if better_up is None:
-        return ("higher", f"{ratio:.2f}x higher") if ratio >= 1 else \
-            ("lower", f"{1 / ratio:.2f}x lower")
+        return ("higher", f"{ratio:.{digits}f}x higher") if ratio >= 1 else \
+            ("lower", f"{1 / ratio:.{digits}f}x lower")
     gain = ratio if better_up else 1 / ratio
-    return ("faster", f"{gain:.2f}x faster") if gain >= 1 else \
-        ("slower", f"{1 / gain:.2f}x slower")
+    return ("faster", f"{gain:.{digits}f}x faster") if gain >= 1 else \
+        ("slower", f"{1 / gain:.{digits}f}x slower")
 
 
-def bootstrap_ratio_ci(base: list[float], new: list[float], seed: int = 0,
-                       resamples: int = BOOTSTRAP_RESAMPLES) -> tuple[float, float]:
-    """95% interval of median(new)/median(base), resampling repeats (seeded: reproducible)."""
-    rng = np.random.default_rng(seed)
-    b = np.median(rng.choice(np.asarray(base), (resamples, len(base))), axis=1)
-    n = np.median(rng.choice(np.asarray(new), (resamples, len(new))), axis=1)
-    ok = b > 0
-    ratios = n[ok] / b[ok]
-    if ratios.size == 0:
-        return float("nan"), float("nan")
-    lo, hi = np.percentile(ratios, [2.5, 97.5])
-    return float(lo), float(hi)
+def words_show_inverse(ratio: float, better_up: bool | None, digits: int = 2) -> bool:
+    """Whether :func:`ratio_words` prints 1/ratio (e.g. "2.00x slower" for a rate ratio 0.5)."""
+    if abs(ratio - 1) < 0.5 * 10 ** -digits:
+        return False
+    return ratio <= 1 if better_up is False else ratio < 1
+
+
+def interval_words(interval: stats.Interval, better_up: bool | None, digits: int = 2) -> str:
+    """"95% CI 1.62-1.98" in the terms the words use, so it contains the printed ratio."""
+    inverse = words_show_inverse(interval.point, better_up, digits)
+    shown = interval.inverted() if inverse else interval
+    return f"{interval.confidence:.0%} CI {shown.lo:.{digits}f}-{shown.hi:.{digits}f}"
+
+
+def p_words(p: float) -> str:
+    return "p<0.0001" if p < 0.0001 else f"p={p:.2g}"
 
 
 def judge(metric: str, base: float | None, new: float | None, base_reps: list[float],
-          new_reps: list[float], noise: float = NOISE, unit: str = "") -> Comparison:
-    """One metric of two cells, in plain words."""
+          new_reps: list[float], noise: float | None = None, unit: str = "",
+          paired: bool = False, confidence: float = CONFIDENCE) -> Comparison:
+    """One metric of two cells, in plain words.
+
+    ``paired``: ``base_reps[i]`` and ``new_reps[i]`` were measured in the same round of
+    one run (:func:`paired_values`); otherwise they are two independent samples (two
+    runs). ``noise`` (default 5% paired, 30% across runs) is the smallest difference
+    called: the interval must clear ``1/(1+noise)``-``(1+noise)``.
+    """
     c = Comparison(metric, base, new, unit)
     if base is None or new is None:
         c.words = "not compared"
@@ -195,44 +220,53 @@ def judge(metric: str, base: float | None, new: float | None, base_reps: list[fl
         c.detail = "" if base == new else "a zero value has no ratio"
         c.significant = False if base == new else None
         return c
-    c.ratio = new / base
+    if noise is None:
+        noise = NOISE_WITHIN_RUN if paired else NOISE_ACROSS_RUNS
     better_up = higher_is_better(metric)
-    c.direction, words = ratio_words(c.ratio, better_up)
-    nb, nn = len(base_reps), len(new_reps)
-    outside_noise = abs(c.ratio - 1) > noise
-    if nb >= 2 and nn >= 2:
-        lo, hi = bootstrap_ratio_ci(base_reps, new_reps)
-        c.significant = outside_noise and not (lo <= 1.0 <= hi)
-        if c.significant:  # the interval in the words' own terms: "1.66x slower, 95% CI 1.6-1.7"
-            flip = (c.ratio < 1) if better_up is not False else (c.ratio > 1)
-            a, b = sorted((1 / lo, 1 / hi) if flip and better_up is not None else (lo, hi))
-            how = f"95% CI {a:.2f}-{b:.2f}, {nb} vs {nn} repeats"
-        else:
-            how = f"ratio {lo:.2f}-{hi:.2f} at 95%, {nb} vs {nn} repeats"
-    elif nb >= 2 or nn >= 2:
-        reps, single = (base_reps, new) if nb >= 2 else (new_reps, base)
-        c.significant = outside_noise and not (min(reps) <= single <= max(reps))
-        how = f"{nb} vs {nn} repeats, range {fmt(min(reps))}-{fmt(max(reps))}"
-    else:
-        c.significant = outside_noise
-        how = "1 repeat each: no spread to judge by"
-    if not outside_noise:
-        how += f"; within the ±{noise:.0%} noise band"
-    if c.significant:
+    how = f"{len(base_reps)} paired round{'s' if len(base_reps) != 1 else ''}" if paired \
+        else f"{len(base_reps)} vs {len(new_reps)} repeats"
+    try:
+        v = stats.paired(base_reps, new_reps, confidence, noise) if paired else \
+            stats.two_sample(base_reps, new_reps, confidence, noise, point=new / base)
+    except ValueError:                  # a repeat at 0 (or below): no ratio to work with
+        v = None
+    if v is None or not v.enough:
+        c.ratio = new / base
+        c.direction, words = ratio_words(c.ratio, better_up)
+        c.words = "cannot judge" if v is None else "not enough repeats to judge"
+        why = "a repeat is 0: no ratio" if v is None else how.replace(" repeats", "")
+        c.detail = f"{why}; ratio {c.ratio:.2f}x" + (f", {words} as measured"
+                                                      if c.direction else "")
+        return c
+    c.verdict, c.ratio, c.significant = v, v.ratio, v.significant
+    digits = 2       # a significant difference too small for 2 decimals gets more of them
+    while v.significant and digits < 6 and not ratio_words(v.ratio, better_up, digits)[0]:
+        digits += 1
+    c.direction, words = ratio_words(v.ratio, better_up, digits)
+    how = f"{interval_words(v.interval, better_up, digits)}, {how}, {p_words(v.p)}"
+    if v.significant:
         c.words, c.detail = words, how
     else:
-        c.words, c.detail = "no significant difference", f"{words}; {how}"
+        band = f"; inside the ±{noise:.0%} noise band" if v.within_noise else ""
+        c.words, c.detail = "no significant difference", f"{words}, {how}{band}"
     return c
 
 
 def compare_cells(base: results.Cell, new: results.Cell, metrics=None,
-                  noise: float = NOISE) -> list[Comparison]:
-    """Every metric (default: throughputs, p50, p99) of ``new`` against ``base``."""
+                  noise: float | None = None, paired: bool = False) -> list[Comparison]:
+    """Every metric (default: throughputs, p50, p99) of ``new`` against ``base``.
+
+    ``paired``: the two cells are of one run; their repeats pair by round.
+    """
     if metrics is None:
         metrics = [m for m in default_metrics(base) if m in default_metrics(new)]
-    return [judge(m, metric_value(base, m), metric_value(new, m), repeat_values(base, m),
-                  repeat_values(new, m), noise, unit_of(base, m) or unit_of(new, m))
-            for m in metrics]
+    out = []
+    for m in metrics:
+        reps = paired_values(base, new, m) if paired else \
+            (repeat_values(base, m), repeat_values(new, m))
+        out.append(judge(m, metric_value(base, m), metric_value(new, m), *reps, noise,
+                         unit_of(base, m) or unit_of(new, m), paired))
+    return out
 
 
 # --------------------------------------------------------------------------- two runs
@@ -253,9 +287,10 @@ def _not_ok(cell: results.Cell | None, side: str) -> str:
     return ""
 
 
-def compare_runs(base: results.Run, new: results.Run, metrics=None, noise: float = NOISE,
-                 selectors=()) -> list[Pair]:
-    """Pair cells by :func:`results.cell_key` (BASE order, then cells only in NEW)."""
+def compare_runs(base: results.Run, new: results.Run, metrics=None,
+                 noise: float | None = None, selectors=()) -> list[Pair]:
+    """Pair cells by :func:`results.cell_key` (BASE order, then cells only in NEW); each
+    metric judged as two independent samples, beyond ``noise`` (default 30%)."""
     def keep(run):
         if not selectors:
             return run.cells
@@ -284,10 +319,11 @@ class Group:
 
 
 def compare_within(run: results.Run, by: str, reference: str | None = None,
-                   metrics=None, noise: float = NOISE, selectors=()) -> list[Group]:
+                   metrics=None, noise: float | None = None, selectors=()) -> list[Group]:
     """Cells of one run grouped by every param but ``by``, as ratios of ``by=reference``.
 
     ``reference`` defaults to the first value of ``by`` in each group (e.g. ``held``).
+    Repeats pair by round; ``noise`` defaults to 5%.
     """
     cells = run.cells
     if selectors:
@@ -315,25 +351,88 @@ def compare_within(run: results.Run, by: str, reference: str | None = None,
             note = _not_ok(ref, "the run") if ref else \
                 f"no {by}={group.reference} cell to compare with"
             note = note or _not_ok(c, "the run")
-            group.rows.append((value, [] if note else compare_cells(ref, c, metrics, noise),
-                               note))
+            group.rows.append((value, [] if note else
+                               compare_cells(ref, c, metrics, noise, paired=True), note))
     return [g for g, _ in groups.values() if g.rows]
 
 
+def compare_pair(base: results.Cell, new: results.Cell, metrics=None,
+                 noise: float | None = None) -> Pair:
+    """Two cells of ONE run (``--cell A --cell B``): paired by round, like ``--by``."""
+    note = _not_ok(base, "BASE") or _not_ok(new, "NEW")
+    return Pair(new.key, base, new,
+                [] if note else compare_cells(base, new, metrics, noise, paired=True), note)
+
+
 # --------------------------------------------------------------------------- printing
+FAIL_ON = ("slower", "faster", "any")
+
+
+def failing(comparisons, fail_on: str) -> list[Comparison]:
+    """The comparisons ``--fail-on`` counts: significantly slower, faster, or either way
+    (``any`` includes "higher"/"lower" of metrics with no better direction)."""
+    if fail_on not in FAIL_ON:
+        raise ValueError(f"fail_on is one of {', '.join(FAIL_ON)}, not {fail_on!r}")
+    return [c for c in comparisons
+            if c.significant and (fail_on == "any" or c.direction == fail_on)]
+
+
+def every_comparison(pairs_or_groups) -> list[Comparison]:
+    """The comparisons of :func:`compare_runs` pairs or :func:`compare_within` groups."""
+    out = []
+    for item in pairs_or_groups:
+        if isinstance(item, Group):
+            out += [c for _, comparisons, _ in item.rows for c in comparisons or ()]
+        else:
+            out += item.comparisons
+    return out
+
+
 def summary_counts(comparisons) -> str:
-    counts = {"faster": 0, "slower": 0, "same": 0}
+    counts = {"faster": 0, "slower": 0, "same": 0, "few": 0}
     for c in comparisons:
         if c.significant and c.direction in ("faster", "slower"):
             counts[c.direction] += 1
         elif c.significant is False:
             counts["same"] += 1
-    return (f"{counts['faster']} faster, {counts['slower']} slower, "
+        elif c.words == "not enough repeats to judge":
+            counts["few"] += 1
+    text = (f"{counts['faster']} faster, {counts['slower']} slower, "
             f"{counts['same']} no significant difference")
+    return text + (f", {counts['few']} not enough repeats to judge" if counts["few"] else "")
 
 
-def format_runs(pairs: list[Pair], base_name: str, new_name: str) -> str:
-    lines = [f"NEW = {new_name}, BASE = {base_name}; each line reads BASE -> NEW.", ""]
+def run_shift(comparisons) -> tuple[float, int] | None:
+    """The median row's gain (>1: faster) over metrics that have a better direction, and
+    how many rows: the shift of the run as a whole. None below 5 rows."""
+    gains = sorted(c.ratio if higher_is_better(c.metric) else 1 / c.ratio
+                   for c in comparisons
+                   if c.ratio and higher_is_better(c.metric) is not None)
+    if len(gains) < 5:
+        return None
+    mid = len(gains) // 2
+    return (gains[mid] if len(gains) % 2 else (gains[mid - 1] * gains[mid]) ** 0.5), len(gains)
+
+
+def _rule(noise: float, paired: bool) -> str:
+    if paired:
+        return (f"Repeats are paired by round and judged on the per-round ratios; a difference "
+                f"is called when its {CONFIDENCE:.0%} interval lies beyond ±{noise:.0%} "
+                f"(--noise) and p < {1 - CONFIDENCE:.2g}; 3 rounds at least.")
+    return (f"Across runs a difference is called only when its {CONFIDENCE:.0%} interval lies "
+            f"beyond ±{noise:.0%} (--noise) and p < {1 - CONFIDENCE:.2g}: a shared machine "
+            f"drifts as a whole between runs (1.3-1.7x seen here), which no test on the "
+            f"repeats can see; 3 repeats a side at least. Smaller effects: compare "
+            f"configurations within one run (--by), or lower --noise on a quiet machine.")
+
+
+def format_runs(pairs: list[Pair], base_name: str, new_name: str,
+                noise: float | None = None, paired: bool = False) -> str:
+    """Two runs (or, ``paired``, two cells of one run) line by line, with a summary."""
+    if noise is None:
+        noise = NOISE_WITHIN_RUN if paired else NOISE_ACROSS_RUNS
+    lines = [f"NEW = {new_name}, BASE = {base_name}; each line reads BASE -> NEW.",
+             _rule(noise, paired), ""]
     every = []
     for p in pairs:
         if p.note:
@@ -343,13 +442,25 @@ def format_runs(pairs: list[Pair], base_name: str, new_name: str) -> str:
         for c in p.comparisons:
             lines.append("  " + c.line())
             every.append(c)
-    lines += ["", summary_counts(every) + f"; {sum(1 for p in pairs if p.note)} cells not compared"]
+    lines.append("")
+    shift = None if paired else run_shift(every)
+    if shift:
+        gain, rows = shift
+        _, words = ratio_words(gain, True)
+        lines.append(f"The run as a whole: the median row is {words} ({rows} rows); across "
+                     f"runs a drift of the machine and a change that touches every cell "
+                     f"look alike." + (f" It exceeds ±{noise:.0%}: read the verdicts as "
+                                       f"possibly drift." if max(gain, 1 / gain) > 1 + noise
+                                       else ""))
+    lines.append(summary_counts(every) + f"; {sum(1 for p in pairs if p.note)} cells not compared")
     return "\n".join(lines)
 
 
-def format_within(groups: list[Group], name: str) -> str:
+def format_within(groups: list[Group], name: str, noise: float | None = None) -> str:
+    if noise is None:
+        noise = NOISE_WITHIN_RUN
     lines = [f"{name}: ratios of cells measured side by side in this run; "
-             "each line reads reference -> other.", ""]
+             "each line reads reference -> other.", _rule(noise, True), ""]
     every = []
     for g in groups:
         lines.append(f"{results.cell_key(g.scenario, g.shared)}: {g.by} as a ratio of "
@@ -360,7 +471,7 @@ def format_within(groups: list[Group], name: str) -> str:
                 continue
             lines.append(f"  {g.by}={value} vs {g.reference}")
             for c in comparisons:
-                ratio = f"{c.ratio:.2f}x of {g.reference}; " if c.ratio else ""
+                ratio = f"{c.ratio:.2f}x of {g.reference}; " if c.verdict else ""
                 c = dataclasses.replace(c, detail=ratio + c.detail)
                 lines.append("    " + c.line(22))
                 every.append(c)

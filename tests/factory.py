@@ -31,3 +31,25 @@ def write(path, *cells, environment=None):
                       list(cells))
     results.dump(run, path)
     return path
+
+
+def with_rounds(made, rounds):
+    """``made`` with ``repeats[i]["round"] = rounds[i]``, as an interleaving runner writes."""
+    for rep, r in zip(made.repeats, rounds):
+        rep["round"] = r
+    return made
+
+
+def noisy_cell(scenario="publish", throughputs=(1000.0,), latencies_us=(100.0,), samples=500,
+               seed=0, **params):
+    """One cell whose repeats differ: repeat i has throughput ``throughputs[i]`` and
+    lognormal latencies around ``latencies_us[i]``."""
+    rng = np.random.default_rng(seed)
+    repeats = []
+    for tp, lat in zip(throughputs, latencies_us):
+        rec = recorder.Recorder()
+        rec.add("publish_us", rng.lognormal(np.log(lat), 0.2, samples))
+        repeats.append({"metrics": {"throughput_per_s": float(tp), "sent": samples,
+                                    "received": samples, "lost": 0},
+                        "histograms": rec.histograms})
+    return results.aggregate(scenario, params, repeats)
