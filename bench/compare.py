@@ -32,7 +32,7 @@ from . import config, results, stats
 from .report import fmt
 
 NOISE_ACROSS_RUNS = 0.30   # whole runs drift 1.3x (and more) between runs on a shared machine
-NOISE_WITHIN_RUN = 0.05    # paired rounds: drift cancels; smaller differences are "practically equal"
+NOISE_WITHIN_RUN = 0.05    # paired rounds: drift cancels; anything smaller is "practically equal"
 CONFIDENCE = stats.CONFIDENCE
 HIST_STATS = ("p50", "p90", "p99", "p999", "max", "count")
 DEFAULT_HIST_STATS = ("p50", "p99")
@@ -247,7 +247,7 @@ def judge(metric: str, base: float | None, new: float | None, base_reps: list[fl
     if v.significant:
         c.words, c.detail = words, how
     else:
-        band = f"; inside the ±{noise:.0%} noise band" if v.within_noise else ""
+        band = f"; inside the ±{noise * 100:g}% noise band" if v.within_noise else ""
         c.words, c.detail = "no significant difference", f"{words}, {how}{band}"
     return c
 
@@ -417,10 +417,10 @@ def run_shift(comparisons) -> tuple[float, int] | None:
 def _rule(noise: float, paired: bool) -> str:
     if paired:
         return (f"Repeats are paired by round and judged on the per-round ratios; a difference "
-                f"is called when its {CONFIDENCE:.0%} interval lies beyond ±{noise:.0%} "
+                f"is called when its {CONFIDENCE:.0%} interval lies beyond ±{noise * 100:g}% "
                 f"(--noise) and p < {1 - CONFIDENCE:.2g}; 3 rounds at least.")
     return (f"Across runs a difference is called only when its {CONFIDENCE:.0%} interval lies "
-            f"beyond ±{noise:.0%} (--noise) and p < {1 - CONFIDENCE:.2g}: a shared machine "
+            f"beyond ±{noise * 100:g}% (--noise) and p < {1 - CONFIDENCE:.2g}: a shared machine "
             f"drifts as a whole between runs (1.3-1.7x seen here), which no test on the "
             f"repeats can see; 3 repeats a side at least. Smaller effects: compare "
             f"configurations within one run (--by), or lower --noise on a quiet machine.")
@@ -449,7 +449,7 @@ def format_runs(pairs: list[Pair], base_name: str, new_name: str,
         _, words = ratio_words(gain, True)
         lines.append(f"The run as a whole: the median row is {words} ({rows} rows); across "
                      f"runs a drift of the machine and a change that touches every cell "
-                     f"look alike." + (f" It exceeds ±{noise:.0%}: read the verdicts as "
+                     f"look alike." + (f" It exceeds ±{noise * 100:g}%: read the verdicts as "
                                        f"possibly drift." if max(gain, 1 / gain) > 1 + noise
                                        else ""))
     lines.append(summary_counts(every) + f"; {sum(1 for p in pairs if p.note)} cells not compared")
