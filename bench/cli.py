@@ -63,8 +63,9 @@ def cli():
               help="Keep cells over this transport (repeatable). Unreachable -> exit 2.")
 @click.option("--only", multiple=True, metavar="KEY=VALUE",
               help="Keep cells whose param KEY equals VALUE (repeatable), e.g. api=kombu.")
-@click.option("--repeat", type=click.IntRange(1, 1000), default=1, show_default=True,
-              help="Repeat each cell N times; medians and spread over repeats.")
+@click.option("--repeat", type=click.IntRange(1, 1000),
+              help="Rounds: every cell runs once per round (ABC ABC ABC); medians and "
+                   "spread over rounds. Default 3 with --quick, else 1.")
 @click.option("--duration", type=float, callback=_positive_float("--duration"),
               help="Seconds of measurement per cell.")
 @click.option("--messages", type=click.IntRange(1, 100_000_000),
@@ -97,13 +98,17 @@ def cli():
 @click.option("--out", default="results/latest.json", show_default=True,
               type=click.Path(dir_okay=False), help="Results file, rewritten after every cell.")
 @click.option("--quiet", is_flag=True, help="No progress bars: one plain line per cell.")
+@click.option("--instructions", is_flag=True,
+              help="Also count instructions per message of the in-process cells under "
+                   "valgrind's callgrind (deterministic where time is not).")
 def run(scenarios, quick, transports, only, repeat, duration, messages, rate, warmup, timeout,
-        serializers, payload_bytes, app, task, pool, concurrency, task_seconds, out, quiet):
+        serializers, payload_bytes, app, task, pool, concurrency, task_seconds, out, quiet,
+        instructions):
     """Run SCENARIOS (default: all of them) and write a results file.
 
     Exits 1 when a cell failed or lost messages (unless its transport declares that loss
     as a known behaviour), naming them."""
-    from . import brokers, report, results, runner
+    from . import brokers, report, runner
     from . import scenarios as registry
 
     for name in transports:
@@ -115,7 +120,10 @@ def run(scenarios, quick, transports, only, repeat, duration, messages, rate, wa
         transports=tuple(transports), only=runner.parse_only(only), repeat=repeat,
         duration=duration, rate=rate, messages=messages, warmup=warmup, timeout=timeout,
         pool=pool, concurrency=concurrency, task_seconds=task_seconds, app=app, task=task,
-        payload_bytes=payload_bytes, serializers=tuple(serializers), out=out, quiet=quiet)
+        payload_bytes=payload_bytes, serializers=tuple(serializers), out=out, quiet=quiet,
+        instructions=instructions)
+    if instructions:
+        registry.get(runner.INSTRUCTIONS)
     if task and not app:
         raise config.UsageError("--task needs --app MODULE:APP (the app that defines it)")
     _check_writable(out, "--out")
@@ -346,11 +354,24 @@ def compare(paths, by, ref, cells, metrics, noise, fail_on):
                    "(default: the spec's).")
 @click.option("--write-baseline", is_flag=True,
               help="Write the cells the baseline rules read from RESULTS to the baseline file.")
+@click.option("--budget", type=click.FloatRange(0, 3600), default=180.0, show_default=True,
+              help="Seconds the gate may spend re-measuring the cells of rules whose interval "
+                   "could not decide (0: never re-measure; those rules then warn).")
+@click.option("--across-versions", is_flag=True,
+              help="Compare with a baseline measured with another python/celery/kombu "
+                   "(e.g. to judge an upgrade); refused otherwise.")
 @click.option("--verbose", "-v", is_flag=True, help="One line per cell, passes included.")
-def gate(path, spec, baseline, missing, write_baseline, verbose):
-    """Check RESULTS against the gate spec: exit 1 if any rule fails."""
+def gate(path, spec, baseline, missing, write_baseline, budget, across_versions, verbose):
+    """Check RESULTS against the gate spec: exit 1 if any rule fails.
+
+    A rule passes when the 95% interval of its per-round values is on the right side of
+    its bound and fails only when it is wholly on the wrong side. Rules in between are
+    re-measured (more rounds of just their cells, written back to RESULTS) within
+    --budget seconds; still undecided, they warn."""
+    import time
+
     from . import gate as gates
-    from . import results
+    from . import results, runner
 
     spec_ = gates.load_spec(spec or gates.default_spec_path())
     run_ = _load(path, results)
@@ -359,6 +380,7 @@ def gate(path, spec, baseline, missing, write_baseline, verbose):
         if not base_path:
             raise config.UsageError("--write-baseline: no baseline file; set baseline = "
                                     "\"FILE\" in the spec or pass --baseline FILE")
+        _check_writable(str(base_path), "--write-baseline")
         compact = gates.baseline_cells(spec_, run_)
         results.dump(compact, base_path)
         click.echo(f"wrote {len(compact.cells)} cells from {path} to {base_path}")
@@ -369,9 +391,30 @@ def gate(path, spec, baseline, missing, write_baseline, verbose):
             raise config.UsageError(f"baseline {base_path} does not exist; write it with "
                                     f"'celery-bench gate RESULTS --write-baseline'")
         base_run = _load(base_path, results)
+        differs = gates.version_mismatch(run_, base_run)
+        if differs and not across_versions:
+            raise config.UsageError(
+                f"baseline {base_path} was measured with other versions ({differs}); the "
+                f"gate does not compare across versions: pass --across-versions to judge "
+                f"an upgrade, or write a new baseline")
     click.echo(f"gates {spec_.path} on {path}"
                + (f" (baseline {base_path})" if base_run else ""))
     verdicts = gates.run_gates(spec_, run_, base_run, missing)
+    deadline = time.monotonic() + budget
+    while True:
+        keys = gates.inconclusive_cells(verdicts)
+        cost = gates.seconds_per_round(run_, keys) * gates.REMEASURE_ROUNDS
+        if not keys or time.monotonic() + cost > deadline:
+            break
+        click.echo(f"re-measuring {len(keys)} cell(s) for {gates.REMEASURE_ROUNDS} more "
+                   f"rounds (~{cost:.0f} s): their rules' intervals could not decide yet")
+        try:
+            runner.remeasure(run_, keys, gates.REMEASURE_ROUNDS)
+        except KeyboardInterrupt:
+            results.dump(run_, path)
+            raise
+        results.dump(run_, path)
+        verdicts = gates.run_gates(spec_, run_, base_run, missing)
     for line in gates.report_lines(verdicts, verbose):
         click.echo(line)
     click.echo(gates.summary(verdicts))

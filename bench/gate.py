@@ -1,11 +1,15 @@
-"""Performance gates for CI: readable rules in a committed spec file.
+"""Performance gates for CI: readable rules in a committed spec file, judged on
+intervals so that a gate neither flaps (fails on noise) nor sleeps (passes a real
+regression).
 
 The spec (TOML, or JSON of the same shape) lists rules; each ``check`` is one
-line in one of three forms::
+line in one of these forms::
 
     SIDE between LOW and HIGH
     SIDE OP NUMBER                       # OP is >=, <=, >, <, == or !=
     SIDE OP baseline [+N% | -N%]         # against the committed baseline run
+    no failed cells
+    no lost messages                     # but a loss the cell's transport declares
 
 where SIDE is a cell's metric, ``publish[api=kombu,producer=held] throughput_per_s``,
 or a ratio of two cells of the SAME run, ``A metric / B [metric]``. B may be
@@ -16,8 +20,20 @@ to EVERY cell it matches (one verdict each), so ``publish[producer=per-call]``
 covers each transport and serializer of a full run, each against its own held cell.
 An explicit B (with its scenario) must match exactly one cell.
 
-The machine is shared and noisy, so prefer ratios of cells measured side by side
-in one run; compare with the baseline only with generous tolerances.
+How a rule is judged: SIDE is measured once per round (a ratio: per round, the two
+cells of that round, so whatever slowed the machine then cancels), and its 95%
+interval (:func:`bench.stats.paired_ratio_interval`) is set against the bound. PASS
+when the whole interval is on the right side, FAIL only when it is wholly on the
+wrong side, otherwise INCONCLUSIVE: the gate then re-measures just those cells with
+more rounds (``--budget`` seconds), and a rule still inconclusive after that is a
+warning saying so, not a failure. Fewer than 3 rounds make no interval. A rule with
+``exact = true`` (counts, instruction counts, properties of the code rather than
+timings) is judged on its value.
+
+Absolute figures are never compared with a baseline from another machine as times:
+only through a same-run calibration cell (a ratio to ``publish[api=calibration]``) or
+instruction counts. A baseline measured with another python, celery or kombu is
+refused (one line naming what differs) unless ``--across-versions`` is given.
 
 A rule whose cell is missing or skipped in the run is "not measured": a warning
 by default, a failure with ``missing = "fail"``, silent with ``missing = "ignore"``
@@ -40,8 +56,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import config, results
-from .compare import Selector, metric_value, parse_selector, unit_of
+from . import config, results, stats
+from .compare import Selector, _repeat_value, metric_value, parse_selector, unit_of
 from .report import fmt
 
 try:
@@ -53,7 +69,10 @@ MISSING_MODES = ("warn", "fail", "ignore")
 OPS = {">=": "at least", "<=": "at most", ">": "more than", "<": "less than",
        "==": "exactly", "!=": "other than"}
 SPEC_KEYS = {"missing", "baseline", "gate"}
-RULE_KEYS = {"name", "check", "why", "missing"}
+RULE_KEYS = {"name", "check", "why", "missing", "exact"}
+WHOLE_RUN = {"no failed cells": "failed", "no lost messages": "lost"}
+VERSION_KEYS = ("python", "celery", "kombu")
+REMEASURE_ROUNDS = 3
 
 
 class SpecError(config.UsageError):
@@ -77,16 +96,19 @@ class Rule:
     check: str
     numerator: Operand
     denominator: Operand | None
-    kind: str                       # "between" | "compare" | "baseline"
+    kind: str                       # "between" | "compare" | "baseline" | "failed" | "lost"
     op: str = ">="
     low: float | None = None
     high: float | None = None
     percent: float = 0.0            # baseline tolerance, signed
     missing: str = "warn"
     why: str = ""
+    exact: bool = False             # judge the value, not an interval (counts, instructions)
 
     @property
     def operands(self) -> list[Operand]:
+        if self.numerator is None:
+            return []
         return [self.numerator] + ([self.denominator] if self.denominator else [])
 
 
@@ -116,6 +138,9 @@ def _tokens(text: str) -> list[tuple[str, str]]:
 
 def parse_check(check: str) -> dict:
     """The parts of one ``check`` line; ValueError says what is wrong."""
+    whole = WHOLE_RUN.get(" ".join(check.split()).lower())
+    if whole:
+        return {"numerator": None, "denominator": None, "kind": whole}
     toks = _tokens(check)
     i = 0
 
@@ -216,6 +241,8 @@ def load_spec(path: str | Path) -> Spec:
         if bad:
             raise SpecError(f"{where}: unknown key {sorted(bad)[0]!r}; "
                             f"keys are {', '.join(sorted(RULE_KEYS))}")
+        if not isinstance(g.get("exact", False), bool):
+            raise SpecError(f"{where}: exact must be true or false")
         rule_missing = g.get("missing", missing)
         if rule_missing not in MISSING_MODES:
             raise SpecError(f"{where}: missing = {rule_missing!r}; use \"warn\", \"fail\" "
@@ -225,7 +252,8 @@ def load_spec(path: str | Path) -> Spec:
         except ValueError as exc:
             raise SpecError(f"{where} ({g['check']!r}): {exc}")
         rules.append(Rule(name=g.get("name") or g["check"], check=g["check"],
-                          missing=rule_missing, why=g.get("why", ""), **parts))
+                          missing=rule_missing, why=g.get("why", ""),
+                          exact=g.get("exact", False), **parts))
     base_path = (path.parent / baseline) if baseline else None
     return Spec(path, rules, missing, base_path)
 
@@ -239,21 +267,30 @@ class Broken(Exception):
     """The rule cannot pass: its cell failed, or the selector is ambiguous."""
 
 
+STATUSES = ("PASS", "FAIL", "INCONCLUSIVE", "WARN", "SKIP")
+
+
 @dataclass
 class Verdict:
     rule: Rule
-    status: str                    # "PASS" | "FAIL" | "WARN" | "SKIP" (not measured, ignored)
+    status: str           # PASS | FAIL | INCONCLUSIVE (re-measure) | WARN (not measured) | SKIP
     text: str
     values: list = field(default_factory=list)     # the measured values, one line each
     value: float | None = None
+    cells: tuple = ()     # keys of the cells the verdict read (what a re-measure runs)
 
     def lines(self, details: bool = True) -> list[str]:
-        out = [f"{self.status:4s}  {self.rule.name}: {self.text}"]
+        out = [f"{self.shown:4s}  {self.rule.name}: {self.text}"]
         if self.values and details:
             out += ["      " + line for line in self.values]
         if self.status == "FAIL" and self.rule.why:
             out.append(f"      why this bound: {self.rule.why}")
         return out
+
+    @property
+    def shown(self) -> str:
+        # Still undecided when the gate stops: a warning, never a failure.
+        return "WARN" if self.status == "INCONCLUSIVE" else self.status
 
 
 def _usable(cell: results.Cell, which: str) -> results.Cell:
@@ -292,23 +329,72 @@ def _denominator(rule: Rule, num: results.Cell, run: results.Run, which: str) ->
     return _one(run, den.selector, which)
 
 
-def _value(cell: results.Cell, metric: str, which: str) -> tuple[float, str]:
-    value = metric_value(cell, metric)
+@dataclass
+class Side:
+    """A rule's left side for one numerator cell: the value, its interval, and how."""
+    value: float                        # the aggregated value (median, or median ratio)
+    interval: stats.Interval | None     # per-round interval (None for exact rules)
+    shown: str
+    cells: tuple
+
+
+def _per_round(cell: results.Cell, metric: str) -> list[tuple]:
+    return [(r.get("round"), _repeat_value(r, metric)) for r in cell.repeats]
+
+
+def side(rule: Rule, num: results.Cell, run: results.Run, which: str = "run") -> Side:
+    """The rule's left side for numerator cell ``num``."""
+    metric = rule.numerator.metric
+    value = metric_value(_usable(num, which), metric)
     if value is None:
-        raise NotMeasured(f"{cell.key} has no metric {metric!r} in the {which}")
-    return value, f"{cell.key} {metric} {fmt(value)}{unit_of(cell, metric)}"
-
-
-def side_value(rule: Rule, num: results.Cell, run: results.Run,
-               which: str = "run") -> tuple[float, str]:
-    """The rule's left side for numerator cell ``num``, and how it was computed."""
-    value, shown = _value(_usable(num, which), rule.numerator.metric, which)
+        raise NotMeasured(f"{num.key} has no metric {metric!r} in the {which}")
+    shown = f"{num.key} {metric} {fmt(value)}{unit_of(num, metric)}"
     if rule.denominator is None:
-        return value, shown
-    den, shown_den = _value(_denominator(rule, num, run, which), rule.denominator.metric, which)
-    if den == 0:
-        raise Broken(f"{shown_den}: no ratio with a zero denominator")
-    return value / den, f"{shown} / {shown_den}"
+        rounds = [v for _, v in _per_round(num, metric) if v is not None]
+        interval = None if rule.exact else _interval(rounds, [1.0] * len(rounds))
+        if interval is not None and interval.point is not None:
+            value = interval.point
+        return Side(value, interval, shown, (num.key,))
+    den = _denominator(rule, num, run, which)
+    den_metric = rule.denominator.metric
+    den_value = metric_value(den, den_metric)
+    if den_value is None:
+        raise NotMeasured(f"{den.key} has no metric {den_metric!r} in the {which}")
+    if den_value == 0:
+        raise Broken(f"{den.key} {den_metric} is 0: no ratio")
+    shown += f" / {den.key} {den_metric} {fmt(den_value)}{unit_of(den, den_metric)}"
+    interval = None
+    if not rule.exact:
+        a, b = _per_round(num, metric), _per_round(den, den_metric)
+        pairs = stats.pair_indices([r for r, _ in a], [r for r, _ in b])
+        both = [(a[i][1], b[j][1]) for i, j in pairs if a[i][1] is not None and b[j][1]]
+        interval = _interval([x for x, _ in both], [y for _, y in both])
+    value = value / den_value
+    if interval is not None and interval.point is not None:
+        value = interval.point   # the median per-round ratio: inside its own interval
+    return Side(value, interval, shown, (num.key, den.key))
+
+
+def _interval(num: list, den: list) -> stats.Interval:
+    try:
+        return stats.paired_ratio_interval(num, den)
+    except ValueError:   # a zero or negative value: no ratio interval
+        return stats.Interval(None, None, None, len(num), "values not all above 0")
+
+
+def _decide(interval: stats.Interval | None, value: float, ok_above, ok_below) -> str:
+    """PASS / FAIL / INCONCLUSIVE for a bound: ``ok_above(x)`` says x satisfies it."""
+    if interval is None:
+        return "PASS" if ok_above(value) and ok_below(value) else "FAIL"
+    if not interval.bounded:
+        return "INCONCLUSIVE"
+    lo, hi = interval.lo, interval.hi
+    if ok_above(lo) and ok_below(hi):
+        return "PASS"
+    # Wholly on the wrong side of one bound.
+    if not ok_above(hi) or not ok_below(lo):
+        return "FAIL"
+    return "INCONCLUSIVE"
 
 
 def _holds(value: float, op: str, limit: float) -> bool:
@@ -320,38 +406,86 @@ def _num(x: float) -> str:
     return f"{x:.3g}" if abs(x) < 1000 else fmt(x)
 
 
+def _interval_text(interval: stats.Interval | None) -> str:
+    if interval is None:
+        return ""
+    if not interval.bounded:
+        return f" ({interval.n} round{'s' if interval.n != 1 else ''}: not enough for an interval)"
+    return f" (95% interval {_num(interval.lo)}-{_num(interval.hi)}, {interval.n} rounds)"
+
+
+def _bound_check(op: str, limit: float):
+    """(ok_above, ok_below) pair for ``SIDE op limit``: which values satisfy it."""
+    if op in (">=", ">"):
+        return (lambda x: _holds(x, op, limit)), (lambda x: True)
+    if op in ("<=", "<"):
+        return (lambda x: True), (lambda x: _holds(x, op, limit))
+    return (lambda x: _holds(x, op, limit)), (lambda x: _holds(x, op, limit))
+
+
 def _judge(rule: Rule, num: results.Cell, run: results.Run,
-           baseline: results.Run | None) -> tuple[bool, str, list[str], float]:
-    value, shown = side_value(rule, num, run)
+           baseline: results.Run | None) -> Verdict:
+    s = side(rule, num, run)
+    exact = s.interval is None or rule.op in ("==", "!=")
+    interval = None if exact else s.interval
     if rule.kind == "between":
-        ok = rule.low <= value <= rule.high
-        span = f"{_num(rule.low)} and {_num(rule.high)}"
-        text = f"{_num(value)} is between {span}" if ok else \
-            f"{_num(value)} is {'below' if value < rule.low else 'above'} the range {span}"
-        return ok, text, [shown], value
+        status = _decide(interval, s.value, lambda x: x >= rule.low, lambda x: x <= rule.high)
+        words = {"PASS": "is between", "FAIL": "is outside",
+                 "INCONCLUSIVE": "may be outside"}[status]
+        text = f"{_num(s.value)} {words} {_num(rule.low)} and {_num(rule.high)}"
+        return Verdict(rule, status, text + _interval_text(interval), [s.shown], s.value,
+                       s.cells)
     if rule.kind == "compare":
-        ok = _holds(value, rule.op, rule.low)
-        return ok, f"{_num(value)} is {'' if ok else 'not '}{OPS[rule.op]} {_num(rule.low)}", \
-            [shown], value
-    if baseline is None:
-        raise NotMeasured("no baseline run given")
-    base, base_shown = side_value(rule, _by_key(baseline, num.key, "baseline"), baseline,
-                                  "baseline")
-    limit = base * (1 + rule.percent / 100.0)
-    ok = _holds(value, rule.op, limit)
-    text = (f"{_num(value)} is {'' if ok else 'not '}{OPS[rule.op]} {_num(limit)} "
-            f"(baseline {_num(base)} {rule.percent:+g}%)")
-    return ok, text, [shown, "baseline: " + base_shown], value
+        limit, extra = rule.low, []
+    else:
+        if baseline is None:
+            raise NotMeasured("no baseline run given")
+        base = side(rule, _by_key(baseline, num.key, "baseline"), baseline, "baseline")
+        limit = base.value * (1 + rule.percent / 100.0)
+        extra = ["baseline: " + base.shown]
+    status = _decide(interval, s.value, *_bound_check(rule.op, limit))
+    words = {"PASS": "is", "FAIL": "is not", "INCONCLUSIVE": "may not be"}[status]
+    text = f"{_num(s.value)} {words} {OPS[rule.op]} {_num(limit)}"
+    if rule.kind == "baseline":
+        text += f" (baseline {_num(base.value)} {rule.percent:+g}%)"
+    return Verdict(rule, status, text + _interval_text(interval), [s.shown, *extra], s.value,
+                   s.cells)
 
 
 def _not_measured_status(missing: str) -> str:
     return {"fail": "FAIL", "warn": "WARN", "ignore": "SKIP"}[missing]
 
 
+def _whole_run(rule: Rule, run: results.Run) -> list[Verdict]:
+    """``no failed cells`` / ``no lost messages``: one verdict per offending cell, or one
+    PASS. A loss the cell's transport declares (``exempt``) passes and says why."""
+    if rule.kind == "failed":
+        bad = [c for c in run.cells if c.status == "failed"]
+        if not bad:
+            return [Verdict(rule, "PASS", f"none of {len(run.cells)} cells failed")]
+        return [Verdict(rule, "FAIL", f"{c.key} failed: {c.reason}", cells=(c.key,))
+                for c in bad]
+    lost = [c for c in run.cells if (c.metrics.get("lost") or 0) > 0 or c.status == "lost"]
+    out = [Verdict(rule, "FAIL", f"{c.key} lost {c.metrics.get('lost')} of "
+                                 f"{c.metrics.get('sent')}: {c.reason}", cells=(c.key,))
+           for c in lost if not c.exempt]
+    exempt = [c for c in lost if c.exempt]
+    counted = sum(1 for c in run.cells if "lost" in c.metrics)
+    if not out:
+        text = f"{counted} cells accounted for every message"
+        if exempt:
+            text += (f"; {len(exempt)} lost what their transport declares: "
+                     + "; ".join(f"{c.key}: {c.exempt}" for c in exempt))
+        out.append(Verdict(rule, "PASS", text))
+    return out
+
+
 def evaluate(rule: Rule, run: results.Run, baseline: results.Run | None = None,
              missing: str | None = None) -> list[Verdict]:
     """One verdict per cell the rule's first selector matches (one rule can cover every
     transport of a full run), or one "not measured" verdict when it matches none."""
+    if rule.numerator is None:
+        return _whole_run(rule, run)
     missing = missing or rule.missing
     cells = rule.numerator.selector.matches(run)
     if not cells:
@@ -360,8 +494,7 @@ def evaluate(rule: Rule, run: results.Run, baseline: results.Run | None = None,
     out = []
     for num in cells:
         try:
-            ok, text, shown, value = _judge(rule, num, run, baseline)
-            out.append(Verdict(rule, "PASS" if ok else "FAIL", text, shown, value))
+            out.append(_judge(rule, num, run, baseline))
         except NotMeasured as exc:
             out.append(Verdict(rule, _not_measured_status(missing), f"not measured: {exc}"))
         except Broken as exc:
@@ -372,6 +505,29 @@ def evaluate(rule: Rule, run: results.Run, baseline: results.Run | None = None,
 def run_gates(spec: Spec, run: results.Run, baseline: results.Run | None = None,
               missing: str | None = None) -> list[Verdict]:
     return [v for rule in spec.rules for v in evaluate(rule, run, baseline, missing)]
+
+
+def version_mismatch(run: results.Run, baseline: results.Run) -> str | None:
+    """What differs between the versions a run and its baseline were measured with."""
+    diffs = [f"{k} {baseline.environment.get(k)} (baseline) vs {run.environment.get(k)}"
+             for k in VERSION_KEYS
+             if str(baseline.environment.get(k)) != str(run.environment.get(k))]
+    return ", ".join(diffs) or None
+
+
+def inconclusive_cells(verdicts: list[Verdict]) -> list[str]:
+    return list(dict.fromkeys(k for v in verdicts if v.status == "INCONCLUSIVE"
+                              for k in v.cells))
+
+
+def seconds_per_round(run: results.Run, keys) -> float:
+    """What one more round of these cells takes, from what their rounds took."""
+    total = 0.0
+    for cell in run.cells:
+        if cell.key in keys:
+            took = [r.get("elapsed_s") or 0.0 for r in cell.repeats]
+            total += max(took) if took else 1.0
+    return total
 
 
 def report_lines(verdicts: list[Verdict], verbose: bool = False) -> list[str]:
@@ -386,23 +542,25 @@ def report_lines(verdicts: list[Verdict], verbose: bool = False) -> list[str]:
         if not verbose:
             passed = [v for v in group if v.status == "PASS"]
             if len(passed) > 1:
-                values = [v.value for v in passed]
-                span = _num(min(values)) if min(values) == max(values) else \
-                    f"{_num(min(values))} to {_num(max(values))}"
-                out.append(f"PASS  {group[0].rule.name}: {len(passed)} cells pass "
-                           f"(values {span})")
+                values = [v.value for v in passed if v.value is not None]
+                span = "" if not values else (
+                    f" (values {_num(min(values))})" if min(values) == max(values) else
+                    f" (values {_num(min(values))} to {_num(max(values))})")
+                out.append(f"PASS  {group[0].rule.name}: {len(passed)} cells pass{span}")
             elif passed:
                 out += passed[0].lines(details=False)
-            group = [v for v in group if v.status in ("FAIL", "WARN")]
+            group = [v for v in group if v.status in ("FAIL", "WARN", "INCONCLUSIVE")]
         for v in group:
             out += v.lines()
     return out
 
 
 def summary(verdicts: list[Verdict]) -> str:
-    n = {s: sum(1 for v in verdicts if v.status == s) for s in ("PASS", "FAIL", "WARN", "SKIP")}
+    n = {s: sum(1 for v in verdicts if v.status == s) for s in STATUSES}
     # Worded unlike a test runner's closing line: CI logs must not read gate checks as tests.
     text = f"gate checks: {n['PASS']} pass, {n['FAIL']} fail"
+    if n["INCONCLUSIVE"]:
+        text += f", {n['INCONCLUSIVE']} inconclusive (warned)"
     if n["WARN"]:
         text += f", {n['WARN']} not measured (warned)"
     if n["SKIP"]:

@@ -153,27 +153,7 @@ def aggregate(scenario: str, params: dict, repeats: list[dict]) -> Cell:
         if rep.get("notes"):
             kept["notes"] = list(rep["notes"])
         cell.repeats.append(kept)
-    names = []
-    for rep in repeats:
-        for k in rep.get("metrics", {}):
-            if k not in names:
-                names.append(k)
-    for name in names:
-        values = [r["metrics"][name] for r in repeats if name in r.get("metrics", {})]
-        numeric = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        if numeric and len(numeric) == len(values):
-            med = statistics.median(numeric)
-            if all(isinstance(v, int) for v in numeric) and name in SUMMED:
-                cell.metrics[name] = sum(numeric)
-            else:
-                cell.metrics[name] = med
-            if len(numeric) > 1:
-                cell.spread[name] = {"min": min(numeric), "max": max(numeric),
-                                     "stdev": statistics.stdev(numeric), "n": len(numeric)}
-        elif values and all(isinstance(v, bool) for v in values):
-            cell.metrics[name] = any(values)  # a flag raised in any repeat stays raised
-        else:
-            cell.metrics[name] = values[-1]
+    cell.metrics, cell.spread = fold_metrics([rep.get("metrics", {}) for rep in repeats])
     for name, m in merged.items():
         cell.histograms[name] = summarize(m["hist"], m["unit"], m["overflow"],
                                           invalid=m["invalid"],
@@ -184,6 +164,55 @@ def aggregate(scenario: str, params: dict, repeats: list[dict]) -> Cell:
     if (cell.metrics.get("lost") or 0) > 0:
         cell.status = "lost"
     return cell
+
+
+def fold_metrics(per_repeat: list[dict]) -> tuple[dict, dict]:
+    """(metrics, spread) over repeats: numbers become their median (counts of messages
+    add up), with min/max/stdev beside; a flag raised in any repeat stays raised;
+    anything else keeps its last value."""
+    metrics, spread = {}, {}
+    names = list(dict.fromkeys(k for m in per_repeat for k in m))
+    for name in names:
+        values = [m[name] for m in per_repeat if name in m]
+        numeric = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if numeric and len(numeric) == len(values):
+            if all(isinstance(v, int) for v in numeric) and name in SUMMED:
+                metrics[name] = sum(numeric)
+            else:
+                metrics[name] = statistics.median(numeric)
+            if len(numeric) > 1:
+                spread[name] = {"min": min(numeric), "max": max(numeric),
+                                "stdev": statistics.stdev(numeric), "n": len(numeric)}
+        elif values and all(isinstance(v, bool) for v in values):
+            metrics[name] = any(values)
+        else:
+            metrics[name] = values[-1]
+    return metrics, spread
+
+
+def extend(cell: Cell, repeats: list[dict]) -> Cell:
+    """``cell`` with more repeats (more rounds measured later, e.g. by the gate): metrics
+    folded again over every repeat, histograms merged with the new ones."""
+    more = aggregate(cell.scenario, cell.params, repeats)
+    out = Cell(cell.scenario, dict(cell.params), repeats=cell.repeats + more.repeats,
+               exempt=cell.exempt)
+    out.metrics, out.spread = fold_metrics([r.get("metrics", {}) for r in out.repeats])
+    for name in dict.fromkeys([*cell.histograms, *more.histograms]):
+        parts = [h[name] for h in (cell.histograms, more.histograms) if name in h]
+        hist = decode(parts[0])
+        for extra in parts[1:]:
+            hist.add(decode(extra))
+        summary = summarize(hist, parts[0].get("unit", "us"),
+                            sum(p.get("overflow", 0) for p in parts),
+                            invalid=sum(p.get("invalid", 0) for p in parts))
+        intervals = [iv for p in parts for iv in p.get("intervals", ())]
+        if intervals:
+            summary["intervals"] = intervals
+        out.histograms[name] = summary
+    out.reason = "; ".join(dict.fromkeys(filter(None, (cell.reason, more.reason))))
+    if (out.metrics.get("lost") or 0) > 0:
+        out.status = "lost"
+    return out
 
 
 # Counts that add up over repeats (every message must be accounted for).

@@ -28,13 +28,19 @@ from typing import Callable
 from . import brokers, config, results, scenarios
 
 
+# --quick runs every cell in this many interleaved rounds: the fewest from which a paired
+# ratio gets an interval (bench.stats), so the gate can judge what `make bench` wrote.
+QUICK_ROUNDS = 3
+INSTRUCTIONS = "instructions"   # the opt-in scenario --instructions adds
+
+
 @dataclass
 class RunOptions:
     scenarios: tuple = ()           # names; () = every registered scenario
     quick: bool = False
     transports: tuple = ()          # --transport: keep cells with these transports
     only: tuple = ()                # --only KEY=VALUE pairs
-    repeat: int = 1                 # rounds
+    repeat: int | None = None       # rounds; None = QUICK_ROUNDS with --quick, else 1
     duration: float | None = None   # seconds of measurement per cell (scenario default if None)
     rate: float | None = None       # messages per second (open loop); None = closed loop
     messages: int | None = None     # messages per cell (overrides duration where it applies)
@@ -49,16 +55,39 @@ class RunOptions:
     serializers: tuple = ()
     out: str | None = None
     quiet: bool = False
+    instructions: bool = False      # --instructions: add the callgrind cells to the run
     workdir: Path | None = None
 
     def names(self) -> tuple:
-        return tuple(self.scenarios) or scenarios.names()
+        """The scenarios to run: those named, else every one not opt-in."""
+        names = tuple(self.scenarios) or tuple(
+            n for n in scenarios.names() if not scenarios.get(n).opt_in)
+        if self.instructions and INSTRUCTIONS not in names:
+            names += (INSTRUCTIONS,)
+        return names
+
+    def rounds(self) -> int:
+        if self.repeat:
+            return max(1, int(self.repeat))
+        return QUICK_ROUNDS if self.quick else 1
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunOptions":
+        """The options a results file recorded (unknown keys, from another version, ignored)."""
+        known = {f for f in cls.__dataclass_fields__ if f != "workdir"}
+        kw = {k: v for k, v in (d or {}).items() if k in known}
+        for key in ("scenarios", "transports", "serializers"):
+            kw[key] = tuple(kw.get(key) or ())
+        kw["only"] = parse_only(kw.get("only") or ())
+        kw["out"] = None
+        return cls(**kw)
 
     def to_dict(self) -> dict:
         """What the run was asked, for the results file (the gate re-measures from it)."""
         d = asdict(self)
         d.pop("workdir")
         d["scenarios"] = list(self.names())
+        d["repeat"] = self.rounds()
         d["only"] = [f"{k}={v}" for k, v in self.only]
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
@@ -219,7 +248,7 @@ def run(opts: RunOptions, on_cell: Callable | None = None, on_start: Callable | 
     own_workdir = opts.workdir is None
     if own_workdir:
         opts.workdir = Path(tempfile.mkdtemp(prefix="celery-bench-"))
-    rounds = max(1, opts.repeat)
+    rounds = opts.rounds()
     if on_start:
         on_start(sum(len(p.cells) for p in planned) * rounds)
     try:
@@ -281,6 +310,50 @@ def failures(run_: results.Run) -> list[results.Cell]:
     exemption their transport declares."""
     return [c for c in run_.cells
             if c.status == "failed" or (c.status == "lost" and not c.exempt)]
+
+
+def remeasure(run_: results.Run, keys, rounds: int, opts: RunOptions | None = None,
+              on_cell: Callable | None = None) -> list[results.Cell]:
+    """Run the cells of ``run_`` whose keys are in ``keys`` for ``rounds`` more rounds
+    (numbered after the run's last), interleaved as a run does them, and fold the new
+    repeats into those cells in place. For the gate, whose rules could not decide yet.
+    Returns the updated cells."""
+    opts = opts or RunOptions.from_dict(run_.environment.get("options", {}))
+    chosen = [c for c in run_.cells if c.key in set(keys) and c.status in ("ok", "lost")]
+    first = 1 + max((r.get("round", -1) for c in run_.cells for r in c.repeats), default=-1)
+    by_scenario: dict[str, list] = {}
+    for cell in chosen:
+        by_scenario.setdefault(cell.scenario, []).append(cell)
+    own_workdir = opts.workdir is None
+    if own_workdir:
+        opts.workdir = Path(tempfile.mkdtemp(prefix="celery-bench-"))
+    updated = []
+    try:
+        for name, cells in by_scenario.items():
+            with closing(scenarios.get(name)(opts)) as scenario:
+                states = [CellRun(name, dict(c.params)) for c in cells]
+                for round_ in range(first, first + rounds):
+                    scenario.begin_round(round_)
+                    for state in states:
+                        if not state.status:
+                            measure_once(scenario, state, round_)
+            for cell, state in zip(cells, states):
+                if state.status:   # it failed this time: say so, keep what it had
+                    new = results.Cell(cell.scenario, cell.params, state.status,
+                                       f"when re-measured: {state.reason}", cell.metrics,
+                                       cell.spread, cell.repeats, cell.histograms)
+                else:
+                    new = results.extend(cell, state.repeats)
+                    new.exempt = cell.exempt
+                run_.cells[run_.cells.index(cell)] = new
+                updated.append(new)
+                if on_cell:
+                    on_cell(new)
+    finally:
+        if own_workdir:
+            shutil.rmtree(opts.workdir, ignore_errors=True)
+            opts.workdir = None
+    return updated
 
 
 def run_cell(scenario: scenarios.Scenario, params: dict, rounds: int = 1) -> results.Cell:

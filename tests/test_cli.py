@@ -114,7 +114,7 @@ def test_passwords_given_by_flag_or_env_never_reach_the_results_file(cli_run, tm
 
 
 def test_quick_memory_publish_run_masks_the_amqp_password(cli_run, tmp_path):
-    res = cli_run("run", "publish", "--quick", "--transport", "memory", "--quiet",
+    res = cli_run("run", "publish", "--quick", "--repeat", "1", "--transport", "memory", "--quiet",
                   "--out", "r.json", "--amqp-url", "amqp://guest:quick-s3cret@127.0.0.1:5672//",
                   timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]

@@ -22,6 +22,7 @@ def cell(transport="memory", ack="yes") -> dict:
 def options(tmp_path, **kw) -> runner.RunOptions:
     kw.setdefault("messages", 2_000)
     kw.setdefault("timeout", 60.0)
+    kw.setdefault("repeat", 1)
     return runner.RunOptions(quick=True, workdir=tmp_path, **kw)
 
 

@@ -19,6 +19,7 @@ OBJECT_S = 0.1
 
 def run(tmp_path, **kw):
     kw.setdefault("task_seconds", OBJECT_S)
+    kw.setdefault("repeat", 1)
     opts = runner.RunOptions(scenarios=("fanout",), workdir=tmp_path, timeout=60, **kw)
     return runner.run(opts)
 

@@ -1,4 +1,5 @@
-"""gate: verdicts from hand-built results files; bad specs are one line and exit 2."""
+"""gate: verdicts from hand-built results files (3 rounds each, so every ratio has an
+interval), undecided rules, whole-run rules, versions; bad specs are one line and exit 2."""
 import textwrap
 from pathlib import Path
 
@@ -12,11 +13,18 @@ ROOT = Path(__file__).resolve().parents[1]
 HELD = dict(api="kombu", producer="held", transport="memory")
 
 
+def rounds(x, spread=0.01):
+    """Three rounds around ``x``, a little apart (a machine is never exactly steady)."""
+    return (x * (1 - spread), x, x * (1 + spread))
+
+
 def _run(per_call=600.0, held=1000.0, p99_us=100.0, redis="skipped"):
     return [
-        cell(throughputs=(held,), latency_us=p99_us, **HELD),
-        cell(throughputs=(per_call,), seed=1, api="kombu", producer="per-call", transport="memory"),
-        cell(throughputs=(40_000.0,), seed=2, api="queue", producer="held", transport="memory"),
+        cell(throughputs=rounds(held), latency_us=p99_us, **HELD),
+        cell(throughputs=rounds(per_call), seed=1, api="kombu", producer="per-call",
+             transport="memory"),
+        cell(throughputs=rounds(40_000.0), seed=2, api="queue", producer="held",
+             transport="memory"),
         cell(status=redis, reason="redis unreachable", api="kombu", producer="held",
              transport="redis"),
     ]
@@ -43,13 +51,13 @@ def _verdicts(tmp_path, spec_body, cells, baseline=None, missing=None):
 
 def test_ratio_rule_passes_and_fails(tmp_path):
     (ok,) = _verdicts(tmp_path, RATIO, _run(per_call=600))
-    assert ok.status == "PASS" and ok.text == "0.6 is between 0.4 and 0.9"
+    assert ok.status == "PASS" and ok.text.startswith("0.6 is between 0.4 and 0.9 (95% interval")
     assert "publish[api=kombu,producer=held,transport=memory] throughput_per_s 1,000/s" \
         in ok.values[0]
     (low,) = _verdicts(tmp_path, RATIO, _run(per_call=300))
-    assert low.status == "FAIL" and low.text == "0.3 is below the range 0.4 and 0.9"
+    assert low.status == "FAIL" and low.text.startswith("0.3 is outside 0.4 and 0.9")
     (high,) = _verdicts(tmp_path, RATIO, _run(per_call=950))
-    assert high.status == "FAIL" and "above" in high.text
+    assert high.status == "FAIL" and "outside" in high.text
 
 
 def test_explicit_denominator_and_threshold(tmp_path):
@@ -61,22 +69,23 @@ def test_explicit_denominator_and_threshold(tmp_path):
     """
     verdicts = _verdicts(tmp_path, body, _run())
     assert [v.status for v in verdicts] == ["PASS", "PASS", "PASS"]   # lost: one per cell
-    assert verdicts[0].text == "0.025 is at least 0.02"
+    assert verdicts[0].text.startswith("0.025 is at least 0.02")
     verdicts = _verdicts(tmp_path, body.replace(">= 0.02", ">= 0.05"), _run())
-    assert verdicts[0].status == "FAIL" and verdicts[0].text == "0.025 is not at least 0.05"
+    assert verdicts[0].status == "FAIL" and verdicts[0].text.startswith(
+        "0.025 is not at least 0.05")
 
 
 def test_rule_applies_to_every_matching_cell_against_its_own_reference(tmp_path):
-    cells = _run() + [cell(throughputs=(2000.0,), seed=4, api="kombu", producer="held",
+    cells = _run() + [cell(throughputs=rounds(2000.0), seed=4, api="kombu", producer="held",
                            transport="amqp"),
-                      cell(throughputs=(100.0,), seed=5, api="kombu", producer="per-call",
+                      cell(throughputs=rounds(100.0), seed=5, api="kombu", producer="per-call",
                            transport="amqp")]
     body = """
         [[gate]]
         check = "publish[producer=per-call] throughput_per_s / [producer=held] >= 0.4"
     """
     verdicts = _verdicts(tmp_path, body, cells)
-    assert [(v.status, v.text) for v in verdicts] == [
+    assert [(v.status, v.text.split(" (")[0]) for v in verdicts] == [
         ("PASS", "0.6 is at least 0.4"), ("FAIL", "0.05 is not at least 0.4")]
 
 
@@ -129,7 +138,7 @@ def test_a_failed_cell_fails_its_rules(tmp_path):
 
 
 def test_baseline_rules_with_tolerance(tmp_path):
-    base = results.Run({}, [cell(throughputs=(1000.0,), latency_us=100, **HELD)])
+    base = results.Run({}, [cell(throughputs=rounds(1000.0), latency_us=100, **HELD)])
     body = """
         [[gate]]
         check = "publish[api=kombu,producer=held,transport=memory] publish_us.p99 <= baseline +50%"
@@ -172,6 +181,7 @@ def test_bad_checks(tmp_path, check, words):
     ("missing = \"warn\"\n", "no rules"),
     ("[[gate]]\nname = \"x\"\n", "needs check ="),
     ("[[gate]]\ncheck = \"a[] x >= 1\"\nwhy_not = 1\n", "unknown key 'why_not'"),
+    ("[[gate]]\ncheck = \"a[] x >= 1\"\nexact = 1\n", "exact must be true or false"),
 ])
 def test_bad_spec_files(tmp_path, body, words):
     with pytest.raises(gate.SpecError) as err:
@@ -197,18 +207,18 @@ def test_cli_gate_exit_codes(tmp_path, cli_run):
     (tmp_path / "gates.toml").write_text(textwrap.dedent(RATIO))
     write(tmp_path / "good.json", *_run(per_call=600))
     write(tmp_path / "bad.json", *_run(per_call=100))
-    res = cli_run("gate", "good.json", "--spec", "gates.toml")
+    res = cli_run("gate", "good.json", "--spec", "gates.toml", "--budget", "0")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "PASS  per-call vs held: 0.6 is between 0.4 and 0.9" in res.stdout
     assert "gate checks: 1 pass, 0 fail" in res.stdout
-    res = cli_run("gate", "bad.json", "--spec", "gates.toml")
+    res = cli_run("gate", "bad.json", "--spec", "gates.toml", "--budget", "0")
     assert res.returncode == 1
-    assert "FAIL  per-call vs held: 0.1 is below the range" in res.stdout
+    assert "FAIL  per-call vs held: 0.1 is outside 0.4 and 0.9" in res.stdout
 
 
 def test_cli_gate_default_spec_is_found_from_the_repo(tmp_path, cli_run):
     write(tmp_path / "run.json", *_run())
-    res = cli_run("gate", "run.json")
+    res = cli_run("gate", "run.json", "--budget", "0", "--across-versions")
     assert res.returncode in (0, 1), res.stderr
     assert "gates " in res.stdout and "baselines/gates.toml" in res.stdout
 
@@ -246,3 +256,109 @@ def test_cli_gate_bad_input_is_one_line_exit_2(tmp_path, cli_run, args, words):
     assert res.returncode == 2, res.stdout
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0] and "Traceback" not in res.stderr
+
+
+# --------------------------------------------------------------------------- undecided
+def test_one_round_makes_no_interval_so_the_rule_is_inconclusive(tmp_path):
+    cells = [cell(throughputs=(1000.0,), **HELD),
+             cell(throughputs=(600.0,), seed=1, api="kombu", producer="per-call",
+                  transport="memory")]
+    (v,) = _verdicts(tmp_path, RATIO, cells)
+    assert v.status == "INCONCLUSIVE" and v.shown == "WARN"
+    assert "1 round: not enough for an interval" in v.text
+    assert set(v.cells) == {c.key for c in cells}           # what a re-measure would run
+    assert gate.summary([v]) == "gate checks: 0 pass, 0 fail, 1 inconclusive (warned)"
+
+
+def test_an_interval_across_the_bound_is_inconclusive_and_wholly_past_it_fails(tmp_path):
+    body = """
+        [[gate]]
+        check = "publish[api=kombu,producer=per-call,transport=memory] throughput_per_s / [producer=held] >= 0.55"
+    """
+    noisy = [cell(throughputs=(1000.0, 1000.0, 1000.0), **HELD),
+             cell(throughputs=(450.0, 600.0, 700.0), seed=1, api="kombu",
+                  producer="per-call", transport="memory")]
+    (v,) = _verdicts(tmp_path, body, noisy)
+    assert v.status == "INCONCLUSIVE" and "may not be at least 0.55" in v.text
+    (v,) = _verdicts(tmp_path, body, _run(per_call=400))
+    assert v.status == "FAIL"       # 0.396-0.404: wholly below
+
+
+def test_exact_rules_judge_the_value_even_from_one_round(tmp_path):
+    body = """
+        [[gate]]
+        check = "publish[api=kombu,producer=held,transport=memory] throughput_per_s >= 900"
+        exact = true
+    """
+    (v,) = _verdicts(tmp_path, body, [cell(throughputs=(1000.0,), **HELD)])
+    assert v.status == "PASS" and "interval" not in v.text
+
+
+def test_no_failed_cells_and_no_lost_messages(tmp_path):
+    body = """
+        [[gate]]
+        check = "no failed cells"
+        [[gate]]
+        check = "no lost messages"
+    """
+    verdicts = _verdicts(tmp_path, body, _run())
+    assert [v.status for v in verdicts] == ["PASS", "PASS"]
+    lossy = cell(throughputs=rounds(10.0), seed=6, api="kombu", producer="held",
+                 transport="filesystem")
+    lossy.metrics["lost"], lossy.status = 3, "lost"
+    other = cell(throughputs=rounds(10.0), seed=7, api="kombu", producer="held",
+                 transport="unix")
+    other.metrics["lost"], other.status = 1, "lost"
+    lossy.exempt = "kombu's filesystem consumer reads without the writer's lock"
+    verdicts = _verdicts(tmp_path, body, _run(redis="failed") + [lossy, other])
+    assert [v.status for v in verdicts] == ["FAIL", "FAIL"]
+    assert "transport=redis" in verdicts[0].text and "failed" in verdicts[0].text
+    assert "transport=unix" in verdicts[1].text and "lost 1" in verdicts[1].text
+    verdicts = _verdicts(tmp_path, body, _run() + [lossy])
+    assert verdicts[1].status == "PASS" and "filesystem" in verdicts[1].text
+
+
+def test_a_baseline_of_other_versions_is_refused_unless_asked(tmp_path, cli_run):
+    (tmp_path / "gates.toml").write_text(textwrap.dedent("""
+        baseline = "base.json"
+        [[gate]]
+        check = "publish[producer=per-call] throughput_per_s / [producer=held] >= baseline -20%"
+    """))
+    write(tmp_path / "base.json", *_run(),
+          environment={"python": "3", "celery": "5.7", "kombu": "5.6.9"})
+    write(tmp_path / "run.json", *_run())
+    res = cli_run("gate", "run.json", "--spec", "gates.toml", "--budget", "0")
+    assert res.returncode == 2
+    line = res.stderr.strip()
+    assert "\n" not in line and "kombu 5.6.9 (baseline) vs 5.7" in line
+    assert "--across-versions" in line
+    res = cli_run("gate", "run.json", "--spec", "gates.toml", "--budget", "0",
+                  "--across-versions")
+    assert res.returncode == 0 and "PASS" in res.stdout, res.stdout + res.stderr
+
+
+def test_the_gate_re_measures_undecided_cells_and_writes_them_back(tmp_path, cli_run):
+    """A real quick run with one round: the ratio has no interval, so the gate runs
+    three more rounds of just those two cells and decides."""
+    res = cli_run("run", "publish", "--quick", "--repeat", "1", "--only", "transport=memory",
+                  "--only", "api=kombu", "--only", "producer=held", "--duration", "0.1",
+                  "--warmup", "0.02", "--out", "r.json", "--quiet")
+    assert res.returncode == 0, res.stderr
+    res = cli_run("run", "publish", "--quick", "--repeat", "1", "--only", "api=calibration",
+                  "--duration", "0.1", "--warmup", "0.02", "--out", "c.json", "--quiet")
+    assert res.returncode == 0, res.stderr
+    merged = results.load(tmp_path / "r.json")
+    merged.cells += results.load(tmp_path / "c.json").cells
+    results.dump(merged, tmp_path / "r.json")
+    (tmp_path / "gates.toml").write_text(textwrap.dedent("""
+        [[gate]]
+        check = "publish[api=kombu,producer=held,transport=memory] cpu_us_per_msg / publish[api=calibration] between 0.001 and 1000"
+    """))
+    res = cli_run("gate", "r.json", "--spec", "gates.toml", "--budget", "120")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "re-measuring 2 cell(s)" in res.stdout and "PASS" in res.stdout
+    run = results.load(tmp_path / "r.json")
+    for c in run.cells:
+        assert [r["round"] for r in c.repeats] == [0, 1, 2, 3]
+        assert c.histograms["publish"]["count"] == sum(
+            r["histograms"]["publish"]["count"] for r in c.repeats)

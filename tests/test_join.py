@@ -81,6 +81,7 @@ def embedded() -> str:
 def opts_for(tmp_path, **kw) -> runner.RunOptions:
     kw.setdefault("scenarios", ("join",))
     kw.setdefault("workdir", tmp_path)
+    kw.setdefault("repeat", 1)
     return runner.RunOptions(**kw)
 
 
@@ -305,7 +306,8 @@ def test_ctrl_c_mid_cell_keeps_finished_cells_and_leaves_no_worker(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     # Five sqlite cells of a few seconds each, one worker for all of them.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench", "run", "join", "--quick", "--only", "backend=sqlite",
+        [sys.executable, "-m", "bench", "run", "join", "--quick", "--repeat", "1",
+         "--only", "backend=sqlite",
          "--quiet", "--out", str(out)],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -23,6 +23,7 @@ def assert_no_worker_left():
 
 
 def run(tmp_path, **kw):
+    kw.setdefault("repeat", 1)
     opts = runner.RunOptions(scenarios=("prefetch",), workdir=tmp_path, timeout=60, **kw)
     return runner.run(opts)
 

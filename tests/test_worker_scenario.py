@@ -20,6 +20,7 @@ RATE = 500.0
 
 def run(tmp_path, **kw):
     kw.setdefault("timeout", 60)
+    kw.setdefault("repeat", 1)
     opts = runner.RunOptions(scenarios=("worker",), workdir=tmp_path, **kw)
     return runner.run(opts)
 
@@ -59,7 +60,7 @@ def test_matrix_and_quick_slice():
         ("amqp", "prefork", "throughput"), ("redis", "prefork", "throughput")}
     embedded = quick[len(refs):]
     assert {c["transport"] for c in embedded} == {"unix", "fifo"}
-    assert {(c["pool"], c["concurrency"]) for c in embedded} == {("solo", 1), ("prefork", 2)}
+    assert {(c["pool"], c["concurrency"]) for c in embedded} == {("prefork", 2)}
     assert {c["tasks"] for c in quick if c["mode"] == "throughput"} == {scenario.TASKS_QUICK}
     full = cells("worker", runner.RunOptions())
     assert {c["transport"] for c in full} == {"filesystem", "redis", "amqp", "unix", "fifo"}

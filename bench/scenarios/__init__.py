@@ -62,6 +62,7 @@ class Scenario:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     summary: ClassVar[list] = []          # [(metric or "hist.pXX", column header)]
+    opt_in: ClassVar[bool] = False        # run only when named (or asked for by a flag)
 
     def __init__(self, opts):
         self.opts = opts

@@ -5,6 +5,14 @@ Rungs (cell params ``api`` / ``producer`` / ``method``):
 - ``queue``  / ``-``                    / ``put``        the ceiling
 - ``kombu``  / held, per-call, new-connection, batch / ``publish``
 - ``celery`` / default, held            / delay, apply_async, send_task
+- ``calibration`` / ``-`` / ``loop``: a fixed pure-Python workload, the same-run yardstick
+  of the machine's speed (:mod:`bench.drivers.calibration`)
+
+``retry``: Kombu rungs publish as Kombu's default and the seed's ladder do, a plain
+``publish`` (``no``); ``yes`` passes ``retry=True`` with Celery's retry policy, one more
+rung (held) in the full matrix, every strategy with ``--only retry=yes``, so the ladder
+shows what Kombu's retry wrapper (``Connection.ensure``) costs. Celery rungs keep
+Celery's defaults (``task_publish_retry``: ``yes``).
 
 over every transport in :mod:`bench.brokers` (a new broker module joins the
 matrix with no change here) and each serializer. Each cell warms up, publishes
@@ -30,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import brokers, pacing, recorder
+from ..drivers import calibration as calibration_driver
 from ..drivers import celery as celery_driver
 from ..drivers import kombu as kombu_driver
 from ..drivers import queue as queue_driver
@@ -54,8 +63,11 @@ FULL = Sizing(duration=2.0, warmup=0.5, cap=2_000_000)
 
 CELERY_RUNGS = (("delay", "default"), ("apply_async", "default"), ("send_task", "default"),
                 ("apply_async", "held"), ("send_task", "held"))
-# --quick over cross-process transports: the Celery rungs that say the most per second spent.
+# --quick over our cross-process transports: the Celery rungs that say the most per second.
 CELERY_QUICK_REMOTE = (("apply_async", "default"), ("apply_async", "held"))
+# --quick over a server: its held Kombu rung and Celery's default, the references.
+KOMBU_QUICK_SERVER = ("held",)
+CELERY_QUICK_SERVER = (("apply_async", "default"),)
 
 SUMMARY = [
     ("throughput_per_s", "msg/s"),
@@ -69,9 +81,9 @@ SUMMARY = [
 ]
 
 
-def _cell(api, producer, method, transport, serializer, payload) -> dict:
+def _cell(api, producer, method, transport, serializer, payload, retry="-") -> dict:
     return {"api": api, "producer": producer, "method": method, "transport": transport,
-            "serializer": serializer, "payload_bytes": payload}
+            "serializer": serializer, "payload_bytes": payload, "retry": retry}
 
 
 # --------------------------------------------------------------------------- hot loops
@@ -173,22 +185,22 @@ def _histograms(ts, sent: int, got: Received, rate) -> tuple[dict, str]:
     rec = recorder.Recorder()
     ts.count = sent
     start, end = ts.column("start"), ts.column("end")
-    rec.add("publish", (end - start) / 1000.0)
+    rec.add("publish", (end - start) / 1000.0, at_ns=start)
     e2e_ns = lag_ns = mask = None
     if got.e2e_ns is not None:
         mask = got.seen[:sent].astype(bool)
         e2e_ns = got.e2e_ns[:sent][mask]
-        rec.add("e2e", e2e_ns / 1000.0)
+        rec.add("e2e", e2e_ns / 1000.0, at_ns=start[mask])
     basis = "receive" if e2e_ns is not None else "publish-return"
     if rate:
         intended = ts.column("intended")
         lag_ns = start - intended
         rec.add("schedule_lag", lag_ns / 1000.0)
         if e2e_ns is not None:  # receive time minus intended = e2e + how late the send left
-            rec.add("from_intended", (e2e_ns + lag_ns[mask]) / 1000.0)
+            rec.add("from_intended", (e2e_ns + lag_ns[mask]) / 1000.0, at_ns=intended[mask])
             rec.add("from_send", e2e_ns / 1000.0)
         else:
-            rec.add("from_intended", (end - intended) / 1000.0)
+            rec.add("from_intended", (end - intended) / 1000.0, at_ns=intended)
             rec.add("from_send", (end - start) / 1000.0)
     return rec.histograms, basis
 
@@ -282,32 +294,50 @@ class Publish(Scenario):
         check_task(app, self.opts.app, task)
         return app, task
 
+    def _kombu(self, strategies, transport, ser, payload) -> list[dict]:
+        """Plain publishes; with retry, the held rung again (full matrix), or every
+        strategy when the user asks for ``--only retry=yes``."""
+        out = [_cell("kombu", s, "publish", transport, ser, payload, "no") for s in strategies]
+        if ("retry", "yes") in self.opts.only:
+            out += [_cell("kombu", s, "publish", transport, ser, payload, "yes")
+                    for s in strategies]
+        elif not self.opts.quick:
+            out.append(_cell("kombu", "held", "publish", transport, ser, payload, "yes"))
+        return out
+
     def cells(self) -> list[dict]:
         opts = self.opts
         payload = payload_bytes(opts)
         serializers = tuple(opts.serializers) or (("json",) if opts.quick else ("json", "pickle"))
-        out = [_cell("queue", "-", "put", brokers.reference() or "-", "-", payload)]
+        out = [_cell("queue", "-", "put", brokers.reference() or "-", "-", payload),
+               _cell("calibration", "-", "loop", "-", "-", payload)]
         if opts.app:
             app, _ = self._app()
             ser = app.conf.task_serializer
-            out += [_cell("kombu", s, "publish", APP_TRANSPORT, ser, payload)
-                    for s in kombu_driver.STRATEGIES]
-            out += [_cell("celery", p, m, APP_TRANSPORT, ser, payload) for m, p in CELERY_RUNGS]
+            retry = "yes" if app.conf.task_publish_retry else "no"
+            out += self._kombu(kombu_driver.STRATEGIES, APP_TRANSPORT, ser, payload)
+            out += [_cell("celery", p, m, APP_TRANSPORT, ser, payload, retry)
+                    for m, p in CELERY_RUNGS]
             return out
         for transport in brokers.names():
             try:
-                in_process = not brokers.info(transport).cross_process
-            except ImportError:
-                in_process = False  # listed, so the runner skips it with the reason
-            rungs = CELERY_RUNGS if (in_process or not opts.quick) else CELERY_QUICK_REMOTE
+                info = brokers.info(transport)
+            except ImportError:  # listed, so the runner skips it with the reason
+                info = brokers.Transport(transport)
+            if opts.quick and info.slow:
+                continue
+            strategies, rungs = kombu_driver.STRATEGIES, CELERY_RUNGS
+            if opts.quick and info.service:
+                strategies, rungs = KOMBU_QUICK_SERVER, CELERY_QUICK_SERVER
+            elif opts.quick and info.cross_process:
+                rungs = CELERY_QUICK_REMOTE
             for ser in serializers:
-                out += [_cell("kombu", s, "publish", transport, ser, payload)
-                        for s in kombu_driver.STRATEGIES]
-                out += [_cell("celery", p, m, transport, ser, payload) for m, p in rungs]
+                out += self._kombu(strategies, transport, ser, payload)
+                out += [_cell("celery", p, m, transport, ser, payload, "yes") for m, p in rungs]
         return out
 
     def requires(self, params) -> set:
-        if params["api"] == "queue" or params["transport"] == APP_TRANSPORT:
+        if params["api"] in ("queue", "calibration") or params["transport"] == APP_TRANSPORT:
             return set()
         return brokers.services(params["transport"])
 
@@ -338,6 +368,8 @@ class Publish(Scenario):
         with self.cell_folder() as workdir, ExitStack() as stack:
             if params["api"] == "queue":
                 return _measure(queue_driver.Publisher(payload), False, opts, workdir)
+            if params["api"] == "calibration":
+                return _measure(calibration_driver.Publisher(), False, opts, workdir)
             target = self._target(params, stack, workdir)
             if params["producer"] == "batch" and not target.supports_batch:
                 raise Skip("no Producer.batch on this broker: it would publish one by one, "
@@ -348,7 +380,7 @@ class Publish(Scenario):
             if params["api"] == "kombu":
                 driver = kombu_driver.Publisher(target, queue_name, params["producer"],
                                                 params["serializer"], payload, opts.timeout,
-                                                retry=True)
+                                                retry=params.get("retry") == "yes")
             else:
                 driver = celery_driver.Publisher(
                     target, queue_name, params["method"], params["producer"],

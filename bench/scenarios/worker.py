@@ -86,6 +86,7 @@ DESCRIPTION = (
 TASK = tick.TASK
 MODES = ("throughput", "latency")
 POOLS = ("solo", "prefork")
+QUICK_POOLS = ("prefork",)
 DEFAULT_CONCURRENCY = 2
 TASKS, TASKS_QUICK = 10_000, 2_000
 RATE = 200.0
@@ -357,8 +358,10 @@ class Worker(Scenario):
                 out.append({"transport": transport, "pool": "prefork",
                             "concurrency": concurrency, "mode": "throughput", "tasks": tasks,
                             "rate": "-"})
+        # The quick slice runs prefork only: the pool the servers' references use.
+        pools = (opts.pool,) if opts.pool else (QUICK_POOLS if opts.quick else POOLS)
         for transport in self._transports():
-            for pool in ((opts.pool,) if opts.pool else POOLS):
+            for pool in pools:
                 c = 1 if pool == "solo" else concurrency
                 base = {"transport": transport, "pool": pool, "concurrency": c}
                 out.append({**base, "mode": "throughput", "tasks": tasks, "rate": "-"})
