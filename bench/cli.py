@@ -98,12 +98,21 @@ def cli():
 @click.option("--out", default="results/latest.json", show_default=True,
               type=click.Path(dir_okay=False), help="Results file, rewritten after every cell.")
 @click.option("--quiet", is_flag=True, help="No progress bars: one plain line per cell.")
+@click.option("--rate-sweep", metavar="START:STOP[:STEPS]",
+              help="Open-loop rate ladder (geometric, 5 steps by default) for the rated "
+                   "scenarios (worker, publish): each step held --duration s, latency "
+                   "from the intended send time.")
+@click.option("--max-rate", is_flag=True,
+              help="Find the highest rate each rated cell sustains: >= 98%% of the rate "
+                   "achieved, no growing backlog, and --slo kept; confirmed by holding it.")
+@click.option("--slo", metavar="pNN<=VALUE",
+              help="What a sustainable rate keeps, e.g. 'p99<=10ms' (the default).")
 @click.option("--instructions", is_flag=True,
               help="Also count instructions per message of the in-process cells under "
                    "valgrind's callgrind (deterministic where time is not).")
 def run(scenarios, quick, transports, only, repeat, duration, messages, rate, warmup, timeout,
         serializers, payload_bytes, app, task, pool, concurrency, task_seconds, out, quiet,
-        instructions):
+        rate_sweep, max_rate, slo, instructions):
     """Run SCENARIOS (default: all of them) and write a results file.
 
     Exits 1 when a cell failed or lost messages (unless its transport declares that loss
@@ -121,9 +130,17 @@ def run(scenarios, quick, transports, only, repeat, duration, messages, rate, wa
         duration=duration, rate=rate, messages=messages, warmup=warmup, timeout=timeout,
         pool=pool, concurrency=concurrency, task_seconds=task_seconds, app=app, task=task,
         payload_bytes=payload_bytes, serializers=tuple(serializers), out=out, quiet=quiet,
-        instructions=instructions)
+        instructions=instructions, rate_sweep=_sweep(rate_sweep), max_rate=max_rate,
+        slo=_slo(slo))
     if instructions:
         registry.get(runner.INSTRUCTIONS)
+    if rate_sweep or max_rate:
+        flag = "--rate-sweep" if rate_sweep else "--max-rate"
+        unrated = [n for n in scenarios if not registry.get(n).rated]
+        if unrated:
+            rated = [n for n in registry.names() if registry.get(n).rated]
+            raise config.UsageError(f"{flag}: scenario {unrated[0]!r} has no rate cells; "
+                                    f"use it with {', '.join(rated)}")
     if task and not app:
         raise config.UsageError("--task needs --app MODULE:APP (the app that defines it)")
     _check_writable(out, "--out")
@@ -174,6 +191,28 @@ def run(scenarios, quick, transports, only, repeat, duration, messages, rate, wa
         click.echo(f"celery-bench: {len(bad)} cell{'s' if len(bad) > 1 else ''} failed or "
                    f"lost messages", err=True)
         sys.exit(1)
+
+
+def _sweep(text):
+    from .maxrate import SpecError, parse_sweep
+
+    if text is None:
+        return ()
+    try:
+        return parse_sweep(text)
+    except SpecError as exc:
+        raise config.UsageError(f"--rate-sweep {exc}") from None
+
+
+def _slo(text):
+    from .maxrate import SLO, SpecError
+
+    if text is None:
+        return None
+    try:
+        return SLO.parse(text).text
+    except SpecError as exc:
+        raise config.UsageError(f"--slo {exc}") from None
 
 
 def _check_writable(path: str, option: str) -> None:
@@ -246,11 +285,13 @@ def broker(url):
 
 @cli.command()
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
-def show(path):
+@click.option("--width", type=click.IntRange(40, 10_000), default=100, show_default=True,
+              help="Split tables wider than this many columns (figures are never cut).")
+def show(path, width):
     """Print the tables of a results file."""
     from . import report, results
 
-    report.print_run(_load(path, results))
+    report.print_run(_load(path, results), width=width)
 
 
 def _load(path, results):
@@ -423,41 +464,72 @@ def gate(path, spec, baseline, missing, write_baseline, budget, across_versions,
 
 
 @cli.command(name="report")
-@click.argument("path", metavar="RESULTS")
-@click.option("--format", "fmt", type=click.Choice(["md", "csv", "png"]), default="md",
-              show_default=True, help="Markdown tables, CSV rows, or a latency percentile plot.")
-@click.option("--out", type=click.Path(dir_okay=False),
-              help="Output file (md/csv default: stdout; png default: RESULTS with .png).")
+@click.argument("paths", nargs=-1, required=True, metavar="RESULTS [NEW]")
+@click.option("--format", "fmt", default="md", show_default=True,
+              type=click.Choice(["md", "csv", "png", "hgrm", "hlog", "html"]),
+              help="md/csv tables; png percentile spectra; hgrm (HdrHistogram percentile "
+                   "files, one per histogram) or hlog (an HdrHistogram interval log); html "
+                   "(a self-contained page; with two results files, a comparison).")
+@click.option("--out", type=click.Path(),
+              help="md/csv: a file (default stdout); png/hlog/html: a file (default RESULTS "
+                   "with that suffix); hgrm: a folder (default RESULTS-hgrm/).")
 @click.option("--cell", "cells", multiple=True, metavar="SELECTOR",
               help="Only cells matching scenario[key=value,...] (repeatable).")
 @click.option("--hist", "hists", multiple=True, metavar="NAME",
-              help="png: only these histograms (repeatable).")
-def report_(path, fmt, out, cells, hists):
-    """Export a results file as markdown, CSV or a PNG of latency percentile curves."""
-    from . import export, results
+              help="png/hgrm/hlog: only these histograms (repeatable).")
+def report_(paths, fmt, out, cells, hists):
+    """Export a results file as tables, charts, HdrHistogram files or an HTML page;
+    two results files (BASE NEW) as an HTML comparison."""
+    from . import exporters, results
 
-    run_ = _load(path, results)
+    if len(paths) > 2:
+        raise config.UsageError(f"report takes one or two results files, got {len(paths)}")
+    if len(paths) == 2 and fmt != "html":
+        raise config.UsageError(f"two results files compare only as --format html, "
+                                f"not {fmt}")
+    runs = [_load(p, results) for p in paths]
     selectors = _selectors(cells)
     if selectors:
-        chosen = {id(c) for s in selectors for c in s.matches(run_)}
-        run_ = results.Run(run_.environment, [c for c in run_.cells if id(c) in chosen])
-        if not run_.cells:
+        for i, run_ in enumerate(runs):
+            chosen = {id(c) for s in selectors for c in s.matches(run_)}
+            runs[i] = results.Run(run_.environment, [c for c in run_.cells if id(c) in chosen])
+        if not any(r.cells for r in runs):
             raise config.UsageError("--cell: no cell of the run matches")
-    if fmt == "png":
-        target = Path(out) if out else Path(path).with_suffix(".png")
-        try:
-            export.png(run_, target, hist_names=set(hists) or None)
-        except ValueError as exc:
-            raise config.UsageError(f"--format png: {exc}")
-        click.echo(f"wrote {target}")
+    path, run_ = paths[-1], runs[-1]
+    names = set(hists) or None
+    if fmt in exporters.TEXT_FORMATS:
+        text = exporters.TEXT_FORMATS[fmt](run_)
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(text)
+            click.echo(f"wrote {out}")
+        else:
+            click.echo(text, nl=False)
         return
-    text = export.TEXT_FORMATS[fmt](run_)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text)
-        click.echo(f"wrote {out}")
-    else:
-        click.echo(text, nl=False)
+    try:
+        if fmt == "hgrm":
+            folder = Path(out) if out else Path(path).with_name(Path(path).stem + "-hgrm")
+            written = exporters.hgrm(run_, folder, hist_names=names)
+            click.echo(f"wrote {len(written)} .hgrm file{'s' * (len(written) != 1)} "
+                       f"to {folder}")
+            return
+        if fmt == "html" and len(runs) == 2:
+            target = Path(out) if out else Path(path).with_suffix(".compare.html")
+            exporters.write_compare_html(runs[0], runs[1], target, Path(paths[0]).name,
+                                         Path(paths[1]).name)
+        else:
+            target = Path(out) if out else Path(path).with_suffix(f".{fmt}")
+            if fmt == "png":
+                exporters.png(run_, target, hist_names=names)
+            elif fmt == "hlog":
+                exporters.hlog(run_, target, hist_names=names)
+            else:
+                exporters.write_html(run_, target)
+    except ValueError as exc:
+        raise config.UsageError(f"--format {fmt}: {exc}")
+    except IsADirectoryError:
+        raise config.UsageError(f"--out {out}: is a folder; give a file path")
+    click.echo(f"wrote {target}")
 
 
 def main(argv=None):

@@ -54,3 +54,24 @@ def achieved(rate: float, sent: int, elapsed_s: float) -> dict:
     got = sent / elapsed_s if elapsed_s > 0 else 0.0
     return {"rate_target_per_s": rate, "rate_achieved_per_s": got,
             "rate_shortfall": bool(got < 0.95 * rate)}
+
+
+def backlog_growth(sent_ns, done_ns, t_from: int, t_to: int, points: int = 64) -> float | None:
+    """How fast the backlog (sent but not yet done) grew between two instants, per second:
+    the least-squares slope of the backlog sampled at ``points`` instants (a single
+    difference would read the one message in flight at the end as growth).
+
+    ``sent_ns``: when each item was sent; ``done_ns``: when each was received or started
+    (``numpy.inf`` for one never done). A steady state has ~0; a rate the system cannot
+    take has a growth near ``rate - capacity``.
+    """
+    import numpy as np
+
+    if t_to <= t_from:
+        return None
+    sent = np.sort(np.asarray(sent_ns, dtype=np.float64))
+    done = np.sort(np.asarray(done_ns, dtype=np.float64))
+    t = np.linspace(float(t_from), float(t_to), points)
+    backlog = np.searchsorted(sent, t, side="right") - np.searchsorted(done, t, side="right")
+    slope_per_ns = np.polyfit(t - t[0], backlog.astype(np.float64), 1)[0]
+    return float(slope_per_ns * 1e9)

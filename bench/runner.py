@@ -56,12 +56,16 @@ class RunOptions:
     out: str | None = None
     quiet: bool = False
     instructions: bool = False      # --instructions: add the callgrind cells to the run
+    rate_sweep: tuple = ()          # --rate-sweep: rates of an open-loop ladder
+    max_rate: bool = False          # --max-rate: search the highest sustainable rate
+    slo: str | None = None          # --slo: what a sustainable rate keeps (bench.maxrate)
     workdir: Path | None = None
 
     def names(self) -> tuple:
         """The scenarios to run: those named, else every one not opt-in."""
         names = tuple(self.scenarios) or tuple(
-            n for n in scenarios.names() if not scenarios.get(n).opt_in)
+            n for n in scenarios.names() if not scenarios.get(n).opt_in
+            and (scenarios.get(n).rated or not (self.rate_sweep or self.max_rate)))
         if self.instructions and INSTRUCTIONS not in names:
             names += (INSTRUCTIONS,)
         return names
@@ -76,7 +80,7 @@ class RunOptions:
         """The options a results file recorded (unknown keys, from another version, ignored)."""
         known = {f for f in cls.__dataclass_fields__ if f != "workdir"}
         kw = {k: v for k, v in (d or {}).items() if k in known}
-        for key in ("scenarios", "transports", "serializers"):
+        for key in ("scenarios", "transports", "serializers", "rate_sweep"):
             kw[key] = tuple(kw.get(key) or ())
         kw["only"] = parse_only(kw.get("only") or ())
         kw["out"] = None

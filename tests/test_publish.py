@@ -344,3 +344,17 @@ def test_unreachable_redis_skips_its_cells_and_the_run_still_passes(cli_run, tmp
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "redis" in lines[0], proc.stderr
+
+
+# --------------------------------------------------------------------------- rate sweeps
+def test_a_rate_sweep_holds_each_step_and_judges_it(tmp_path):
+    opts = options(tmp_path, rate_sweep=(300.0, 600.0), duration=0.5)
+    steps = [c for c in cells("publish", opts)
+             if c["api"] == "kombu" and c["producer"] == "held" and c["transport"] == "redis"]
+    assert [c["rate"] for c in steps] == [300.0, 600.0]
+    c = run_cell("publish", cell(transport="unix") | {"rate": 300.0}, opts)
+    assert_counted(c)
+    m = c.metrics
+    assert m["rate_target_per_s"] == 300.0 and m["sent"] == 150
+    assert m["backlog_growth_per_s"] is not None and isinstance(m["sustainable"], bool)
+    assert c.histograms["from_intended"]["count"] == m["received"]

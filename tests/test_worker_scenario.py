@@ -169,3 +169,43 @@ def test_first_runs_and_backlog():
     sent = np.arange(100, dtype=np.int64)           # one sent per ns
     starts = np.arange(50, 100, dtype=np.int64) + 0  # starts lag far behind sends
     assert scenario._min_backlog(sent, starts) > 40
+
+
+# --------------------------------------------------------------------------- rates
+def test_rate_cells_replace_the_matrix():
+    sweep = cells("worker", runner.RunOptions(quick=True, rate_sweep=(100.0, 400.0)))
+    assert {c["mode"] for c in sweep} == {"latency"}
+    assert sorted({c["rate"] for c in sweep}) == [100.0, 400.0]
+    search = cells("worker", runner.RunOptions(max_rate=True, slo="p99<=20ms"))
+    assert {(c["rate"], c["slo"]) for c in search} == {("max", "p99<=20ms")}
+    assert {c["transport"] for c in search} == {t.name for t in brokers.available()
+                                                 if t.cross_process}
+
+
+def test_a_rate_step_accounts_for_every_task_and_judges_the_rate(tmp_path):
+    run_ = run(tmp_path, transports=("unix",), only=(("pool", "prefork"),),
+               rate_sweep=(200.0,), duration=0.5, warmup=0.2)
+    (c,) = run_.cells
+    assert c.status == "ok", c.reason
+    m = c.metrics
+    assert m["sent"] == 100 and m["received"] + m["pending"] == m["sent"] and m["lost"] == 0
+    assert m["rate_target_per_s"] == 200.0 and m["backlog_growth_per_s"] is not None
+    assert isinstance(m["sustainable"], bool) and m["slo"] == "p99<=10ms"
+    assert c.histograms["publish_to_start"]["count"] == m["sent"]
+    assert c.histograms["publish_to_start"]["intervals"]      # a time series for hlog/html
+    assert_no_worker_left()
+
+
+def test_max_rate_search_reports_its_steps(tmp_path):
+    """A tiny ceiling-free search on unix with short steps: it ends, with evidence."""
+    run_ = run(tmp_path, transports=("unix",), only=(("pool", "prefork"),), max_rate=True,
+               slo="p99<=2s", duration=0.3, warmup=0.1, rate=200.0, timeout=30)
+    (c,) = run_.cells
+    assert c.status == "ok", c.reason
+    m = c.metrics
+    assert m["max_sustainable_rate_per_s"] >= 0 and m["slo"] == "p99<=2s"
+    assert m["search_steps"] == len(m["steps"]) >= 2
+    assert {s["phase"] for s in m["steps"]} >= {"climb", "confirm"} or \
+        m["max_sustainable_rate_per_s"] == 0
+    assert all(set(s) >= {"rate", "achieved", "latency_us", "ok", "why"} for s in m["steps"])
+    assert_no_worker_left()

@@ -63,6 +63,7 @@ class Scenario:
     description: ClassVar[str] = ""
     summary: ClassVar[list] = []          # [(metric or "hist.pXX", column header)]
     opt_in: ClassVar[bool] = False        # run only when named (or asked for by a flag)
+    rated: ClassVar[bool] = False         # has open-loop rate cells (--rate-sweep, --max-rate)
 
     def __init__(self, opts):
         self.opts = opts
@@ -154,4 +155,4 @@ def summary(name: str) -> list:
 
 
 # The built-in scenarios register themselves; their order is the run's order.
-from . import publish, consume, worker, join, prefetch, fanout  # noqa: E402,F401
+from . import publish, consume, worker, join, prefetch, fanout, instructions  # noqa: E402,F401

@@ -37,7 +37,9 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import brokers, pacing, recorder
+import numpy as np
+
+from .. import brokers, maxrate, pacing, recorder
 from ..drivers import calibration as calibration_driver
 from ..drivers import celery as celery_driver
 from ..drivers import kombu as kombu_driver
@@ -59,6 +61,8 @@ class Sizing:
 
 
 QUICK = Sizing(duration=0.4, warmup=0.1, cap=200_000)
+STEP_S = 3.0             # seconds a rate step (--rate-sweep, --max-rate) is held
+START_RATE = 1000.0      # where the max-rate search starts climbing
 FULL = Sizing(duration=2.0, warmup=0.5, cap=2_000_000)
 
 CELERY_RUNGS = (("delay", "default"), ("apply_async", "default"), ("send_task", "default"),
@@ -123,13 +127,13 @@ def _sizing(opts) -> Sizing:
     return QUICK if opts.quick else FULL
 
 
-def _plan(opts, sizing: Sizing) -> tuple[int, int | None]:
+def _plan(opts, sizing: Sizing, rate, duration) -> tuple[int, int | None]:
     """(messages to send at most, publishing budget in ns or None)."""
-    if opts.messages:
+    if opts.messages and not duration:
         return int(opts.messages), None
-    duration = opts.duration or sizing.duration
-    if opts.rate:
-        return max(1, min(sizing.cap, math.ceil(opts.rate * duration))), None
+    duration = duration or opts.duration or sizing.duration
+    if rate:
+        return max(1, min(sizing.cap, math.ceil(rate * duration))), None
     return sizing.cap, int(duration * 1e9)
 
 
@@ -205,13 +209,15 @@ def _histograms(ts, sent: int, got: Received, rate) -> tuple[dict, str]:
     return rec.histograms, basis
 
 
-def _measure(driver, cross_process: bool, opts, workdir: Path) -> Outcome:
+def _measure(driver, cross_process: bool, opts, workdir: Path, rate: float | None = None,
+             duration: float | None = None, slo: maxrate.SLO | None = None) -> Outcome:
+    """One repeat of a cell: closed loop, or open loop at ``rate`` for ``duration`` s."""
     sizing = _sizing(opts)
-    n, budget_ns = _plan(opts, sizing)
+    n, budget_ns = _plan(opts, sizing, rate, duration)
     warm_s = sizing.warmup if opts.warmup is None else opts.warmup
-    cols = ("intended", "start", "end") if opts.rate else ("start", "end")
+    cols = ("intended", "start", "end") if rate else ("start", "end")
     ts = recorder.Timestamps(n, cols)
-    pacer = pacing.Pacer(opts.rate) if opts.rate else None
+    pacer = pacing.Pacer(rate) if rate else None
     consumer = None
     notes = []
     warm_note = None
@@ -251,7 +257,7 @@ def _measure(driver, cross_process: bool, opts, workdir: Path) -> Outcome:
             consumer.stop()
         driver.close()
 
-    histograms, basis = _histograms(ts, sent, got, opts.rate)
+    histograms, basis = _histograms(ts, sent, got, rate)
     busy_s = busy_ns / 1e9
     lost = sent - got.received
     metrics = {
@@ -259,7 +265,7 @@ def _measure(driver, cross_process: bool, opts, workdir: Path) -> Outcome:
         "sent": sent, "received": got.received, "lost": lost,
         "duplicates": got.duplicates, "consumer_errors": got.errors, "elapsed_s": round(busy_s, 6),
         # Closed loop only: with --rate the pacer's spin-wait would count as publishing.
-        "cpu_us_per_msg": cpu_ns / 1000.0 / sent if sent and not opts.rate else None,
+        "cpu_us_per_msg": cpu_ns / 1000.0 / sent if sent and not rate else None,
         "drain_s": round(drain_s, 3), "warmup_sent": warm_sent,
         "consumer": "concurrent process" if cross_process else "in-process after publishing",
     }
@@ -269,14 +275,30 @@ def _measure(driver, cross_process: bool, opts, workdir: Path) -> Outcome:
         notes.append(warm_note)
     if got.stray:
         notes.append(f"{got.stray} messages with unknown sequence numbers")
-    if opts.rate:
+    if rate:
         elapsed = (int(ts.column("end")[-1]) - pacer.t0) / 1e9 if sent else 0.0
-        rate_metrics = pacing.achieved(opts.rate, sent, elapsed)
+        rate_metrics = pacing.achieved(rate, sent, elapsed)
         metrics.update(rate_metrics, latency_basis=basis)
         metrics["throughput_per_s"] = rate_metrics["rate_achieved_per_s"]
         if rate_metrics["rate_shortfall"]:
             notes.append(f"achieved {rate_metrics['rate_achieved_per_s']:.0f}/s of "
-                         f"{opts.rate:g}/s asked")
+                         f"{rate:g}/s asked")
+        if got.e2e_ns is not None and sent:
+            # Backlog: published but not yet received, over the schedule's second half.
+            intended = ts.column("intended")
+            done = np.full(sent, np.inf)
+            seen = got.seen[:sent].astype(bool)
+            done[seen] = ts.column("start")[seen] + got.e2e_ns[:sent][seen]
+            metrics["backlog_growth_per_s"] = pacing.backlog_growth(
+                intended, done, int(intended[sent // 2]), int(ts.column("end")[-1]))
+        slo = slo or maxrate.SLO.parse(opts.slo or maxrate.DEFAULT_SLO)
+        step = maxrate.judge(maxrate.Step(
+            rate, rate_metrics["rate_achieved_per_s"],
+            histograms["from_intended"].hist.get_value_at_percentile(slo.percentile),
+            metrics.get("backlog_growth_per_s")), slo)
+        metrics.update(sustainable=step.ok, slo=slo.text)
+        if not step.ok:
+            notes.append(f"not sustainable at {rate:,.0f}/s: {step.why}")
     return Outcome(metrics, histograms, notes)
 
 
@@ -286,6 +308,7 @@ class Publish(Scenario):
     description = ("Publish rate and latency: queue.Queue ceiling, Kombu producer strategies, "
                    "Celery delay/apply_async/send_task; every message counted")
     summary = SUMMARY
+    rated = True
 
     def _app(self):
         """The user's app and task for --app/--task (validated: a usage error otherwise)."""
@@ -318,7 +341,7 @@ class Publish(Scenario):
             out += self._kombu(kombu_driver.STRATEGIES, APP_TRANSPORT, ser, payload)
             out += [_cell("celery", p, m, APP_TRANSPORT, ser, payload, retry)
                     for m, p in CELERY_RUNGS]
-            return out
+            return self._rated(out)
         for transport in brokers.names():
             try:
                 info = brokers.info(transport)
@@ -334,6 +357,22 @@ class Publish(Scenario):
             for ser in serializers:
                 out += self._kombu(strategies, transport, ser, payload)
                 out += [_cell("celery", p, m, transport, ser, payload, "yes") for m, p in rungs]
+        return self._rated(out)
+
+    def _rated(self, cells: list[dict]) -> list[dict]:
+        """With --rate-sweep / --max-rate, every cell becomes its rate steps (param
+        ``rate``) or one search (``rate=max`` and the ``slo``); the calibration loop is
+        no publisher and stays out."""
+        opts = self.opts
+        if not (opts.rate_sweep or opts.max_rate):
+            return cells
+        out = []
+        for c in cells:
+            if c["api"] == "calibration":
+                continue
+            if opts.max_rate:
+                out.append({**c, "rate": "max", "slo": opts.slo or maxrate.DEFAULT_SLO})
+            out += [{**c, "rate": r} for r in opts.rate_sweep]
         return out
 
     def requires(self, params) -> set:
@@ -363,13 +402,50 @@ class Publish(Scenario):
         return Target.from_env(env, info)
 
     def run_cell(self, params) -> Outcome:
+        rate = params.get("rate", "-")
+        if rate == "max":
+            return self._max_rate(params)
+        if rate not in ("-", None):
+            return self._once(params, float(rate), self.opts.duration or STEP_S)
+        return self._once(params, self.opts.rate, None)
+
+    def _max_rate(self, params) -> Outcome:
+        """The highest rate this publisher sustains within the SLO (bench.maxrate)."""
+        slo = maxrate.SLO.parse(params["slo"])
+        seconds = self.opts.duration or STEP_S
+        last: dict = {}
+
+        def measure(rate, hold, phase):
+            outcome = self._once(params, rate, hold, slo)
+            last.clear()
+            last[rate] = outcome
+            m = outcome.metrics
+            hist = outcome.histograms["from_intended"].hist
+            return maxrate.Step(rate, m["rate_achieved_per_s"],
+                                hist.get_value_at_percentile(slo.percentile),
+                                m.get("backlog_growth_per_s"))
+
+        result = maxrate.search(measure, slo, start=self.opts.rate or START_RATE,
+                                seconds=seconds)
+        held = last.get(result.rate)
+        metrics = dict(held.metrics) if held else {}
+        metrics.update(result.metrics(slo))
+        notes = [f"max sustainable {result.rate:,.0f} msg/s with {slo.text} (confirmed by "
+                 f"holding it {seconds * maxrate.CONFIRM_FACTOR:g} s)"]
+        if result.why:
+            notes.append(result.why)
+        return Outcome(metrics, held.histograms if held else {}, notes)
+
+    def _once(self, params, rate, duration, slo=None) -> Outcome:
         opts = self.opts
         payload = make_payload(int(params["payload_bytes"]))
         with self.cell_folder() as workdir, ExitStack() as stack:
             if params["api"] == "queue":
-                return _measure(queue_driver.Publisher(payload), False, opts, workdir)
+                return _measure(queue_driver.Publisher(payload), False, opts, workdir,
+                                rate, duration, slo)
             if params["api"] == "calibration":
-                return _measure(calibration_driver.Publisher(), False, opts, workdir)
+                return _measure(calibration_driver.Publisher(), False, opts, workdir,
+                                rate, duration, slo)
             target = self._target(params, stack, workdir)
             if params["producer"] == "batch" and not target.supports_batch:
                 raise Skip("no Producer.batch on this broker: it would publish one by one, "
@@ -386,7 +462,8 @@ class Publish(Scenario):
                     target, queue_name, params["method"], params["producer"],
                     params["serializer"], payload, opts.timeout, app=user_app,
                     task_name=task or celery_driver.DEFAULT_TASK)
-            outcome = _measure(driver, target.cross_process, opts, workdir)
+            outcome = _measure(driver, target.cross_process, opts, workdir, rate, duration,
+                               slo)
             if user_app is not None:
                 outcome.metrics["broker"] = broker_label(user_app)
             return outcome

@@ -63,7 +63,7 @@ from pathlib import Path
 import numpy as np
 from kombu.utils.uuid import uuid as task_id
 
-from .. import brokers, pacing, recorder, workers
+from .. import brokers, maxrate, pacing, recorder, workers
 from ..celery_app import make_app
 from ..tasks import worker as tick
 from . import Outcome, Scenario, Skip, _celery, register
@@ -96,6 +96,12 @@ WARMUP_LATENCY_S = 0.2     # paced warm-up before a latency stream (--warmup)
 WARMUP_FED = 50            # tasks, paced, before a fed throughput run
 STALL_S = 1.0              # a pause this long between two task starts is a stall
 IDLE_LIMIT_S = 15.0        # no task for this long (Celery's longest poll is 10 s): stop waiting
+# Rate steps (--rate-sweep, --max-rate): seconds held, warm-up first, and how long after the
+# last send a step waits for its tasks to start (longer means the rate was not sustained).
+STEP_S, STEP_S_QUICK = 5.0, 2.0
+STEP_WARM_S, STEP_WARM_S_QUICK = 1.0, 0.5
+STEP_WAIT_S = 3.0
+START_RATE = 100.0         # where the max-rate search starts climbing
 POLL_S = 0.01
 
 SUMMARY = [
@@ -253,15 +259,64 @@ def _paced(rig: _Rig, run: int, n: int, rate: float, ts=None) -> float:
     return elapsed / 1e9
 
 
+def _paced_prebuilt(rig: _Rig, messages, rate: float, ts) -> float:
+    """Publish Celery's prebuilt messages on an open-loop schedule (intended and actual
+    send times into ``ts``); returns the seconds it took. Cheaper per message than
+    ``send_task``, so the worker, not the sender, is what a high rate finds the limit of."""
+    app, queue = rig.app, rig.queue
+    pacer = pacing.Pacer(rate)
+    now = recorder.now_ns
+    intended, sent = ts.intended, ts.sent
+    with app.producer_or_acquire() as producer:
+        producer.maybe_declare(app.amqp.queues[queue])
+        publish = producer.publish
+        t0 = pacer.start()
+        for i, (headers, properties, body) in enumerate(messages):
+            intended[i] = pacer.wait(i)
+            sent[i] = now()
+            publish(body, exchange="", routing_key=queue, serializer="json",
+                    headers=headers, delivery_mode=2, **properties)
+        elapsed = now() - t0
+    ts.count = len(messages)
+    return elapsed / 1e9
+
+
+def _purge(rig: _Rig, run: int) -> tuple[int, int]:
+    """Empty the queue after a step the worker could not keep up with, and let what it
+    had prefetched finish, so the next step starts from an empty queue. Returns (tasks
+    purged, tasks of ``run`` that ran meanwhile): every task is accounted for."""
+    try:
+        with rig.app.connection_for_write() as conn:
+            purged = conn.default_channel.queue_purge(rig.queue) or 0
+    except Exception:  # a transport that cannot purge from here (fifo): the worker drains it
+        purged = 0
+    last, quiet_since = -1, time.monotonic()
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        rig.ticks.poll()
+        got = rig.ticks.count(run)
+        if got != last:
+            last, quiet_since = got, time.monotonic()
+        elif time.monotonic() - quiet_since > 0.3:
+            break  # nothing more ran for a while: what is left was purged
+        time.sleep(POLL_S)
+    ran_after = len(np.unique(rig.ticks.records(run)[:, 1]))  # since _collect let go
+    rig.ticks.forget(run)
+    return purged, ran_after
+
+
 # --------------------------------------------------------------------------- waiting
-def _collect(rig: _Rig, run: int, n: int, opts, what: str) -> tuple[np.ndarray, str | None]:
+def _collect(rig: _Rig, run: int, n: int, opts, what: str,
+             wait_s: float | None = None) -> tuple[np.ndarray, str | None]:
     """Rows of ``run`` once its ``n`` tasks all ran, or what is there and why not.
 
     Stops waiting when no task ran for IDLE_LIMIT_S (longer than any pause Celery
-    takes by itself) or after ``opts.timeout``; a dead worker fails the cell.
+    takes by itself) or after ``wait_s`` (default ``opts.timeout``); a dead worker
+    fails the cell. A rate step passes ``wait_s`` and purges what is left itself.
     """
-    deadline = time.monotonic() + opts.timeout
-    idle_limit = min(IDLE_LIMIT_S, opts.timeout)
+    limit = opts.timeout if wait_s is None else min(wait_s, opts.timeout)
+    deadline = time.monotonic() + limit
+    idle_limit = min(IDLE_LIMIT_S, limit)
     seen, changed = -1, time.monotonic()
     while True:
         rig.ticks.poll()
@@ -277,10 +332,10 @@ def _collect(rig: _Rig, run: int, n: int, opts, what: str) -> tuple[np.ndarray, 
         if now >= deadline or now - changed >= idle_limit:
             rows = rig.ticks.records(run)
             rig.ticks.forget(run)
-            rig.clean = False
+            rig.clean = wait_s is not None   # a rate step purges its leftovers
             done = len(np.unique(rows[:, 1]))
             return rows, (f"{n - done} of {n} {what} had not run after "
-                          f"{opts.timeout if now >= deadline else idle_limit:g} s"
+                          f"{limit if now >= deadline else idle_limit:g} s"
                           f"{'' if now >= deadline else ' without a task running'}")
         time.sleep(POLL_S)
 
@@ -328,6 +383,7 @@ class Worker(Scenario):
     name = "worker"
     description = DESCRIPTION
     summary = SUMMARY
+    rated = True
 
     def __init__(self, opts):
         super().__init__(opts)
@@ -351,6 +407,21 @@ class Worker(Scenario):
         duration = opts.duration or (DURATION_QUICK if opts.quick else DURATION)
         paced = opts.messages or max(1, round(rate * duration))
         out = []
+        pools = (opts.pool,) if opts.pool else (QUICK_POOLS if opts.quick else POOLS)
+        if opts.rate_sweep or opts.max_rate:
+            # Rate cells only: a ladder of held rates, or the search for the highest one.
+            step_s = opts.duration or (STEP_S_QUICK if opts.quick else STEP_S)
+            for transport in self._transports():
+                for pool in pools:
+                    base = {"transport": transport, "pool": pool,
+                            "concurrency": 1 if pool == "solo" else concurrency,
+                            "mode": "latency"}
+                    if opts.max_rate:
+                        out.append({**base, "tasks": "-", "rate": "max",
+                                    "slo": opts.slo or maxrate.DEFAULT_SLO})
+                    out += [{**base, "tasks": max(1, round(r * step_s)), "rate": r}
+                            for r in opts.rate_sweep]
+            return out
         if opts.quick and not opts.transports and opts.pool in (None, "prefork"):
             # The servers' prefork throughput first (skipped when unreachable), so the
             # x_<server> ratios are measured side by side in every quick run.
@@ -359,7 +430,6 @@ class Worker(Scenario):
                             "concurrency": concurrency, "mode": "throughput", "tasks": tasks,
                             "rate": "-"})
         # The quick slice runs prefork only: the pool the servers' references use.
-        pools = (opts.pool,) if opts.pool else (QUICK_POOLS if opts.quick else POOLS)
         for transport in self._transports():
             for pool in pools:
                 c = 1 if pool == "solo" else concurrency
@@ -460,31 +530,92 @@ class Worker(Scenario):
 
     # ----------------------------------------------------------------------- latency
     def _latency(self, params) -> Outcome:
+        rate = float(params["rate"])
+        seconds = int(params["tasks"]) / rate
+        warm_s = self.opts.warmup if self.opts.warmup is not None else WARMUP_LATENCY_S
+        slo = maxrate.SLO.parse(self.opts.slo or maxrate.DEFAULT_SLO)
+        return self._rate_step(params, rate, seconds, warm_s, slo)[0]
+
+    def _rate_step(self, params, rate: float, seconds: float, warm_s: float,
+                   slo: maxrate.SLO) -> tuple[Outcome, maxrate.Step]:
+        """Hold ``rate`` for ``warm_s`` (not counted) then ``seconds``: Celery's own
+        messages, built ahead, published on an open-loop schedule. ``publish_to_start``
+        = intended send time -> task start (worker-side clock); a task that had not
+        started when the step stopped waiting counts at that wait (a lower bound), so
+        a rate the worker cannot take shows in the percentiles instead of hiding."""
         opts = self.opts
-        n, rate = int(params["tasks"]), float(params["rate"])
         rig = self._running_rig(params)
-        warm_s = opts.warmup if opts.warmup is not None else WARMUP_LATENCY_S
-        warm_n = max(10, round(rate * warm_s))
-        warm = next(self._runs)
-        _paced(rig, warm, warm_n, rate)
-        _require_all(rig, warm, warm_n, opts, "warm-up tasks")
-        rig.warm = True
+        n_warm = max(10, round(rate * warm_s)) if warm_s > 0 else 0
+        n = max(1, round(rate * seconds))
+        total = n_warm + n
         run = next(self._runs)
-        ts = recorder.Timestamps(n, columns=("intended", "sent"))
-        elapsed = _paced(rig, run, n, rate, ts)
-        rows, why = _collect(rig, run, n, opts, "tasks")
-        ran, duplicates = _first_runs(rows, n)
-        index, start = ran[:, 1], ran[:, 2]
+        messages = _messages(rig.app, run, total)
+        ts = recorder.Timestamps(total, ("intended", "sent"))
+        _paced_prebuilt(rig, messages, rate, ts)
+        del messages
+        rows, why = _collect(rig, run, total, opts, "tasks", wait_s=max(STEP_WAIT_S, seconds))
+        waited_until = recorder.now_ns()
+        ran, duplicates = _first_runs(rows, total)
+        purged = ran_after = 0
+        if len(ran) < total:
+            purged, ran_after = _purge(rig, run)
+        rig.warm = True
         intended, sent = ts.column("intended"), ts.column("sent")
+        start = np.full(total, np.inf)
+        start[ran[:, 1]] = ran[:, 2]
+        m = slice(n_warm, total)
+        started = np.isfinite(start[m])
+        waits = np.where(started, start[m] - intended[m], waited_until - intended[m])
         rec = recorder.Recorder()
-        rec.add("publish_to_start", (start - intended[index]) / 1000.0)
-        rec.add("from_send", (start - sent[index]) / 1000.0)
-        rec.add("schedule_lag", (sent - intended) / 1000.0)
-        metrics = {**_counts(n, ran, duplicates), **pacing.achieved(rate, n, elapsed)}
+        hist = rec.add("publish_to_start", waits / 1000.0, at_ns=intended[m]).hist
+        rec.add("from_send", (start[m][started] - sent[m][started]) / 1000.0,
+                at_ns=intended[m][started])
+        rec.add("schedule_lag", (sent[m] - intended[m]) / 1000.0, at_ns=intended[m])
+        elapsed = (int(sent[-1]) - int(intended[n_warm])) / 1e9 + 1 / rate
+        growth = pacing.backlog_growth(sent, start, int(intended[n_warm + n // 2]),
+                                       int(sent[-1]))
+        pending = total - len(ran)
+        step = maxrate.judge(maxrate.Step(
+            rate, n / elapsed, hist.get_value_at_percentile(slo.percentile) if n else None,
+            growth, seconds), slo)
+        metrics = {"sent": n, "received": int(started.sum()), "pending": int(n - started.sum()),
+                   # a task neither run, nor purged, nor run after the purge: gone
+                   "lost": max(0, pending - purged - ran_after), "duplicates": duplicates,
+                   **pacing.achieved(rate, n, elapsed), "backlog_growth_per_s": growth,
+                   "sustainable": step.ok, "slo": slo.text}
         notes = [why] if why else []
-        if metrics["rate_shortfall"]:
-            notes.append(f"sent {metrics['rate_achieved_per_s']:.0f}/s of {rate:g}/s asked")
-        return Outcome(metrics, rec.histograms, notes)
+        if pending:
+            notes.append(f"{pending} tasks had not started {max(STEP_WAIT_S, seconds):g} s "
+                         f"after the last send (counted at that wait; then purged)")
+        if not step.ok:
+            notes.append(f"not sustainable at {rate:,.0f}/s: {step.why}")
+        return Outcome(metrics, rec.histograms, notes), step
+
+    def _max_rate(self, params) -> Outcome:
+        """The highest rate this worker sustains within the SLO (bench.maxrate.search),
+        reported with the confirmation step's histograms and every step tried."""
+        opts = self.opts
+        slo = maxrate.SLO.parse(params["slo"])
+        seconds = opts.duration or (STEP_S_QUICK if opts.quick else STEP_S)
+        warm_s = opts.warmup if opts.warmup is not None else \
+            (STEP_WARM_S_QUICK if opts.quick else STEP_WARM_S)
+        last: dict = {}
+
+        def measure(rate, hold, phase):
+            outcome, step = self._rate_step(params, rate, hold, warm_s, slo)
+            last.clear()
+            last[rate] = outcome
+            return step
+
+        result = maxrate.search(measure, slo, start=opts.rate or START_RATE, seconds=seconds)
+        held = last.get(result.rate)
+        metrics = dict(held.metrics) if held else {}
+        metrics.update(result.metrics(slo))
+        notes = [f"max sustainable {result.rate:,.0f} tasks/s with {slo.text} "
+                 f"(confirmed by holding it {seconds * maxrate.CONFIRM_FACTOR:g} s)"]
+        if result.why:
+            notes.append(result.why)
+        return Outcome(metrics, held.histograms if held else {}, notes)
 
     # ----------------------------------------------------------------------- one cell
     def run_cell(self, params) -> Outcome:
@@ -495,7 +626,12 @@ class Worker(Scenario):
         if reason:
             raise Skip(reason)
         try:
-            out = self._throughput(params) if mode == "throughput" else self._latency(params)
+            if mode == "throughput":
+                out = self._throughput(params)
+            elif params["rate"] == "max":
+                out = self._max_rate(params)
+            else:
+                out = self._latency(params)
         except BaseException:
             self.kept.close()  # a failed or interrupted cell leaves no worker behind
             raise

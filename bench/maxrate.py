@@ -1,0 +1,191 @@
+"""Rate ladders and the search for the maximum sustainable rate.
+
+A rate is *sustainable* when a step held at it (open loop, latency from the intended
+send time) achieved at least 98% of the rate asked, its backlog did not grow, and
+the SLO percentile stayed within bound (``p99<=10ms`` by default).
+
+The search learns from the OpenMessaging Benchmark rate controller's record: it got
+stuck at 0 or 1 msg/s (#84, #163), oscillated between 2 and 50,000 msg/s, and settled
+above what was achievable (#329, #336). So:
+
+- it never adapts towards 0: it starts at a floor, doubles while steps pass, and if
+  even the floor fails it halves a bounded number of times and then says so;
+- a failed step is measured once more before it counts (one noisy second must not
+  end the climb), and bisection only narrows the bracket [good, bad], so the rate
+  cannot swing back and forth;
+- a rate is reported only after it was *held* again for longer (confirmation); if
+  that fails the rate steps down by the resolution and is held again, so the figure
+  is one the system sustained twice, never the last optimistic step;
+- the answer is never above what was achieved: the reported rate is the asked rate of
+  a step that achieved >= 98% of it.
+
+Everything is driven through ``measure(rate, seconds, phase) -> Step`` so the search
+is tested with a fake system (tests/test_maxrate.py).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+ACHIEVED_MIN = 0.98         # of the rate asked
+BACKLOG_GROWTH_MAX = 0.02   # tasks or messages per second, as a fraction of the rate asked
+BACKLOG_GROWTH_FLOOR = 1.0  # per second: below this a slope is one message in flight
+RESOLUTION = 1.1            # stop bisecting when bad/good is below this
+CONFIRM_FACTOR = 2.0        # a confirmation holds the rate this many times a step's length
+MAX_STEPS = 18
+FLOOR_HALVINGS = 4          # how far below START the search looks before giving up
+
+
+class SpecError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class SLO:
+    """``pNN <= VALUE UNIT``: the latency percentile a sustainable rate keeps within."""
+    percentile: float
+    limit_us: float
+    text: str
+
+    @classmethod
+    def parse(cls, text: str) -> "SLO":
+        m = re.fullmatch(r"\s*p(\d+(?:\.\d+)?)\s*<=?\s*(\d+(?:\.\d+)?)\s*(us|µs|ms|s)\s*",
+                         text or "")
+        if not m:
+            raise SpecError(f"{text!r}: expected pNN<=VALUE with a unit us, ms or s, "
+                            f"e.g. p99<=10ms")
+        pct = float(m.group(1))
+        if not 0 < pct <= 100:
+            raise SpecError(f"{text!r}: the percentile must be in (0, 100]")
+        scale = {"us": 1.0, "µs": 1.0, "ms": 1e3, "s": 1e6}[m.group(3)]
+        limit = float(m.group(2)) * scale
+        if not limit > 0 or math.isinf(limit):
+            raise SpecError(f"{text!r}: the bound must be a positive number")
+        return cls(pct, limit, f"p{m.group(1)}<={m.group(2)}{m.group(3)}")
+
+
+DEFAULT_SLO = "p99<=10ms"
+
+
+def parse_sweep(text: str) -> tuple[float, ...]:
+    """``START:STOP[:STEPS]`` -> the rates of the ladder, geometric (a rate ladder spans
+    orders of magnitude; equal ratios give every decade the same number of steps)."""
+    parts = (text or "").split(":")
+    try:
+        if len(parts) not in (2, 3):
+            raise ValueError
+        start, stop = float(parts[0]), float(parts[1])
+        steps = int(parts[2]) if len(parts) == 3 else 5
+    except ValueError:
+        raise SpecError(f"{text!r}: expected START:STOP[:STEPS], e.g. 100:5000:6") from None
+    if not (math.isfinite(start) and math.isfinite(stop)) or start <= 0 or stop <= 0:
+        raise SpecError(f"{text!r}: START and STOP must be positive rates per second")
+    if stop < start:
+        raise SpecError(f"{text!r}: STOP is below START")
+    if not 1 <= steps <= 100:
+        raise SpecError(f"{text!r}: STEPS must be 1 to 100")
+    if steps == 1 or stop == start:
+        return (start,)
+    ratio = (stop / start) ** (1 / (steps - 1))
+    return tuple(round(start * ratio ** i, 3) for i in range(steps))
+
+
+@dataclass
+class Step:
+    """One held rate: what was asked and what happened."""
+    rate: float                       # asked, per second
+    achieved: float                   # per second
+    latency_us: float | None          # the SLO percentile, from the intended send time
+    backlog_growth: float | None      # per second over the step's second half (None: n/a)
+    seconds: float = 0.0
+    phase: str = ""                   # climb | retry | bisect | floor | confirm
+    ok: bool = False
+    why: str = ""
+
+
+def judge(step: Step, slo: SLO) -> Step:
+    """Fill in ``ok`` and ``why``."""
+    whys = []
+    if step.achieved < ACHIEVED_MIN * step.rate:
+        whys.append(f"achieved {step.achieved:,.0f}/s of {step.rate:,.0f}/s")
+    if step.backlog_growth is not None and \
+            step.backlog_growth > max(BACKLOG_GROWTH_MAX * step.rate, BACKLOG_GROWTH_FLOOR):
+        whys.append(f"backlog grew {step.backlog_growth:,.0f}/s")
+    if step.latency_us is None:
+        whys.append("no latency measured")
+    elif step.latency_us > slo.limit_us:
+        whys.append(f"p{slo.percentile:g} {step.latency_us / 1000:,.1f} ms over "
+                    f"{slo.limit_us / 1000:,.1f} ms")
+    step.ok, step.why = not whys, "; ".join(whys)
+    return step
+
+
+@dataclass
+class Result:
+    rate: float                       # the maximum sustainable rate (0: not even the floor)
+    steps: list = field(default_factory=list)
+    why: str = ""
+
+    def metrics(self, slo: SLO) -> dict:
+        return {"max_sustainable_rate_per_s": self.rate, "slo": slo.text,
+                "search_steps": len(self.steps), "search_why": self.why,
+                "steps": [asdict(s) for s in self.steps]}
+
+
+def search(measure: Callable[[float, float, str], Step], slo: SLO, start: float,
+           seconds: float, ceiling: float | None = None, max_steps: int = MAX_STEPS,
+           resolution: float = RESOLUTION) -> Result:
+    """The highest rate ``measure`` sustains, and every step it took to say so."""
+    steps: list[Step] = []
+
+    def held(rate: float, phase: str, hold: float = seconds) -> bool:
+        step = judge(measure(rate, hold, phase), slo)
+        step.phase, step.seconds = phase, hold
+        steps.append(step)
+        return step.ok
+
+    def passes(rate: float, phase: str) -> bool:
+        # A failure is measured once more before it counts: one noisy second must not
+        # end the climb, and two passes are never required (that would favour noise up).
+        return held(rate, phase) or (len(steps) < max_steps and held(rate, "retry"))
+
+    good, bad, rate = None, None, float(start)
+    while len(steps) < max_steps:                     # climb: double while it passes
+        at_ceiling = ceiling is not None and rate >= ceiling
+        if at_ceiling:
+            rate = float(ceiling)
+        if passes(rate, "climb"):
+            good, rate = rate, rate * 2
+            if at_ceiling:
+                break                                 # nothing higher may be asked
+        else:
+            bad = rate
+            break
+    floor = float(start)
+    for _ in range(FLOOR_HALVINGS):                   # even START failed: look lower, boundedly
+        if good is not None or len(steps) >= max_steps:
+            break
+        floor /= 2
+        if passes(floor, "floor"):
+            good = floor
+        else:
+            bad = floor
+    if good is None:
+        return Result(0.0, steps, f"not sustained even at {floor:,.3g}/s")
+    while bad is not None and bad / good > resolution and len(steps) < max_steps:
+        mid = math.sqrt(good * bad)                   # bisect in log space: only narrows
+        if passes(mid, "bisect"):
+            good = mid
+        else:
+            bad = mid
+    for _ in range(3):                                # confirm: hold it again, longer
+        if len(steps) >= max_steps + 3:
+            break
+        if held(good, "confirm", seconds * CONFIRM_FACTOR):
+            why = "" if bad is not None else \
+                f"the ladder stopped at {steps[-1].rate:,.0f}/s before finding a limit"
+            return Result(good, steps, why)
+        good /= resolution
+    return Result(0.0, steps, "no rate was sustained when held again")
