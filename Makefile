@@ -14,6 +14,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@# The HTML report's browser tests drive Debian's chromium through playwright (never
+	@# 'playwright install'). Without root or apt they skip with the reason (fail if CI=true).
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || \
+	    echo "make: chromium could not be installed; the browser tests will skip"; \
+	  else echo "make: no chromium (needs root and apt-get); the browser tests will skip"; fi; }
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install the project with every dependency

@@ -1,0 +1,509 @@
+"""Charts of a run, drawn with matplotlib for the PNG and the HTML report.
+
+What makes them readable:
+
+* at most :data:`MAX_CURVES` curves on one chart: the cells are cut into facets by
+  the params that vary (``api=kombu`` | ``api=celery``), never by position alone;
+* one chart per histogram kind (publish call vs end to end), side by side, so a
+  millisecond kind does not squash a microsecond one onto the same axis;
+* Okabe-Ito colours (told apart with any colour vision), the same colour for the
+  same cell across the kinds of a row, the legend outside the plot, ``n`` per curve.
+
+Figures are built with :class:`matplotlib.figure.Figure` (no pyplot, no global
+state) inside :func:`style`, which sets the few rc values they need.
+"""
+from __future__ import annotations
+
+import io
+import math
+import re
+import statistics
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from .. import results
+
+# Okabe & Ito (2008): black, orange, sky blue, bluish green, blue, vermillion, reddish
+# purple. Their yellow is left out: too pale against white.
+PALETTE = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7")
+MAX_CURVES = 6
+PERCENTILE_TICKS = (50.0, 90.0, 99.0, 99.9, 99.99, 99.999, 99.9999)
+TO_US = {"ns": 1e-3, "us": 1.0, "ms": 1e3, "s": 1e6}
+# Rate metrics of sweeps, not throughputs of their own (drawn against rate instead).
+SWEEP_METRICS = ("rate_target_per_s", "rate_achieved_per_s", "backlog_growth_per_s",
+                 "max_sustainable_rate_per_s")
+
+
+@contextmanager
+def style():
+    import matplotlib
+
+    with matplotlib.rc_context({
+        "svg.fonttype": "none",          # text stays text in the SVG (small, selectable)
+        "svg.hashsalt": "celery-bench",  # the same run draws the same file
+        "font.size": 9, "axes.titlesize": 9, "legend.fontsize": 8,
+        "axes.grid": True, "grid.alpha": 0.3, "axes.prop_cycle": matplotlib.cycler(
+            color=PALETTE)}):
+        yield
+
+
+def new_figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+# --------------------------------------------------------------------------- labels
+def cell_label(cell: results.Cell, keys, with_names: bool = False) -> str:
+    """The cell's values of ``keys`` (those it has: a sweep's ``rate`` is not everyone's)."""
+    keys = [k for k in keys if k in cell.params]
+    if not keys:
+        return cell.scenario
+    if with_names:
+        return ", ".join(f"{k}={cell.params[k]}" for k in keys)
+    return " · ".join(str(cell.params[k]) for k in keys)
+
+
+def varying_keys(cells) -> list:
+    keys = list(dict.fromkeys(k for c in cells for k in c.params))
+    return [k for k in keys if len({str(c.params.get(k)) for c in cells}) > 1]
+
+
+def us_formatter():
+    """Tick labels for a log axis of microseconds: 100 us, 2 ms, 1.5 s."""
+    from matplotlib.ticker import FuncFormatter
+
+    def label(v, _pos=None):
+        if v <= 0:
+            return ""
+        for size, unit in ((1e6, "s"), (1e3, "ms"), (1.0, "us")):
+            if v >= size:
+                return f"{v / size:g} {unit}"
+        return f"{v:g} us"
+    return FuncFormatter(label)
+
+
+# --------------------------------------------------------------------------- facets
+@dataclass
+class Facet:
+    """Cells drawn on one chart: ``shared`` params said in its title, ``keys`` telling
+    its curves apart."""
+    shared: dict
+    cells: list
+    keys: list = field(default_factory=list)
+
+    @property
+    def title(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.shared.items())
+
+
+def facets(cells, max_curves: int = MAX_CURVES, fixed: dict | None = None) -> list[Facet]:
+    """``cells`` cut into facets of at most ``max_curves``: by the varying param that
+    needs the fewest facets (the earlier param on a tie), recursively, then small
+    neighbours merged back while they fit."""
+    fixed = dict(fixed or {})
+    keys = varying_keys(cells)
+    if len(cells) <= max_curves or not keys:
+        if len(cells) <= max_curves:
+            return [Facet(fixed, list(cells), keys)]
+        return [Facet(dict(fixed, part=i // max_curves + 1), list(cells[i:i + max_curves]),
+                      keys) for i in range(0, len(cells), max_curves)]
+
+    def split(key):
+        groups: dict[str, list] = {}
+        for c in cells:
+            groups.setdefault(str(c.params.get(key)), []).append(c)
+        return groups
+
+    best = min(keys, key=lambda k: (sum(math.ceil(len(g) / max_curves)
+                                        for g in split(k).values()), keys.index(k)))
+    out: list[Facet] = []
+    for value, group in split(best).items():
+        out += facets(group, max_curves, dict(fixed, **{best: group[0].params.get(best)}))
+    merged: list[Facet] = []
+    for f in out:
+        last = merged[-1] if merged else None
+        if last and len(last.cells) + len(f.cells) <= max_curves:
+            together = last.cells + f.cells
+            shared = {k: v for k, v in last.shared.items() if f.shared.get(k) == v}
+            merged[-1] = Facet(shared, together, varying_keys(together))
+        else:
+            merged.append(f)
+    return merged
+
+
+def spectrum_facets(cells, max_curves: int = MAX_CURVES) -> list[tuple[Facet, list]]:
+    """``(facet, kinds)`` for the ok cells with histograms: cells with different sets of
+    histogram kinds (a sweep's, memory's without e2e) are never on one chart."""
+    groups: dict[tuple, list] = {}
+    for c in cells:
+        if c.status == "ok" and hist_kinds([c]):
+            groups.setdefault(tuple(hist_kinds([c])), []).append(c)
+    order = hist_kinds(cells)
+    out = []
+    for kinds, group in groups.items():
+        kinds = sorted(kinds, key=order.index)
+        out += [(f, kinds) for f in facets(group, max_curves)]
+    return out
+
+
+def hist_kinds(cells) -> list[str]:
+    return list(dict.fromkeys(h for c in cells for h, s in c.histograms.items()
+                              if s.get("count") and s.get("hdr")))
+
+
+# --------------------------------------------------------------------------- spectra
+def percentile_curve(summary: dict) -> tuple[list[float], list[float]]:
+    """(percentiles, values) of a histogram summary, dense towards the tail."""
+    hist = results.decode(summary)
+    count = hist.get_total_count()
+    if not count:
+        return [], []
+    # 1/(1-p) up to the count: beyond it the tail holds less than one sample.
+    top = max(1.0, math.log10(count))
+    levels = [100.0 * (1 - 10 ** (-top * i / 60)) for i in range(61)]
+    values = hist.get_percentile_to_value_dict(levels)
+    return levels, [values[p] for p in levels]
+
+
+def _percentile_axis(ax, top_count: int) -> None:
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    top = max(10.0, float(top_count))   # 1/(1-p) reaches the count at most
+    ticks = [p for p in PERCENTILE_TICKS if 1 / (1 - p / 100) <= top * 1.0001]
+    ax.set_xticks([1 / (1 - p / 100) for p in ticks])
+    ax.set_xticklabels([f"{p:g}%" for p in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("percentile")
+    ax.yaxis.set_major_formatter(us_formatter())
+
+
+def draw_spectra(fig, facet: Facet, kinds, runs=None, title: str | None = None,
+                 slots: int | None = None) -> int:
+    """One chart per histogram kind, side by side in ``fig`` (a Figure or SubFigure),
+    each with its legend below it (``slots``: at least this many places in the row). ``runs``: ``[(name, {cell key: cell}, linestyle)]``
+    to overlay the same cells of several runs (compare view). Returns curves drawn."""
+    runs = runs or [("", None, "-")]
+    axes = fig.subplots(1, max(len(kinds), slots or 0), squeeze=False)[0]
+    for ax in axes[len(kinds):]:     # empty slots keep the charts of a page one width
+        ax.set_visible(False)
+    drawn, missing = 0, []
+    for ax, kind in zip(axes, kinds):
+        lines, top = 0, 10
+        for i, cell in enumerate(facet.cells):
+            for r, (run_name, by_key, dash) in enumerate(runs):
+                c = by_key.get(cell.key) if by_key is not None else cell
+                if c is None or c.status != "ok" or kind not in c.histograms:
+                    continue
+                summary = c.histograms[kind]
+                levels, values = percentile_curve(summary)
+                if not levels:
+                    continue
+                scale = TO_US.get(summary.get("unit", "us"), 1.0)
+                label = cell_label(c, facet.keys) if facet.keys else "all"
+                label += f"{' ' + run_name if run_name else ''} (n={summary['count']:,})"
+                line, = ax.plot([1 / (1 - p / 100) if p < 100 else 1e12 for p in levels],
+                                [v * scale for v in values], dash, linewidth=1.4,
+                                color=PALETTE[i % len(PALETTE)], label=label)
+                line.set_gid(f"data-spectrum-{kind}-{i}-{r}")
+                top = max(top, summary["count"])
+                lines += 1
+        _percentile_axis(ax, top)
+        ax.set_title(f"{kind} latency")
+        if lines:
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False,
+                      title=" · ".join(facet.keys) or None, title_fontsize=8)
+        else:   # the column stays, so a kind keeps its place down the page
+            ax.set_visible(False)
+            missing.append(kind)
+        drawn += lines
+    title = facet.title if title is None else title
+    if missing:
+        title += f"{' ' if title else ''}(no {', '.join(missing)} histogram in these cells)"
+    if title:
+        fig.suptitle(title, fontsize=10, fontweight="bold")
+    return drawn
+
+
+def spectrum_height(facet: Facet, runs: int = 1) -> float:
+    return 2.8 + 0.19 * len(facet.cells) * runs + (0.2 if facet.keys else 0)
+
+
+# --------------------------------------------------------------------------- rates
+def rate_metrics(summary, cells) -> list[str]:
+    """The throughput metrics to draw as bars: the table's ``_per_s`` columns (or every
+    ``_per_s`` metric), sweep bookkeeping left out."""
+    specs = [s for s, _ in summary if s.endswith("_per_s")] or \
+        list(dict.fromkeys(m for c in cells for m in c.metrics if m.endswith("_per_s")))
+    return [m for m in specs if m not in SWEEP_METRICS
+            and any(isinstance(c.metrics.get(m), (int, float)) for c in cells)]
+
+
+def draw_rates(fig, cells, metric: str, keys, runs=None) -> int:
+    """Horizontal bars of ``metric`` per cell, whiskers from the lowest to the highest
+    repeat, each bar labelled with its value, spread and repeat count. ``runs``: as in
+    :func:`draw_spectra` (grouped bars, one per run)."""
+    from ..report import fmt_figure, spread_fraction, spread_text
+
+    runs = runs or [("", None, "-")]
+    ax = fig.subplots()
+    height = 0.8 / len(runs)
+    drawn, values, labels = 0, [], []
+    ylabels = []
+    for i, cell in enumerate(cells):
+        ylabels.append(cell_label(cell, keys))
+        for j, (run_name, by_key, _) in enumerate(runs):
+            c = by_key.get(cell.key) if by_key is not None else cell
+            v = c.metrics.get(metric) if c is not None and c.status == "ok" else None
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                continue
+            sp = c.spread.get(metric) or {}
+            lo, hi = min(sp.get("min", v), v), max(sp.get("max", v), v)
+            y = i + (j - (len(runs) - 1) / 2) * height
+            bar = ax.barh(y, v, height=height * 0.9, color=PALETTE[4 if j == len(runs) - 1
+                                                                  else 2],
+                          xerr=[[v - lo], [hi - v]] if sp else None,
+                          error_kw={"ecolor": "#000000", "capsize": 3, "linewidth": 1},
+                          label=run_name or None)
+            bar.patches[0].set_gid(f"data-rate-{metric}-{i}-{j}")
+            n = sp.get("n", len(c.repeats) or 1)
+            text = f" {fmt_figure(v)} {spread_text(spread_fraction(c, metric))} n={n}"
+            if run_name:
+                text += f" {run_name}"
+            labels.append((max(hi, v), y, text))
+            values += [v, lo]
+            drawn += 1
+    ax.set_yticks(range(len(cells)))
+    ax.set_yticklabels(ylabels)
+    ax.invert_yaxis()
+    positive = [v for v in values if v > 0]
+    if positive and max(positive) / min(positive) > 50:
+        ax.set_xscale("log")
+    log = ax.get_xscale() == "log"
+    if positive:   # room on the right for the labels
+        ax.set_xlim(right=max(positive) * (8 if log else 1.45))
+    for x, y, text in labels:   # clear of the whisker's cap
+        ax.text(x * 1.06 if log else x + 0.01 * max(positive), y, text, va="center", fontsize=7)
+    ax.set_xlabel(f"{metric} (1/s), median over repeats; whiskers: lowest to highest repeat")
+    if len(runs) > 1:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncols=len(runs),
+                  frameon=False)
+    return drawn
+
+
+# --------------------------------------------------------------------------- sweeps
+@dataclass
+class Sweep:
+    """Ok cells that differ only in a numeric ``rate`` param, in rate order."""
+    scenario: str
+    shared: dict
+    cells: list
+    max_rate: float | None = None
+    slo: object = None
+
+    @property
+    def title(self) -> str:
+        return f"{self.scenario}: " + ", ".join(f"{k}={v}" for k, v in self.shared.items())
+
+
+def _rate(cell):
+    try:
+        return float(cell.params["rate"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def sweeps(cells) -> list[Sweep]:
+    """Groups of 2+ ok cells of one scenario that differ only in a numeric ``rate``,
+    each with the maximum sustainable rate when a cell of the group, or a cell with the
+    same other params, holds ``max_sustainable_rate_per_s``."""
+    groups: dict[str, Sweep] = {}
+    for c in cells:
+        if c.status == "ok" and _rate(c) is not None:
+            shared = {k: v for k, v in c.params.items() if k != "rate"}
+            key = results.cell_key(c.scenario, shared)
+            groups.setdefault(key, Sweep(c.scenario, shared, [])).cells.append(c)
+    out = []
+    for sweep in groups.values():
+        if len(sweep.cells) < 2:
+            continue
+        sweep.cells.sort(key=_rate)
+        for c in cells:
+            if c.scenario != sweep.scenario or "max_sustainable_rate_per_s" not in c.metrics:
+                continue
+            own = {k: str(v) for k, v in c.params.items() if k != "rate"}
+            if all(str(sweep.shared.get(k)) == v for k, v in own.items()):
+                sweep.max_rate = c.metrics["max_sustainable_rate_per_s"]
+                sweep.slo = c.metrics.get("slo")
+                break
+        out.append(sweep)
+    return out
+
+
+SWEEP_STATS = (("p50", "p50"), ("p90", "p90"), ("p99", "p99"), ("p999", "p99.9"),
+               ("max", "max"))
+
+
+def draw_sweep(fig, sweep: Sweep) -> int:
+    """Latency percentiles against the target rate, one chart per histogram kind, the
+    maximum sustainable rate marked."""
+    kinds = hist_kinds(sweep.cells)
+    cols = min(3, max(1, len(kinds)))
+    rows = math.ceil(len(kinds) / cols) if kinds else 1
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    drawn = 0
+    for ax, kind in zip(axes, kinds):
+        for i, (stat, name) in enumerate(SWEEP_STATS):
+            xs, ys = [], []
+            for c in sweep.cells:
+                s = c.histograms.get(kind)
+                if s and s.get(stat) is not None and s.get("count"):
+                    xs.append(_rate(c))
+                    ys.append(s[stat] * TO_US.get(s.get("unit", "us"), 1.0))
+            if xs:
+                line, = ax.plot(xs, ys, "o-", markersize=3, linewidth=1.4,
+                                color=PALETTE[i], label=name)
+                line.set_gid(f"data-sweep-{kind}-{stat}")
+                drawn += 1
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(us_formatter())
+        ax.set_xlabel("target rate (1/s)")
+        ax.set_title(f"{kind} latency against rate")
+        if sweep.max_rate:
+            ax.axvline(sweep.max_rate, color=PALETTE[5], linestyle="--", linewidth=1.2,
+                       label=f"max sustainable {sweep.max_rate:,.0f}/s"
+                             + (f" ({sweep.slo})" if sweep.slo else ""))
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=3, frameon=False)
+    for ax in axes[len(kinds):]:
+        ax.set_visible(False)
+    fig.suptitle(sweep.title, fontsize=10)
+    return drawn
+
+
+def sweep_height(sweep: Sweep) -> float:
+    return 3.6 * max(1, math.ceil(len(hist_kinds(sweep.cells)) / 3))
+
+
+# --------------------------------------------------------------------------- intervals
+def interval_series(summary: dict):
+    """(seconds since the first interval, p50, p99, max) per interval, in us; a gap
+    (between repeats) becomes a break in the line."""
+    from hdrh.histogram import HdrHistogram
+
+    ivs = sorted(summary.get("intervals") or (), key=lambda iv: iv["start_s"])
+    if not ivs:
+        return None
+    scale = TO_US.get(summary.get("unit", "us"), 1.0)
+    width = statistics.median(iv["end_s"] - iv["start_s"] for iv in ivs) or 1.0
+    t0 = ivs[0]["start_s"]
+    out = ([], [], [], [])
+    last_end = None
+    for iv in ivs:
+        h = HdrHistogram.decode(iv["hdr"].encode("ascii"))
+        if not h.get_total_count():
+            continue
+        if last_end is not None and iv["start_s"] - last_end > 0.5 * width:
+            for col in out:
+                col.append(float("nan"))
+        out[0].append((iv["start_s"] + iv["end_s"]) / 2 - t0)
+        out[1].append(h.get_value_at_percentile(50) * scale)
+        out[2].append(h.get_value_at_percentile(99) * scale)
+        out[3].append(h.get_max_value() * scale)
+        last_end = iv["end_s"]
+    return out
+
+
+def cells_with_intervals(cells, kind: str) -> list:
+    return [c for c in cells if c.status == "ok" and c.histograms.get(kind, {}).get("intervals")]
+
+
+def timeseries_svg(cell, kind: str, keys, ident: str, width: int = 540,
+                   height: int = 170) -> str:
+    """p50, p99 and max of each interval histogram of ``cell``'s ``kind`` over time, as
+    a small SVG written by hand: there can be one per cell and histogram, and matplotlib
+    takes about a second for each, this a millisecond."""
+    from html import escape
+
+    series = interval_series(cell.histograms[kind])
+    if not series:
+        return ""
+    t, *curves = series
+    left, right, top, bottom = 62, 12, 24, 30
+    pw, ph = width - left - right, height - top - bottom
+    finite = [v for c in curves for v in c if v == v and v > 0]
+    ts = [x for x in t if x == x]
+    lo = 10 ** math.floor(math.log10(min(finite)))
+    hi = 10 ** math.ceil(math.log10(max(finite)))
+    hi = hi * 10 if hi <= lo else hi
+    t_max = max(ts) or 1.0
+
+    def x(v):
+        return left + pw * v / t_max
+
+    def y(v):
+        return top + ph * (1 - (math.log10(v) - math.log10(lo)) /
+                           (math.log10(hi) - math.log10(lo)))
+
+    label = us_formatter()
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" id="{ident}-root" role="img" '
+           f'width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+           f'font-family="sans-serif" font-size="10">',
+           f'<text x="{left}" y="14" font-size="11">{escape(cell_label(cell, keys))} '
+           f'(n={cell.histograms[kind]["count"]:,})</text>',
+           f'<g id="{ident}-axes_1" stroke="#d6d6d6">']
+    decade = lo
+    while decade <= hi * 1.0001:
+        yy = y(decade)
+        out.append(f'<line x1="{left}" x2="{left + pw}" y1="{yy:.1f}" y2="{yy:.1f}"/>'
+                   f'<text x="{left - 4}" y="{yy + 3:.1f}" text-anchor="end" stroke="none" '
+                   f'fill="#333">{escape(label(decade))}</text>')
+        decade *= 10
+    step = 10 ** math.floor(math.log10(t_max)) if t_max >= 1 else 0.5
+    step *= 2 if t_max / step > 6 else 1
+    tick = 0.0
+    while tick <= t_max * 1.0001:
+        xx = x(tick)
+        out.append(f'<line x1="{xx:.1f}" x2="{xx:.1f}" y1="{top}" y2="{top + ph}"/>'
+                   f'<text x="{xx:.1f}" y="{top + ph + 12}" text-anchor="middle" stroke="none" '
+                   f'fill="#333">{tick:g}</text>')
+        tick += step
+    out.append(f'<text x="{left + pw / 2}" y="{height - 2}" text-anchor="middle" '
+               f'stroke="none" fill="#333">s since the cell\'s first interval</text>')
+    for i, (values, name) in enumerate(zip(curves, ("p50", "p99", "max"))):
+        colour = PALETTE[(4, 1, 0)[i]]          # blue, orange, black
+        runs, current = [], []
+        for tv, v in zip(t, values):
+            if v != v or tv != tv or v <= 0:
+                if current:
+                    runs.append(current)
+                current = []
+            else:
+                current.append(f"{x(tv):.1f},{y(v):.1f}")
+        if current:
+            runs.append(current)
+        d = " ".join("M" + " L".join(r) for r in runs if r)
+        out.append(f'<g id="{ident}-data-time-{i}"><path d="{d}" fill="none" '
+                   f'stroke="{colour}" stroke-width="1.4"/></g>')
+        lx = left + pw - 150 + 50 * i
+        out.append(f'<line x1="{lx}" x2="{lx + 14}" y1="12" y2="12" stroke="{colour}" '
+                   f'stroke-width="2"/><text x="{lx + 17}" y="15" stroke="none" '
+                   f'fill="#333">{name}</text>')
+    out.append("</g></svg>")
+    return "".join(out)
+
+
+# --------------------------------------------------------------------------- output
+def svg(fig, prefix: str) -> str:
+    """``fig`` as an ``<svg>`` element to inline in HTML: no XML prolog, and every id
+    prefixed so several charts in one page do not share ids (clip paths, markers)."""
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", metadata={"Date": None})
+    text = buf.getvalue()
+    text = text[text.index("<svg"):]
+    text = re.sub(r"<metadata>.*?</metadata>", "", text, flags=re.S)   # RDF credits, bulk
+    text = re.sub(r'\bid="([^"]+)"', lambda m: f'id="{prefix}-{m.group(1)}"', text)
+    text = re.sub(r'url\(#([^)]+)\)', lambda m: f"url(#{prefix}-{m.group(1)})", text)
+    text = re.sub(r'href="#([^"]+)"', lambda m: f'href="#{prefix}-{m.group(1)}"', text)
+    # matplotlib's <style> says "*{...}": scoped to this chart, not the whole page
+    text = text.replace("*{", f"#{prefix}-root *{{")
+    return text.replace("<svg ", f'<svg id="{prefix}-root" role="img" ', 1)
