@@ -83,3 +83,17 @@ def test_backlog_limit_caps_the_filesystem_cell():
     assert fs.max_backlog and consume._count(fs, runner.RunOptions()) == fs.max_backlog
     assert consume._count(brokers.info("memory"), runner.RunOptions()) == \
         consume.FULL.embedded
+
+
+def test_a_paced_feed_measures_latency_from_the_intended_time(tmp_path):
+    opts = options(tmp_path, rate_sweep=(400.0,), duration=0.5)
+    rated = cells("consume", opts)
+    assert rated and all(c["rate"] == 400.0 for c in rated)
+    assert "memory" not in {c["transport"] for c in rated}   # in-process: nothing feeds it
+    c = run_cell("consume", cell("unix") | {"rate": 400.0}, opts)
+    assert c.status == "ok", c.reason
+    m = c.metrics
+    assert m["sent"] == 200 and m["received"] == 200 and m["lost"] == 0
+    assert m["load"] == "paced" and m["backlog_growth_per_s"] is not None
+    assert c.histograms["from_intended"]["count"] == 200
+    assert children() == []

@@ -37,16 +37,21 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import brokers, recorder
+import numpy as np
+
+from .. import brokers, maxrate, pacing, recorder
 from ..drivers import kombu as kombu_driver
 from ..drivers.consumer import SETTLE_S, Tally
 from ..drivers.producer import ProducerProcess
 from ..drivers.target import Target
 from ..config import UsageError
-from . import Outcome, Scenario, make_payload, payload_bytes, register, unique_name
+from . import Outcome, Scenario, Skip, make_payload, payload_bytes, register, unique_name
 
 FED_NOTE = "fed by a concurrent producer process: bounded by the producer's rate"
 POLL_S = 0.05        # one drain_events wait; the whole drain is bounded by opts.timeout
+STEP_S = 3.0         # seconds a rate step (--rate-sweep, --max-rate) is held
+STEP_WAIT_S = 3.0    # after the schedule, how long a step waits for what is on its way
+START_RATE = 1000.0  # where the max-rate search starts climbing
 
 
 @dataclass(frozen=True)
@@ -75,9 +80,9 @@ SUMMARY = [
 class _Drainer:
     """A Consumer on ``conn`` counting into a Tally, with a receive timestamp per message."""
 
-    def __init__(self, conn, queue, ack: bool, accept, capacity: int):
+    def __init__(self, conn, queue, ack: bool, accept, capacity: int, keep_e2e: bool = False):
         self.conn = conn
-        self.tally = Tally(capacity)
+        self.tally = Tally(capacity, keep_e2e=keep_e2e)
         self.ts = recorder.Timestamps(capacity, ("recv",))
         self.consumer = conn.Consumer([queue], callbacks=[self._callback(ack)], no_ack=not ack,
                                       accept=list(accept))
@@ -149,6 +154,61 @@ class _Drainer:
     def receive_times(self):
         self.ts.count = self._seen[0]
         return self.ts.column("recv")
+
+
+def _measure_paced(driver, target, n: int, ack: bool, rate: float, seconds: float, opts,
+                   workdir: Path, slo: maxrate.SLO) -> Outcome:
+    """Drain while a producer process publishes at ``rate`` (open loop): latency from
+    each message's intended send time to its receipt, and how the backlog moved."""
+    warm_n = max(10, round(rate * min(1.0, seconds / 4)))
+    producer = None
+    try:
+        driver.open()
+        drainer = _Drainer(driver.conn, driver.queue, ack, driver.accept, n, keep_e2e=True)
+        with drainer:  # the consumer first: a fifo keeps nothing for a queue nobody reads
+            producer = ProducerProcess(target, driver.queue.name, driver.serializer,
+                                       driver.payload, workdir, opts.timeout)
+            producer.start()
+            producer.wait_ready()
+            producer.pace(-1, warm_n, rate)
+            drainer.until(warm_n, True, opts.timeout)
+            producer.wait_paced(opts.timeout)
+            producer.pace(0, n, rate)
+            # Wait for the schedule, then a bounded while for what is still on its way.
+            drainer.until(n, False, seconds + STEP_WAIT_S)
+            sent, spent, t0 = producer.wait_paced(opts.timeout)
+            drainer.until(n, False, 0.2)
+    finally:
+        if producer is not None:
+            producer.stop()
+        driver.close()
+    tally = drainer.tally
+    period = 1e9 / rate
+    intended = t0 + (np.arange(sent) * period).astype(np.int64)   # as the Pacer schedules
+    seen = np.frombuffer(tally.seen, dtype=np.uint8)[:sent].astype(bool)
+    e2e = np.frombuffer(tally.e2e, dtype=np.int64)[:sent]
+    done = np.where(seen, intended + e2e, np.inf)
+    waited_until = recorder.now_ns()
+    # A message not received when the step stopped waiting counts at that wait.
+    latency = np.where(seen, e2e, waited_until - intended)
+    rec = recorder.Recorder()
+    hist = rec.add("from_intended", latency / 1000.0, at_ns=intended).hist
+    elapsed = spent + 1 / rate
+    growth = pacing.backlog_growth(intended, done, int(intended[sent // 2]),
+                                   int(intended[-1]))
+    step = maxrate.judge(maxrate.Step(rate, sent / elapsed,
+                                      hist.get_value_at_percentile(slo.percentile),
+                                      growth, seconds), slo)
+    lost = sent - tally.received
+    metrics = {"consume_per_s": tally.received / elapsed, "sent": sent,
+               "received": tally.received, "lost": lost, "duplicates": tally.duplicates,
+               **pacing.achieved(rate, sent, elapsed), "backlog_growth_per_s": growth,
+               "sustainable": step.ok, "slo": slo.text, "load": "paced"}
+    notes = [f"lost {lost} of {sent} (or not received {STEP_WAIT_S:g} s after the schedule)"] \
+        if lost else []
+    if not step.ok:
+        notes.append(f"not sustainable at {rate:,.0f}/s: {step.why}")
+    return Outcome(metrics, rec.histograms, notes)
 
 
 # --------------------------------------------------------------------------- one cell
@@ -251,6 +311,7 @@ class Consume(Scenario):
                    "message counted; a transport that holds no backlog (fifo) is fed by a "
                    "concurrent producer process")
     summary = SUMMARY
+    rated = True
 
     def __init__(self, opts):
         super().__init__(opts)
@@ -265,8 +326,22 @@ class Consume(Scenario):
             if opts.quick else list(brokers.names())
         acks = ("yes",) if opts.quick else ("yes", "no")
         # The reference (memory) first in brokers' order: x_memory needs its rate already.
-        return [{"transport": t, "serializer": s, "payload_bytes": payload, "ack": a}
-                for a in acks for s in serializers for t in transports]
+        out = [{"transport": t, "serializer": s, "payload_bytes": payload, "ack": a}
+               for a in acks for s in serializers for t in transports]
+        if not (opts.rate_sweep or opts.max_rate):
+            return out
+        # Rate cells: a producer process feeds the queue at each rate (not in-process ones).
+        rated = []
+        for c in out:
+            try:
+                if not brokers.info(c["transport"]).cross_process:
+                    continue
+            except ImportError:
+                pass
+            if opts.max_rate:
+                rated.append({**c, "rate": "max", "slo": opts.slo or maxrate.DEFAULT_SLO})
+            rated += [{**c, "rate": r} for r in opts.rate_sweep]
+        return rated
 
     def _ratio(self, metrics: dict, params) -> None:
         rate = metrics.get("consume_per_s")
@@ -282,16 +357,57 @@ class Consume(Scenario):
             metrics[f"x_{reference}"] = rate / self._reference_rates[key]
 
     def run_cell(self, params) -> Outcome:
+        rate = params.get("rate", "-")
+        if rate == "max":
+            return self._max_rate(params)
+        if rate not in ("-", None):
+            return self._once(params, float(rate), self.opts.duration or STEP_S)
+        return self._once(params, None, None)
+
+    def _max_rate(self, params) -> Outcome:
+        """The highest rate a consumer here drains within the SLO (bench.maxrate)."""
+        slo = maxrate.SLO.parse(params["slo"])
+        seconds = self.opts.duration or STEP_S
+        last: dict = {}
+
+        def measure(rate, hold, phase):
+            outcome = self._once(params, rate, hold, slo)
+            last.clear()
+            last[rate] = outcome
+            m = outcome.metrics
+            hist = outcome.histograms["from_intended"].hist
+            return maxrate.Step(rate, m["rate_achieved_per_s"],
+                                hist.get_value_at_percentile(slo.percentile),
+                                m.get("backlog_growth_per_s"))
+
+        result = maxrate.search(measure, slo, start=self.opts.rate or START_RATE,
+                                seconds=seconds)
+        held = last.get(result.rate)
+        metrics = dict(held.metrics) if held else {}
+        metrics.update(result.metrics(slo))
+        notes = [f"max sustainable {result.rate:,.0f} msg/s with {slo.text}"]
+        if result.why:
+            notes.append(result.why)
+        return Outcome(metrics, held.histograms if held else {}, notes)
+
+    def _once(self, params, rate, seconds, slo=None) -> Outcome:
         name = params["transport"]
         info = brokers.info(name)  # the runner skips a transport that does not load here
         if params["ack"] not in ("yes", "no"):
             raise UsageError(f"--only ack={params['ack']}: expected yes or no")
+        if rate and not info.cross_process:
+            raise Skip(f"{name} is in-process: no producer process can feed it at a rate")
         payload = make_payload(int(params["payload_bytes"]))
         with self.cell_folder() as workdir, ExitStack() as stack:
             env = stack.enter_context(brokers.broker(name, workdir))
             target = Target.from_env(env, info)
             driver = kombu_driver.Publisher(target, unique_name(self.name), "held",
                                             params["serializer"], payload, self.opts.timeout)
+            if rate:
+                slo = slo or maxrate.SLO.parse(self.opts.slo or maxrate.DEFAULT_SLO)
+                return _measure_paced(driver, target, max(1, round(rate * seconds)),
+                                      params["ack"] == "yes", rate, seconds, self.opts,
+                                      workdir, slo)
             outcome = _measure(driver, target, info.holds_backlog, _count(info, self.opts),
                                params["ack"] == "yes", self.opts, workdir)
         self._ratio(outcome.metrics, params)
