@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -173,11 +174,14 @@ def run(scenarios, quick, transports, only, repeat, duration, messages, rate, wa
             click.echo(line, err=True)
 
     try:
+        started = time.time()
         result = runner.run(opts, on_cell=on_cell, on_start=on_start)
     except KeyboardInterrupt:
         if progress is not None:
             progress.stop()
-        click.echo(f"interrupted: results so far written to {out}", err=True)
+        written = Path(out).exists() and Path(out).stat().st_mtime >= started - 1
+        click.echo(f"interrupted: results so far written to {out}" if written else
+                   "interrupted before anything was measured: nothing written", err=True)
         sys.exit(EXIT_INTERRUPTED)
     finally:
         if progress is not None:

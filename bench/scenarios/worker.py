@@ -502,6 +502,11 @@ class Worker(Scenario):
             stalls = gaps[gaps >= STALL_S * 1e9]
             stall_s = float(stalls.sum()) / 1e9
             metrics["tasks_per_s"] = len(ran) / span_s if span_s > 0 else None
+            if len(ran) < n:
+                # Not a rate of the cell that was asked for: say so beside the figure.
+                metrics["partial"] = True
+                notes.append(f"tasks/s is over the {len(ran)} of {n} tasks that ran "
+                             f"(partial)")
             metrics["span_s"] = span_s
             metrics["stalls"] = int(len(stalls))
             metrics["stall_s"] = stall_s
