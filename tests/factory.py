@@ -104,6 +104,11 @@ def sweep_cells(scenario="publish", rates=(500, 1000, 2000, 4000), max_rate=3000
             histograms={"from_intended": (100.0 * (1 + 4 * i * i), 2000),
                         "publish_to_start": (300.0 * (1 + i), 2000)},
             **{**params, "rate": rate}))
-    search = results.Cell(scenario, dict(params), "ok", "",
-                          {"max_sustainable_rate_per_s": max_rate, "slo": slo})
+    # as bench.maxrate writes it: rate=max and the slo as params, the steps it tried
+    steps = [{"rate": float(r), "achieved": r * (1.0 if r <= max_rate else 0.8),
+              "latency_us": 800 * (1 + i), "ok": r <= max_rate, "phase": "climb"}
+             for i, r in enumerate(rates)]
+    search = results.Cell(scenario, {**params, "rate": "max", "slo": slo}, "ok", "",
+                          {"max_sustainable_rate_per_s": max_rate, "slo": slo,
+                           "steps": steps})
     return out + [search]

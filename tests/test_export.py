@@ -185,6 +185,14 @@ def test_sweeps_are_found_and_marked():
         texts = [t.get_text() for ax in fig.axes if ax.get_legend()
                  for t in ax.get_legend().get_texts()]
         assert any("max sustainable 3,000/s" in t for t in texts)
+    search = charts.searches(cells)
+    assert [c.params["transport"] for c in search] == ["memory", "unix"]
+    assert charts.slo_us("p99<=5ms") == 5000 and charts.slo_us(None) is None
+    with charts.style():
+        fig = charts.new_figure(10, 4)
+        assert charts.draw_search(fig, search[0], []) == 4   # passed/failed x 2 charts
+        lat = fig.axes[0]
+        assert [l.get_ydata()[0] for l in lat.get_lines() if "SLO" in l.get_label()] == [5000]
 
 
 def test_interval_series_breaks_between_repeats():

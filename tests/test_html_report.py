@@ -61,8 +61,9 @@ def _chart_report(page):
     on one axes."""
     return page.evaluate("""() => [...document.querySelectorAll('figure.chart')].map(f => {
         const series = [...f.querySelectorAll('g[id*="-data-"]')];
+        // a line is a path; markers alone (a search's steps) are <use> of a marker
         const drawn = series.filter(g => [...g.querySelectorAll('path')].some(
-            p => (p.getAttribute('d') || '').length > 10));
+            p => (p.getAttribute('d') || '').length > 10) || g.querySelector('use'));
         const axes = [...f.querySelectorAll('g[id*="-axes_"]')];
         const perAxes = axes.map(a => a.querySelectorAll('g[id*="-data-spectrum"]').length);
         const box = f.querySelector('svg').getBoundingClientRect();
@@ -88,6 +89,7 @@ def test_report_renders_in_chromium_with_charts_and_no_errors(browser, tmp_path)
     assert "max sustainable 3,000/s" in texts
     assert "publish latency" in texts and "e2e latency" in texts
     assert "from_intended latency against rate" in texts
+    assert "max-rate search" in texts and "SLO p99<5ms" in texts
     assert shot.stat().st_size > 50_000
 
 

@@ -60,8 +60,13 @@ def cell_label(cell: results.Cell, keys, with_names: bool = False) -> str:
     if not keys:
         return cell.scenario
     if with_names:
-        return ", ".join(f"{k}={cell.params[k]}" for k in keys)
-    return " · ".join(str(cell.params[k]) for k in keys)
+        return ", ".join(f"{k}={_value(cell.params[k])}" for k in keys)
+    return " · ".join(_value(cell.params[k]) for k in keys)
+
+
+def _value(v) -> str:
+    """A param as a label: a whole float without its ``.0`` (rate=500)."""
+    return f"{v:g}" if isinstance(v, float) and v.is_integer() and abs(v) < 1e15 else str(v)
 
 
 def varying_keys(cells) -> list:
@@ -69,18 +74,36 @@ def varying_keys(cells) -> list:
     return [k for k in keys if len({str(c.params.get(k)) for c in cells}) > 1]
 
 
-def us_formatter():
-    """Tick labels for a log axis of microseconds: 100 us, 2 ms, 1.5 s."""
-    from matplotlib.ticker import FuncFormatter
+def log_us_axis(axis) -> None:
+    """A log axis of microseconds labelled 100 us / 2 ms / 1.5 s, at 1-2-5 steps (so a
+    range under a decade still gets labels, and never 4x10^4)."""
+    from matplotlib.ticker import LogLocator
 
-    def label(v, _pos=None):
-        if v <= 0:
-            return ""
-        for size, unit in ((1e6, "s"), (1e3, "ms"), (1.0, "us")):
-            if v >= size:
-                return f"{v / size:g} {unit}"
-        return f"{v:g} us"
-    return FuncFormatter(label)
+    (axis.axes.set_yscale if axis.axis_name == "y" else axis.axes.set_xscale)("log")
+    axis.set_major_locator(LogLocator(base=10))
+    axis.set_major_formatter(us_formatter())
+    axis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
+    axis.set_minor_formatter(us_formatter(minor=True))
+
+
+def us_formatter(minor: bool = False):
+    """Tick labels for an axis of microseconds: 100 us, 2 ms, 1.5 s. ``minor``: label
+    only where the axis spans under ~1.5 decades (else the decades say enough)."""
+    from matplotlib.ticker import Formatter
+
+    class Microseconds(Formatter):
+        def __call__(self, v, pos=None):
+            if v <= 0:
+                return ""
+            if minor and self.axis is not None:
+                lo, hi = self.axis.get_view_interval()
+                if lo <= 0 or hi / lo > 30:
+                    return ""
+            for size, unit in ((1e6, "s"), (1e3, "ms"), (1.0, "us")):
+                if v >= size:
+                    return f"{v / size:g} {unit}"
+            return f"{v:g} us"
+    return Microseconds()
 
 
 # --------------------------------------------------------------------------- facets
@@ -97,17 +120,24 @@ class Facet:
         return ", ".join(f"{k}={v}" for k, v in self.shared.items())
 
 
-def facets(cells, max_curves: int = MAX_CURVES, fixed: dict | None = None) -> list[Facet]:
+def shared_params(cells) -> dict:
+    """Params every one of ``cells`` has, with the same value."""
+    keys = list(dict.fromkeys(k for c in cells for k in c.params))
+    return {k: cells[0].params[k] for k in keys
+            if all(k in c.params and str(c.params[k]) == str(cells[0].params[k]) for c in cells)}
+
+
+def facets(cells, max_curves: int = MAX_CURVES) -> list[Facet]:
     """``cells`` cut into facets of at most ``max_curves``: by the varying param that
     needs the fewest facets (the earlier param on a tie), recursively, then small
     neighbours merged back while they fit."""
-    fixed = dict(fixed or {})
     keys = varying_keys(cells)
     if len(cells) <= max_curves or not keys:
         if len(cells) <= max_curves:
-            return [Facet(fixed, list(cells), keys)]
-        return [Facet(dict(fixed, part=i // max_curves + 1), list(cells[i:i + max_curves]),
-                      keys) for i in range(0, len(cells), max_curves)]
+            return [Facet(shared_params(cells), list(cells), keys)]
+        return [Facet(dict(shared_params(cells), part=i // max_curves + 1),
+                      list(cells[i:i + max_curves]), keys)
+                for i in range(0, len(cells), max_curves)]
 
     def split(key):
         groups: dict[str, list] = {}
@@ -119,14 +149,13 @@ def facets(cells, max_curves: int = MAX_CURVES, fixed: dict | None = None) -> li
                                         for g in split(k).values()), keys.index(k)))
     out: list[Facet] = []
     for value, group in split(best).items():
-        out += facets(group, max_curves, dict(fixed, **{best: group[0].params.get(best)}))
+        out += facets(group, max_curves)
     merged: list[Facet] = []
     for f in out:
         last = merged[-1] if merged else None
         if last and len(last.cells) + len(f.cells) <= max_curves:
             together = last.cells + f.cells
-            shared = {k: v for k, v in last.shared.items() if f.shared.get(k) == v}
-            merged[-1] = Facet(shared, together, varying_keys(together))
+            merged[-1] = Facet(shared_params(together), together, varying_keys(together))
         else:
             merged.append(f)
     return merged
@@ -167,15 +196,16 @@ def percentile_curve(summary: dict) -> tuple[list[float], list[float]]:
 
 
 def _percentile_axis(ax, top_count: int) -> None:
+    from matplotlib.ticker import NullLocator
+
     ax.set_xscale("log")
-    ax.set_yscale("log")
+    log_us_axis(ax.yaxis)
     top = max(10.0, float(top_count))   # 1/(1-p) reaches the count at most
     ticks = [p for p in PERCENTILE_TICKS if 1 / (1 - p / 100) <= top * 1.0001]
     ax.set_xticks([1 / (1 - p / 100) for p in ticks])
     ax.set_xticklabels([f"{p:g}%" for p in ticks])
-    ax.minorticks_off()
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("percentile")
-    ax.yaxis.set_major_formatter(us_formatter())
 
 
 def draw_spectra(fig, facet: Facet, kinds, runs=None, title: str | None = None,
@@ -331,7 +361,8 @@ def sweeps(cells) -> list[Sweep]:
         for c in cells:
             if c.scenario != sweep.scenario or "max_sustainable_rate_per_s" not in c.metrics:
                 continue
-            own = {k: str(v) for k, v in c.params.items() if k != "rate"}
+            # the search cell says rate=max and its slo as params; the rest must match
+            own = {k: str(v) for k, v in c.params.items() if k not in ("rate", "slo")}
             if all(str(sweep.shared.get(k)) == v for k, v in own.items()):
                 sweep.max_rate = c.metrics["max_sustainable_rate_per_s"]
                 sweep.slo = c.metrics.get("slo")
@@ -365,11 +396,10 @@ def draw_sweep(fig, sweep: Sweep) -> int:
                                 color=PALETTE[i], label=name)
                 line.set_gid(f"data-sweep-{kind}-{stat}")
                 drawn += 1
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(us_formatter())
+        log_us_axis(ax.yaxis)
         ax.set_xlabel("target rate (1/s)")
         ax.set_title(f"{kind} latency against rate")
-        if sweep.max_rate:
+        if sweep.max_rate is not None:
             ax.axvline(sweep.max_rate, color=PALETTE[5], linestyle="--", linewidth=1.2,
                        label=f"max sustainable {sweep.max_rate:,.0f}/s"
                              + (f" ({sweep.slo})" if sweep.slo else ""))
@@ -377,6 +407,63 @@ def draw_sweep(fig, sweep: Sweep) -> int:
     for ax in axes[len(kinds):]:
         ax.set_visible(False)
     fig.suptitle(sweep.title, fontsize=10)
+    return drawn
+
+
+def searches(cells) -> list:
+    """Max-rate search cells: ok cells with ``max_sustainable_rate_per_s``."""
+    return [c for c in cells if c.status == "ok"
+            and isinstance(c.metrics.get("max_sustainable_rate_per_s"), (int, float))]
+
+
+def slo_us(slo) -> float | None:
+    """The latency bound of an SLO such as ``p99<=10ms``, in us."""
+    m = re.search(r"<=?\s*([\d.]+)\s*(ns|us|ms|s)\b", str(slo or ""))
+    return float(m.group(1)) * TO_US[m.group(2)] if m else None
+
+
+def draw_search(fig, cell, keys) -> int:
+    """A max-rate search step by step: the SLO's latency at each rate tried (filled: the
+    step passed, cross: it failed) and the rate achieved against the rate asked, with
+    the maximum sustainable rate and the SLO's bound marked."""
+    steps = [s for s in cell.metrics.get("steps") or () if isinstance(s, dict)
+             and isinstance(s.get("rate"), (int, float))]
+    best = cell.metrics["max_sustainable_rate_per_s"]
+    slo = cell.metrics.get("slo") or cell.params.get("slo")
+    lat_ax, rate_ax = fig.subplots(1, 2)
+    drawn = 0
+    for ok, marker, colour, name in ((True, "o", PALETTE[3], "passed"),
+                                     (False, "x", PALETTE[5], "failed")):
+        chosen = [s for s in steps if bool(s.get("ok")) == ok]
+        lat = [s for s in chosen if isinstance(s.get("latency_us"), (int, float))
+               and s["latency_us"] > 0]
+        if lat:
+            pts, = lat_ax.plot([s["rate"] for s in lat], [s["latency_us"] for s in lat],
+                               marker, color=colour, label=f"step {name}", linestyle="none")
+            pts.set_gid(f"data-search-latency-{name}")
+            drawn += 1
+        ach = [s for s in chosen if isinstance(s.get("achieved"), (int, float))]
+        if ach:
+            pts, = rate_ax.plot([s["rate"] for s in ach], [s["achieved"] for s in ach],
+                                marker, color=colour, label=f"step {name}", linestyle="none")
+            pts.set_gid(f"data-search-achieved-{name}")
+            drawn += 1
+    top = max([s["rate"] for s in steps] + [best, 1.0])
+    rate_ax.plot([0, top], [0, top], ":", color="#888888", label="achieved = asked")
+    bound = slo_us(slo)
+    if bound:
+        lat_ax.axhline(bound, color="#555555", linestyle=":", label=f"SLO {slo}")
+    for ax in (lat_ax, rate_ax):
+        ax.axvline(best, color=PALETTE[4], linestyle="--",
+                   label=f"max sustainable {best:,.0f}/s")
+        ax.set_xlabel("rate asked (1/s)")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=2, frameon=False)
+    log_us_axis(lat_ax.yaxis)
+    lat_ax.set_title(f"latency the SLO reads ({slo or 'no SLO recorded'})")
+    rate_ax.set_ylabel("rate achieved (1/s)")
+    rate_ax.set_title("rate achieved")
+    fig.suptitle(f"{cell.scenario} max-rate search: {cell_label(cell, keys, True)}",
+                 fontsize=10)
     return drawn
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv as csv_module
 import io
+import json
 
 from .. import results
 from ..report import column_value, metric_unit, spec_unit
@@ -14,6 +15,11 @@ HIST_STATS = ("count", *results.PERCENTILES, "max", "overflow")
 
 def _head(name: str, unit: str) -> str:
     return f"{name} [{unit}]" if unit else name
+
+
+def _text(value):
+    """Lists and objects (a search's steps) as JSON, not Python's repr."""
+    return json.dumps(value) if isinstance(value, (list, dict)) else value
 
 
 def csv(run: results.Run) -> str:
@@ -34,7 +40,7 @@ def csv(run: results.Run) -> str:
         writer.writerow([
             c.scenario, c.key, c.status, c.reason,
             *(c.params.get(k, "") for k in params), len(c.repeats),
-            *(c.metrics.get(k, "") for k in metrics),
+            *(_text(c.metrics.get(k, "")) for k in metrics),
             *(c.spread.get(m, {}).get(end, "") for m in spread for end in ("min", "max")),
             *("" if (v := column_value(c, h)) is None else v for h in hists)])
     return out.getvalue()

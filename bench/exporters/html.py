@@ -174,16 +174,27 @@ def _spectra(page: Page, cells, runs=None, note: str = "") -> None:
 
 def _sweeps(page: Page, cells) -> None:
     found = charts.sweeps(cells)
-    if not found:
+    searched = charts.searches(cells)
+    if not found and not searched:
         return
     page.add("<h3>Latency against rate</h3>")
+    keys = charts.varying_keys(cells)
+    for cell in searched:
+        with charts.style():
+            fig = charts.new_figure(10, 3.9)
+            charts.draw_search(fig, cell, keys)
+            page.chart(fig, f"Each step of the search for the highest rate that keeps "
+                            f"{cell.metrics.get('slo') or 'the SLO'}; maximum sustainable "
+                            f"rate {cell.metrics['max_sustainable_rate_per_s']:,.0f}/s"
+                            + (f" ({cell.metrics['search_why']})"
+                               if cell.metrics.get("search_why") else "") + ".")
     for sweep in found:
         with charts.style():
             fig = charts.new_figure(4.6 * min(3, max(1, len(charts.hist_kinds(sweep.cells))))
                                     + 0.4, charts.sweep_height(sweep))
             charts.draw_sweep(fig, sweep)
             note = (f"maximum sustainable rate {sweep.max_rate:,.0f}/s"
-                    + (f" ({sweep.slo})" if sweep.slo else "")) if sweep.max_rate else \
+                    + (f" ({sweep.slo})" if sweep.slo else "")) if sweep.max_rate is not None else \
                 "no maximum sustainable rate recorded for this sweep"
             page.chart(fig, f"Percentiles of each rate's cell; {note}.")
 
