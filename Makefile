@@ -38,8 +38,8 @@ gate: $(STAMP)  ## check results/latest.json against results/baselines/gates.tom
 microbench: $(STAMP)  ## pytest-benchmark timings of the harness's own hot spots
 	$(BIN)/python -m pytest tests/test_microbench.py --benchmark-only $(ARGS)
 
-locust: $(STAMP)  ## Locust web UI on 127.0.0.1:8089
-	$(BIN)/locust --config locust.conf
+locust: $(STAMP)  ## Locust web UI on 127.0.0.1:8089 (celery-bench tab: exact latencies)
+	$(BIN)/locust --config locust.conf $(ARGS)
 
 clean:  ## remove the venv and run outputs
 	rm -rf $(VENV) results/latest.json results/runs .pytest_cache

@@ -1,0 +1,215 @@
+"""The Celery system a Locust run talks to: broker, result backend, Celery workers.
+
+One place owns it: the Locust process that drives the test, i.e. the single process,
+or the master in distributed mode (Locust workers never start Celery workers: N
+load generators would otherwise start N sets, all consuming the same queue). The
+owner's :class:`Rig` starts the transport's broker environment (our unix broker,
+a folder, or a queue on the redis/amqp server), the result backend, and ``--workers``
+real ``celery worker`` processes of the bench's app (``bench.workers``: own process
+groups, stopped on quit, Ctrl-C, SIGTERM and at exit); it keeps them while the
+settings stay the same and restarts them when the web UI changes them.
+
+What the users need to reach it, the *wiring* (broker URL and options, backend URL,
+queue, app settings, or ``--app``), travels in Locust's own options: the owner
+stores it in ``parsed_options`` at ``test_start`` and Locust sends those to every
+worker with the spawn message. Each Locust process then builds one :class:`Client`
+from it (a Celery app, a Kombu target) shared by its users.
+
+With ``--app MODULE:APP`` nothing is started: the wiring names the app, every Locust
+process imports it (so it must be importable on every load generator, as it is for
+``celery -A``), and your own workers run the tasks.
+
+Across machines the wiring must name something every load generator can reach:
+redis or amqp for the broker, redis (or PostgreSQL) for results. ``unix`` and the
+SQLite backend live in the owner's temporary folder, reachable from its host only.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import shutil
+import tempfile
+import threading
+import uuid
+from contextlib import ExitStack
+from pathlib import Path
+
+from .. import backends, brokers, joins, workers
+from ..brokers import BrokerEnv
+from ..celery_app import make_app
+from ..drivers.target import Target
+from ..drivers.userapp import load_app
+from ..scenarios._celery import delete_queues, one_line
+from . import options
+
+log = logging.getLogger("celery-bench.locust")
+WIRING = "celery_bench_wiring"   # the parsed_options attribute Locust carries to workers
+STOP_S = 2.0     # warm-shutdown grace for our workers before SIGKILL (they are idle by then)
+READY_S = 60.0
+
+# Locust owns SIGTERM in this process (its handler fires `quitting`, where the Rig stops
+# the workers); bench.workers must not replace it with its own Python-level handler.
+workers._sigterm_installed = True
+
+
+class Rig:
+    """The owner's broker environment, result backend and Celery workers."""
+
+    def __init__(self):
+        self.key = None
+        self.wiring: dict | None = None
+        self.stack: ExitStack | None = None
+        self.procs: list = []
+        self.lock = threading.Lock()   # gevent's, once Locust has patched threading
+
+    def alive(self) -> bool:
+        return all(w.alive() for w in self.procs)
+
+    def ensure(self, opts: dict, need_workers: bool) -> dict:
+        """The wiring for ``opts``: the running rig if it matches, else a new one (the old
+        one stopped first). Raises WorkerError (one line) when a worker cannot start."""
+        with self.lock:
+            if opts.get("app"):
+                key = ("app", opts["app"])
+            else:
+                n = int(opts.get("workers") or 0) if need_workers else 0
+                key = (opts["transport"], options.backend_name(opts) if n else None, n,
+                       opts.get("pool"), int(opts.get("concurrency") or 1) if n else None)
+            if key == self.key and self.alive():
+                return self.wiring
+            self._close()
+            try:
+                self.wiring = self._start(key, opts)
+            except workers.WorkerError as exc:
+                self._close()
+                raise workers.WorkerError(one_line(exc, tail=6)) from None
+            except BaseException:
+                self._close()
+                raise
+            self.key = key
+            self._started()
+            return self.wiring
+
+    def _start(self, key, opts) -> dict:
+        if key[0] == "app":
+            return {"app": opts["app"], "label": opts["app"]}
+        transport, backend_name, n, pool, concurrency = key
+        tag = uuid.uuid4().hex[:10]
+        stack = self.stack = ExitStack()
+        folder = Path(tempfile.mkdtemp(prefix="celery-bench-locust-"))
+        stack.callback(shutil.rmtree, folder, True)
+        env = stack.enter_context(brokers.broker(transport, folder))
+        wiring = {"transport": transport, "label": transport, "url": env.url,
+                  "transport_options": dict(env.transport_options)}
+        if not n:
+            return wiring
+        backend = backends.get(backend_name)
+        backend_url, conf, cleanup = backend.open(folder, tag)
+        stack.callback(cleanup)
+        queue = f"celery-bench-locust-{tag}"
+        conf["task_default_queue"] = queue
+        stack.callback(delete_queues, env, [queue])
+        app = make_app(env.url, backend_url, env.transport_options, **conf)
+        try:
+            backend.prepare(app)       # SQLite: tables and WAL before the pool children race
+        finally:
+            app.close()
+        self.procs = stack.enter_context(workers.workers(
+            n, env.url, backend_url, transport_options=env.transport_options, conf=conf,
+            pool=pool, concurrency=concurrency, ready_timeout=READY_S, stop_timeout=STOP_S,
+            hostname=f"locust-{tag}@%h"))
+        wiring.update(backend=backend.name, backend_url=backend_url, conf=conf, queue=queue,
+                      workers=n, pool=pool, concurrency=concurrency)
+        return wiring
+
+    def _started(self) -> None:
+        log.info("celery-bench: %s", self.describe())
+
+    def describe(self) -> str:
+        w = self.wiring or {}
+        if w.get("app"):
+            return f"your app {w['app']} (your workers)"
+        if not w.get("workers"):
+            return f"broker {w.get('transport')} (no Celery workers needed)"
+        return (f"broker {w['transport']}, backend {w['backend']}, {w['workers']} Celery "
+                f"worker(s) --pool {w['pool']} -c {w['concurrency']} (pids "
+                f"{', '.join(str(p.pid) for p in self.procs)})")
+
+    def _close(self) -> None:
+        stack, self.stack = self.stack, None
+        self.key = self.wiring = None
+        self.procs = []
+        if stack is not None:
+            stack.close()
+
+    def close(self) -> None:
+        with self.lock:
+            self._close()
+
+
+class Client:
+    """What one Locust process's users share: a Celery app, a Kombu target, a label."""
+
+    def __init__(self, wiring: dict):
+        self.wiring = wiring
+        self.label = wiring["label"]
+        if wiring.get("app"):
+            self.app = load_app(wiring["app"])
+            self.target = Target.for_app(self.app, wiring["app"])
+            self.user_app = True
+            self.backend = type(self.app.backend).__name__
+        else:
+            env = BrokerEnv(wiring["url"], dict(wiring["transport_options"]))
+            self.target = Target.from_env(env, brokers.info(wiring["transport"]))
+            self.user_app = False
+            self.backend = wiring.get("backend")
+            self.app = None
+            if wiring.get("backend_url"):
+                self.app = make_app(env.url, wiring["backend_url"], env.transport_options,
+                                    **wiring["conf"])
+
+    def close(self) -> None:
+        app, self.app = self.app, None
+        try:
+            if app is not None and not self.user_app:
+                try:
+                    joins.release(app.backend)
+                finally:
+                    app.close()
+        finally:
+            # AsyncResults left by interrupted operations unsubscribe in __del__ (redis
+            # backend), which needs gevent's hub: let them go now, not at interpreter exit.
+            del app
+            gc.collect()
+
+
+_client: Client | None = None
+_client_key: str | None = None
+_client_lock = threading.Lock()
+
+
+def client(environment) -> Client:
+    """This process's Client for the current test's wiring (built on first use)."""
+    global _client, _client_key
+    wiring = getattr(environment.parsed_options, WIRING, None)
+    if not wiring:
+        raise RuntimeError("no celery-bench wiring: the master (or this process) did not "
+                           "start the test through bench/locustfile.py")
+    key = json.dumps(wiring, sort_keys=True)
+    with _client_lock:
+        if _client is None or key != _client_key:
+            close_client()
+            _client = Client(wiring)
+            _client_key = key
+        return _client
+
+
+def close_client() -> None:
+    global _client, _client_key
+    c, _client, _client_key = _client, None, None
+    if c is not None:
+        try:
+            c.close()
+        except Exception:  # closing must never hide a measurement
+            pass

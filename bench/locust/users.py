@@ -1,0 +1,309 @@
+"""The Locust users: publishers, a task round trip, a group join.
+
+Each user runs one operation after another (closed loop), or at ``--arrival-rate``
+(open loop, :mod:`.openloop`), and reports through ``events.request`` only; the
+Book (:mod:`.hdr`) records every request exactly, Locust its rounded figures.
+
+=================  ==============  ===========================================  ==============
+class              request type    name                                         primary
+=================  ==============  ===========================================  ==============
+KombuPublisher     ``kombu``       ``publish <transport>/<producer>``           the publish
+CeleryPublisher    ``celery``      ``publish <transport>/<method>``             the publish
+TaskRoundTrip      ``enqueue``     ``roundtrip <transport> <task>``             ``total``
+                   ``queue wait``, ``run``, ``result``, ``total``
+GroupJoin          ``total``,      ``group <n> x <task> <join method>           ``total``
+                   ``lag``         <transport>``
+=================  ==============  ===========================================  ==============
+
+TaskRoundTrip: ``apply_async``, a real worker runs the task, ``get()`` hands back its
+result. ``enqueue``: until ``apply_async`` returns; ``queue wait``: publish start to
+task start; ``run``: task start to end; ``result``: task end to result in hand;
+``total`` = queue wait + run + result (enqueue is the caller's share of the queue
+wait). The worker's readings come back in the result (``bench.roundtrip``); the
+clock compared is CLOCK_MONOTONIC when the worker runs on this host (same boot id),
+else the wall clock, offset between hosts included (the rows say ``clock
+realtime``). A task of yours without those readings reports enqueue and total.
+
+GroupJoin: a group of ``--group-size`` tasks, waited on by ``--join-method``;
+``total``: publish start to every result in hand; ``lag``: results in hand minus
+the end of the last task (the time spent purely waiting).
+
+A failed operation is one failure, on its primary request, whose message says which
+part failed; the parts that completed before it are still reported.
+"""
+import locust  # noqa: F401  first: gevent patches the standard library before kombu and redis
+
+import contextlib
+import logging
+import time
+import uuid
+
+from celery import group as celery_group
+from locust import User, constant, task
+
+from .. import joins
+from ..drivers import celery as celery_driver
+from ..drivers import kombu as kombu_driver
+from ..tasks.roundtrip import BOOT_ID
+from . import openloop, options, system
+
+log = logging.getLogger("celery-bench.locust")
+now_ns = time.perf_counter_ns
+PAYLOAD = "x" * 112                 # the publish scenario's default body
+PURGE_EVERY = 10_000                # nothing consumes the publishers' queues: purge them
+PUBLISH_TIMEOUT_S = 30.0
+
+
+class OperationFailed(Exception):
+    """A round trip or join that did not complete; the message says which part."""
+
+
+class CeleryBenchUser(User):
+    abstract = True
+    wait_time = constant(0)         # closed loop: the next operation as soon as one ends
+    host = options.HOST_NOT_USED
+    runs_tasks = False              # needs Celery workers and a result backend
+    joins = False                   # waits with --join-method
+
+    def on_start(self):
+        self.lag_us = None
+        self.schedule = None
+        self.system = system.client(self.environment)
+        self.transport = self.system.label
+        self.setup()
+        self.schedule = openloop.schedule(self.environment)
+
+    def on_stop(self):
+        openloop.retire(self.schedule)
+        self.teardown()
+
+    def setup(self):
+        pass
+
+    def teardown(self):
+        pass
+
+    @task
+    def operate(self):
+        if self.schedule is not None:
+            intended = self.schedule.next()
+            self.lag_us = (now_ns() - intended) / 1000.0
+        self.operation()
+
+    def operation(self):
+        raise NotImplementedError
+
+    def report(self, request_type: str, name: str, ns: int, exception=None, *,
+               primary=True, from_start=True, length=0, **meta):
+        context = {"user_class": type(self).__name__, "transport": self.transport,
+                   "primary": primary, "from_start": from_start, **meta}
+        if self.lag_us is not None:
+            context["schedule_lag_us"] = self.lag_us
+        self.environment.events.request.fire(
+            request_type=request_type, name=name, response_time=ns / 1e6,
+            response_length=length, exception=exception, context=context)
+
+
+# --------------------------------------------------------------------------- publishers
+class _Publisher(CeleryBenchUser):
+    abstract = True
+    request_type = ""
+
+    def make_driver(self, target, queue_name):
+        raise NotImplementedError
+
+    def setup(self):
+        self.driver = self.make_driver(self.system.target,
+                                       f"celery-bench-locust-{uuid.uuid4().hex[:12]}")
+        self.driver.open()
+        self.sending = contextlib.ExitStack()
+        self.send = self.sending.enter_context(self.driver.sending())
+        self.i = 0
+
+    def teardown(self):
+        try:
+            self.sending.close()
+        finally:
+            self.driver.close()     # deletes the user's queue
+
+    def operation(self):
+        t = now_ns()
+        exc = None
+        try:
+            self.send(self.i, t)
+        except Exception as e:      # a Locust failure; the test goes on
+            exc = e
+        self.report(self.request_type, self.name, now_ns() - t, exc, length=len(PAYLOAD))
+        self.i += 1
+        if self.i % PURGE_EVERY == 0:
+            with contextlib.suppress(Exception), self.driver.target.connect() as conn:
+                self.driver.queue(conn.default_channel).purge()
+
+
+class KombuPublisher(_Publisher):
+    """``Producer.publish`` with the ``--producer`` strategy (default: held), to a queue of
+    its own that nothing consumes (purged every 10,000 messages, deleted on stop)."""
+    request_type = "kombu"
+
+    def make_driver(self, target, queue_name):
+        strategy = options.get(self.environment, "producer", "held")
+        self.name = f"publish {self.transport}/{strategy}"
+        return kombu_driver.Publisher(target, queue_name, strategy, "json", PAYLOAD,
+                                      PUBLISH_TIMEOUT_S)
+
+
+class CeleryPublisher(_Publisher):
+    """``bench.noop`` sent by ``--method`` (default: apply_async, Celery's producer pool) to
+    a queue of its own: no worker runs it (TaskRoundTrip is the user whose tasks run)."""
+    request_type = "celery"
+
+    def make_driver(self, target, queue_name):
+        method = options.get(self.environment, "method", "apply_async")
+        self.name = f"publish {self.transport}/{method}"
+        app = self.system.app if self.system.user_app else None
+        return celery_driver.Publisher(target, queue_name, method, "default", "json",
+                                       PAYLOAD, PUBLISH_TIMEOUT_S, app=app)
+
+
+# --------------------------------------------------------------------------- real tasks
+def _stamps(value) -> dict | None:
+    """The worker's readings in a task's result (bench.roundtrip's, or any dict with
+    start_ns and end_ns), or None."""
+    if isinstance(value, dict) and isinstance(value.get("start_ns"), int) \
+            and isinstance(value.get("end_ns"), int):
+        return value
+    return None
+
+
+def _on_our_clock(stamps: dict, t0: int, wall0: int) -> tuple[str, int, int]:
+    """(clock, task start, task end) in this process's perf_counter_ns terms.
+
+    Same boot: CLOCK_MONOTONIC readings compare as they are. Another host: the worker's
+    wall-clock readings, moved onto our monotonic axis through the wall clock we read at
+    the publish start; the offset between the two hosts' clocks stays in them."""
+    if stamps.get("boot_id") == BOOT_ID or "start_wall_ns" not in stamps:
+        return "monotonic", stamps["start_ns"], stamps["end_ns"]
+    start = t0 + (stamps["start_wall_ns"] - wall0)
+    return "realtime", start, start + (stamps["end_ns"] - stamps["start_ns"])
+
+
+class _TaskUser(CeleryBenchUser):
+    abstract = True
+    runs_tasks = True
+
+    def setup(self):
+        env = self.environment
+        self.app = self.system.app
+        if self.app is None:
+            raise RuntimeError("no result backend in the wiring: the owner started no "
+                               "Celery workers for this test")
+        self.task_name = options.get(env, "task", options.DEFAULT_TASK)
+        self.args, self.kwargs = options.task_args(options.get(env, "task_args", "[]"))
+        self.timeout = float(options.get(env, "timeout", 30.0))
+        self.interval = float(options.get(env, "interval", 0.5))
+        self.task_obj = self.app.tasks[self.task_name]
+        self.warned = False
+
+    def _no_stamps(self, parts: str):
+        if not self.warned:
+            self.warned = True
+            log.warning("task %s returns no worker readings (start_ns, end_ns): %s reports "
+                        "no %s; return bench.tasks.roundtrip.stamps(start) from it, or use "
+                        "--task bench.roundtrip", self.task_name, type(self).__name__, parts)
+
+
+class TaskRoundTrip(_TaskUser):
+    """``apply_async`` of ``--task`` (default bench.roundtrip), run by a real worker, result
+    in hand: enqueue, queue wait, run, result and total as separate request types."""
+
+    def setup(self):
+        super().setup()
+        self.name = f"roundtrip {self.transport} {self.task_name}"
+        self.meta = {"task": self.task_name, "backend": self.system.backend}
+
+    def operation(self):
+        name, meta = self.name, self.meta
+        wall0 = time.time_ns()
+        t0 = now_ns()
+        try:
+            r = self.task_obj.apply_async(self.args, self.kwargs)
+        except Exception as exc:
+            self.report("total", name, now_ns() - t0,
+                        OperationFailed(f"enqueue: {exc!r}"), **meta)
+            return
+        t1 = now_ns()
+        self.report("enqueue", name, t1 - t0, primary=False, **meta)
+        try:
+            value = r.get(timeout=self.timeout, interval=self.interval)
+        except Exception as exc:
+            what = (f"no result within {self.timeout:g} s (is a worker consuming?)"
+                    if type(exc).__name__ == "TimeoutError" else repr(exc))
+            self.report("total", name, now_ns() - t0, OperationFailed(f"result: {what}"),
+                        **meta)
+            return
+        t2 = now_ns()
+        stamps = _stamps(value)
+        if stamps is not None:
+            clock, start, end = _on_our_clock(stamps, t0, wall0)
+            self.report("queue wait", name, start - t0, primary=False, clock=clock, **meta)
+            self.report("run", name, stamps["end_ns"] - stamps["start_ns"], primary=False,
+                        from_start=False, clock=clock, **meta)
+            self.report("result", name, t2 - end, primary=False, from_start=False,
+                        clock=clock, **meta)
+        else:
+            self._no_stamps("queue wait, run or result")
+        self.report("total", name, t2 - t0, **meta)
+
+
+class GroupJoin(_TaskUser):
+    """A group of ``--group-size`` tasks waited on by ``--join-method``: total (publish
+    start to results in hand) and lag (results in hand minus the end of the last task)."""
+    joins = True
+
+    def setup(self):
+        super().setup()
+        env = self.environment
+        self.size = int(options.get(env, "group_size", 10))
+        self.method = options.get(env, "join_method", "join")
+        self.name = f"group {self.size} x {self.task_name} {self.method} {self.transport}"
+        self.meta = {"task": self.task_name, "join_method": self.method,
+                     "group_size": self.size, "backend": self.system.backend}
+        self.wait = self._waiter(self.method)
+
+    def _waiter(self, method):
+        t, i = self.timeout, self.interval
+        return {
+            "join": lambda r: r.join(timeout=t, interval=i),
+            "join_native": lambda r: r.join_native(timeout=t, interval=i),
+            "get": lambda r: r.get(timeout=t, interval=i),
+            "redis_join": lambda r: joins.redis_join(r, timeout=t),
+            "db_join": lambda r: joins.db_join(r, timeout=t, interval=i),
+        }[method]
+
+    def operation(self):
+        name, meta = self.name, self.meta
+        sigs = [self.app.signature(self.task_name, args=self.args, kwargs=self.kwargs)
+                for _ in range(self.size)]
+        wall0 = time.time_ns()
+        t0 = now_ns()
+        part = "enqueue"
+        try:
+            res = celery_group(sigs, app=self.app).apply_async()
+            part = "join"
+            values = self.wait(res)
+        except Exception as exc:
+            what = (f"not all results within {self.timeout:g} s"
+                    if type(exc).__name__ == "TimeoutError" else repr(exc))
+            self.report("total", name, now_ns() - t0, OperationFailed(f"{part}: {what}"),
+                        **meta)
+            return
+        t2 = now_ns()
+        stamps = [_stamps(v) for v in values]
+        if values and all(s is not None for s in stamps):
+            ends = [_on_our_clock(s, t0, wall0) for s in stamps]
+            clock = "realtime" if any(c == "realtime" for c, _, _ in ends) else "monotonic"
+            self.report("lag", name, t2 - max(e for _, _, e in ends), primary=False,
+                        from_start=False, clock=clock, **meta)
+        else:
+            self._no_stamps("lag")
+        self.report("total", name, t2 - t0, **meta)

@@ -1,0 +1,57 @@
+"""The Locust round-trip task: does (almost) nothing and says when it ran, by two clocks.
+
+``bench.roundtrip(seconds=0.0, *args, **kwargs)`` sleeps ``seconds`` and returns
+:func:`stamps`: the worker's ``time.perf_counter_ns()`` readings at start and end
+(CLOCK_MONOTONIC: one clock for every process on one host, since its boot), the
+same instants by the wall clock (``time.time_ns()``, CLOCK_REALTIME), and the host's
+boot id, so the caller knows which clock it shares with the worker:
+
+- same boot id: the caller compares monotonic readings, exact to the nanosecond;
+- another host (or boot): only the wall clocks compare, and the offset between the
+  two hosts' clocks (NTP keeps it around 0.1-10 ms, chrony on a LAN tens of us) is
+  added to the queue wait and taken off the result wait. The run (start to end) is
+  one host's monotonic clock either way.
+
+A task of your own reports the same parts when it returns ``stamps(start_ns)``
+(or a dict with at least ``start_ns`` and ``end_ns``).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+from celery import shared_task
+
+TASK = "bench.roundtrip"
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            return fh.read().strip()
+    except OSError:  # not Linux: the host name stands in (same host = same clock)
+        return f"host:{socket.gethostname()}"
+
+
+BOOT_ID = _boot_id()
+HOST = socket.gethostname()
+
+
+def stamps(start_ns: int, start_wall_ns: int | None = None) -> dict:
+    """The worker-side readings a caller needs, ``start_ns`` being the task's first
+    ``time.perf_counter_ns()``; call it last thing in the task."""
+    end = time.perf_counter_ns()
+    wall_end = time.time_ns()
+    wall_start = start_wall_ns if start_wall_ns is not None else wall_end - (end - start_ns)
+    return {"start_ns": start_ns, "end_ns": end, "start_wall_ns": wall_start,
+            "end_wall_ns": wall_end, "boot_id": BOOT_ID, "host": HOST, "pid": os.getpid()}
+
+
+@shared_task(name=TASK)
+def roundtrip(seconds=0.0, *args, **kwargs):
+    start = time.perf_counter_ns()
+    wall = time.time_ns()
+    if seconds:
+        time.sleep(float(seconds))
+    return stamps(start, wall)

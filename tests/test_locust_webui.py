@@ -1,0 +1,115 @@
+"""The real Locust web UI in headless Chromium (tests/browser.py): a bad choice gets one
+message in the form, a started test fills the celery-bench tab with non-zero microsecond
+percentiles, our page draws the percentile spectrum and serves the results file, Stop
+stops, and quitting stops the Celery workers the UI's test started.
+
+Skipped with the reason where Chromium or playwright is missing, except with CI=true."""
+import json
+import re
+import signal
+import subprocess
+import time
+
+from bench import results
+from browser import browser  # noqa: F401  (the fixture)
+from test_locust import locust_cmd, locust_env, stop_with
+from test_locust_celery import PIDS, alive, free_port, wait_for, worker_pids
+
+TAB = "celery-bench (us)"
+
+
+def test_web_ui_tab_page_and_bad_choice(tmp_path, browser):  # noqa: F811
+    port = free_port()
+    log = tmp_path / "locust.log"
+    cmd = locust_cmd("--web-host", "127.0.0.1", "--web-port", port, "--transport", "unix",
+                     "--pool", "solo", "--interval", "0.01", "KombuPublisher", "TaskRoundTrip")
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=fh, stderr=subprocess.STDOUT,
+                                env=locust_env())
+    try:
+        wait_for(log, "Starting web interface", proc=proc)
+        url = f"http://127.0.0.1:{port}/"
+        visit = browser.open(url, screenshot=tmp_path / "form.png")
+        page = visit.page
+        page.wait_for_selector("form input[name=userCount]", timeout=30_000)
+
+        # The form offers only what works: fifo is left out, Host says it is not used.
+        options = page.locator("select[name=transport] option").all_inner_texts()
+        assert "unix" in options and "fifo" not in options
+        assert page.input_value("input[name=host]") == "celery-bench://broker-from-transport"
+        page.fill("input[name=host]", "http://example.com")
+        page.fill("input[name=userCount]", "2")
+        page.fill("input[name=spawnRate]", "2")
+        page.click("button[type=submit]")
+        alert = page.get_by_role("alert").filter(has_text="Host is not used by celery-bench")
+        alert.wait_for(timeout=30_000)
+        assert page.locator("form").count() == 1          # nothing started
+
+        page.fill("input[name=host]", "celery-bench://broker-from-transport")
+        page.click("button[type=submit]")             # starts the Celery worker, then the test
+        tab, alert = page.get_by_role("tab", name=TAB), page.get_by_role("alert")
+        tab.or_(alert).first.wait_for(timeout=90_000)
+        assert not alert.count(), alert.all_inner_texts()
+        tab.click()
+        rows = _rows_with_percentiles(page, {"kombu", "total"}, timeout_s=90)
+        for row in rows.values():
+            p50, p99, mx = (int(row[k]) for k in ("p50 us", "p99 us", "max us"))
+            assert 0 < p50 <= p99 <= mx                # exact microseconds, never a rounded 0
+        assert {"enqueue", "queue wait", "run", "result", "total"} <= set(rows)
+        page.screenshot(path=str(tmp_path / "tab.png"), full_page=True)
+
+        # Download Data links to our page; it draws the spectrum and serves the results file.
+        page.get_by_role("tab", name="Download Data").click()
+        link = page.get_by_role("link", name=re.compile("percentile spectrum chart"))
+        href = link.get_attribute("href")
+        assert href.endswith("/celery-bench/")
+        ours = browser.open(f"http://127.0.0.1:{port}{href}").page
+        ours.wait_for_function(
+            "document.querySelectorAll('#spectrum polyline.series').length >= 6",
+            timeout=30_000)
+        labels = ours.eval_on_selector_all("#spectrum polyline.series",
+                                           "els => els.map(e => e.dataset.label)")
+        assert any(label.startswith("kombu publish unix/held") for label in labels)
+        assert int(ours.locator("#percentiles tbody tr td[data-col=p50]").first
+                   .inner_text().replace(",", "")) > 0
+        ours.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        download = ours.request.get(
+            f"http://127.0.0.1:{port}{href}" + ours.get_attribute("#download", "href"))
+        assert download.ok
+        run = json.loads(download.text())
+        results.validate(run)
+        assert {c["params"]["request_type"] for c in run["cells"]} >= {"kombu", "total"}
+        assert all(c["histograms"]["latency"]["count"] > 0 for c in run["cells"])
+        assert not visit.console_errors, visit.console_errors
+
+        page.get_by_role("button", name="Stop").click()
+        page.get_by_text("STOPPED", exact=False).first.wait_for(timeout=60_000)
+        pids = worker_pids(log.read_text())
+    finally:
+        if proc.poll() is None:
+            stop_with(proc, signal.SIGTERM)
+    text = log.read_text()
+    assert "Traceback" not in text, text[-3000:]
+    deadline = time.monotonic() + 15
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in pids), PIDS.pattern
+
+
+def _rows_with_percentiles(page, types: set, timeout_s: float) -> dict:
+    """The tab's rows by type, once every type in ``types`` has a p50 (the UI polls every
+    2 s)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        heads = page.locator("table thead th").all_inner_texts()
+        rows = {}
+        for tr in page.locator("table tbody tr").all():
+            cells = tr.locator("td").all_inner_texts()
+            if len(cells) == len(heads):
+                row = dict(zip(heads, cells))
+                rows[row["Type"]] = row
+        if all(rows.get(t, {}).get("p50 us", "").strip().isdigit() for t in types):
+            return rows
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no percentiles for {types} in the tab: {rows}")
+        page.wait_for_timeout(500)
