@@ -254,11 +254,13 @@ def run(opts: RunOptions, on_cell: Callable | None = None, on_start: Callable | 
         opts.workdir = Path(tempfile.mkdtemp(prefix="celery-bench-"))
     rounds = opts.rounds()
     if on_start:
-        on_start(sum(len(p.cells) for p in planned) * rounds)
+        on_start(sum(len(p.cells) * (1 if p.scenario.deterministic else rounds)
+                     for p in planned))
     try:
         for item in planned:
             with closing(item.scenario) as scenario:
-                _run_rounds(scenario, item.cells, rounds, opts, run_, on_cell, on_cell_start)
+                _run_rounds(scenario, item.cells, 1 if scenario.deterministic else rounds,
+                            opts, run_, on_cell, on_cell_start)
     except KeyboardInterrupt:
         run_.environment["interrupted"] = True
         if opts.out:

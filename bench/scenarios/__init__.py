@@ -64,6 +64,7 @@ class Scenario:
     summary: ClassVar[list] = []          # [(metric or "hist.pXX", column header)]
     opt_in: ClassVar[bool] = False        # run only when named (or asked for by a flag)
     rated: ClassVar[bool] = False         # has open-loop rate cells (--rate-sweep, --max-rate)
+    deterministic: ClassVar[bool] = False # its figures repeat exactly: one round is enough
 
     def __init__(self, opts):
         self.opts = opts

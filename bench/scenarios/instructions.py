@@ -221,9 +221,8 @@ class Instructions(Scenario):
                    "codec, the recorder")
     summary = SUMMARY
     opt_in = True         # not in the default scenario list: name it, or --instructions
-    # Counts repeat to ~0.03%: one round decides, and a rule on them needs no interval over
-    # rounds. For the runner (one round whatever --repeat/--quick say) and the gate (judge
-    # the point value) once they read it; nothing reads it yet.
+    # Counts repeat to ~0.03%: one round decides (the runner runs one whatever --repeat
+    # says), and the gate's rules on them are `exact`: the value, not an interval.
     deterministic = True
 
     def __init__(self, opts):
@@ -231,11 +230,6 @@ class Instructions(Scenario):
         self._valgrind_version = None
 
     def cells(self) -> list[dict]:
-        if not hasattr(self.opts, "instructions") and \
-                self.name not in tuple(self.opts.scenarios or ()):
-            # Until the runner honours ``opt_in`` (RunOptions.instructions marks that it
-            # does), a run that did not name this scenario gets none of its cells.
-            return []
         payload = payload_bytes(self.opts)
         serializers = tuple(self.opts.serializers) or ("json",)
         out = []
