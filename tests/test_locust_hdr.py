@@ -1,7 +1,9 @@
 """The Locust recorder without Locust: recording, worker -> master merging, the results
 cells, the spectrum and the CI checks (bench.locust.hdr/export/checks never import Locust,
 which would monkey-patch this test process)."""
+import subprocess
 import sys
+from pathlib import Path
 
 from hdrh.histogram import HdrHistogram
 
@@ -22,7 +24,11 @@ def fire(book, request_type, name, ms, exc=None, **ctx):
 
 
 def test_no_locust_import():
-    assert "locust" not in sys.modules  # patching this process would break other tests
+    """Importing Locust monkey-patches the process: these modules must not."""
+    code = ("import sys, bench.locust.hdr, bench.locust.export, bench.locust.checks; "
+            "assert 'locust' not in sys.modules and 'gevent' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60,
+                   cwd=Path(__file__).resolve().parents[1])
 
 
 def test_rows_keep_exact_microseconds_in_fixed_memory():

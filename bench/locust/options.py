@@ -158,9 +158,11 @@ def problems(opts: dict, classes, host: str | None = None, form: bool = False) -
         minimum = 0 if key == "workers" else 1
         if int(opts.get(key) or 0) < minimum:
             return f"--{key.replace('_', '-')} {opts.get(key)}: must be at least {minimum}"
-    for key in ("interval", "arrival_rate", "timeout"):
-        if float(opts.get(key) or 0) < 0 or (key == "timeout" and not opts.get(key)):
-            return f"--{key.replace('_', '-')} {opts.get(key)}: must be a positive number"
+    for key in ("interval", "arrival_rate"):
+        if float(opts.get(key) or 0) < 0:
+            return f"--{key.replace('_', '-')} {opts.get(key)}: must not be negative"
+    if float(opts.get("timeout") or 0) <= 0:
+        return f"--timeout {opts.get('timeout')}: seconds, above 0"
     ratio = float(opts.get("check_fail_ratio", -1))
     if ratio > 1:
         return f"--check-fail-ratio {ratio:g}: a ratio between 0 and 1"
@@ -184,20 +186,24 @@ def problems(opts: dict, classes, host: str | None = None, form: bool = False) -
         return f"--transport {transport}: {reach.reason}"
     if not tasks:
         return None
+    need = "needs" if len(tasks) == 1 else "need"
     if not info.cross_process:
-        return (f"{', '.join(tasks)} need a broker a worker process can reach, and {transport} "
+        return (f"{', '.join(tasks)} {need} a broker a worker process can reach, and {transport} "
                 f"is in-process: choose {', '.join(_worker_transports())}, or run only "
                 f"{' '.join(n for n in names if n not in tasks) or 'the publishers'}")
     if int(opts.get("workers") or 0) < 1:
-        return (f"{', '.join(tasks)} need Celery workers: --workers N (N >= 1) starts the "
+        return (f"{', '.join(tasks)} {need} Celery workers: --workers N (N >= 1) starts the "
                 f"bench's own, or --app MODULE:APP uses yours")
     if opts.get("task", DEFAULT_TASK) != DEFAULT_TASK:
         from ..celery_app import make_app
         from ..drivers.userapp import check_task
+        app = make_app("memory://")
         try:
-            check_task(make_app("memory://"), "bench.celery_app", opts["task"])
+            check_task(app, "bench.celery_app", opts["task"])
         except config.UsageError as exc:
             return str(exc)
+        finally:
+            app.close()
     backend = backends.get(backend_name(opts))
     if backend.transport and backend.transport != transport:
         return (f"--backend {backend.name} works only with --transport {backend.transport} "
