@@ -86,22 +86,6 @@ def column_value(cell: results.Cell, spec: str):
     return None
 
 
-def repeat_values(cell: results.Cell, spec: str) -> list:
-    """``spec`` in each repeat of ``cell`` (numbers only)."""
-    name, _, stat = spec.rpartition(".")
-    out = []
-    for rep in cell.repeats:
-        if spec in rep.get("metrics", {}):
-            v = rep["metrics"][spec]
-        elif name in rep.get("histograms", {}):
-            v = rep["histograms"][name].get(stat)
-        else:
-            continue
-        if _is_number(v):
-            out.append(v)
-    return out
-
-
 def spread_fraction(cell: results.Cell, spec: str) -> float | None:
     """How far the farthest repeat lies from the median, as a fraction of it; None
     below 2 repeats, for counts summed over repeats, and for a median of 0."""
@@ -120,6 +104,8 @@ def spread_text(fraction: float | None) -> str:
     if fraction is None:
         return ""
     pct = 100 * fraction
+    if 0 < pct < 0.1:
+        return "±<0.1%"
     return f"±{pct:.1f}%" if 0 < pct < 1 else f"±{pct:.0f}%"
 
 

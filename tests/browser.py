@@ -31,14 +31,17 @@ def is_local(url: str) -> bool:
 
 
 def chromium_path() -> str | None:
-    """``$CELERY_BENCH_CHROMIUM``, else Debian's chromium on the PATH."""
-    return os.environ.get("CELERY_BENCH_CHROMIUM") or shutil.which("chromium") \
-        or shutil.which("chromium-browser")
+    """``$CELERY_BENCH_CHROMIUM`` (if it is an executable), else Debian's chromium on the
+    PATH."""
+    chosen = os.environ.get("CELERY_BENCH_CHROMIUM")
+    if chosen:
+        return chosen if os.access(chosen, os.X_OK) else None
+    return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def _missing(reason: str):
     if IN_CI:
-        pytest.fail(f"the browser tests need {reason} in CI (make install)", pytrace=False)
+        pytest.fail(f"the browser tests must run in CI: {reason}", pytrace=False)
     pytest.skip(reason)
 
 
@@ -93,11 +96,11 @@ def browser(tmp_path):
     """A headless Chromium with a fresh profile under ``tmp_path``."""
     exe = chromium_path()
     if not exe:
-        _missing("chromium (apt-get install chromium)")
+        _missing("no chromium browser: apt-get install chromium (or set CELERY_BENCH_CHROMIUM)")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        _missing("the playwright Python package (pip install playwright)")
+        _missing("no playwright Python package: pip install playwright (make install)")
     profile = tmp_path / "chromium-profile"
     with sync_playwright() as pw:
         context = pw.chromium.launch_persistent_context(

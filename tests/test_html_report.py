@@ -2,8 +2,6 @@
 charts with data. Screenshots are saved under the test's tmp_path."""
 import re
 
-import pytest
-
 from bench import results
 from bench.exporters import compare_html, write_compare_html, write_html
 

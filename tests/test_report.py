@@ -14,7 +14,7 @@ from rich.console import Console
 
 from bench import progress, report, results
 
-from factory import cell, rich_cell, write
+from factory import cell, rich_cell
 
 
 def _printed(run, width=100, console_width=200):

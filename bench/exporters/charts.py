@@ -301,7 +301,7 @@ def draw_rates(fig, cells, metric: str, keys, runs=None) -> int:
             if run_name:
                 text += f" {run_name}"
             labels.append((max(hi, v), y, text))
-            values += [v, lo]
+            values += [v, lo, hi]
             drawn += 1
     ax.set_yticks(range(len(cells)))
     ax.set_yticklabels(ylabels)
@@ -569,8 +569,12 @@ def timeseries_svg(cell, kind: str, keys, ident: str, width: int = 540,
         if current:
             runs.append(current)
         d = " ".join("M" + " L".join(r) for r in runs if r)
-        out.append(f'<g id="{ident}-data-time-{i}"><path d="{d}" fill="none" '
-                   f'stroke="{colour}" stroke-width="1.4"/></g>')
+        points = [p for r in runs for p in r]
+        # a point alone (a 1 s repeat) draws no line: every point gets a dot when few
+        dots = "".join(f'<circle cx="{p.split(",")[0]}" cy="{p.split(",")[1]}" r="2.2"/>'
+                       for p in points) if len(points) <= 60 else ""
+        out.append(f'<g id="{ident}-data-time-{i}" fill="{colour}"><path d="{d}" fill="none" '
+                   f'stroke="{colour}" stroke-width="1.4"/>{dots}</g>')
         lx = left + pw - 150 + 50 * i
         out.append(f'<line x1="{lx}" x2="{lx + 14}" y1="12" y2="12" stroke="{colour}" '
                    f'stroke-width="2"/><text x="{lx + 17}" y="15" stroke="none" '

@@ -20,7 +20,7 @@ from html import escape
 from pathlib import Path
 
 from .. import results
-from ..report import STATUS_STYLE, fmt, plan_tables, summary_columns
+from ..report import fmt, plan_tables, summary_columns
 from . import charts
 
 CSS = """
@@ -42,6 +42,8 @@ td.ok { color: #007a4d; } td.skipped { color: #9a6a00; } td.failed, td.lost { co
 tr.faster td.verdict { color: #007a4d; font-weight: 600; }
 tr.slower td.verdict { color: #b3261e; font-weight: 600; }
 tr.changed td { background: #fff4d6; }
+td.how { white-space: normal; min-width: 260px; font-size: 12px; }
+td.cell { vertical-align: top; white-space: normal; max-width: 280px; }
 ol.notes { color: var(--muted); margin: 4px 0 8px; }
 figure { margin: 10px 0 18px; } figure svg { max-width: 100%; height: auto; }
 .grid { display: flex; flex-wrap: wrap; gap: 0 16px; } .grid figure { margin: 4px 0; }
@@ -108,13 +110,10 @@ def _tables(page: Page, scenario: str, cells) -> None:
             for figure, spread in plan.row(c):
                 extra = f'<span class="spread">{escape(spread)}</span>' if spread else ""
                 tds += f'<td class="num">{escape(figure)}{extra}</td>'
-            status = c.status
+            status = escape(c.status)
             if c.reason:
                 number = notes.setdefault(c.reason, len(notes) + 1)
                 status += f' <a href="#note-{escape(scenario)}-{number}">[{number}]</a>'
-                status = f"{escape(c.status)}{status[len(c.status):]}"
-            else:
-                status = escape(status)
             rows.append(f"<tr>{tds}<td class=\"{escape(c.status)}\">{status}</td></tr>")
         page.add('<div class="scroll"><table>', f"<thead><tr>{head}<th>status</th></tr></thead>",
                  "<tbody>", *rows, "</tbody></table></div>")
@@ -306,7 +305,8 @@ def write_html(run: results.Run, path, title: str = "celery-bench report") -> Pa
 
 
 # --------------------------------------------------------------------------- two runs
-def _comparisons(base: results.Run, new: results.Run):
+def _comparisons(base: results.Run, new: results.Run, base_name: str = "BASE",
+                 new_name: str = "NEW"):
     """(pairs, text, error) from bench.compare, whatever of it works: its statistics are
     its own business, this page only shows them."""
     try:
@@ -320,7 +320,7 @@ def _comparisons(base: results.Run, new: results.Run):
         error = f"compare_runs failed: {exc}"
     if pairs:
         try:
-            text = cmp.format_runs(pairs, "BASE", "NEW")
+            text = cmp.format_runs(pairs, base_name, new_name)
         except Exception:
             text = ""
     return pairs, text, error
@@ -340,18 +340,20 @@ def _verdict_rows(pairs, keys_by_scenario) -> dict[str, list]:
                 f'<tr><td>{escape(label)}</td><td colspan="5" class="muted">'
                 f"{escape(note or 'nothing compared')}</td></tr>")
             continue
-        for comp in comps:
+        for i, comp in enumerate(comps):
             unit = str(getattr(comp, "unit", "") or "")
             direction = str(getattr(comp, "direction", "") or "")
             significant = getattr(comp, "significant", None)
             cls = direction if significant and direction in ("faster", "slower") else ""
+            first = f'<td rowspan="{len(comps)}" class="cell">{escape(label)}</td>' if i == 0 \
+                else ""
             rows.setdefault(scenario, []).append(
-                f'<tr class="{cls}"><td>{escape(label)}</td>'
+                f'<tr class="{cls}">{first}'
                 f"<td>{escape(str(getattr(comp, 'metric', '')))}</td>"
                 f'<td class="num">{escape(fmt(getattr(comp, "base", None)) + unit)}</td>'
                 f'<td class="num">{escape(fmt(getattr(comp, "new", None)) + unit)}</td>'
                 f'<td class="verdict">{escape(str(getattr(comp, "words", "")))}</td>'
-                f'<td class="muted">{escape(str(getattr(comp, "detail", "")))}</td></tr>')
+                f'<td class="muted how">{escape(str(getattr(comp, "detail", "")))}</td></tr>')
     return rows
 
 
@@ -364,7 +366,7 @@ def compare_html(base: results.Run, new: results.Run, base_name: str = "BASE",
     page.add(f"<h1>{escape(title)}</h1>",
              f'<p class="meta">BASE = {escape(base_name)} ({escape(str(base.environment.get("utc_time", "")))}), '
              f'NEW = {escape(new_name)} ({escape(str(new.environment.get("utc_time", "")))})</p>')
-    pairs, text, error = _comparisons(base, new)
+    pairs, text, error = _comparisons(base, new, base_name, new_name)
     if error:
         page.add(f'<p class="banner">{escape(error)}</p>')
     try:
