@@ -42,8 +42,9 @@ td.ok { color: #007a4d; } td.skipped { color: #9a6a00; } td.failed, td.lost { co
 tr.faster td.verdict { color: #007a4d; font-weight: 600; }
 tr.slower td.verdict { color: #b3261e; font-weight: 600; }
 tr.changed td { background: #fff4d6; }
-td.how { white-space: normal; min-width: 260px; font-size: 12px; }
-td.cell { vertical-align: top; white-space: normal; max-width: 280px; }
+table.verdicts { width: 100%; }
+td.how { white-space: normal; font-size: 12px; }
+td.cell { vertical-align: top; white-space: normal; width: 24%; }
 ol.notes { color: var(--muted); margin: 4px 0 8px; }
 figure { margin: 10px 0 18px; } figure svg { max-width: 100%; height: auto; }
 .grid { display: flex; flex-wrap: wrap; gap: 0 16px; } .grid figure { margin: 4px 0; }
@@ -337,7 +338,7 @@ def _verdict_rows(pairs, keys_by_scenario) -> dict[str, list]:
         comps = list(getattr(pair, "comparisons", []) or [])
         if note or not comps:
             rows.setdefault(scenario, []).append(
-                f'<tr><td>{escape(label)}</td><td colspan="5" class="muted">'
+                f'<tr><td class="cell">{escape(label)}</td><td colspan="5" class="muted how">'
                 f"{escape(note or 'nothing compared')}</td></tr>")
             continue
         for i, comp in enumerate(comps):
@@ -386,7 +387,8 @@ def compare_html(base: results.Run, new: results.Run, base_name: str = "BASE",
     for scenario, cells in groups.items():
         page.add(f'<section id="s-{escape(scenario)}"><h2>{escape(scenario)}</h2>')
         if verdicts.get(scenario):
-            page.add('<div class="scroll"><table><thead><tr><th>cell</th><th>metric</th>'
+            page.add('<div class="scroll"><table class="verdicts"><thead><tr><th>cell</th>'
+                     '<th>metric</th>'
                      f'<th class="num">{escape(base_name)}</th><th class="num">'
                      f'{escape(new_name)}</th><th>verdict</th><th>how</th></tr></thead><tbody>',
                      *verdicts[scenario], "</tbody></table></div>")
