@@ -180,6 +180,36 @@ def test_master_and_two_workers_merge_exactly(tmp_path):
     assert not any(alive(pid) for pid in worker_pids(texts[0]))
 
 
+def test_a_worker_on_another_host_is_told_what_it_cannot_reach(tmp_path):
+    port = free_port()
+    master_log, worker_log = tmp_path / "master.log", tmp_path / "worker.log"
+    procs = []
+    try:
+        with open(master_log, "w") as fh:
+            procs.append(subprocess.Popen(locust_cmd(
+                "--headless", "--master", "--master-bind-host", "127.0.0.1",
+                "--master-bind-port", port, "--expect-workers", 1,
+                "--expect-workers-max-wait", 60, "-u", 2, "-r", 2, "-t", "2s", "--only-summary",
+                "--transport", "unix", "KombuPublisher"),
+                cwd=tmp_path, stdout=fh, stderr=subprocess.STDOUT, env=locust_env()))
+        with open(worker_log, "w") as fh:
+            procs.append(subprocess.Popen(
+                locust_cmd("--worker", "--master-host", "127.0.0.1", "--master-port", port),
+                cwd=tmp_path, stdout=fh, stderr=subprocess.STDOUT,
+                env=locust_env({"CELERY_BENCH_BOOT_ID": "another-host"})))
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+    text = worker_log.read_text()
+    assert codes == [0, 0], master_log.read_text()[-2000:] + text[-2000:]
+    assert "Traceback" not in text
+    assert text.count("this Locust worker is on another host than the master, and the "
+                      "broker (unix) lives in a folder of the master's host") == 1, text[-2000:]
+
+
 # --------------------------------------------------------------------------- your app
 PROJECT = """
 from celery import Celery
@@ -202,12 +232,15 @@ def test_your_own_app_and_workers(tmp_path):
                                                      queue=f"proj-{uuid.uuid4().hex[:8]}"))
     env = locust_env({"PYTHONPATH": os.pathsep.join((str(ROOT), str(tmp_path)))})
     log = tmp_path / "worker.log"
-    with open(log, "w") as fh:   # the user's worker: their app, our tasks included (-I)
+    # The user's worker: their app, our tasks included (-I), and, as far as the clocks go,
+    # on another host (another boot id): only wall clocks compare.
+    worker_env = dict(env, CELERY_BENCH_BOOT_ID="another-host")
+    with open(log, "w") as fh:
         worker = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "proj", "worker", "--pool", "solo",
              "-I", "bench.tasks", "--without-gossip", "--without-mingle",
              "--without-heartbeat", "-l", "info"],
-            cwd=tmp_path, stdout=fh, stderr=subprocess.STDOUT, env=env,
+            cwd=tmp_path, stdout=fh, stderr=subprocess.STDOUT, env=worker_env,
             start_new_session=True)
     try:
         wait_for(log, r"ready\.", proc=worker)
@@ -220,6 +253,9 @@ def test_your_own_app_and_workers(tmp_path):
         assert ("lag", "group 10 x bench.roundtrip redis_join proj:app") in ours
         assert all(c.metrics["failures"] == 0 and c.params["app"] == "proj:app"
                    for c in ours.values())
+        for part in ("queue wait", "run", "result"):
+            assert ours[(part, name)].params["clock"] == "realtime"
+            assert ours[(part, name)].metrics["invalid"] == 0   # one host: clocks agree
         assert "your app proj:app (your workers)" in res.stderr
 
         # a task of yours without the worker's readings: enqueue and total only, said once

@@ -34,13 +34,15 @@ import threading
 import uuid
 from contextlib import ExitStack
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from .. import backends, brokers, joins, workers
+from .. import backends, brokers, config, joins, workers
 from ..brokers import BrokerEnv
 from ..celery_app import make_app
 from ..drivers.target import Target
 from ..drivers.userapp import load_app
 from ..scenarios._celery import delete_queues, one_line
+from ..tasks.roundtrip import BOOT_ID
 from . import options
 
 log = logging.getLogger("celery-bench.locust")
@@ -101,7 +103,8 @@ class Rig:
         stack.callback(shutil.rmtree, folder, True)
         env = stack.enter_context(brokers.broker(transport, folder))
         wiring = {"transport": transport, "label": transport, "url": env.url,
-                  "transport_options": dict(env.transport_options)}
+                  "transport_options": dict(env.transport_options), "boot_id": BOOT_ID,
+                  "host_only": _host_only("broker", transport, env.url)}
         if not n:
             return wiring
         backend = backends.get(backend_name)
@@ -121,6 +124,8 @@ class Rig:
             hostname=f"locust-{tag}@%h"))
         wiring.update(backend=backend.name, backend_url=backend_url, conf=conf, queue=queue,
                       workers=n, pool=pool, concurrency=concurrency)
+        wiring["host_only"] = wiring["host_only"] or _host_only("result backend", backend.name,
+                                                                backend_url)
         return wiring
 
     def _started(self) -> None:
@@ -148,10 +153,32 @@ class Rig:
             self._close()
 
 
+def _host_only(what: str, name: str, url: str) -> str:
+    """Why ``url`` reaches the owner's host only ('' when any host can use it)."""
+    if url.startswith(("unix:", "filesystem:", "fifo:")) or "sqlite" in url:
+        return f"the {what} ({name}) lives in a folder of the master's host"
+    host = (urlsplit(url).hostname or "") if "://" in url else ""
+    if host in ("127.0.0.1", "localhost", "::1"):
+        service = {"postgresql": "postgres"}.get(name, name)
+        var = config.ENV_VARS.get(service, "the service URL")
+        return (f"the {what} URL {config.mask_url(url)} is the master's loopback (set "
+                f"{var} to an address every load generator reaches)")
+    return ""
+
+
+class Unreachable(RuntimeError):
+    """This Locust worker runs on another host than what the master started."""
+
+
 class Client:
     """What one Locust process's users share: a Celery app, a Kombu target, a label."""
 
     def __init__(self, wiring: dict):
+        if wiring.get("host_only") and wiring.get("boot_id") not in (None, BOOT_ID):
+            raise Unreachable(f"this Locust worker is on another host than the master, and "
+                              f"{wiring['host_only']}: use --transport redis or amqp and "
+                              f"--backend redis (or postgresql) at addresses every load "
+                              f"generator reaches")
         self.wiring = wiring
         self.label = wiring["label"]
         if wiring.get("app"):

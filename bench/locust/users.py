@@ -40,6 +40,7 @@ import uuid
 
 from celery import group as celery_group
 from locust import User, constant, task
+from locust.exception import StopUser
 
 from .. import joins
 from ..drivers import celery as celery_driver
@@ -52,6 +53,15 @@ now_ns = time.perf_counter_ns
 PAYLOAD = "x" * 112                 # the publish scenario's default body
 PURGE_EVERY = 10_000                # nothing consumes the publishers' queues: purge them
 PUBLISH_TIMEOUT_S = 30.0
+
+
+_said: set = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        log.error("celery-bench: %s", message)
 
 
 class OperationFailed(Exception):
@@ -68,14 +78,22 @@ class CeleryBenchUser(User):
     def on_start(self):
         self.lag_us = None
         self.schedule = None
-        self.system = system.client(self.environment)
+        self.ready = False
+        try:
+            self.system = system.client(self.environment)
+        except system.Unreachable as exc:
+            _say_once(str(exc))     # the first task stops the user (quietly, unlike on_start)
+            return
         self.transport = self.system.label
         self.setup()
+        self.ready = True
         self.schedule = openloop.schedule(self.environment)
 
     def on_stop(self):
         openloop.retire(self.schedule)
-        self.teardown()
+        if self.ready:
+            self.ready = False
+            self.teardown()
 
     def setup(self):
         pass
@@ -85,6 +103,8 @@ class CeleryBenchUser(User):
 
     @task
     def operate(self):
+        if not self.ready:
+            raise StopUser()
         if self.schedule is not None:
             intended = self.schedule.next()
             self.lag_us = (now_ns() - intended) / 1000.0
