@@ -13,27 +13,49 @@ from pathlib import Path
 
 import click
 
-from . import config
+from . import config, options
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
-def _positive_float(name):
+def _positive_float(name, example=""):
+    """A finite number > 0 (inf and nan refused): seconds, a rate."""
     def parse(ctx, param, value):
-        if value is not None and not value > 0:
-            raise click.BadParameter(f"must be > 0, got {value}", param_hint=name)
-        return value
+        if value is None:
+            return None
+        try:
+            return options.parse_positive_float(value, name, example)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint=name) from None
+    return parse
+
+
+def _seconds(name, maximum=None, example=""):
+    """A finite number of seconds >= 0 (0: none), at most ``maximum``."""
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            return options.parse_seconds(value, name, maximum, example)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint=name) from None
     return parse
 
 
 def _service_url(service):
+    """The flag's URL, checked and set for this process and its workers; without the
+    flag, the environment variable's URL is checked here too (before anything runs)."""
     def parse(ctx, param, value):
-        if value:
-            if "://" not in value:
-                raise click.BadParameter(f"{value!r} is not a URL (scheme://host...)",
-                                         param_hint=param.opts[0])
-            config.set_service_url(service, value)
+        if value is None:
+            config.service_url(service)  # a bad CELERY_BENCH_*_URL: one line, exit 2
+            return None
+        name = param.opts[0]
+        try:
+            options.parse_service_url(service, value, name)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint=name) from None
+        config.set_service_url(service, value, name)
         return value
     return parse
 
@@ -41,11 +63,18 @@ def _service_url(service):
 def _app_spec(ctx, param, value):
     if value is None:
         return None
-    module, sep, attr = value.partition(":")
-    if not sep or not module or not attr:
-        raise click.BadParameter(f"{value!r}: expected MODULE:APP, e.g. proj.celery:app",
-                                 param_hint="--app")
-    return value
+    try:
+        return options.parse_app_spec(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--app") from None
+
+
+def _serializers(ctx, param, values):
+    """Each --serializer must be installed here (pickle only when named: JSON otherwise)."""
+    try:
+        return tuple(options.parse_serializer(v) for v in values)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--serializer") from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -67,17 +96,19 @@ def cli():
 @click.option("--repeat", type=click.IntRange(1, 1000),
               help="Rounds: every cell runs once per round (ABC ABC ABC); medians and "
                    "spread over rounds. Default 3 with --quick, else 1.")
-@click.option("--duration", type=float, callback=_positive_float("--duration"),
+@click.option("--duration", type=float, callback=_positive_float("--duration", "10"),
               help="Seconds of measurement per cell.")
 @click.option("--messages", type=click.IntRange(1, 100_000_000),
               help="Messages per cell (instead of --duration).")
-@click.option("--rate", type=float, callback=_positive_float("--rate"),
+@click.option("--rate", type=float, callback=_positive_float("--rate", "2000"),
               help="Open loop: send at this many per second, latency from intended time.")
-@click.option("--warmup", type=float, help="Seconds of warm-up before measuring.")
+@click.option("--warmup", type=float, callback=_seconds("--warmup", 3600, "1"),
+              help="Seconds of warm-up before measuring.")
 @click.option("--timeout", type=float, default=120.0, show_default=True,
-              callback=_positive_float("--timeout"), help="Longest single wait, seconds.")
+              callback=_positive_float("--timeout", "120"),
+              help="Longest single wait, seconds.")
 @click.option("--serializer", "serializers", multiple=True,
-              type=click.Choice(["json", "pickle", "msgpack", "yaml"]),
+              type=click.Choice(["json", "pickle", "msgpack", "yaml"]), callback=_serializers,
               help="Serializers for publish cells (default json and pickle).")
 @click.option("--payload-bytes", type=click.IntRange(0, 64 * 1024 * 1024),
               help="Message body size for publish cells (default 112).")
@@ -88,7 +119,7 @@ def cli():
               help="Worker pool for worker scenarios (default: prefork; the worker "
                    "scenario runs solo and prefork unless given).")
 @click.option("--concurrency", type=click.IntRange(1, 256), help="Worker concurrency.")
-@click.option("--task-seconds", type=click.FloatRange(0, 3600),
+@click.option("--task-seconds", type=float, callback=_seconds("--task-seconds", 3600, "0.01"),
               help="Seconds each task sleeps in join cells.")
 @click.option("--redis-url", callback=_service_url("redis"), expose_value=False,
               help=f"Redis URL (env {config.ENV_VARS['redis']}).")
@@ -108,12 +139,14 @@ def cli():
                    "achieved, no growing backlog, and --slo kept; confirmed by holding it.")
 @click.option("--slo", metavar="pNN<=VALUE",
               help="What a sustainable rate keeps, e.g. 'p99<=10ms' (the default).")
+@click.option("--html/--no-html", default=True, show_default=True,
+              help="Also write the HTML report next to --out (RESULTS.html).")
 @click.option("--instructions", is_flag=True,
               help="Also count instructions per message of the in-process cells under "
                    "valgrind's callgrind (deterministic where time is not).")
 def run(scenarios, quick, transports, only, repeat, duration, messages, rate, warmup, timeout,
         serializers, payload_bytes, app, task, pool, concurrency, task_seconds, out, quiet,
-        rate_sweep, max_rate, slo, instructions):
+        rate_sweep, max_rate, slo, html, instructions):
     """Run SCENARIOS (default: all of them) and write a results file.
 
     Exits 1 when a cell failed or lost messages (unless its transport declares that loss
@@ -146,48 +179,32 @@ def run(scenarios, quick, transports, only, repeat, duration, messages, rate, wa
         raise config.UsageError("--task needs --app MODULE:APP (the app that defines it)")
     _check_writable(out, "--out")
 
-    console = report.Console(stderr=True)
-    progress = None
+    from .progress import Progress
+
+    progress = Progress(quiet=quiet)
 
     def on_start(total):
-        nonlocal progress
         if not total:
             raise config.UsageError("no cell matches the filters given (--only/--transport)")
-        if not quiet and console.is_terminal:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                       TimeElapsedColumn)
-            # No refresh thread: it would take the GIL ~10 times a second inside the
-            # measured loops. The bar moves when a cell ends.
-            progress = Progress(TextColumn("[bold]cells"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), console=console, transient=True,
-                                auto_refresh=False)
-            progress.start()
-            progress.add_task("cells", total=total)
+        progress.start(total, rounds=opts.rounds())
 
-    def on_cell(cell):
-        line = report.cell_line(cell)
-        if progress is not None:
-            progress.console.print(line, markup=False, highlight=False)
-            progress.advance(0)
-            progress.refresh()
-        else:
-            click.echo(line, err=True)
-
+    started = time.time()
     try:
-        started = time.time()
-        result = runner.run(opts, on_cell=on_cell, on_start=on_start)
+        with progress:
+            result = runner.run(opts, on_cell=progress.cell_done, on_start=on_start,
+                                on_cell_start=progress.cell_started)
     except KeyboardInterrupt:
-        if progress is not None:
-            progress.stop()
         written = Path(out).exists() and Path(out).stat().st_mtime >= started - 1
         click.echo(f"interrupted: results so far written to {out}" if written else
                    "interrupted before anything was measured: nothing written", err=True)
         sys.exit(EXIT_INTERRUPTED)
-    finally:
-        if progress is not None:
-            progress.stop()
     report.print_run(result)
     click.echo(f"results written to {out}")
+    if html:
+        from .exporters import write_html
+
+        page = write_html(result, Path(out).with_suffix(".html"))
+        click.echo(f"report written to {page}")
     bad = runner.failures(result)
     if bad:
         for cell in bad:
