@@ -36,6 +36,10 @@ META_KEYS = ("user_class", "transport", "clock", "primary", "from_start", "task"
              "join_method", "group_size", "backend")
 
 
+def _meta(ctx: dict) -> dict:
+    return {k: ctx[k] for k in META_KEYS if k in ctx}
+
+
 @dataclass
 class Row:
     hist: HdrHistogram = field(default_factory=new_histogram)
@@ -101,8 +105,8 @@ class Book:
         ``intended`` row for requests timed from the operation's start (``from_start``), and
         a ``lag`` row for the operation's primary request (``primary``)."""
         ctx = context or {}
-        meta = {k: ctx[k] for k in META_KEYS if k in ctx}
-        row = self.row((request_type, name, ""), meta)
+        row = self.rows.get((request_type, name, "")) or \
+            self.row((request_type, name, ""), _meta(ctx))
         row.requests += 1
         us = response_time_ms * 1000.0 if response_time_ms is not None else math.nan
         lag = ctx.get("schedule_lag_us")
@@ -112,11 +116,11 @@ class Book:
         else:
             row.record_us(us)
             if lag is not None and ctx.get("from_start"):
-                intended = self.row((request_type, name, "intended"), meta)
+                intended = self.row((request_type, name, "intended"), row.meta)
                 intended.requests += 1
                 intended.record_us(us + lag)
         if lag is not None and ctx.get("primary"):
-            late = self.row((request_type, name, "lag"), meta)
+            late = self.row((request_type, name, "lag"), row.meta)
             late.requests += 1
             late.record_us(lag)
 
