@@ -254,7 +254,8 @@ def _measure(driver, target, holds_backlog: bool, n: int, ack: bool, opts,
             warm_sent = _prefill(driver, -1, warm_n, None)
             with drainer:
                 drainer.until(warm_sent, True, opts.timeout)
-            sent = _prefill(driver, 0, n, _sizing(opts).prefill_s)
+            # --messages asks for exactly N; otherwise slow publishers send fewer in time.
+            sent = _prefill(driver, 0, n, None if opts.messages else _sizing(opts).prefill_s)
             with drainer:
                 t0 = drainer.until(sent, False, opts.timeout)
         else:
