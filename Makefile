@@ -10,10 +10,20 @@ STAMP   := $(VENV)/.installed
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+# constraints.txt pins every dependency to the versions the committed baseline was measured
+# with: the gate refuses to compare instruction counts across celery/kombu/python versions.
+$(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	@# valgrind counts instructions for the CI gate (--instructions); without it those rules
+	@# say "not measured: valgrind not installed".
+	@command -v valgrind >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null || \
+	    echo "make: valgrind could not be installed; instruction counts will be skipped"; \
+	  else echo "make: no valgrind (needs root and apt-get); instruction counts will be skipped"; fi; }
 	@# The HTML report's browser tests drive Debian's chromium through playwright (never
 	@# 'playwright install'). Without root or apt they skip with the reason (fail if CI=true).
 	@command -v chromium >/dev/null 2>&1 || { \
