@@ -46,8 +46,7 @@ with Connection(sys.argv[1]) as c:
 
 # --------------------------------------------------------------------------- the environment
 def test_broker_env_is_a_private_folder_removed_after(tmp_path):
-    mod = brokers.module("fifo")
-    assert {"ack", "requeue", "multi_consumer"}.isdisjoint(mod.CAPABILITIES)
+    assert {"ack", "requeue", "multi_consumer"}.isdisjoint(brokers.info("fifo").capabilities)
     with brokers.broker("fifo", tmp_path) as e:
         folder = Path(Connection(e.url).transport.directory)
         assert folder.is_dir() and (folder.stat().st_mode & 0o777) == 0o700

@@ -24,6 +24,7 @@ from kombu.exceptions import OperationalError
 
 import transports  # noqa: F401  registers the unix alias
 from transports import broker as unix_broker
+from transports import protocol as proto
 from transports import unix
 from support import child, direct_queue, drain_quietly, drain_until, qname
 
@@ -82,8 +83,8 @@ def test_refuses_a_second_broker_on_the_same_socket(broker):
 
 def test_url_needs_an_absolute_path():
     with pytest.raises(ValueError, match="absolute"):
-        unix_broker.socket_path_from_url("unix://relative/broker.sock")
-    assert unix_broker.socket_path_from_url("unix:///a/b.sock") == "/a/b.sock"
+        proto.socket_path_from_url("unix://relative/broker.sock")
+    assert proto.socket_path_from_url("unix:///a/b.sock") == "/a/b.sock"
     assert Connection("unix:///a/b.sock").as_uri() == "unix:///a/b.sock"
 
 
@@ -247,9 +248,9 @@ def _raw(path, data, *, hello=True, close=True):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(path)
     if hello:
-        body = unix_broker.RPC_HEAD.pack(unix_broker.OP_HELLO, 0, 1) + unix_broker.MAGIC \
-            + unix_broker.U16.pack(unix_broker.PROTOCOL_VERSION)
-        sock.sendall(unix_broker.U32.pack(len(body)) + body)
+        body = proto.RPC_HEAD.pack(proto.OP_HELLO, 0, 1) + proto.MAGIC \
+            + proto.U16.pack(proto.PROTOCOL_VERSION)
+        sock.sendall(proto.U32.pack(len(body)) + body)
     sock.sendall(data)
     if close:
         time.sleep(0.05)
@@ -258,7 +259,7 @@ def _raw(path, data, *, hello=True, close=True):
 
 
 def test_broker_survives_garbage_and_keeps_serving(broker):
-    u32 = unix_broker.U32.pack
+    u32 = proto.U32.pack
     q = direct_queue()
     got = []
     with Connection(broker.url) as live, Connection(broker.url) as prod:

@@ -20,9 +20,9 @@ from json.encoder import c_make_encoder, encode_basestring_ascii
 
 HEADER = struct.Struct(">I")
 HEADER_SIZE = HEADER.size
-# Refuse absurd length prefixes (garbage on a socket) instead of allocating them.
+# Refuse absurd length prefixes (garbage on a socket) instead of allocating them. The
+# ceiling of both transports; the unix broker's own limit is smaller (protocol.py).
 MAX_FRAME = 64 * 1024 * 1024
-
 
 
 def _not_json(obj):
@@ -134,7 +134,11 @@ class FrameReader:
             if end - pos - HEADER_SIZE < n:
                 break
             start = pos + HEADER_SIZE
-            out.append(bytes(buf[start:start + n]))
+            if n < 65536:
+                out.append(bytes(buf[start:start + n]))
+            else:  # one copy, not two, of a big frame
+                with memoryview(buf) as view:
+                    out.append(bytes(view[start:start + n]))
             pos = start + n
         # Compact once the consumed prefix is large, not on every call.
         if pos and (pos == end or pos > 65536):
@@ -147,3 +151,14 @@ class FrameReader:
     def pending(self) -> int:
         """Bytes buffered that are not yet a whole frame."""
         return len(self._buf) - self._pos
+
+    def push_back(self, frames) -> None:
+        """Put whole ``frames`` taken by :meth:`frames` back in front of what is buffered."""
+        if frames:
+            self._buf[self._pos:self._pos] = b"".join(_pack(len(f)) + f for f in frames)
+
+    def next_length(self) -> int | None:
+        """The length prefix of the incomplete frame buffered, None before its 4 bytes."""
+        if len(self._buf) - self._pos < HEADER_SIZE:
+            return None
+        return _unpack_from(self._buf, self._pos)[0]

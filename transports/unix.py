@@ -7,13 +7,44 @@ consumers on one host: publishes are pipelined (no reply per message; each is
 handed to the kernel before ``publish`` returns), acks written while a batch of
 deliveries is handed out go out in one write, and the broker pushes deliveries
 to consumers that have credit, which this client reads in batches. One socket
-per connection; its channels are multiplexed on it.
+per connection; its channels are multiplexed on it. The protocol is
+:mod:`transports.protocol`.
 
-What it does not do: persistence (the broker keeps queues in memory: a broker
-restart loses them, and clients see a connection error), publisher confirms (a
-publish written just before the broker dies can be lost), priorities, TTLs and
-queue arguments (accepted, ignored). A connection must not be used from a forked
-child (kombu's pools, and Celery, open new ones after a fork).
+What it promises, and what it does not:
+
+* **Delivery to consumers: at-least-once.** A connection's unacknowledged
+  messages are redelivered (marked so) when it goes away.
+* **Publishing: at-most-once by default.** ``publish`` returns once the frame is
+  in the kernel, before the broker has read it: a broker that dies (SIGKILL,
+  OOM) loses what it had not yet taken. With ``confirm_publish=True`` it returns
+  only once the broker holds the message in every queue it routes to (a round
+  trip per publish; ``Producer.batch`` waits once per batch): nothing that
+  returned can be lost short of the broker's own death, which loses everything
+  it holds (no persistence).
+* **Back-pressure, not loss.** A queue holds at most ``max_queue_messages``
+  messages / ``max_queue_bytes`` bytes, the broker at most ``max_memory``
+  (broker settings). A publish into a full queue is held back by the broker,
+  which stops reading the connection; the publisher's write blocks, then after
+  ``publish_timeout`` seconds :class:`PublishBlockedError` (an
+  ``OperationalError``) names the queue and the limit, and the connection is
+  closed. Publishes that had returned are not lost: when a held-back connection
+  closes, the broker takes its remaining complete publishes past the queue's
+  limit (never past ``max_memory``: those it drops and logs); the publish that
+  raised was not sent whole and is not delivered (with ``confirm_publish``, a
+  publish that raised is dropped by the broker, so a retry does not duplicate it).
+  A consumer on a blocked connection still receives, but cannot ack until its
+  publish returns: publish and consume on separate connections.
+* **Limits.** A frame (message plus routing) is at most ``max_frame`` bytes
+  (8 MiB unless the broker says otherwise): a larger message is refused before
+  anything is sent. A broker at its connection limit leaves new connections in
+  its listen backlog; when that is full too, connecting retries for
+  ``connect_timeout`` and then says the broker is busy (not that it is missing).
+
+Not there: persistence (a broker restart loses every queue, and clients see a
+connection error), priorities, TTLs, queue arguments other than
+``x-max-length`` / ``x-max-length-bytes`` (accepted, ignored). A connection
+must not be used from a forked child (kombu's pools, and Celery, open new ones
+after a fork).
 
 Features
 ========
@@ -25,6 +56,8 @@ Features
 * Supports TTL: No
 * Acknowledgements: Yes: a connection's unacknowledged messages are redelivered
   when it disconnects (at-least-once, like RabbitMQ)
+* Publisher confirms: Yes, opt-in (``confirm_publish``)
+* Flow control: Yes (per-queue and broker-wide limits block publishers)
 * Prefetch (QoS): Yes (``prefetch_count``, per channel)
 * Event loop: Yes (``register_with_event_loop``; Celery workers consume by readiness)
 * ``Producer.batch``: Yes
@@ -42,25 +75,39 @@ registers the ``unix`` alias with Kombu.
 
 Transport Options
 =================
+* ``confirm_publish``: (bool) ``publish`` returns once the broker holds the
+  message (a round trip each). Default ``False`` (pipelined).
+* ``publish_timeout``: (float) Seconds a publish may stay blocked by
+  back-pressure (its write, or its confirm) before :class:`PublishBlockedError`.
+  Default ``10``.
 * ``rpc_timeout``: (float) Seconds to wait for the broker's answer to a
-  declaration, ``basic_get`` and the like, and for a blocked write to drain,
-  before the connection is reported broken. Default ``10``.
+  declaration, ``basic_get`` and the like before the connection is reported
+  broken. Default ``10``.
+* ``max_frame``: (int) Refuse publishes whose frame is larger than this. Default:
+  what the broker announces (its ``--max-frame``, 8 MiB unless raised).
+* ``max_queue_messages``, ``max_queue_bytes``: (int) Limits for the queues this
+  connection declares, unless the queue's own arguments (``x-max-length``,
+  ``x-max-length-bytes``, i.e. kombu's ``Queue(max_length=...)``) say otherwise.
+  Default ``0``: the broker's.
 * ``write_buffer``: (bool) Opt-in: publishes are buffered in the client and
   written in batches; the buffer is flushed when it reaches
   ``write_buffer_size`` bytes, every ``write_buffer_interval`` seconds by a
   timer, before any call that waits for the broker, and on close. Off by
   default: every publish is handed to the kernel before ``publish`` returns.
+  Ignored with ``confirm_publish``.
 * ``write_buffer_size``: (int) Default ``65536``.
 * ``write_buffer_interval``: (float) Default ``0.002``.
 * ``read_size``: (int) Bytes read per ``recv``. Default ``262144``.
 """
 from __future__ import annotations
 
+import errno
 import os
 import select
 import socket
 import struct
 import threading
+import time
 from collections import deque
 from itertools import count
 from json import JSONDecoder
@@ -68,30 +115,33 @@ from time import monotonic
 
 from amqp.protocol import queue_declare_ok_t
 from kombu.exceptions import ChannelError, OperationalError
-from kombu.message import Message as _BaseMessage
 from kombu.log import get_logger
+from kombu.message import Message as _BaseMessage
 from kombu.transport import virtual
+from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.uuid import uuid
 
-from . import broker as proto
-from .framing import MAX_FRAME, FrameError, FrameReader, encode_message
+from . import protocol as proto
+from .framing import FrameError, FrameReader, encode_message
 
-__all__ = ("Transport", "Channel", "BrokerConnectionError")
+__all__ = ("Transport", "Channel", "BrokerConnectionError", "PublishBlockedError")
 
 logger = get_logger(__name__)
 
 DEFAULT_RPC_TIMEOUT = 10.0
+DEFAULT_PUBLISH_TIMEOUT = 10.0
 DEFAULT_READ_SIZE = 256 * 1024
 DEFAULT_WRITE_BUFFER_SIZE = 64 * 1024
 DEFAULT_WRITE_BUFFER_INTERVAL = 0.002
 SOCKET_BUFFER = 1024 * 1024
 ROUTE_CACHE_MAX = 1024
-# Room for the delivery header the broker puts in front of a message.
-MAX_MESSAGE = MAX_FRAME - 64
+# The largest message (encoded, with its routing) the default broker takes.
+MAX_MESSAGE = proto.DEFAULT_MAX_FRAME - proto.DELIVERY_ROOM
 
 _U16 = proto.U16.pack
 _U32 = proto.U32.pack
 _PUBLISH_HEAD = proto.PUBLISH_HEAD.pack
+_CONFIRM_HEAD = proto.CONFIRM_HEAD.pack
 _TAG_FLAG = proto.TAG_FLAG.pack
 _QOS = proto.QOS_BODY.pack
 _ACK_LEN = proto.U32.pack(proto.TAG_FLAG.size)
@@ -100,6 +150,7 @@ _DELIVER_UNPACK = proto.DELIVER_BODY.unpack_from
 _HEAD_LEN = proto.U32.unpack_from
 _OP_DELIVER = proto.OP_DELIVER
 _OP_REPLY = proto.OP_REPLY
+_OP_FLOW = proto.OP_FLOW
 _POLLIN = select.POLLIN | select.POLLERR | select.POLLHUP
 _POLLOUT = select.POLLOUT | select.POLLERR | select.POLLHUP
 
@@ -115,6 +166,11 @@ class BrokerConnectionError(ConnectionError, OperationalError):
     kombu's ``ensure`` retries) and kombu's ``OperationalError`` (what
     ``Connection.connect()`` raises on other transports for "nobody is there").
     """
+
+
+class PublishBlockedError(BrokerConnectionError):
+    """Back-pressure held a publish longer than ``publish_timeout``; says which queue
+    and limit. The connection is closed (kombu's ``ensure`` may retry on a new one)."""
 
 
 def _ms(timeout):
@@ -161,19 +217,25 @@ def _decode_delivery(frame, offset: int, tag: int, redelivered: int) -> dict:
 
 
 class PublishBatch:
-    """``Producer.batch`` session: frames are joined and written once per flush."""
+    """``Producer.batch`` session: frames are joined and written once per flush
+    (with ``confirm_publish``, the flush waits for the batch's confirms)."""
 
     def __init__(self, channel, max_size):
         self.channel = channel
         self.max_size = max_size
         self._frames: list[bytes] = []
+        self._reqids: list[int] = []
         self._closed = False
         self._aborted = False
 
     def publish(self, message, exchange="", routing_key="", **kwargs):
         if self._closed or self._aborted:
             raise RuntimeError("unix publish batch is closed")
-        self._frames.append(self.channel._publish_frame(message, exchange, routing_key))
+        conn = self.channel.connection
+        reqid = next(conn._reqids) if conn.confirm_publish else 0
+        self._frames.append(self.channel._publish_frame(message, exchange, routing_key, reqid))
+        if reqid:
+            self._reqids.append(reqid)
         if len(self._frames) >= self.max_size:
             self.flush()
 
@@ -182,15 +244,21 @@ class PublishBatch:
         if frames:
             data = b"".join(frames)
             frames.clear()
-            self.channel.connection._send_now(data)
+            conn = self.channel.connection
+            conn._send_now(data)
+            if self._reqids:
+                reqids, self._reqids = self._reqids, []
+                conn._await_confirms(reqids)
 
     def discard(self):
         self._aborted = True
         self._frames.clear()
+        self._reqids.clear()
 
     def close(self):
         self._closed = True
         self._frames.clear()
+        self._reqids.clear()
 
 
 class Channel(virtual.Channel):
@@ -213,7 +281,7 @@ class Channel(virtual.Channel):
 
     # -- publishing -------------------------------------------------------------------
 
-    def _publish_frame(self, message, exchange, routing_key) -> bytes:
+    def _publish_frame(self, message, exchange, routing_key, reqid=0) -> bytes:
         props = message["properties"]
         info = props.get("delivery_info")
         if info is None:
@@ -221,26 +289,37 @@ class Channel(virtual.Channel):
         else:
             info["exchange"] = exchange
             info["routing_key"] = routing_key
-        key = (exchange, routing_key)
-        prefix = self._route_prefix.get(key)
-        if prefix is None:
+        payload = encode_message(message)
+        if reqid:
             ex = (exchange or "").encode("utf-8")
             rk = (routing_key or "").encode("utf-8")
-            prefix = (_PUBLISH_HEAD(proto.OP_PUBLISH, self.channel_id, len(ex)) + ex
-                      + _U16(len(rk)) + rk)
-            if len(self._route_prefix) >= ROUTE_CACHE_MAX:
-                self._route_prefix.clear()
-            self._route_prefix[key] = prefix
-        payload = encode_message(message)
-        if len(payload) > MAX_MESSAGE:
-            raise ChannelError(f"message of {len(payload)} bytes is larger than the unix "
-                               f"transport carries ({MAX_MESSAGE} bytes)")
-        return b"".join((_U32(len(prefix) + len(payload)), prefix, payload))
+            prefix = (_CONFIRM_HEAD(proto.OP_PUBLISH_CONFIRM, self.channel_id, reqid, len(ex))
+                      + ex + _U16(len(rk)) + rk)
+        else:
+            key = (exchange, routing_key)
+            prefix = self._route_prefix.get(key)
+            if prefix is None:
+                ex = (exchange or "").encode("utf-8")
+                rk = (routing_key or "").encode("utf-8")
+                prefix = (_PUBLISH_HEAD(proto.OP_PUBLISH, self.channel_id, len(ex)) + ex
+                          + _U16(len(rk)) + rk)
+                if len(self._route_prefix) >= ROUTE_CACHE_MAX:
+                    self._route_prefix.clear()
+                self._route_prefix[key] = prefix
+        size = len(prefix) + len(payload)
+        if size > self.connection._max_frame:
+            self.connection._check_frame_size(size)
+        return b"".join((_U32(size), prefix, payload))
 
     def basic_publish(self, message, exchange="", routing_key="", **kwargs):
         conn = self.connection
         if conn is None:
             raise BrokerConnectionError("channel is closed")
+        if conn.confirm_publish:
+            reqid = next(conn._reqids)
+            conn._send_now(self._publish_frame(message, exchange, routing_key, reqid))
+            conn._await_confirms((reqid,))
+            return
         frame = self._publish_frame(message, exchange, routing_key)
         if conn.write_buffer:
             conn._buffer(frame)
@@ -265,14 +344,25 @@ class Channel(virtual.Channel):
     def exchange_delete(self, exchange, if_unused=False, nowait=False):
         self._rpc(proto.OP_EXCHANGE_DELETE, proto.pack_str(exchange), "Channel.exchange_delete")
 
+    def prepare_queue_arguments(self, arguments, **kwargs):
+        # Queue(max_length=..., max_length_bytes=...) -> x-max-length(-bytes), as for amqp.
+        return to_rabbitmq_queue_arguments(arguments, **kwargs)
+
     def queue_declare(self, queue=None, passive=False, durable=False, exclusive=False,
                       auto_delete=False, arguments=None, nowait=False, **kwargs):
         queue = queue or f"amq.gen-{uuid()}"
         flags = ((proto.F_PASSIVE if passive else 0) | (proto.F_DURABLE if durable else 0)
                  | (proto.F_AUTO_DELETE if auto_delete else 0)
                  | (proto.F_EXCLUSIVE if exclusive else 0))
-        data = self._rpc(proto.OP_QUEUE_DECLARE, bytes((flags,)) + proto.pack_str(queue),
-                         "Channel.queue_declare")
+        body = bytes((flags,)) + proto.pack_str(queue)
+        if not passive:
+            conn = self.connection
+            args = arguments or {}
+            max_messages = int(args.get("x-max-length") or conn.max_queue_messages or 0)
+            max_bytes = int(args.get("x-max-length-bytes") or conn.max_queue_bytes or 0)
+            if max_messages or max_bytes:
+                body += proto.QUEUE_LIMITS.pack(min(max_messages, 0xFFFFFFFF), max_bytes)
+        data = self._rpc(proto.OP_QUEUE_DECLARE, body, "Channel.queue_declare")
         messages, consumers = proto.COUNTS.unpack_from(data, 0)
         return queue_declare_ok_t(queue, messages, consumers)
 
@@ -466,15 +556,23 @@ class Transport(virtual.Transport):
         opts = client.transport_options or {}
         self.path = self._socket_path(client)
         self.rpc_timeout = float(opts.get("rpc_timeout", DEFAULT_RPC_TIMEOUT))
+        self.publish_timeout = float(opts.get("publish_timeout", DEFAULT_PUBLISH_TIMEOUT))
+        self.confirm_publish = bool(opts.get("confirm_publish", False))
         self.read_size = int(opts.get("read_size", DEFAULT_READ_SIZE))
-        self.write_buffer = bool(opts.get("write_buffer", False))
+        self.write_buffer = bool(opts.get("write_buffer", False)) and not self.confirm_publish
         self.write_buffer_size = int(opts.get("write_buffer_size", DEFAULT_WRITE_BUFFER_SIZE))
         self.write_buffer_interval = float(
             opts.get("write_buffer_interval", DEFAULT_WRITE_BUFFER_INTERVAL))
+        self.max_queue_messages = int(opts.get("max_queue_messages") or 0)
+        self.max_queue_bytes = int(opts.get("max_queue_bytes") or 0)
+        # Until the broker announces its own, the protocol's default (or the option).
+        self._max_frame_option = int(opts["max_frame"]) if opts.get("max_frame") else None
+        self._max_frame = self._max_frame_option or proto.DEFAULT_MAX_FRAME
         self._sock = None
         self._fd = None
         self._pid = None
-        self._reader = FrameReader()
+        self._reader = FrameReader(max(self._max_frame, proto.DEFAULT_MAX_FRAME)
+                                   + proto.DELIVERY_ROOM)
         self._pending: deque = deque()   # delivery frames not yet handed to consumers
         self._replies: dict[int, bytes] = {}
         self._reqids = count(1)
@@ -487,6 +585,7 @@ class Transport(virtual.Transport):
         self._wake_armed = False
         self._poller = self._wpoller = None
         self._hello = None               # reqid of the greeting whose answer is due
+        self._flow = ""                  # the broker's last word on why publishing waits
         self._failure: BaseException | None = None
         # write_buffer mode
         self._wbuf: list[bytes] = []
@@ -517,16 +616,8 @@ class Transport(virtual.Transport):
         return super().establish_connection()
 
     def _connect(self):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.client.connect_timeout or self.rpc_timeout)
-        try:
-            sock.connect(self.path)
-        except OSError as exc:
-            sock.close()
-            reason = exc.strerror or str(exc)
-            raise BrokerConnectionError(
-                f"no unix broker at {self.path}: {reason} "
-                f"(start one with: celery-bench broker unix://{self.path})") from None
+        timeout = self.client.connect_timeout or self.rpc_timeout
+        sock = self._open_socket(timeout)
         for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             try:
                 sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
@@ -539,11 +630,43 @@ class Transport(virtual.Transport):
         self._poller = select.poll()
         self._wpoller = select.poll()
         self._failure = None
+        self._flow = ""
         # The greeting is not waited for (a round trip per connection saved): its
         # answer is checked when it arrives, before anything that follows it.
         self._hello = next(self._reqids)
         body = proto.MAGIC + _U16(proto.PROTOCOL_VERSION)
         self._write(_U32(7 + len(body)) + _RPC_HEAD(proto.OP_HELLO, 0, self._hello) + body)
+
+    def _open_socket(self, timeout: float) -> socket.socket:
+        """Connect, retrying while the broker's listen backlog is full (it is busy)."""
+        deadline = monotonic() + timeout
+        delay = 0.001
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(max(0.001, deadline - monotonic()))
+            try:
+                sock.connect(self.path)
+                return sock
+            except OSError as exc:
+                sock.close()
+                busy = exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK) or isinstance(
+                    exc, socket.timeout)
+                if busy and monotonic() + delay < deadline:
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.05)
+                    continue
+                if busy:
+                    raise BrokerConnectionError(
+                        f"unix broker at {self.path} is busy: it did not take the connection "
+                        f"within {timeout:g}s (its listen backlog is full: at its connection "
+                        "limit, or flooded); retry later, or raise its --max-connections"
+                    ) from None
+                reason = exc.strerror or str(exc)
+                if exc.errno == errno.ECONNREFUSED:
+                    reason += " (the socket exists but nobody listens: a broker that died?)"
+                raise BrokerConnectionError(
+                    f"no unix broker at {self.path}: {reason} "
+                    f"(start one with: celery-bench broker unix://{self.path})") from None
 
     def _usable(self) -> bool:
         return self._sock is not None and self._pid == os.getpid() and not self._closing
@@ -587,12 +710,31 @@ class Transport(virtual.Transport):
         # In a forked child this only drops our copy of the fd; the parent keeps its own.
         sock.close()
 
-    def _broken(self, reason: str):
+    def _broken(self, reason: str, kind=BrokerConnectionError):
         """The stream is unusable (EOF, error, timeout): close it and raise."""
         self._close_socket()
-        exc = BrokerConnectionError(f"unix broker at {self.path}: {reason}")
+        exc = kind(f"unix broker at {self.path}: {reason}")
         self._failure = exc
         raise exc
+
+    def _blocked(self, what: str):
+        """Back-pressure outlasted publish_timeout: say why, close, raise."""
+        why = self._flow or ("the broker took no data (it stopped reading this connection: "
+                             "a queue full, its memory limit reached, or the broker stopped)")
+        self._broken(f"{what} blocked for {self.publish_timeout:g}s (publish_timeout): {why}; "
+                     "consume the queue or raise the limit (broker --max-queue-messages, "
+                     "--max-queue-bytes, --max-memory; queue arguments x-max-length, "
+                     "x-max-length-bytes)", PublishBlockedError)
+
+    def _check_frame_size(self, size: int):
+        """Refuse a frame over the broker's max_frame before sending any of it."""
+        if self._hello is not None and self._max_frame_option is None and self._usable():
+            self._await_hello(self.rpc_timeout)  # learn the broker's limit
+        if size > self._max_frame:
+            raise ChannelError(
+                f"message of {size} bytes (with its routing) is larger than the unix broker "
+                f"accepts (max_frame={self._max_frame}); raise it on both sides (broker "
+                f"--max-frame, transport option max_frame) or send it another way")
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -617,7 +759,7 @@ class Transport(virtual.Transport):
         else:
             self._write(data)
 
-    def _write(self, data: bytes):
+    def _write(self, data: bytes, may_read: bool = True):
         sock = self._sock
         if sock is None:
             raise self._failure or BrokerConnectionError(
@@ -629,24 +771,37 @@ class Transport(virtual.Transport):
         except OSError as exc:
             self._broken(f"write failed: {exc.strerror or exc}")
         if sent != len(data):
-            self._send_rest(memoryview(data)[sent:])
+            self._send_rest(memoryview(data)[sent:], may_read)
 
-    def _send_rest(self, view):
+    def _send_rest(self, view, may_read: bool):
+        """The socket is full: the broker is slow or holds this connection back. Wait
+        (up to publish_timeout without progress), reading what it sends meanwhile: its
+        FLOW notice says why, and deliveries must not back up behind our write."""
         poller = self._wpoller  # its own: the timer thread may write while we read
-        poller.register(self._fd, _POLLOUT)
+        # Only the thread that reads (not the write_buffer timer) looks at input.
+        poller.register(self._fd, _POLLOUT | (select.POLLIN if may_read else 0))
         try:
+            deadline = monotonic() + self.publish_timeout
             while view:
-                deadline = monotonic() + self.rpc_timeout
-                while not poller.poll(_ms(max(0.0, deadline - monotonic()))):
-                    if monotonic() >= deadline:
-                        self._broken(f"broker accepted no data for {self.rpc_timeout:g}s")
+                remaining = deadline - monotonic()
+                if remaining <= 0:
+                    self._blocked("a write")
+                events = poller.poll(_ms(remaining))
+                if not events:
+                    continue
+                if may_read and events[0][1] & select.POLLIN:
+                    self._read(0)
+                    if not events[0][1] & _POLLOUT:
+                        continue
                 try:
                     sent = self._sock.send(view)
                 except (BlockingIOError, InterruptedError):
                     continue
                 except OSError as exc:
                     self._broken(f"write failed: {exc.strerror or exc}")
-                view = view[sent:]
+                if sent:
+                    view = view[sent:]
+                    deadline = monotonic() + self.publish_timeout
         finally:
             if self._sock is not None:
                 poller.unregister(self._fd)
@@ -673,14 +828,14 @@ class Transport(virtual.Transport):
             with self._wcond:
                 self._flush_locked()
 
-    def _flush_locked(self):
+    def _flush_locked(self, may_read: bool = True):
         frames = self._wbuf
         if not frames:
             return
         data = frames[0] if len(frames) == 1 else b"".join(frames)
         self._wbuf = []
         self._wlen = 0
-        self._write(data)
+        self._write(data, may_read)
 
     def _flush_periodically(self):
         # Timer flush so a buffered publish never waits longer than the interval.
@@ -693,7 +848,7 @@ class Transport(virtual.Transport):
                     continue
                 cond.wait(interval)
                 try:
-                    self._flush_locked()
+                    self._flush_locked(may_read=False)
                 except BrokerConnectionError as exc:
                     self._failure = exc
                     self._wbuf = []
@@ -732,7 +887,8 @@ class Transport(virtual.Transport):
         except OSError as exc:
             self._broken(f"read failed: {exc.strerror or exc}")
         if not data:
-            self._broken("the broker closed the connection")
+            self._broken("the broker closed the connection"
+                         + (f" ({self._flow})" if self._flow else ""))
         reader = self._reader
         reader.feed(data)
         pending = self._pending
@@ -747,24 +903,46 @@ class Transport(virtual.Transport):
             elif op == _OP_REPLY and len(frame) >= 8:
                 reqid = proto.RPC_HEAD.unpack_from(frame, 0)[2]
                 if reqid == self._hello:
-                    self._hello = None
-                    if frame[7] != proto.STATUS_OK:
-                        self._broken(bytes(frame[8:]).decode("utf-8", "replace"))
+                    self._on_hello(frame)
                 else:
                     self._replies[reqid] = frame
+            elif op == _OP_FLOW and len(frame) >= 4:
+                self._flow = bytes(frame[4:]).decode("utf-8", "replace") if frame[3] else ""
             else:
                 self._broken(f"unexpected frame (op {op}) from {self.path}: not a unix broker?")
         return True
 
-    def _rpc(self, op, channel_id, body, method, empty_ok=False):
+    def _on_hello(self, frame):
+        self._hello = None
+        if frame[7] != proto.STATUS_OK:
+            self._broken(bytes(frame[8:]).decode("utf-8", "replace"))
+        if len(frame) >= 8 + proto.HELLO_OK.size:
+            _pid, announced = proto.HELLO_OK.unpack_from(frame, 8)
+            opt = self._max_frame_option
+            self._max_frame = min(opt, announced) if opt else announced
+            self._reader.max_frame = max(self._reader.max_frame,
+                                         announced + proto.DELIVERY_ROOM)
+
+    def _await_hello(self, timeout):
+        """Read until the greeting is answered (_read takes its answer)."""
+        deadline = monotonic() + timeout
+        while self._hello is not None:
+            remaining = deadline - monotonic()
+            if remaining <= 0:
+                self._broken(f"no answer to the greeting within {timeout:g}s")
+            self._read(remaining)
+
+    def _rpc(self, op, channel_id, body, method, empty_ok=False, timeout=None):
         reqid = next(self._reqids)
         self._send_now(_U32(7 + len(body)) + _RPC_HEAD(op, channel_id, reqid) + body)
-        deadline = monotonic() + self.rpc_timeout
+        timeout = self.rpc_timeout if timeout is None else timeout
+        deadline = monotonic() + timeout
         replies = self._replies
         while reqid not in replies:
             remaining = deadline - monotonic()
             if remaining <= 0:
-                self._broken(f"no answer to {method} within {self.rpc_timeout:g}s")
+                self._broken(f"no answer to {method} within {timeout:g}s"
+                             + (f" ({self._flow})" if self._flow else ""))
             self._read(remaining)
         frame = replies.pop(reqid)
         status = frame[7]
@@ -776,6 +954,20 @@ class Transport(virtual.Transport):
         text = bytes(data).decode("utf-8", "replace")
         code = 404 if status == proto.STATUS_NOT_FOUND else 406
         raise ChannelError(text, (50, 10), method, code)
+
+    def _await_confirms(self, reqids):
+        """Wait until the broker holds every publish in ``reqids`` (publish_timeout)."""
+        replies = self._replies
+        deadline = monotonic() + self.publish_timeout
+        for reqid in reqids:
+            while reqid not in replies:
+                remaining = deadline - monotonic()
+                if remaining <= 0:
+                    self._blocked("a confirmed publish")
+                self._read(remaining)
+            frame = replies.pop(reqid)
+            if frame[7] != proto.STATUS_OK:
+                raise ChannelError(bytes(frame[8:]).decode("utf-8", "replace"))
 
     def _flush_acks(self):
         if self._acks:

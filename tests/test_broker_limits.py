@@ -1,0 +1,390 @@
+"""The unix broker's limits: back-pressure instead of growth, bounded frames and
+replies, memory returned after a purge. Real broker processes on private sockets;
+every wait is bounded; memory is the broker's RSS as psutil reads it."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from kombu import Connection, Consumer, Exchange, Producer, Queue
+
+import transports  # noqa: F401  registers the unix alias
+from transports import broker as unix_broker
+from transports import protocol as proto
+from transports import unix
+from support import drain_quietly, drain_until, qname, wait_until
+
+WAIT_S = 30.0  # generous bound for what takes milliseconds
+MiB = 1024 * 1024
+# Python, the selector and per-connection buffers: what a broker may hold beyond its
+# messages in these tests (the old broker grew by hundreds of MB in each of them).
+SLACK = 32 * MiB
+
+
+@pytest.fixture
+def sockdir():
+    # Short and private: sun_path holds 107 bytes, pytest's tmp_path can be longer.
+    folder = Path(tempfile.mkdtemp(prefix="cbl-"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def start(sockdir):
+    """``start(**limits)``: a broker subprocess with those limits, stopped after."""
+    started = []
+
+    def _start(**limits):
+        n = len(started)
+        b = unix_broker.start(str(sockdir / f"b{n}.sock"), log_path=sockdir / f"b{n}.log",
+                              **limits)
+        started.append(b)
+        return b
+    yield _start
+    for b in started:
+        b.stop()
+
+
+def rss(b) -> int:
+    return psutil.Process(b.pid).memory_info().rss
+
+
+def direct(name=None) -> Queue:
+    name = name or qname()
+    return Queue(name, Exchange(name, "direct"), routing_key=name)
+
+
+def publish_until_blocked(conn, q, limit, body_pad=1000):
+    """Publish numbered messages until back-pressure raises; how many returned, and the error."""
+    producer = Producer(conn)
+    producer.maybe_declare(q)
+    for i in range(limit):
+        try:
+            producer.publish({"i": i, "pad": "x" * body_pad}, exchange=q.exchange,
+                             routing_key=q.routing_key)
+        except unix.PublishBlockedError as exc:
+            return i, exc
+    raise AssertionError(f"{limit} publishes and no back-pressure")
+
+
+def drain_ids(url, q, expected, timeout=WAIT_S):
+    got = []
+    with Connection(url) as conn:
+        with Consumer(conn, [q], callbacks=[lambda b, m: (got.append(b["i"]), m.ack())]):
+            drain_until(conn, lambda: len(got) >= expected, timeout=timeout)
+            drain_quietly(conn, 0.3)
+    return got
+
+
+def raw(path, hello=True) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(WAIT_S)
+    sock.connect(path)
+    if hello:
+        body = proto.RPC_HEAD.pack(proto.OP_HELLO, 0, 1) + proto.MAGIC \
+            + proto.U16.pack(proto.PROTOCOL_VERSION)
+        sock.sendall(proto.U32.pack(len(body)) + body)
+    return sock
+
+
+def rpc_frame(op, reqid, body=b"", channel=1) -> bytes:
+    data = proto.RPC_HEAD.pack(op, channel, reqid) + body
+    return proto.U32.pack(len(data)) + data
+
+
+def closed_by_peer(sock, timeout=WAIT_S) -> bool:
+    """Wait for the broker to close ``sock`` (reading and discarding what it sent)."""
+    sock.settimeout(0.2)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if not sock.recv(1 << 20):
+                return True
+        except socket.timeout:
+            continue
+        except OSError:
+            return True
+    return False
+
+
+# -- back-pressure --------------------------------------------------------------------
+
+@pytest.mark.parametrize("confirm", [False, True], ids=["pipelined", "confirm"])
+def test_slow_consumer_gets_backpressure_not_a_growing_broker(start, confirm):
+    """A consumer that never acks: the publisher blocks, then a clear error; the broker
+    stays within its bound; every publish that returned is delivered once afterwards."""
+    b = start(max_queue_messages=2000, max_memory=32 * MiB)
+    q = direct()
+    base = rss(b)
+    with Connection(b.url) as stuck:
+        hog = Consumer(stuck, [q], callbacks=[lambda body, m: None])  # never acks
+        hog.qos(prefetch_count=10)
+        hog.consume()
+        opts = {"publish_timeout": 1.0, "confirm_publish": confirm}
+        with Connection(b.url, transport_options=opts) as prod:
+            returned, exc = publish_until_blocked(prod, q, 200_000)
+        assert f"queue '{q.name}' is full" in str(exc)
+        assert "max_queue_messages=2000" in str(exc)
+        assert isinstance(exc, unix.BrokerConnectionError)  # an OperationalError, retryable
+        # 200,000 x 1 KiB would be ~240 MB in an unbounded broker.
+        assert rss(b) - base < 32 * MiB + SLACK
+        if confirm:
+            assert returned == 2000 + 10  # queue full, 10 with the consumer
+    # The hog leaves (its 10 come back); a real consumer gets every publish that returned.
+    got = drain_ids(b.url, q, returned)
+    assert sorted(got) == list(range(returned))
+
+
+def test_queue_arguments_set_the_limit(start):
+    b = start()
+    q = Queue(qname(), Exchange(qname(), "direct"), routing_key="k", max_length=5)
+    opts = {"publish_timeout": 0.5, "confirm_publish": True}
+    with Connection(b.url, transport_options=opts) as conn:
+        returned, exc = publish_until_blocked(conn, q, 100)
+    assert returned == 5
+    assert "max_queue_messages=5" in str(exc)
+    qb = Queue(qname(), Exchange(qname(), "direct"), routing_key="k", max_length_bytes=10_000)
+    with Connection(b.url, transport_options=opts) as conn:
+        returned, exc = publish_until_blocked(conn, qb, 100)
+    assert 5 <= returned <= 12  # ~1 KiB each: full once 10,000 bytes are in
+    assert "max_queue_bytes=10000" in str(exc)
+
+
+def test_transport_options_set_limits_for_declared_queues(start):
+    b = start()
+    opts = {"publish_timeout": 0.5, "confirm_publish": True, "max_queue_messages": 3}
+    with Connection(b.url, transport_options=opts) as conn:
+        returned, exc = publish_until_blocked(conn, direct(), 100)
+    assert returned == 3 and "max_queue_messages=3" in str(exc)
+
+
+def test_others_are_served_while_a_publisher_waits_and_it_resumes(start):
+    b = start(max_queue_messages=100)
+    full, other = direct(), direct()
+    outcome = {}
+    with Connection(b.url) as admin:
+        Producer(admin).maybe_declare(full)
+        for i in range(100):
+            Producer(admin).publish({"i": i}, exchange=full.exchange,
+                                    routing_key=full.routing_key)
+        wait_until(lambda: full(admin.default_channel).queue_declare(
+            passive=True).message_count == 100, what="a full queue")
+
+        sending = threading.Event()
+
+        def blocked_publisher():
+            opts = {"confirm_publish": True, "publish_timeout": WAIT_S}
+            with Connection(b.url, transport_options=opts) as conn:
+                conn.connect()
+                sending.set()
+                try:
+                    Producer(conn).publish({"i": 100}, exchange=full.exchange,
+                                           routing_key=full.routing_key)
+                    outcome["ok"] = True
+                except Exception as exc:  # reported below
+                    outcome["error"] = exc
+        thread = threading.Thread(target=blocked_publisher)
+        thread.start()
+        try:
+            assert sending.wait(WAIT_S)
+            time.sleep(0.3)  # its publish reaches the broker and is held back
+            # Someone else publishes and consumes on another queue meanwhile.
+            got = []
+            with Connection(b.url) as conn:
+                with Consumer(conn, [other], callbacks=[lambda body, m: (got.append(body),
+                                                                         m.ack())]):
+                    for i in range(50):
+                        Producer(conn).publish(i, exchange=other.exchange,
+                                               routing_key=other.routing_key, declare=[other])
+                    drain_until(conn, lambda: len(got) == 50)
+            assert "ok" not in outcome and "error" not in outcome  # still held back
+            # Room appears: the held publish goes in.
+            assert full(admin.default_channel).get(no_ack=True) is not None
+        finally:
+            thread.join(WAIT_S)
+    assert outcome == {"ok": True}
+    assert sorted(drain_ids(b.url, full, 100)) == list(range(1, 101))
+
+
+def test_a_connection_consuming_what_it_publishes(start):
+    """Deliveries still reach a held-back connection: without a prefetch limit it drains
+    its own queue and goes on; with one it cannot ack while blocked (documented)."""
+    b = start(max_queue_messages=50)
+    q = direct()
+    got = []
+    with Connection(b.url, transport_options={"publish_timeout": 5.0}) as conn:
+        consumer = Consumer(conn, [q], callbacks=[lambda body, m: (got.append(body["i"]),
+                                                                   m.ack())])
+        consumer.consume()  # prefetch 0: unlimited
+        producer = Producer(conn)
+        for i in range(5000):
+            producer.publish({"i": i, "pad": "x" * 200}, exchange=q.exchange,
+                             routing_key=q.routing_key)
+        drain_until(conn, lambda: len(got) == 5000)
+    assert got == list(range(5000))
+    q2 = direct()
+    with Connection(b.url, transport_options={"publish_timeout": 1.0}) as conn:
+        consumer = Consumer(conn, [q2], callbacks=[lambda body, m: m.ack()])
+        consumer.qos(prefetch_count=10)
+        consumer.consume()
+        _, exc = publish_until_blocked(conn, q2, 100_000, body_pad=200)
+        assert "is full" in str(exc)
+
+
+def test_memory_limit_blocks_every_publisher(start):
+    b = start(max_frame=MiB, max_memory=4 * MiB)
+    base = rss(b)
+    opts = {"publish_timeout": 0.5, "confirm_publish": True}
+    with Connection(b.url, transport_options=opts) as conn:
+        producer = Producer(conn)
+        with pytest.raises(unix.PublishBlockedError, match=r"memory limit.*max_memory=4194304"):
+            for n in range(1000):  # many queues, none full by itself
+                q = direct()
+                for i in range(20):
+                    producer.publish({"i": i, "pad": "x" * 1000}, exchange=q.exchange,
+                                     routing_key=q.routing_key, declare=[q] if not i else [])
+    assert rss(b) - base < 4 * MiB + SLACK
+
+
+# -- frames -----------------------------------------------------------------------------
+
+def test_an_oversized_frame_costs_only_its_sender(start):
+    b = start(max_frame=64 * 1024)
+    q = direct()
+    attacker = raw(b.path)
+    attacker.sendall(proto.U32.pack(64 * 1024 + 1) + b"\x02")
+    assert closed_by_peer(attacker)
+    wait_until(lambda: "exceeds limit 65536" in b.log_tail(), what="the broker's log line")
+    with Connection(b.url) as conn:
+        # The client learns the broker's limit from its greeting and refuses first.
+        with pytest.raises(conn.channel_errors, match="max_frame=65536"):
+            Producer(conn).publish(b"x" * 70_000, exchange=q.exchange,
+                                   routing_key=q.routing_key, declare=[q],
+                                   content_type="application/data", content_encoding="binary")
+        Producer(conn).publish(b"y" * 60_000, exchange=q.exchange, routing_key=q.routing_key,
+                               content_type="application/data", content_encoding="binary")
+        message = wait_until(lambda: q(conn.default_channel).get(no_ack=True), what="a message")
+        assert message.body == b"y" * 60_000
+    assert b.alive()
+
+
+def test_big_frames_in_flight_are_bounded(start):
+    """Many connections each half-way through an 8 MiB frame: the broker reads at most
+    max_memory/4 of them at once; small messages of others still flow."""
+    b = start(max_memory=64 * MiB)  # max_frame 8 MiB: 16 MiB of big frames in flight
+    base = rss(b)
+    frame_len = 8 * MiB - 1024
+    attackers = []
+    stop = threading.Event()
+
+    def feed(sock):  # as much of the frame as the broker takes, never the last byte
+        sock.setblocking(False)
+        head = b"\x02\x00\x01\x00\x00\x00\x01q"
+        data = memoryview(proto.U32.pack(frame_len) + head + b"z" * (frame_len - len(head) - 1))
+        while data and not stop.is_set():
+            try:
+                data = data[sock.send(data):]
+            except BlockingIOError:
+                time.sleep(0.01)
+            except OSError:
+                return
+
+    threads = []
+    try:
+        for _ in range(24):  # 192 MiB if each were buffered
+            sock = raw(b.path)
+            attackers.append(sock)
+            threads.append(threading.Thread(target=feed, args=(sock,), daemon=True))
+            threads[-1].start()
+        q = direct()
+        got = []
+        with Connection(b.url) as conn:
+            with Consumer(conn, [q], callbacks=[lambda body, m: (got.append(body), m.ack())]):
+                for i in range(200):
+                    Producer(conn).publish(i, exchange=q.exchange, routing_key=q.routing_key,
+                                           declare=[q])
+                drain_until(conn, lambda: len(got) == 200)
+        time.sleep(1.0)  # let the feeders push what they can
+        assert rss(b) - base < 16 * MiB + SLACK
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(WAIT_S)
+        for sock in attackers:
+            sock.close()
+    assert b.alive()
+
+
+# -- a client that does not read --------------------------------------------------------
+
+def test_unread_replies_are_bounded_then_the_client_is_dropped(start):
+    b = start(send_timeout=1.0)
+    base = rss(b)
+    q = direct()
+    with Connection(b.url) as admin:
+        q(admin.default_channel).declare()
+        for i in range(5):
+            Producer(admin).publish({"i": i}, exchange=q.exchange, routing_key=q.routing_key)
+    flooder = raw(b.path)
+    name = q.name.encode()
+    flooder.sendall(rpc_frame(proto.OP_CONSUME, 2, proto.U32.pack(1) + b"\x00"
+                              + proto.pack_str(name)))  # takes the 5, never acks
+    ping = rpc_frame(proto.OP_PING, 3) * 10_000
+    flooder.setblocking(False)
+    sent = 0
+    view = memoryview(ping)
+    last = time.monotonic()
+    # Until the broker stops taking pings (no progress for 2 s), or drops it.
+    while time.monotonic() - last < 2.0 and sent < 64 * MiB:
+        try:
+            n = flooder.send(view)
+        except BlockingIOError:
+            time.sleep(0.01)
+            continue
+        except OSError:
+            break
+        sent += n
+        last = time.monotonic()
+        view = view[n:] or memoryview(ping)
+    assert 10 * MiB > sent > MiB  # it stopped taking them: a million pings and more
+    assert rss(b) - base < SLACK  # 20 bytes of reply per ping: not kept without bound
+    # Someone else is served while it sits there.
+    other = direct()
+    got = []
+    with Connection(b.url) as conn:
+        with Consumer(conn, [other], callbacks=[lambda body, m: (got.append(body), m.ack())]):
+            Producer(conn).publish("hi", exchange=other.exchange, routing_key=other.routing_key,
+                                   declare=[other])
+            drain_until(conn, lambda: got == ["hi"])
+    wait_until(lambda: "send_timeout" in b.log_tail(), what="the broker to drop the flooder")
+    flooder.close()
+    # What it held comes back.
+    assert sorted(drain_ids(b.url, q, 5)) == list(range(5))
+
+
+# -- memory given back ---------------------------------------------------------------------
+
+def test_memory_comes_back_after_a_purge(start):
+    b = start()
+    q = direct()
+    base = rss(b)
+    body = {"pad": "x" * 1000}
+    with Connection(b.url) as conn:
+        producer = Producer(conn)
+        producer.maybe_declare(q)
+        for _ in range(60_000):  # ~70 MB held
+            producer.publish(body, exchange=q.exchange, routing_key=q.routing_key)
+        bound = q(conn.default_channel)
+        wait_until(lambda: bound.queue_declare(passive=True).message_count == 60_000,
+                   what="60,000 messages")
+        peak = rss(b) - base
+        assert peak > 60 * MiB
+        assert bound.purge() == 60_000
+        wait_until(lambda: rss(b) - base < 16 * MiB, what="the purged memory to come back")
