@@ -59,6 +59,8 @@ class RunOptions:
     rate_sweep: tuple = ()          # --rate-sweep: rates of an open-loop ladder
     max_rate: bool = False          # --max-rate: search the highest sustainable rate
     slo: str | None = None          # --slo: what a sustainable rate keeps (bench.maxrate)
+    restart_cmd: str | None = None  # --restart-cmd: restarts a broker the harness did not start
+    start_cmd: str | None = None    # --start-cmd: brings it back when --restart-cmd only stops it
     workdir: Path | None = None
 
     def names(self) -> tuple:
@@ -108,11 +110,16 @@ def parse_only(items) -> tuple:
 
 
 def matches(params: dict, opts: RunOptions) -> bool:
-    """Does a cell with ``params`` pass the --only/--transport filters?"""
+    """Does a cell with ``params`` pass the --only/--transport filters?
+
+    ``--only KEY=A|B`` keeps either value. A cell over no transport (``transport=-``: the
+    calibration loop) passes any --transport: it is the yardstick the others are read by.
+    """
     for key, value in opts.only:
-        if key in params and str(params[key]) != value:
+        if key in params and str(params[key]) not in value.split("|"):
             return False
-    if opts.transports and "transport" in params and params["transport"] not in opts.transports:
+    transport = params.get("transport")
+    if opts.transports and transport not in (None, "-") and transport not in opts.transports:
         return False
     return True
 
