@@ -22,6 +22,16 @@ def work(i: int) -> int:
     return len(d["name"]) + sum(d["parts"]) + d.get("missing", 0)
 
 
+def burst(units: int) -> int:
+    """``units`` of the work in a row: the yardstick a publish cell sets beside each chunk
+    of messages (``cpu_vs_calibration``), so whatever slows the CPU for a moment slows
+    both sides of the ratio."""
+    acc = 0
+    for i in range(units):
+        acc += work(i)
+    return acc
+
+
 class Publisher:
     api = "calibration"
     cross_process = False

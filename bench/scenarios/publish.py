@@ -15,7 +15,8 @@ shows what Kombu's retry wrapper (``Connection.ensure``) costs. Celery rungs kee
 Celery's defaults (``task_publish_retry``: ``yes``).
 
 over every transport in :mod:`bench.brokers` (a new broker module joins the
-matrix with no change here) and each serializer. Each cell warms up, publishes
+matrix with no change here) and each serializer (JSON unless ``--serializer`` names
+others; pickle only then, and only its cell's consumer unpickles). Each cell warms up, publishes
 (closed loop, or on a fixed schedule with ``--rate``), then a consumer counts
 what arrived: ``lost = sent - received``. Where the transport declares
 ``cross_process`` the consumer is another process attached before publishing,
@@ -32,6 +33,7 @@ message: on a shared machine it is the figure being descheduled cannot inflate.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -50,6 +52,8 @@ from ..drivers.userapp import broker_label, check_task, load_app
 from . import Outcome, Scenario, Skip, make_payload, payload_bytes, register, unique_name
 
 CHUNK = 50_000            # in-process consumers drain every CHUNK messages (flat memory)
+CAL_CHUNK = 1_000         # closed loop: a calibration burst after every CAL_CHUNK messages
+CAL_UNITS = 1_000         # units of calibration work a burst does (a few ms)
 APP_TRANSPORT = "app"     # the transport param of --app cells
 
 
@@ -152,26 +156,43 @@ def _warmup(driver, seconds: float) -> int:
     return sent
 
 
-def _publish(driver, ts, n: int, budget_ns, pacer, drain_chunk) -> tuple[int, int, int]:
-    """Send up to ``n`` messages; return (sent, ns spent publishing, CPU ns of this thread).
+def _publish(driver, ts, n: int, budget_ns, pacer, drain_chunk,
+             calibrate: bool = False) -> tuple[int, int, int, list]:
+    """Send up to ``n`` messages; return (sent, ns spent publishing, CPU ns of this thread,
+    calibration pairs).
 
     The CPU time is what the publisher itself burned: on a shared machine it is the
-    figure that being descheduled does not inflate.
+    figure that being descheduled does not inflate. With ``calibrate`` (closed loop),
+    every CAL_CHUNK messages are followed by a burst of the calibration work, outside the
+    timed sections: each pair is (publish CPU ns per message, calibration CPU ns per
+    unit) measured within milliseconds of each other, so a CPU slowed for a moment (a
+    neighbour, the cache, the clock) slows both sides alike.
     """
     sent = busy = 0
+    pairs = []
     cpu0 = time.thread_time_ns()
+    calibrate = calibrate and pacer is None
     with driver.sending() as send:
         if pacer is not None:
             pacer.start()
         while sent < n:
             stop = min(n, sent + CHUNK) if drain_chunk else n
-            c0 = now_ns()
+            if calibrate:
+                stop = min(stop, sent + CAL_CHUNK)
+            first = sent
+            c0, k0 = now_ns(), time.thread_time_ns()
             if pacer is not None:
                 sent = _paced_loop(send, ts.intended, ts.start, ts.end, pacer, sent, stop)
             else:
                 deadline = c0 + budget_ns - busy if budget_ns else 1 << 62
                 sent = _closed_loop(send, ts.start, ts.end, sent, stop, deadline)
             busy += now_ns() - c0
+            if calibrate and sent > first:
+                k1 = time.thread_time_ns()
+                calibration_driver.burst(CAL_UNITS)
+                k2 = time.thread_time_ns()
+                cpu0 += k2 - k1     # the yardstick is not publishing
+                pairs.append(((k1 - k0) / (sent - first), (k2 - k1) / CAL_UNITS))
             if budget_ns and pacer is None and busy >= budget_ns:
                 break
             if drain_chunk and sent < n:
@@ -182,7 +203,7 @@ def _publish(driver, ts, n: int, budget_ns, pacer, drain_chunk) -> tuple[int, in
                     pacer.shift(now_ns() - w0)  # our pause is not the system's lateness
         exit_start = now_ns()
     busy += now_ns() - exit_start   # a batch flushes on exit: that is publishing too
-    return sent, busy, time.thread_time_ns() - cpu0
+    return sent, busy, time.thread_time_ns() - cpu0, pairs
 
 
 def _histograms(ts, sent: int, got: Received, rate) -> tuple[dict, str]:
@@ -243,7 +264,9 @@ def _measure(driver, cross_process: bool, opts, workdir: Path, rate: float | Non
             driver.drain(tally, lambda: tally.received >= upto, opts.timeout)
         drain_chunk = None if cross_process else drain_upto
 
-        sent, busy_ns, cpu_ns = _publish(driver, ts, n, budget_ns, pacer, drain_chunk)
+        # The calibration loop is its own yardstick; every other closed-loop cell is paired.
+        sent, busy_ns, cpu_ns, pairs = _publish(driver, ts, n, budget_ns, pacer, drain_chunk,
+                                                calibrate=driver.api != "calibration")
         t0 = time.monotonic()
         if consumer is not None:
             got = consumer.finish(sent)
@@ -266,6 +289,9 @@ def _measure(driver, cross_process: bool, opts, workdir: Path, rate: float | Non
         "duplicates": got.duplicates, "consumer_errors": got.errors, "elapsed_s": round(busy_s, 6),
         # Closed loop only: with --rate the pacer's spin-wait would count as publishing.
         "cpu_us_per_msg": cpu_ns / 1000.0 / sent if sent and not rate else None,
+        # CPU per message in units of the calibration work done beside it (median of the
+        # chunk pairs): the machine's speed factored out, for rules against a baseline.
+        "cpu_vs_calibration": statistics.median(p / c for p, c in pairs) if pairs else None,
         "drain_s": round(drain_s, 3), "warmup_sent": warm_sent,
         "consumer": "concurrent process" if cross_process else "in-process after publishing",
     }
@@ -331,7 +357,7 @@ class Publish(Scenario):
     def cells(self) -> list[dict]:
         opts = self.opts
         payload = payload_bytes(opts)
-        serializers = tuple(opts.serializers) or (("json",) if opts.quick else ("json", "pickle"))
+        serializers = tuple(opts.serializers) or ("json",)   # pickle only when asked for
         out = [_cell("queue", "-", "put", brokers.reference() or "-", "-", payload),
                _cell("calibration", "-", "loop", "-", "-", payload)]
         if opts.app:
