@@ -94,8 +94,10 @@ class Publisher:
 
     @property
     def accept(self) -> list:
-        conf = self.app.conf
-        return sorted(set(conf.accept_content or []) | {conf.task_serializer})
+        """Exactly the serializer this cell publishes with (the cell's ``serializer``
+        param), whatever else the app accepts: the counting consumer decodes nothing
+        else, and pickle only in a cell that asked for it."""
+        return [self.serializer]
 
     @contextmanager
     def sending(self):

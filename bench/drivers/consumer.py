@@ -183,7 +183,9 @@ def _consume_main() -> int:
     with conn:
         conn.ensure_connection(max_retries=3, timeout=timeout)
         q(conn.default_channel).declare()
-        with conn.Consumer([q], on_message=on_message, no_ack=True, accept=spec["accept"]):
+        # Exactly what the cell published with; JSON when a spec says nothing.
+        accept = list(spec.get("accept") or ["json"])
+        with conn.Consumer([q], on_message=on_message, no_ack=True, accept=accept):
             try:  # one look first: some transports attach lazily
                 conn.drain_events(timeout=0.01)
             except socket.timeout:
