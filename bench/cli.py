@@ -144,9 +144,16 @@ def cli():
 @click.option("--instructions", is_flag=True,
               help="Also count instructions per message of the in-process cells under "
                    "valgrind's callgrind (deterministic where time is not).")
+@click.option("--restart-cmd", metavar="CMD",
+              help="faults: shell command that restarts (or stops) a broker the harness did "
+                   "not start (RabbitMQ, a plugin transport's server), e.g. 'rabbitmqctl "
+                   "stop_app'; without it those broker-restart cells are skipped.")
+@click.option("--start-cmd", metavar="CMD",
+              help="faults: shell command run after --restart-cmd to bring the broker back "
+                   "when --restart-cmd only stops it, e.g. 'rabbitmqctl start_app'.")
 def run(scenarios, quick, transports, only, repeat, duration, messages, rate, warmup, timeout,
         serializers, payload_bytes, app, task, pool, concurrency, task_seconds, out, quiet,
-        rate_sweep, max_rate, slo, html, instructions):
+        rate_sweep, max_rate, slo, html, instructions, restart_cmd, start_cmd):
     """Run SCENARIOS (default: all of them) and write a results file.
 
     Exits 1 when a cell failed or lost messages (unless its transport declares that loss
@@ -165,7 +172,7 @@ def run(scenarios, quick, transports, only, repeat, duration, messages, rate, wa
         pool=pool, concurrency=concurrency, task_seconds=task_seconds, app=app, task=task,
         payload_bytes=payload_bytes, serializers=tuple(serializers), out=out, quiet=quiet,
         instructions=instructions, rate_sweep=_sweep(rate_sweep), max_rate=max_rate,
-        slo=_slo(slo))
+        slo=_slo(slo), restart_cmd=restart_cmd, start_cmd=start_cmd)
     if instructions:
         registry.get(runner.INSTRUCTIONS)
     if rate_sweep or max_rate:

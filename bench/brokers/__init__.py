@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
 from .. import config
 
@@ -78,6 +79,9 @@ class TransportUnavailable(config.UsageError, ImportError):
 class BrokerEnv:
     url: str
     transport_options: dict = field(default_factory=dict)
+    # Stop the broker the harness started and start it again at the same address
+    # (``restart(down_s=0.0)``); None for a broker it does not own (the faults scenario).
+    restart: Callable | None = None
 
     def connection(self, **kwargs):
         from kombu import Connection

@@ -1,6 +1,7 @@
 """Our ``unix`` transport: a private broker subprocess (transports.broker) per environment."""
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,11 +31,20 @@ def broker(workdir):
 
     folder = _private_dir(Path(workdir))
     path = folder / "broker.sock"
-    proc = unix_broker.start(str(path), log_path=folder / "broker.log")
+    running = [unix_broker.start(str(path), log_path=folder / "broker.log")]
+
+    def restart(down_s: float = 0.0) -> None:
+        """Stop our broker (its queues are in memory: all lost) and start a new one on the
+        same socket path, as a restarted broker would be (the faults scenario)."""
+        running[0].stop()
+        if down_s > 0:
+            time.sleep(down_s)
+        running[0] = unix_broker.start(str(path), log_path=folder / "broker.log")
+
     try:
-        yield BrokerEnv(f"unix://{path}", {})
+        yield BrokerEnv(f"unix://{path}", {}, restart=restart)
     finally:
         # Runs on KeyboardInterrupt too: SIGTERM, then SIGKILL after 5 s.
-        proc.stop()
+        running[0].stop()
         if not str(folder).startswith(str(Path(workdir))):
             shutil.rmtree(folder, ignore_errors=True)

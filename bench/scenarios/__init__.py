@@ -157,3 +157,4 @@ def summary(name: str) -> list:
 
 # The built-in scenarios register themselves; their order is the run's order.
 from . import publish, consume, worker, join, prefetch, fanout, instructions  # noqa: E402,F401
+from . import faults  # noqa: E402,F401  opt-in: `celery-bench run faults`

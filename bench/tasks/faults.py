@@ -1,0 +1,46 @@
+"""The faults scenario's task: takes a little time and says when it started and ended.
+
+``bench.faults.work(index, seconds)`` appends two fixed-size records to
+``<dir>/<pid>.bin`` (``<dir>`` is ``$CELERY_BENCH_FAULTS_DIR`` in the worker's
+environment; each worker the scenario starts gets its own folder, so the
+harness knows which worker ran what): ``(index, start_ns, 0)`` when it starts
+and ``(index, start_ns, end_ns)`` when it has slept ``seconds``. A task killed
+mid-run leaves only its start record: it was interrupted, not run. Readings are
+``time.perf_counter_ns()`` (CLOCK_MONOTONIC, one clock for every process on the
+host). One ``os.write`` per record, one file per process (pool children included).
+"""
+import os
+import struct
+import time
+
+from celery import shared_task
+
+TASK = "bench.faults.work"
+DIR_ENV = "CELERY_BENCH_FAULTS_DIR"
+RECORD = struct.Struct("<qqq")  # index, start_ns, end_ns (0: started, not finished)
+
+_now = time.perf_counter_ns
+_pack = RECORD.pack
+_out = {"pid": None, "fd": None}
+
+
+def _fd() -> int:
+    pid = os.getpid()
+    if _out["pid"] != pid:  # first task in this process (a pool child after the fork)
+        folder = os.environ.get(DIR_ENV)
+        if not folder:
+            raise RuntimeError(f"{TASK} needs ${DIR_ENV} in the worker's environment")
+        _out["fd"] = os.open(os.path.join(folder, f"{pid}.bin"),
+                             os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        _out["pid"] = pid
+    return _out["fd"]
+
+
+@shared_task(name=TASK, ignore_result=True)
+def work(index, seconds=0.0):
+    start = _now()
+    fd = _fd()
+    os.write(fd, _pack(index, start, 0))
+    if seconds:
+        time.sleep(seconds)
+    os.write(fd, _pack(index, start, _now()))
