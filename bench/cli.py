@@ -43,6 +43,18 @@ def _seconds(name, maximum=None, example=""):
     return parse
 
 
+def _finite_range(name, low, high):
+    """A finite number from ``low`` to ``high`` (click's FloatRange lets nan through)."""
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            return options.parse_float(value, name, minimum=low, open_min=False, maximum=high)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint=name) from None
+    return parse
+
+
 def _service_url(service):
     """The flag's URL, checked and set for this process and its workers; without the
     flag, the environment variable's URL is checked here too (before anything runs)."""
@@ -109,7 +121,8 @@ def cli():
               help="Longest single wait, seconds.")
 @click.option("--serializer", "serializers", multiple=True,
               type=click.Choice(["json", "pickle", "msgpack", "yaml"]), callback=_serializers,
-              help="Serializers for publish cells (default json and pickle).")
+              help="Serializers for publish/consume cells (default json; pickle only when "
+                   "named, and only that cell's consumer unpickles).")
 @click.option("--payload-bytes", type=click.IntRange(0, 64 * 1024 * 1024),
               help="Message body size for publish cells (default 112).")
 @click.option("--app", "app", callback=_app_spec, metavar="MODULE:APP",
@@ -243,12 +256,16 @@ def _slo(text):
         raise config.UsageError(f"--slo {exc}") from None
 
 
-def _check_writable(path: str, option: str) -> None:
-    """Fail before measuring, not after: one line naming the option, exit 2."""
+def _check_writable(path: str, option: str, folder: bool = False) -> None:
+    """Fail before measuring, not after: one line naming the option, exit 2.
+    ``folder``: ``path`` is a folder to write files in (made if missing)."""
     target = Path(path)
-    if target.exists() and target.is_dir():
+    if folder:
+        if target.exists() and not target.is_dir():
+            raise config.UsageError(f"{option} {path}: is a file; give a folder")
+    elif target.exists() and target.is_dir():
         raise config.UsageError(f"{option} {path}: is a folder; give a file path")
-    folder = target.parent if str(target.parent) else Path(".")
+    folder = target if folder else (target.parent if str(target.parent) else Path("."))
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".celery-bench-write-test-{os.getpid()}"
@@ -352,7 +369,8 @@ def _selectors(values, option="--cell"):
 @click.option("--metric", "metrics", multiple=True, metavar="NAME",
               help="Metric to compare, e.g. throughput_per_s or publish_us.p99 "
                    "(default: throughputs, p50 and p99).")
-@click.option("--noise", type=click.FloatRange(0, 10), metavar="FRACTION",
+@click.option("--noise", type=float, callback=_finite_range("--noise", 0, 10),
+              metavar="FRACTION",
               help="Smallest difference called: the 95% interval must lie beyond "
                    "1/(1+FRACTION)-(1+FRACTION). Default 0.30 across runs (a shared "
                    "machine drifts between runs), 0.05 within one run (rounds paired).")
@@ -423,7 +441,8 @@ def compare(paths, by, ref, cells, metrics, noise, fail_on):
                    "(default: the spec's).")
 @click.option("--write-baseline", is_flag=True,
               help="Write the cells the baseline rules read from RESULTS to the baseline file.")
-@click.option("--budget", type=click.FloatRange(0, 3600), default=180.0, show_default=True,
+@click.option("--budget", type=float, callback=_finite_range("--budget", 0, 3600),
+              default=180.0, show_default=True,
               help="Seconds the gate may spend re-measuring the cells of rules whose interval "
                    "could not decide (0: never re-measure; those rules then warn).")
 @click.option("--across-versions", is_flag=True,
@@ -525,6 +544,16 @@ def report_(paths, fmt, out, cells, hists):
             raise config.UsageError("--cell: no cell of the run matches")
     path, run_ = paths[-1], runs[-1]
     names = set(hists) or None
+    if out or fmt not in exporters.TEXT_FORMATS:  # where it will write, checked first
+        if out:
+            where = out
+        elif fmt == "hgrm":
+            where = str(Path(path).with_name(Path(path).stem + "-hgrm"))
+        elif fmt == "html" and len(runs) == 2:
+            where = str(Path(path).with_suffix(".compare.html"))
+        else:
+            where = str(Path(path).with_suffix(f".{fmt}"))
+        _check_writable(where, "--out", folder=fmt == "hgrm")
     if fmt in exporters.TEXT_FORMATS:
         text = exporters.TEXT_FORMATS[fmt](run_)
         if out:

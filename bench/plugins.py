@@ -26,5 +26,11 @@ def load() -> list[str]:
             raise config.UsageError(f"{ENV}: cannot import {name!r} ({type(exc).__name__}: "
                                     f"{exc}); fix the module or its name") from None
         if hasattr(mod, "TRANSPORT"):
-            brokers.register(name)
+            try:
+                brokers.register(name)
+            except Exception as exc:
+                raise config.UsageError(
+                    f"{ENV}: {name!r} declares a TRANSPORT that is not a "
+                    f"bench.brokers.Transport ({type(exc).__name__}: {exc}); declare it as "
+                    f"bench/brokers/memory.py does") from None
     return names

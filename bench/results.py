@@ -28,6 +28,7 @@ only through :func:`load` and the helpers here.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -284,7 +285,8 @@ class SchemaError(ValueError):
 
 
 def validate(data) -> None:
-    """Raise SchemaError with a precise message when ``data`` is not a run."""
+    """Raise SchemaError with a precise message when ``data`` is not a run: every level
+    the readers (show, compare, gate, report, Locust) rely on, down to each ``hdr``."""
     if not isinstance(data, dict):
         raise SchemaError("a results file holds a JSON object")
     if data.get("schema") != SCHEMA:
@@ -292,31 +294,107 @@ def validate(data) -> None:
     for key, kind in (("environment", dict), ("cells", list)):
         if key not in data:
             raise SchemaError(f"missing top-level key {key!r}")
-        if not isinstance(data[key], kind):
-            raise SchemaError(f"{key!r} is a {type(data[key]).__name__}, expected a "
-                              f"{kind.__name__}")
+        _expect(data[key], kind, repr(key))
+    env = data["environment"]
+    for key, kind in (("options", dict), ("services", dict), ("argv", list)):
+        if key in env:
+            _expect(env[key], kind, f"environment {key!r}")
     for i, cell in enumerate(data["cells"]):
-        if not isinstance(cell, dict):
-            raise SchemaError(f"cell {i} is a {type(cell).__name__}, expected an object")
+        _expect(cell, dict, f"cell {i}")
         for key, kind in (("scenario", str), ("params", dict), ("status", str),
                           ("metrics", dict), ("histograms", dict)):
             if key not in cell:
                 raise SchemaError(f"cell {i} lacks {key!r}")
-            if not isinstance(cell[key], kind):
-                raise SchemaError(f"cell {i}: {key!r} is a {type(cell[key]).__name__}, "
-                                  f"expected a {kind.__name__}")
+            _expect(cell[key], kind, f"cell {i}: {key!r}")
         if cell["status"] not in STATUSES:
             raise SchemaError(f"cell {i} has status {cell['status']!r}")
-        if not isinstance(cell.get("repeats", []), list):
-            raise SchemaError(f"cell {i}: 'repeats' is not a list")
+        for key, value in cell["params"].items():
+            if not isinstance(value, _SCALARS):
+                raise SchemaError(f"cell {i} param {key!r} is a {type(value).__name__}; "
+                                  f"params are strings or numbers")
+        for key in ("reason", "exempt"):
+            _expect(cell.get(key, ""), str, f"cell {i}: {key!r}")
+        _expect(cell.get("spread", {}), dict, f"cell {i}: 'spread'")
+        for name, s in cell.get("spread", {}).items():
+            _expect(s, dict, f"cell {i} spread {name!r}")
+        _expect(cell.get("repeats", []), list, f"cell {i}: 'repeats'")
+        for r, rep in enumerate(cell.get("repeats", [])):
+            where = f"cell {i} repeat {r}"
+            _expect(rep, dict, where)
+            _expect(rep.get("metrics", {}), dict, f"{where}: 'metrics'")
+            _expect(rep.get("histograms", {}), dict, f"{where}: 'histograms'")
+            _expect(rep.get("notes", []), list, f"{where}: 'notes'")
+            if "round" in rep and (not isinstance(rep["round"], int)
+                                   or isinstance(rep["round"], bool)):
+                raise SchemaError(f"{where}: 'round' is {rep['round']!r}, not a round number")
+            for name, h in rep.get("histograms", {}).items():
+                _histogram(h, f"{where} histogram {name!r}", with_hdr=False)
         for name, h in cell["histograms"].items():
-            if not isinstance(h, dict):
-                raise SchemaError(f"cell {i} histogram {name!r} is not an object")
-            for key in ("unit", "count", "p50", "p99", "max", "overflow", "hdr"):
-                if key not in h:
-                    raise SchemaError(f"cell {i} histogram {name!r} lacks {key!r}")
-            if not isinstance(h["hdr"], str):
-                raise SchemaError(f"cell {i} histogram {name!r}: 'hdr' is not a string")
+            _histogram(h, f"cell {i} histogram {name!r}", with_hdr=True)
+
+
+_SCALARS = (str, int, float, bool, type(None))
+_NUMBERS = (int, float)
+
+
+def _expect(value, kind, where: str) -> None:
+    if not isinstance(value, kind):
+        names = {dict: "an object", list: "a list", str: "a string"}
+        raise SchemaError(f"{where} is {_a(value)}, expected {names.get(kind, kind.__name__)}")
+
+
+def _a(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+            int: "a number", float: "a number", type(None): "null"}.get(type(value),
+                                                                       type(value).__name__)
+
+
+def _histogram(h, where: str, with_hdr: bool) -> None:
+    _expect(h, dict, where)
+    needed = ("unit", "count", "p50", "p99", "max", "overflow") + (("hdr",) if with_hdr else ())
+    for key in needed:
+        if key not in h:
+            raise SchemaError(f"{where} lacks {key!r}")
+    _expect(h["unit"], str, f"{where}: 'unit'")
+    for key in ("count", "overflow"):
+        if not isinstance(h[key], int) or isinstance(h[key], bool) or h[key] < 0:
+            raise SchemaError(f"{where}: {key!r} is {h[key]!r}, not a count")
+    for key in ("p50", "p90", "p99", "p999", "max"):
+        v = h.get(key)
+        if v is not None and (not isinstance(v, _NUMBERS) or isinstance(v, bool)):
+            raise SchemaError(f"{where}: {key!r} is {v!r}, not a number")
+    if with_hdr:
+        _expect(h["hdr"], str, f"{where}: 'hdr'")
+        _hdr(h["hdr"], f"{where}: 'hdr'")
+    intervals = h.get("intervals", [])
+    _expect(intervals, list, f"{where}: 'intervals'")
+    for n, iv in enumerate(intervals):
+        w = f"{where} intervals[{n}]"
+        _expect(iv, dict, w)
+        for key in ("start_s", "end_s"):
+            if not isinstance(iv.get(key), _NUMBERS) or isinstance(iv.get(key), bool):
+                raise SchemaError(f"{w}: {key!r} is {iv.get(key)!r}, not a time in seconds")
+        _expect(iv.get("hdr"), str, f"{w}: 'hdr'")
+        _hdr(iv["hdr"], f"{w}: 'hdr'", full=False)
+
+
+def _hdr(text: str, where: str, full: bool = True) -> None:
+    """``text`` must be an ``HdrHistogram.encode()``: base64, and (``full``) decodable."""
+    import base64
+    import binascii
+
+    try:
+        raw = base64.b64decode(text.encode("ascii"), validate=True)
+    except (UnicodeEncodeError, binascii.Error, ValueError):
+        raise SchemaError(f"{where} is not base64 (an HdrHistogram encoding)") from None
+    if not raw:
+        raise SchemaError(f"{where} is empty, not an HdrHistogram encoding")
+    if full:
+        try:
+            HdrHistogram.decode(text.encode("ascii"))
+        except Exception as exc:  # the codec raises its own kinds
+            raise SchemaError(f"{where} is not an HdrHistogram encoding "
+                              f"({type(exc).__name__})") from None
 
 
 def dump(run: Run, path: str | os.PathLike) -> None:
@@ -325,13 +403,28 @@ def dump(run: Run, path: str | os.PathLike) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
     with os.fdopen(fd, "w") as fh:
-        json.dump(run.to_dict(), fh, indent=1)
+        json.dump(_finite(run.to_dict()), fh, indent=1)
         fh.write("\n")
     os.replace(tmp, path)
 
 
+def _finite(obj):
+    """NaN and infinities written as null (no value): JSON has no such numbers."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _no_constant(name: str):
+    raise SchemaError(f"{name} is not a JSON number; a results file holds finite numbers")
+
+
 def load(path: str | os.PathLike) -> Run:
     with open(path) as fh:
-        data = json.load(fh)
+        data = json.load(fh, parse_constant=_no_constant)
     validate(data)
     return Run(data["environment"], [Cell.from_dict(c) for c in data["cells"]])

@@ -94,6 +94,9 @@ class RunOptions:
         d.pop("workdir")
         d["scenarios"] = list(self.names())
         d["repeat"] = self.rounds()
+        for key in ("restart_cmd", "start_cmd"):  # a command line may carry a password
+            if d.get(key):
+                d[key] = "(given; not stored: it may hold a secret)"
         d["only"] = [f"{k}={v}" for k, v in self.only]
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
@@ -193,6 +196,7 @@ class CellRun:
     repeats: list = field(default_factory=list)
     status: str = ""                # "" while it runs; "skipped" / "failed" once it stopped
     reason: str = ""
+    measured_loss: str = ""         # the scenario's: why a loss here is what it measures
 
     def cell(self) -> results.Cell:
         cell = results.aggregate(self.scenario, self.params, self.repeats) if self.repeats \
@@ -200,12 +204,14 @@ class CellRun:
         if self.status:
             cell.status = self.status
             cell.reason = "; ".join(filter(None, (self.reason, cell.reason)))
-        if cell.status == "lost" and "transport" in self.params:
-            try:
-                cell.exempt = brokers.info(self.params["transport"]).loss_exemption(
-                    self.params)
-            except ImportError:
-                pass
+        if cell.status == "lost":
+            cell.exempt = self.measured_loss
+            if not cell.exempt and "transport" in self.params:
+                try:
+                    cell.exempt = brokers.info(self.params["transport"]).loss_exemption(
+                        self.params)
+                except ImportError:
+                    pass
         return cell
 
 
@@ -283,7 +289,8 @@ def run(opts: RunOptions, on_cell: Callable | None = None, on_start: Callable | 
 
 
 def _run_rounds(scenario, cells, rounds, opts, run_, on_cell, on_cell_start) -> None:
-    states = [CellRun(scenario.name, dict(p)) for p in cells]
+    states = [CellRun(scenario.name, dict(p), measured_loss=scenario.measured_loss(p))
+              for p in cells]
     slots = {}   # id(state) -> index of its cell in run_.cells (its first round's place)
     for round_ in range(rounds):
         scenario.begin_round(round_)
@@ -344,7 +351,9 @@ def remeasure(run_: results.Run, keys, rounds: int, opts: RunOptions | None = No
     try:
         for name, cells in by_scenario.items():
             with closing(scenarios.get(name)(opts)) as scenario:
-                states = [CellRun(name, dict(c.params)) for c in cells]
+                states = [CellRun(name, dict(c.params),
+                                  measured_loss=scenario.measured_loss(c.params))
+                          for c in cells]
                 for round_ in range(first, first + rounds):
                     scenario.begin_round(round_)
                     for state in states:
@@ -372,7 +381,8 @@ def remeasure(run_: results.Run, keys, rounds: int, opts: RunOptions | None = No
 def run_cell(scenario: scenarios.Scenario, params: dict, rounds: int = 1) -> results.Cell:
     """One cell of an open scenario, ``rounds`` times (for tests and the gate's re-measure):
     the runner's own skip, failure and status rules, no results file."""
-    state = CellRun(scenario.name, dict(params))
+    state = CellRun(scenario.name, dict(params),
+                    measured_loss=scenario.measured_loss(params))
     reason = _unreachable(scenario, state.params)
     if reason:
         state.status, state.reason = "skipped", reason

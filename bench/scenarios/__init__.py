@@ -84,6 +84,12 @@ class Scenario:
     def run_cell(self, params: dict) -> Outcome:
         raise NotImplementedError
 
+    def measured_loss(self, params: dict) -> str:
+        """Why a loss in this cell is what the scenario measures, not a failure of the
+        run ("" by default: every message must arrive). The faults scenario's cells lose
+        tasks on purpose."""
+        return ""
+
     def close(self) -> None:
         """Stop whatever the scenario kept across cells. Idempotent."""
 

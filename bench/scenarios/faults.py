@@ -566,6 +566,12 @@ class Faults(Scenario):
         return out
 
     # ----------------------------------------------------------------------- one cell
+    def measured_loss(self, params) -> str:
+        # What a fault costs is this scenario's finding, not a broken run: the run exits 0
+        # and the gate's loss rule passes these cells, saying why.
+        return f"the loss this cell measures: {params.get('fault')} with " \
+               f"acks_late={params.get('acks_late')}"
+
     def run_cell(self, params) -> Outcome:
         reason = self._why_not(params)
         if reason:

@@ -49,6 +49,7 @@ from ..drivers import queue as queue_driver
 from ..drivers.consumer import ConsumerProcess, Received, Tally
 from ..drivers.target import Target
 from ..drivers.userapp import broker_label, check_task, load_app
+from ..config import UsageError
 from . import Outcome, Scenario, Skip, make_payload, payload_bytes, register, unique_name
 
 CHUNK = 50_000            # in-process consumers drain every CHUNK messages (flat memory)
@@ -363,6 +364,10 @@ class Publish(Scenario):
         if opts.app:
             app, _ = self._app()
             ser = app.conf.task_serializer
+            if ser == "pickle" and "pickle" not in opts.serializers:
+                raise UsageError(f"--app {opts.app} serializes tasks with pickle: its cells' "
+                                 f"consumer would unpickle what it reads; pass --serializer "
+                                 f"pickle to accept that")
             retry = "yes" if app.conf.task_publish_retry else "no"
             out += self._kombu(kombu_driver.STRATEGIES, APP_TRANSPORT, ser, payload)
             out += [_cell("celery", p, m, APP_TRANSPORT, ser, payload, retry)
