@@ -225,3 +225,22 @@ def test_report_command_writes_every_format(cli_run, tmp_path):
     assert res.returncode == 2 and "only as --format html" in res.stderr
     res = cli_run("report", "r.json", "--format", "hgrm", "--hist", "nope")
     assert res.returncode == 2 and "no recorded histogram" in res.stderr
+
+
+def test_a_run_of_max_rate_searches_draws_their_overview(tmp_path):
+    from bench import results
+    from bench.exporters import png as png_module
+
+    cells = []
+    for transport, best in (("unix", 800.0), ("redis", 200.0)):
+        steps = [{"rate": r, "achieved": r, "latency_us": lat, "backlog_growth": 0.0,
+                  "seconds": 1.0, "phase": "climb", "ok": lat <= 10_000, "why": ""}
+                 for r, lat in ((100, 900.0), (200, 2_000.0), (400, 6_000.0),
+                                (800, 9_000.0), (1600, 90_000.0))]
+        cell = results.Cell("worker", {"transport": transport, "rate": "max",
+                                       "slo": "p99<=10ms"})
+        cell.metrics = {"max_sustainable_rate_per_s": best, "slo": "p99<=10ms",
+                        "steps": steps}
+        cells.append(cell)
+    out = png_module.png(results.Run({}, cells), tmp_path / "overview.png")
+    assert out.exists() and out.stat().st_size > 10_000

@@ -467,6 +467,57 @@ def draw_search(fig, cell, keys) -> int:
     return drawn
 
 
+def draw_search_overview(fig, cells, keys) -> int:
+    """Every max-rate search of a run on one chart: the SLO's latency at each rate tried,
+    one line per cell (sorted by rate), each cell's maximum sustainable rate marked on
+    its line, and the SLO's bound."""
+    ax = fig.subplots(1, 1)
+    drawn, slo = 0, None
+    for i, cell in enumerate(cells):
+        tried: dict[float, list] = {}
+        for s in cell.metrics.get("steps") or ():
+            if isinstance(s, dict) and isinstance(s.get("latency_us"), (int, float)) \
+                    and s["latency_us"] > 0:
+                tried.setdefault(s["rate"], []).append(s)
+        # One point per rate tried (a retried or confirmed rate was held more than once):
+        # its median latency, sustained if any hold of it was.
+        steps = [{"rate": r, "latency_us": statistics.median(x["latency_us"] for x in held),
+                  "ok": any(x.get("ok") for x in held)} for r, held in sorted(tried.items())]
+        if not steps:
+            continue
+        colour = PALETTE[i % len(PALETTE)]
+        best = cell.metrics["max_sustainable_rate_per_s"]
+        label = f"{cell_label(cell, keys)}: {best:,.0f}/s"
+        line, = ax.plot([s["rate"] for s in steps], [s["latency_us"] for s in steps], "-",
+                        color=colour, linewidth=1.2, label=label)
+        line.set_gid(f"data-overview-{i}")
+        ok = [s for s in steps if s.get("ok")]
+        ax.plot([s["rate"] for s in ok], [s["latency_us"] for s in ok], "o", color=colour,
+                markersize=3)
+        bad = [s for s in steps if not s.get("ok")]
+        ax.plot([s["rate"] for s in bad], [s["latency_us"] for s in bad], "x", color=colour,
+                markersize=4)
+        if best:
+            ax.axvline(best, color=colour, linestyle="--", linewidth=0.9)
+        slo = slo or cell.metrics.get("slo")
+        drawn += 1
+    bound = slo_us(slo)
+    if bound:
+        ax.axhline(bound, color="#555555", linestyle=":", label=f"SLO {slo}")
+    ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    # Plain rates (2,000 not 2x10^3), the minor ticks at 2 and 5 of each decade only.
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(
+        lambda v, _: f"{v:,.0f}" if f"{v:.0e}"[0] in "25" else ""))
+    log_us_axis(ax.yaxis)
+    ax.set_xlabel("rate asked (1/s): o sustained, x not; dashed: the maximum sustained")
+    ax.set_title(f"latency the SLO reads ({slo}) at each rate the search tried")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return drawn
+
+
 def sweep_height(sweep: Sweep) -> float:
     return 3.6 * max(1, math.ceil(len(hist_kinds(sweep.cells)) / 3))
 

@@ -10,8 +10,18 @@ from . import charts
 
 
 def png(run: results.Run, path, cells=None, hist_names=None, dpi: int = 110) -> Path:
-    """Spectra of ``hist_names`` (default all) for ``cells`` (default all ok)."""
+    """Spectra of ``hist_names`` (default all) for ``cells`` (default all ok); a run of
+    max-rate searches gets their overview instead (latency against the rates tried)."""
     chosen = [c for c in (cells if cells is not None else run.cells) if c.status == "ok"]
+    found = charts.searches(chosen)
+    if found and len(found) == len(chosen):
+        with charts.style():
+            fig = charts.new_figure(9.5, 4.2)
+            charts.draw_search_overview(fig, found, charts.varying_keys(found))
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(path, dpi=dpi, bbox_inches="tight")
+        return path
     rows = []
     by_scenario: dict[str, list] = {}
     for c in chosen:
