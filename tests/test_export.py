@@ -229,7 +229,7 @@ def test_report_command_writes_every_format(cli_run, tmp_path):
 
 def test_a_run_of_max_rate_searches_draws_their_overview(tmp_path):
     from bench import results
-    from bench.exporters import png as png_module
+    from bench.exporters.png import png as draw_png
 
     cells = []
     for transport, best in (("unix", 800.0), ("redis", 200.0)):
@@ -242,5 +242,5 @@ def test_a_run_of_max_rate_searches_draws_their_overview(tmp_path):
         cell.metrics = {"max_sustainable_rate_per_s": best, "slo": "p99<=10ms",
                         "steps": steps}
         cells.append(cell)
-    out = png_module.png(results.Run({}, cells), tmp_path / "overview.png")
+    out = draw_png(results.Run({}, cells), tmp_path / "overview.png")
     assert out.exists() and out.stat().st_size > 10_000
