@@ -50,7 +50,7 @@ def test_broker_env_is_a_private_folder_removed_after(tmp_path):
     with brokers.broker("fifo", tmp_path) as e:
         folder = Path(Connection(e.url).transport.directory)
         assert folder.is_dir() and (folder.stat().st_mode & 0o777) == 0o700
-        assert e.url.startswith("fifo:///") and e.cross_process
+        assert e.url.startswith("fifo:///") and brokers.info("fifo").cross_process
     assert not folder.exists()
 
 
@@ -405,3 +405,55 @@ def test_celery_worker_runs_tasks_over_fifo(env):
         replies = app.control.ping(timeout=2.0)
         assert {w.hostname: {"ok": "pong"}} in replies
     app.close()
+
+
+# --------------------------------------------------------------------------- crash exposure
+def _in_pipe(inbox) -> int:
+    import fcntl
+    import struct
+    import termios
+
+    return struct.unpack("i", fcntl.ioctl(inbox.rfd, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+def test_the_reader_holds_no_more_than_the_prefetch_window(env):
+    """What was read dies with the process: with prefetch 2 at most 2 are out of the
+    pipe (delivered-unacked + read-unhanded); the rest stays in it."""
+    q, got = qname(), []
+    with env.connection() as cons, env.connection() as prod:
+        ch = cons.channel()
+        ch.basic_qos(0, 2, False)
+        Consumer(ch, [Queue(q)], callbacks=[lambda b, m: got.append(m)]).consume()
+        for i in range(50):
+            Producer(prod).publish({"i": i}, routing_key=q, serializer="json")
+        drain_until(cons, lambda: len(got) == 2)
+        with pytest.raises(socket.timeout):
+            cons.drain_events(timeout=0.1)  # the window is full: nothing more delivered
+        inbox = cons.transport._inboxes[q]
+        assert len(got) + len(inbox.frames) + len(inbox.requeued) <= 2
+        assert _in_pipe(inbox) > 40 * 40  # 48 messages still in the pipe, not in memory
+        got[0].ack()
+        drain_until(cons, lambda: len(got) == 3)
+        assert len(inbox.frames) + len(inbox.requeued) <= 1
+        assert [m.payload["i"] for m in got] == [0, 1, 2]
+
+
+def test_cancel_hands_over_what_was_read_and_reads_no_more(env):
+    q, got = qname(), []
+    with env.connection() as cons, env.connection() as prod:
+        ch = cons.channel()
+        ch.basic_qos(0, 5, False)
+        consumer = Consumer(ch, [Queue(q)], callbacks=[lambda b, m: got.append(b["i"])])
+        consumer.consume()
+        for i in range(20):
+            Producer(prod).publish({"i": i}, routing_key=q, serializer="json")
+        inbox = cons.transport._inboxes[q]
+        cons.transport._fill(inbox)  # read as a busy consumer would, deliver nothing yet
+        read = len(inbox.frames)
+        assert 1 <= read <= 5
+        consumer.cancel()  # a warm shutdown
+        assert got == list(range(read))  # what was read was handed over
+        assert not inbox.pending()
+        left = _in_pipe(inbox)
+        cons.transport._fill(inbox)
+        assert _in_pipe(inbox) == left  # and nothing more taken from the pipe

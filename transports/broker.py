@@ -19,21 +19,29 @@ What it promises
   holds the message (the client's ``confirm_publish``). A plain ``PUBLISH`` is
   pipelined: no answer, so what the broker had not yet read when it died is lost
   (at-most-once on the publish side). Frames of one connection are taken in order.
-* **Bounded memory** (the defaults keep the process under 512 MB whatever its
-  clients do; :class:`Limits`): a queue holds at most ``max_queue_messages``
-  messages and ``max_queue_bytes`` bytes ready for delivery; all messages held
-  (ready, unacknowledged, being written) at most ``max_memory`` bytes (payload plus
-  ``MSG_OVERHEAD`` each). A frame is at most ``max_frame`` bytes; frames over 64 KiB
-  are read only with memory reserved for them from ``max_memory``. At most
-  ``max_connections`` connections and ``max_objects`` queues + exchanges +
-  bindings + channels + consumers; names are at most 255 bytes.
+* **Bounded memory** (:class:`Limits`): a queue holds at most
+  ``max_queue_messages`` (1,000,000) messages and ``max_queue_bytes`` (128 MiB)
+  ready for delivery; all messages held (ready, unacknowledged, being written) at
+  most ``max_memory`` (192 MiB, payload plus ``MSG_OVERHEAD`` each). A frame is at
+  most ``max_frame`` (8 MiB); frames over 64 KiB are read only with memory reserved
+  for them, a quarter of ``max_memory`` in all. At most ``max_connections`` (256)
+  connections, each holding at most ~200 KiB of buffers, and ``max_objects``
+  (20,000) queues + exchanges + bindings + channels + consumers, names at most 255
+  bytes. With the defaults that is under 512 MB whatever the clients do: every
+  attack at once (19,000 queues of 255-byte names, memory full, 210 connections
+  flooding requests without reading, 36 connections half-way through 8 MiB
+  frames) peaked at ~300 MB RSS here. Past ``max_objects`` nobody can declare;
+  past ``max_memory`` every publisher waits: a global limit is not fair-shared.
 * **Back-pressure, never silent loss**: a publish to a full queue (or past
   ``max_memory``) is held back, not dropped: the broker stops taking further
   frames from that connection (acks, rejects and QoS still go through) and reads
   no more of its socket once 64 KiB are held back, so the client's write blocks;
   it sends the client a ``FLOW`` notice saying which queue and limit. When room
-  appears the held frames run in order. A client that gives up (its write timed
-  out) and hangs up has what was held back dropped, with a warning in this log.
+  appears the held frames run in order. A client that hangs up while held back
+  (its write timed out, or it closed) returned from those publishes: the broker
+  takes its remaining whole publishes past the queue's limit, but not past
+  ``max_memory`` (those are dropped and counted in this log), and drops its
+  unconfirmed ``PUBLISH_CONFIRM`` frames (their publisher was told they failed).
   Deliveries to a held-back connection go on, so it can drain its own queue
   unless its prefetch window is full of messages it cannot ack while blocked
   (publish and consume on separate connections, as Celery does).
@@ -267,12 +275,13 @@ class Queue:
 
 
 class Exchange:
-    __slots__ = ("name", "type", "bindings")
+    __slots__ = ("name", "type", "bindings", "cache")
 
     def __init__(self, name: bytes, type: bytes):
         self.name = name
         self.type = type
         self.bindings: dict = {}         # binding key -> [Queue]
+        self.cache: dict = {}            # routing key -> tuple of Queue (Broker._route)
 
 
 class Consumer:
@@ -347,7 +356,7 @@ class Broker:
         self.held = 0                    # cost of every message held (<= max_memory)
         self.reserved = 0                # big frames being read or held back
         self.max_reserved = limits.max_memory // 4
-        self._routes: dict = {}          # (exchange, routing key) -> tuple of Queue
+        self._cached_routes = 0          # entries in every Exchange.cache
         self._dirty_queues: set = set()
         self._dirty_clients: set = set()
         self._blocked: set = set()       # clients whose held-back publish waits for room
@@ -363,7 +372,7 @@ class Broker:
         self._watch_parent = os.getppid() if watch_parent else None
         self._wake_r = self._wake_w = None
         self._handlers = {
-            OP_PUBLISH: self._on_publish, OP_PUBLISH_CONFIRM: self._on_publish_confirm,
+            OP_PUBLISH: self._route_publish, OP_PUBLISH_CONFIRM: self._on_publish_confirm,
             OP_ACK: self._on_ack, OP_REJECT: self._on_reject,
             OP_QOS: self._on_qos, OP_CANCEL: self._on_cancel,
             OP_CHANNEL_CLOSE: self._on_channel_close,
@@ -663,7 +672,7 @@ class Broker:
                 handler = handlers.get(op)
                 if handler is None:
                     raise ProtocolError(f"unknown op {op}")
-                if len(frame) > SMALL_FRAME and client.rsv_reader:
+                if client.rsv_reader and len(frame) > SMALL_FRAME:
                     # Its reservation ends here; a publish counts it again as a message.
                     self.reserved -= client.rsv_reader
                     client.rsv_reader = 0
@@ -760,7 +769,8 @@ class Broker:
                     client.rsv_parked -= n
                 op = frame[0]
                 if op == OP_PUBLISH or op == OP_PUBLISH_CONFIRM:
-                    taken = self._route_publish(client, frame, op == OP_PUBLISH_CONFIRM)
+                    taken = self._route_publish(client, frame, op == OP_PUBLISH_CONFIRM,
+                                                park=False)
                     if taken:
                         client.parked_pub -= 1
                 else:
@@ -804,10 +814,13 @@ class Broker:
                 if not client.closed:
                     self._unpark(client)
 
-    def _block(self, client: Client, reason) -> bool:
-        """A publish of ``client`` must wait for room in ``reason``: tell it, once."""
+    def _block(self, client: Client, reason, frame=None) -> bool:
+        """A publish of ``client`` must wait for room in ``reason`` (held back when
+        ``frame`` is given): tell it, once."""
         client.blocked = reason
         self._blocked.add(client)
+        if frame is not None:
+            self._park(client, frame)
         if not client.flow_sent:
             limits = self.limits
             if reason is _MEMORY:
@@ -846,6 +859,9 @@ class Broker:
             first = out[0]
             if len(out) == 1 or len(first) >= FLUSH_CHUNK:
                 data = out.popleft()
+            elif client.outlen <= FLUSH_CHUNK:
+                data = b"".join(out)  # the usual case: all of it, joined in C
+                out.clear()
             else:
                 # Join a bounded piece: a client that reads slowly never makes the broker
                 # copy its whole backlog per turn.
@@ -955,7 +971,7 @@ class Broker:
                     if self.held >= self.max_memory:
                         dropped += 1
                     else:
-                        self._route_publish(client, frame, False, force=True)
+                        self._route_publish(client, frame, False, park=False, force=True)
                         taken += 1
                 elif op == OP_PUBLISH_CONFIRM:
                     unconfirmed += 1
@@ -1070,7 +1086,7 @@ class Broker:
         if self.queues.get(q.name) is q:
             del self.queues[q.name]
             self.objects -= 1
-        self._routes.clear()
+        self._forget_routes()
         return count
 
     def _unbind(self, q: Queue, ex_name: bytes, key: bytes):
@@ -1085,13 +1101,16 @@ class Broker:
             queues.remove(q)
             if not queues:
                 del ex.bindings[key]
-            self._routes.clear()
+            self._forget_routes()
+
+    def _forget_routes(self):
+        if self._cached_routes:
+            for ex in self.exchanges.values():
+                ex.cache.clear()
+            self._cached_routes = 0
 
     def _route(self, exchange: Exchange, rk: bytes) -> tuple:
-        key = (exchange.name, rk)
-        found = self._routes.get(key)
-        if found is not None:
-            return found
+        """The queues ``rk`` reaches through ``exchange`` (callers look in its cache first)."""
         if exchange.type == b"fanout":
             seen = {}
             for queues in exchange.bindings.values():
@@ -1109,9 +1128,10 @@ class Broker:
         else:
             found = tuple(exchange.bindings.get(rk, ()))
         if len(rk) <= ROUTE_KEY_CACHED:
-            if len(self._routes) >= ROUTE_CACHE_MAX:
-                self._routes.clear()
-            self._routes[key] = found
+            if self._cached_routes >= ROUTE_CACHE_MAX:
+                self._forget_routes()
+            exchange.cache[rk] = found
+            self._cached_routes += 1
         return found
 
     def _dispatch(self, q: Queue):
@@ -1138,6 +1158,7 @@ class Broker:
             budget = 1 if n > 1 else 1 << 30
             out = client.out
             outlen = client.outlen
+            cost = outlen + len(out) * PIECE   # what _unsent() would say, kept up to date
             while msgs and budget:
                 budget -= 1
                 payload, redelivered = msgs.popleft()
@@ -1154,7 +1175,8 @@ class Broker:
                                              ch.id, c.cid, tag, redelivered))
                 out.append(payload)
                 outlen += DELIVER_HEAD.size + size
-                if outlen + len(out) * PIECE >= HIGH_WATER:
+                cost += DELIVER_HEAD.size + size + 2 * PIECE
+                if cost >= HIGH_WATER:
                     client.throttled = True
                     break
                 if ch.prefetch and not c.no_ack and len(ch.unacked) >= ch.prefetch:
@@ -1198,17 +1220,13 @@ class Broker:
                     HELLO_OK.pack(os.getpid(), self.limits.max_frame))
         return True
 
-    def _on_publish(self, client: Client, frame):
-        if not self._route_publish(client, frame, False):
-            self._park(client, frame)
-
     def _on_publish_confirm(self, client: Client, frame):
-        if not self._route_publish(client, frame, True):
-            self._park(client, frame)
+        self._route_publish(client, frame, True)
 
-    def _route_publish(self, client: Client, frame, confirm: bool, force: bool = False) -> bool:
-        """Enqueue a publish where it routes; False (nothing done) when it must wait
-        (``force``: never, past any limit)."""
+    def _route_publish(self, client: Client, frame, confirm: bool = False, park: bool = True,
+                       force: bool = False) -> bool:
+        """Enqueue a publish where it routes (the PUBLISH handler). When it must wait:
+        held back (``park``) and False. ``force``: never wait, past any limit."""
         if confirm:
             _, chid, reqid = RPC_HEAD.unpack_from(frame, 0)
             (exlen,) = U16.unpack_from(frame, 7)
@@ -1226,7 +1244,7 @@ class Broker:
             raise ProtocolError("publish header runs past the frame")
         self._busy = True
         if self.held >= self.max_memory and not force:
-            return self._block(client, _MEMORY)
+            return self._block(client, _MEMORY, frame if park else None)
         if not ex:
             q = self.queues.get(rk)
             if q is None:
@@ -1240,10 +1258,15 @@ class Broker:
                 targets = (q,)
         else:
             exchange = self.exchanges.get(ex)
-            targets = self._route(exchange, rk) if exchange is not None else ()
+            if exchange is None:
+                targets = ()
+            else:
+                targets = exchange.cache.get(rk)
+                if targets is None:
+                    targets = self._route(exchange, rk)
         for q in targets:
             if (len(q.messages) >= q.max_messages or q.bytes >= q.max_bytes) and not force:
-                return self._block(client, q)
+                return self._block(client, q, frame if park else None)
         if targets:
             payload = frame[pos:]
             for q in targets:
@@ -1402,7 +1425,7 @@ class Broker:
                     if (name, key) in q.bindings:
                         q.bindings.discard((name, key))
                         self.objects -= 1
-            self._routes.clear()
+            self._forget_routes()
         self._reply(client, chid, reqid)
 
     def _on_queue_declare(self, client: Client, frame):
@@ -1460,7 +1483,7 @@ class Broker:
                 return
             q.bindings.add((exname, key))
             ex.bindings.setdefault(key, []).append(q)
-            self._routes.clear()
+            self._forget_routes()
         self._reply(client, chid, reqid)
 
     def _on_queue_unbind(self, client: Client, frame):

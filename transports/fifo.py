@@ -23,6 +23,30 @@ What a pipe can do and what it cannot, enforced rather than hoped for:
   messages are not restored on close. ``reject(requeue=True)`` puts the
   message back at the head of this process's buffer (redelivered, while the
   process holds the queue).
+* **What a consumer's end loses: its prefetch window plus its pipe.** With a
+  prefetch limit (``basic_qos``; Celery's ``worker_prefetch_multiplier`` x
+  concurrency) the consumer never holds more than its window: it reads the
+  pipe frame by frame, only as many messages as the window has room for
+  (delivered-unacked plus read-not-handed-over <= prefetch). SIGKILL loses that
+  window and whatever sits in the pipe (up to ``pipe_size`` bytes of
+  messages). A warm shutdown (``basic_cancel``, which ``Consumer.cancel()`` and
+  Celery's warm shutdown call) reads no more and hands over what was read, so
+  only the pipe's content is lost, and it keeps filling while a worker winds
+  down. Letting a queue go logs what it drops. Without a prefetch limit reads
+  are in bulk (``read_size``) and what was read but not handed over is lost too.
+  Measured here (a producer publishing as fast as it can, 438-byte messages, a
+  Kombu consumer at prefetch 1 stopped after 300-6,000 handled, 3 rounds each,
+  ``python tests/test_fifo_loss.py``): 64 KiB pipe (~150 messages) 135-140 lost
+  on SIGKILL, 139-140 on SIGTERM; the default 1 MiB pipe (~2,395 messages)
+  2,059-2,298 on SIGKILL, 1,871-2,258 on SIGTERM: the pipe, full, and nothing
+  else (before the bounded reader, the same consumer lost 3,962 of 6,963: the
+  reader took 256 KiB whatever the prefetch). A Celery solo worker at
+  multiplier 1 fed by ``send_task`` (slower than the worker, so its pipe is
+  rarely full): 0-77 (SIGKILL) and 3-52 (SIGTERM) with a 64 KiB pipe, 7-211 and
+  20-1,278 with 1 MiB (medians 9, 7, 18, 21; before: ~1,100 either way). The
+  pipe is the floor, and it cannot be made small without making producers
+  block sooner (``pipe_size``). For work that must not be lost, use the
+  ``unix`` transport (acks, redelivery, publisher confirms).
 * **Many producers, no interleaving.** Every write is at most ``PIPE_BUF``
   bytes, which a pipe keeps whole. A larger message is split into chunks
   tagged with the producer's stream id and reassembled by the consumer (no
@@ -59,9 +83,9 @@ an auto_delete reply queue). The ``rpc://`` result backend works for the same
 reason. Celery turns mingle and gossip off by itself for this transport (they
 need ``driver_type`` amqp or redis); worker heartbeats and task events are
 published to the ``celeryev`` topic and reach only event receivers attached
-at that moment. Everything stays at-most-once: tasks a worker prefetched are
-lost when it stops or dies (``worker_prefetch_multiplier=1`` keeps that to
-one per process; ``task_acks_late`` does not bring them back).
+at that moment. Everything stays at-most-once: tasks a worker prefetched, and
+those still in its pipe, are lost when it stops or dies (see above for how
+many; ``task_acks_late`` does not bring them back).
 
 Features
 ========
@@ -94,7 +118,9 @@ Transport Options
   Default ``10``.
 * ``pipe_size``: (int) Pipe capacity the consumer asks for with
   ``F_SETPIPE_SZ``; capped by ``/proc/sys/fs/pipe-max-size``. Default 1 MiB.
-* ``read_size``: (int) Bytes read from a pipe per read call. Default 256 KiB.
+* ``read_size``: (int) Bytes read from a pipe per read call by a consumer
+  without a prefetch limit (with one, reads are frame by frame). Default
+  256 KiB.
 * ``body_encoding``: Kombu's body encoding. Default ``None``: frames carry
   the body raw, so Kombu's base64 round trip is skipped.
 """
@@ -109,6 +135,8 @@ import select
 import signal
 import socket
 import stat
+import struct
+import termios
 import threading
 import time
 import weakref
@@ -146,6 +174,8 @@ _OPEN_WRITE = os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW
 _MAX_OUTBOXES = 512
 _BIND_DIR = ".bindings"
 
+_HEADER = framing.HEADER_SIZE
+_INT = struct.Struct("i")
 _pack = framing.HEADER.pack
 _encode = framing.encode_message
 _decode = framing.decode_message
@@ -213,7 +243,7 @@ class _Inbox:
 
     __slots__ = ("key", "queue", "fifo_path", "lock_path", "bindings_path", "rfd", "wfd",
                  "lockfd", "ino", "pid", "reader", "frames", "requeued", "partials", "channel",
-                 "holders", "reg", "lock")
+                 "holders", "reg", "lock", "stopped")
 
     def __init__(self, key, queue, fifo_path, lock_path, bindings_path):
         self.key = key
@@ -224,7 +254,7 @@ class _Inbox:
         self.rfd = self.wfd = self.lockfd = -1
         self.ino = None
         self.pid = os.getpid()
-        self.reader = framing.FrameReader()
+        self.reader = framing.FrameReader(PIPE_BUF)  # every frame is one write <= PIPE_BUF
         self.frames = deque()      # whole message payloads, not yet decoded
         self.requeued = deque()    # decoded messages put back by reject(requeue=True)
         self.partials = {}         # stream id -> bytearray of a chunked message
@@ -232,6 +262,7 @@ class _Inbox:
         self.holders = set()       # transports of this process holding the queue
         self.reg = None            # (loop, transport) while the read end is in an event loop
         self.lock = threading.Lock()  # parsing: the consumer, or a producer of this process
+        self.stopped = False       # consumer cancelled: read nothing more from the pipe
 
     def pending(self) -> bool:
         return bool(self.requeued or self.frames)
@@ -380,6 +411,14 @@ class Channel(virtual.Channel):
         self.connection._attach(queue, self, consume=True)
         return super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
 
+    def basic_cancel(self, consumer_tag):
+        """Stop reading the queue's pipe and hand over what was read, then let go:
+        Celery's warm shutdown and ``Consumer.cancel()`` come through here."""
+        queue = self._tag_to_queue.get(consumer_tag)
+        if queue is not None and self.connection is not None:
+            self.connection._finish_reading(queue)
+        return super().basic_cancel(consumer_tag)
+
     def _get(self, queue, timeout=None):
         inbox = self.connection._attach(queue, self)
         raw = self.connection._take(inbox)
@@ -516,6 +555,7 @@ class Transport(virtual.Transport):
                         f"fifo queue {queue!r} is already consumed by another connection of "
                         f"this process: a named pipe has exactly one consumer")
             inbox.channel = channel
+            inbox.stopped = False
         elif inbox.channel is None:
             inbox.channel = channel
         return inbox
@@ -584,38 +624,101 @@ class Transport(virtual.Transport):
                 del _process_inboxes[inbox.key]
         _close_inbox(inbox, unlink=True)
 
-    def _fill(self, inbox) -> bool:
-        """One non-blocking read into ``inbox``; True if any bytes came."""
+    def _room(self, inbox):
+        """How many more messages may come out of the pipe now; None = no limit.
+
+        What was read is lost if this process dies, so a consumer with a prefetch
+        limit never holds more than its window: delivered-unacked plus read-unhanded.
+        """
+        if inbox.stopped:
+            return 0
+        channel = inbox.channel
+        if inbox.queue not in self._callbacks or channel is None or channel.connection is None:
+            return 1  # basic_get: one at a time
+        room = channel.qos.can_consume_max_estimate()
+        if room is None:
+            return None
+        return room - len(inbox.frames) - len(inbox.requeued)
+
+    def _fill(self, inbox, bulk: bool = False) -> bool:
+        """Read from ``inbox``'s pipe, never blocking; True if any bytes came.
+
+        No prefetch limit (or ``bulk``): one read of ``read_size``. Otherwise frame by
+        frame, at most as many messages as :meth:`_room` allows: each read takes the
+        rest of one frame and the next frame's length, so no read completes two.
+        """
         # Read and parse under one lock: two threads reading (the consumer, and a producer
         # of this process making room) must feed the parser in pipe order.
         with inbox.lock:
-            try:
-                data = os.read(inbox.rfd, self.read_size)
-            except BlockingIOError:
-                return False
-            except OSError as exc:
-                if exc.errno == errno.EBADF:
+            room = None if bulk else self._room(inbox)
+            if room is None:
+                data = self._read(inbox, self.read_size)
+                if not data:
                     return False
-                raise
-            if not data:
-                return False
+                self._parse(inbox, data)
+                return True
+            got = False
             reader = inbox.reader
-            reader.feed(data)
-            try:
-                frames = reader.frames()
-            except framing.FrameError as exc:
-                inbox.reader = framing.FrameReader()
-                raise FifoError(f"fifo queue {inbox.queue!r}: the pipe carries something that is "
-                                f"not fifo frames ({exc}); only this transport may write to "
-                                f"{inbox.fifo_path}") from None
-            if frames:
-                append = inbox.frames.append
-                for f in frames:
-                    if f[0] != CHUNK:
-                        append(f)
-                    else:
-                        self._chunk(inbox, f)
-        return True
+            target = len(inbox.frames) + room
+            while len(inbox.frames) < target:
+                n = reader.next_length()
+                want = (_HEADER - reader.pending if n is None
+                        else n + 2 * _HEADER - reader.pending)
+                data = self._read(inbox, want)
+                if not data:
+                    break
+                got = True
+                self._parse(inbox, data)
+                if len(data) < want:
+                    break  # the pipe is empty for now
+            return got
+
+    @staticmethod
+    def _read(inbox, size) -> bytes:
+        try:
+            return os.read(inbox.rfd, size)
+        except BlockingIOError:
+            return b""
+        except OSError as exc:
+            if exc.errno == errno.EBADF:
+                return b""
+            raise
+
+    def _parse(self, inbox, data):
+        reader = inbox.reader
+        reader.feed(data)
+        try:
+            frames = reader.frames()
+        except framing.FrameError as exc:
+            inbox.reader = framing.FrameReader(PIPE_BUF)
+            raise FifoError(f"fifo queue {inbox.queue!r}: the pipe carries something that is "
+                            f"not fifo frames ({exc}); only this transport may write to "
+                            f"{inbox.fifo_path}") from None
+        if frames:
+            append = inbox.frames.append
+            for f in frames:
+                if f[0] != CHUNK:
+                    append(f)
+                else:
+                    self._chunk(inbox, f)
+
+    def _finish_reading(self, queue):
+        """Warm shutdown of one consumer: read no more of the pipe, hand over what was
+        read (it fits the prefetch window it was read for). Only the pipe's content
+        is then at risk, and lost when the queue is let go."""
+        inbox = self._inboxes.get(queue)
+        callback = self._callbacks.get(queue)
+        if inbox is None:
+            return
+        inbox.stopped = True
+        if inbox.reg is not None and inbox.reg[1] is self:
+            inbox.reg[0].remove_reader(inbox.rfd)
+            inbox.reg = None
+        while callback is not None and inbox.pending() and inbox.rfd >= 0:
+            raw = self._take(inbox)
+            if raw is None:
+                break
+            callback(raw)
 
     def _chunk(self, inbox, f):
         sid, flags, data = f[1:1 + SID_SIZE], f[1 + SID_SIZE], f[_CHUNK_HEAD:]
@@ -664,7 +767,7 @@ class Transport(virtual.Transport):
         if inbox is None:
             return 0  # only the consumer can look inside its pipe
         for _ in range(64):
-            if not self._fill(inbox):
+            if not self._fill(inbox, bulk=True):
                 break
         return len(inbox.frames) + len(inbox.requeued)
 
@@ -824,7 +927,7 @@ class Transport(virtual.Transport):
                 written = _write(fd, frames[i])
             except BlockingIOError:
                 own = _process_inboxes.get((self.directory, queue))
-                if own is not None and own.rfd >= 0 and self._fill(own):
+                if own is not None and own.rfd >= 0 and self._fill(own, bulk=True):
                     # We consume this queue ourselves: waiting would deadlock, so move
                     # the pipe's content into our own buffer instead.
                     continue
@@ -1014,6 +1117,7 @@ def _close_inbox(inbox, unlink):
         inbox.reg[0].remove_reader(inbox.rfd)
         inbox.reg = None
     if unlink and inbox.pid == os.getpid():
+        _report_loss(inbox)
         # New producers get ENOENT first, then ones holding the pipe get EPIPE.
         try:
             if inbox.ino is not None and os.stat(inbox.fifo_path).st_ino == inbox.ino:
@@ -1040,6 +1144,22 @@ def _close_inbox(inbox, unlink):
     inbox.frames.clear()
     inbox.requeued.clear()
     inbox.partials.clear()
+
+
+def _report_loss(inbox):
+    """Say what closing the queue loses: messages read and never handed over, and the
+    bytes still in the pipe (at-most-once: nobody else can have them)."""
+    unread = 0
+    if inbox.rfd >= 0:
+        try:
+            unread = _INT.unpack(fcntl.ioctl(inbox.rfd, termios.FIONREAD, b"\0\0\0\0"))[0]
+        except OSError:
+            pass
+    read = len(inbox.frames) + len(inbox.requeued)
+    if unread or read:
+        logger.warning("fifo queue %r let go with %d messages read but not handed over and "
+                       "%d bytes still in its pipe: they are lost (at-most-once)",
+                       inbox.queue, read, unread)
 
 
 _inboxes_lock = threading.Lock()
