@@ -5,14 +5,12 @@ bounded in time and memory, runs on a private socket, and a good client is serve
 throughout. Seeds are fixed and printed on failure."""
 from __future__ import annotations
 
-import errno
 import os
 import random
 import re
 import resource
 import shutil
 import socket
-import struct
 import tempfile
 import threading
 import time

@@ -30,7 +30,7 @@ What it promises
   bytes. With the defaults that is under 512 MB whatever the clients do: every
   attack at once (19,000 queues of 255-byte names, memory full, 210 connections
   flooding requests without reading, 36 connections half-way through 8 MiB
-  frames) peaked at ~300 MB RSS here. Past ``max_objects`` nobody can declare;
+  frames) peaked at 343 MB RSS here. Past ``max_objects`` nobody can declare;
   past ``max_memory`` every publisher waits: a global limit is not fair-shared.
 * **Back-pressure, never silent loss**: a publish to a full queue (or past
   ``max_memory``) is held back, not dropped: the broker stops taking further
@@ -1282,18 +1282,17 @@ class Broker:
         if ch is None:
             return
         unacked = ch.unacked
-        freed = 0
         if multiple:
+            freed = 0
             for t in [t for t in unacked if t <= tag]:
                 freed += len(unacked.pop(t)[1]) + MSG_OVERHEAD
+            self.held -= freed
         else:
             entry = unacked.pop(tag, None)
             if entry is None:
                 return
-            freed = len(entry[1]) + MSG_OVERHEAD
-        if freed:
-            self.held -= freed
-            self._freed = True
+            self.held -= len(entry[1]) + MSG_OVERHEAD
+        self._freed = True
         if ch.prefetch:
             for c in ch.consumers.values():
                 if c.queue.messages:
