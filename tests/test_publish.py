@@ -87,8 +87,10 @@ def test_every_cell_has_the_same_params_and_every_transport_is_in():
         for name in wanted:
             kombu = {c["producer"] for c in every
                      if c["transport"] == name and c["api"] == "kombu"}
-            server = brokers.info(name).service is not None
-            assert kombu == ({"held"} if quick and server else set(kombu_driver.STRATEGIES))
+            info = brokers.info(name)
+            confirm = {publish.CONFIRM} if "confirm" in info.capabilities else set()
+            assert kombu == ({"held"} if quick and info.service else
+                             set(kombu_driver.STRATEGIES)) | confirm
     quick = cells("publish", runner.RunOptions(quick=True))
     full = cells("publish", runner.RunOptions(quick=False))
     assert {c["serializer"] for c in quick if c["api"] in ("kombu", "celery")} == {"json"}
@@ -112,6 +114,11 @@ def test_kombu_rungs_publish_plainly_and_retry_is_a_rung_of_its_own():
     asked = cells("publish", runner.RunOptions(only=(("retry", "yes"),)))
     assert {c["producer"] for c in asked if c["api"] == "kombu" and c["retry"] == "yes"} == \
         set(kombu_driver.STRATEGIES)
+
+
+def test_a_confirmed_publish_is_a_rung_of_its_own(tmp_path):
+    c = run_cell("publish", cell(producer=publish.CONFIRM, transport="unix"), options(tmp_path))
+    assert_counted(c)
 
 
 def test_calibration_and_retry_cells_count_every_message(tmp_path):

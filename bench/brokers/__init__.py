@@ -37,6 +37,7 @@ CAPABILITY_NAMES = frozenset({
     "multi_producer",    # several producer processes on one queue
     "fanout",            # fanout exchanges (Celery remote control)
     "disable_prefetch",  # Celery honours worker_disable_prefetch on it (5.7: redis only)
+    "confirm",           # publisher confirms with transport option confirm_publish=True
 })
 
 

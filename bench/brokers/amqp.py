@@ -12,7 +12,7 @@ TRANSPORT = Transport(
     known_loss=("Celery's solo pool over amqp stalls in 10 s steps (an ack queued after the "
                 "event loop chose its poll timeout): tasks not run within the timeout"),
     known_loss_when={"pool": "solo"},
-    capabilities={"ack", "requeue", "size", "purge", "multi_consumer", "multi_producer",
+    capabilities={"ack", "requeue", "size", "purge", "multi_consumer", "multi_producer", "confirm",
                   "fanout"})
 
 

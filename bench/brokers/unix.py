@@ -10,7 +10,7 @@ from . import BrokerEnv, Transport
 TRANSPORT = Transport(
     "unix",
     supports_batch=True,  # transports.unix implements Producer.batch
-    capabilities={"ack", "requeue", "size", "purge", "multi_consumer", "multi_producer",
+    capabilities={"ack", "requeue", "size", "purge", "multi_consumer", "multi_producer", "confirm",
                   "fanout"})
 
 # sun_path holds 107 bytes; a deep workdir falls back to a short private dir in /tmp.

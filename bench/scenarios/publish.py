@@ -3,7 +3,8 @@
 Rungs (cell params ``api`` / ``producer`` / ``method``):
 
 - ``queue``  / ``-``                    / ``put``        the ceiling
-- ``kombu``  / held, per-call, new-connection, batch / ``publish``
+- ``kombu``  / held, per-call, new-connection, batch / ``publish``; ``held-confirm`` on
+  transports with publisher confirms (``confirm_publish``: publish waits for the broker)
 - ``celery`` / default, held            / delay, apply_async, send_task
 - ``calibration`` / ``-`` / ``loop``: a fixed pure-Python workload, the same-run yardstick
   of the machine's speed (:mod:`bench.drivers.calibration`)
@@ -76,6 +77,9 @@ CELERY_RUNGS = (("delay", "default"), ("apply_async", "default"), ("send_task", 
 CELERY_QUICK_REMOTE = (("apply_async", "default"), ("apply_async", "held"))
 # --quick over a server: its held Kombu rung and Celery's default, the references.
 KOMBU_QUICK_SERVER = ("held",)
+# The held producer on a transport with publisher confirms turned on (confirm_publish):
+# publish returns once the broker holds the message.
+CONFIRM = "held-confirm"
 CELERY_QUICK_SERVER = (("apply_async", "default"),)
 
 SUMMARY = [
@@ -348,6 +352,12 @@ class Publish(Scenario):
         """Plain publishes; with retry, the held rung again (full matrix), or every
         strategy when the user asks for ``--only retry=yes``."""
         out = [_cell("kombu", s, "publish", transport, ser, payload, "no") for s in strategies]
+        try:
+            confirms = "confirm" in brokers.info(transport).capabilities
+        except ImportError:
+            confirms = False
+        if confirms:  # what waiting for the broker's word costs, beside the pipelined rung
+            out.append(_cell("kombu", CONFIRM, "publish", transport, ser, payload, "no"))
         if ("retry", "yes") in self.opts.only:
             out += [_cell("kombu", s, "publish", transport, ser, payload, "yes")
                     for s in strategies]
@@ -430,6 +440,8 @@ class Publish(Scenario):
             raise Skip(f"no Producer.batch on {name} (supports_batch=False): it would "
                        f"publish one by one, as held does")
         env = stack.enter_context(brokers.broker(name, workdir))
+        if params["producer"] == CONFIRM:
+            env = brokers.BrokerEnv(env.url, {**env.transport_options, "confirm_publish": True})
         return Target.from_env(env, info)
 
     def run_cell(self, params) -> Outcome:
@@ -485,7 +497,8 @@ class Publish(Scenario):
                 else (None, None)
             queue_name = unique_name(self.name)
             if params["api"] == "kombu":
-                driver = kombu_driver.Publisher(target, queue_name, params["producer"],
+                strategy = "held" if params["producer"] == CONFIRM else params["producer"]
+                driver = kombu_driver.Publisher(target, queue_name, strategy,
                                                 params["serializer"], payload, opts.timeout,
                                                 retry=params.get("retry") == "yes")
             else:
