@@ -35,6 +35,7 @@ BACKLOG_GROWTH_FLOOR = 1.0  # per second: below this a slope is one message in f
 RESOLUTION = 1.1            # stop bisecting when bad/good is below this
 CONFIRM_FACTOR = 2.0        # a confirmation holds the rate this many times a step's length
 MAX_STEPS = 18
+CONFIRMS = 6                # holds of a candidate rate at most, after the search
 FLOOR_HALVINGS = 4          # how far below START the search looks before giving up
 
 
@@ -180,12 +181,15 @@ def search(measure: Callable[[float, float, str], Step], slo: SLO, start: float,
             good = mid
         else:
             bad = mid
-    for _ in range(3):                                # confirm: hold it again, longer
-        if len(steps) >= max_steps + 3:
-            break
-        if held(good, "confirm", seconds * CONFIRM_FACTOR):
+    # Confirm: hold it again, longer. Failing that, a little lower (the resolution), then
+    # each lower rate that passed before, highest first: the answer is a rate that passed
+    # twice, never the last optimistic step, and a noisy knee does not end in 0.
+    passed = sorted({s.rate for s in steps if s.ok and s.rate < good}, reverse=True)
+    candidates = [good, good / resolution, good / resolution ** 2] + \
+        [r for r in passed if r < good / resolution ** 2]
+    for rate in candidates[:CONFIRMS]:
+        if held(rate, "confirm", seconds * CONFIRM_FACTOR):
             why = "" if bad is not None else \
                 f"the ladder stopped at {steps[-1].rate:,.0f}/s before finding a limit"
-            return Result(good, steps, why)
-        good /= resolution
+            return Result(rate, steps, why)
     return Result(0.0, steps, "no rate was sustained when held again")
