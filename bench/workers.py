@@ -56,6 +56,8 @@ def _logs() -> Path:
     global _log_dir
     if _log_dir is None:
         _log_dir = Path(tempfile.mkdtemp(prefix="celery-bench-workers-"))
+    # A /tmp cleaner may have removed it mid-run: a worker's log must still have a home.
+    _log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     return _log_dir
 
 
