@@ -309,7 +309,7 @@ def plan_tables(scenario: str, cells, summary=None, exact: bool = False,
         if len(groups) > 1:
             named = [f"{k}={constant[k]}" for k in telling[:2] if k in constant]
             name += (", " if ":" in name else ": ") + ", ".join(named) if named else \
-                f" ({i + 1} of {len(groups)})"
+                f" (rows {i + 1} of {len(groups)})"
         columns = [make_column(spec, header, group) for spec, header in summary
                    if any(column_value(c, spec) is not None for c in group)]
         caption = [f"{k}={v}" for k, v in constant.items() if k not in telling[:2]]
@@ -416,7 +416,8 @@ def terminal_tables(plan: TablePlan, notes: dict, console: Console,
         current.append(col)
     chunks.append(current)
     return [_rich_table(plan, chunk, notes,
-                        plan.title + (f" ({i + 1} of {len(chunks)})" if len(chunks) > 1 else ""),
+                        plan.title + (f" (columns {i + 1} of {len(chunks)})"
+                                      if len(chunks) > 1 else ""),
                         caption if i == len(chunks) - 1 else [], True)
             for i, chunk in enumerate(chunks)]
 

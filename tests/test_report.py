@@ -111,7 +111,7 @@ def test_wide_tables_split_and_never_cut_a_figure():
         metrics={"throughput_per_s": 123456.789 + i, "lost": 0},
         a=f"value-{i}-long", b=f"other-{i}") for i in range(3)]
     text = _printed(results.Run({}, cells))
-    assert "(1 of " in text                       # split over several tables
+    assert "(columns 1 of " in text                      # split over several tables
     for line in text.splitlines():
         assert len(line.rstrip()) <= 100, line
     for c in cells:                               # every figure is there, whole
