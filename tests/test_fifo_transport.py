@@ -8,11 +8,8 @@ import multiprocessing
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -438,22 +435,56 @@ def test_the_reader_holds_no_more_than_the_prefetch_window(env):
         assert [m.payload["i"] for m in got] == [0, 1, 2]
 
 
-def test_cancel_hands_over_what_was_read_and_reads_no_more(env):
+def test_cancel_hands_over_what_was_read_then_lets_the_queue_go(env, caplog):
+    """Cancelling a queue's last consumer (a warm shutdown) hands over what was read and
+    closes and unlinks the pipe: a publish from then on fails at once, even through a
+    write end the producer already holds, instead of filling a pipe nobody reads."""
     q, got = qname(), []
     with env.connection() as cons, env.connection() as prod:
         ch = cons.channel()
         ch.basic_qos(0, 5, False)
-        consumer = Consumer(ch, [Queue(q)], callbacks=[lambda b, m: got.append(b["i"])])
+        consumer = Consumer(ch, [Queue(q)],
+                            callbacks=[lambda b, m: (got.append(b["i"]), m.ack())])
         consumer.consume()
+        producer = Producer(prod)
         for i in range(20):
-            Producer(prod).publish({"i": i}, routing_key=q, serializer="json")
+            producer.publish({"i": i}, routing_key=q, serializer="json")
         inbox = cons.transport._inboxes[q]
         cons.transport._fill(inbox)  # read as a busy consumer would, deliver nothing yet
         read = len(inbox.frames)
         assert 1 <= read <= 5
-        consumer.cancel()  # a warm shutdown
-        assert got == list(range(read))  # what was read was handed over
-        assert not inbox.pending()
         left = _in_pipe(inbox)
-        cons.transport._fill(inbox)
-        assert _in_pipe(inbox) == left  # and nothing more taken from the pipe
+        assert left > 0
+        path = inbox.fifo_path
+        with caplog.at_level("WARNING", logger="transports.fifo"):
+            consumer.cancel()  # a warm shutdown
+        assert got == list(range(read))  # what was read was handed over
+        assert q not in cons.transport._inboxes and inbox.rfd < 0
+        assert not os.path.exists(path)
+        # What was still in the pipe is lost, and said so.
+        assert f"{left} bytes still in its pipe" in caplog.text
+        with pytest.raises(fifo.NoConsumerError, match="no consumer attached"):
+            producer.publish({"i": 20}, routing_key=q, serializer="json")
+        # Consuming again attaches a new pipe, and publishing works again.
+        consumer.consume()
+        producer.publish({"i": 21}, routing_key=q, serializer="json")
+        drain_until(cons, lambda: got[-1:] == [21])
+        assert got == list(range(read)) + [21]
+
+
+def test_cancel_keeps_a_queue_its_connection_declared_auto_delete(env):
+    """A reply queue belongs to its declarer: a consumer of it may stop and come back
+    (Celery's rpc result consumer does) without the replies meanwhile being refused."""
+    q, got = qname("reply"), []
+    with env.connection() as cons, env.connection() as prod:
+        queue = Queue(q, auto_delete=True)
+        consumer = Consumer(cons, [queue], callbacks=[lambda b, m: got.append(b)])
+        consumer.consume()
+        producer = Producer(prod)
+        producer.publish(1, routing_key=q)
+        drain_until(cons, lambda: got == [1])
+        consumer.cancel()
+        assert q in cons.transport._inboxes
+        producer.publish(2, routing_key=q)   # accepted: held, read when it comes back
+        consumer.consume()
+        drain_until(cons, lambda: got == [1, 2])

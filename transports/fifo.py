@@ -16,6 +16,14 @@ What a pipe can do and what it cannot, enforced rather than hoped for:
   :class:`NoConsumerError` (opening a FIFO for writing with no reader gives
   ``ENXIO``), or waits up to ``publish_timeout`` seconds for a consumer to
   attach. Start consumers first. Kombu does not retry it (not recoverable).
+  A consumer that stops consuming a queue (``basic_cancel`` of its last
+  consumer on it: ``Consumer.cancel()``, Celery's warm shutdown) lets the
+  queue go at once: its pipe is closed and unlinked, so a publish from then
+  on fails the same way, even through a write end a producer already holds
+  (``EPIPE``, then ``ENOENT``), instead of filling a pipe nobody will read.
+  Queues the connection declared ``auto_delete``/``exclusive`` (reply and
+  broadcast queues) are the exception: held, unread, until their declarer
+  lets go, so a consumer of them can stop and come back.
 * **At-most-once delivery, no acks.** A message belongs to the consumer
   process once it is in its pipe. ``ack`` only frees the prefetch window;
   whatever is in the pipe or read but not processed is lost if the consumer
@@ -30,10 +38,11 @@ What a pipe can do and what it cannot, enforced rather than hoped for:
   (delivered-unacked plus read-not-handed-over <= prefetch). SIGKILL loses that
   window and whatever sits in the pipe (up to ``pipe_size`` bytes of
   messages). A warm shutdown (``basic_cancel``, which ``Consumer.cancel()`` and
-  Celery's warm shutdown call) reads no more and hands over what was read, so
-  only the pipe's content is lost, and it keeps filling while a worker winds
-  down. Letting a queue go logs what it drops. Without a prefetch limit reads
-  are in bulk (``read_size``) and what was read but not handed over is lost too.
+  Celery's warm shutdown call) reads no more, hands over what was read and lets
+  the queue go, so only what was in the pipe at that moment is lost (publishes
+  made while a worker winds down fail instead). Letting a queue go logs what it
+  drops. Without a prefetch limit reads are in bulk (``read_size``) and what
+  was read but not handed over is lost too.
   Measured here (a producer publishing as fast as it can, 438-byte messages, a
   Kombu consumer at prefetch 1 stopped after 300-6,000 handled, 3 rounds each,
   ``python tests/test_fifo_loss.py``): 64 KiB pipe (~150 messages) 135-140 lost
@@ -43,7 +52,11 @@ What a pipe can do and what it cannot, enforced rather than hoped for:
   reader took 256 KiB whatever the prefetch). A Celery solo worker at
   multiplier 1 fed by ``send_task`` (slower than the worker, so its pipe is
   rarely full): 0-77 (SIGKILL) and 3-52 (SIGTERM) with a 64 KiB pipe, 7-211 and
-  20-1,278 with 1 MiB (medians 9, 7, 18, 21; before: ~1,100 either way). The
+  20-1,278 with 1 MiB (medians 9, 7, 18, 21; before: ~1,100 either way); since
+  a warm shutdown lets the pipe go at its start, SIGTERM loses 0-78 (64 KiB)
+  and 0-440 (1 MiB), medians 3 and 1 (3 rounds each; Kombu's SIGTERM figures
+  stay the pipe, since that producer keeps it full until the cancel: 76-140 and
+  2,196-2,302 re-measured). The
   pipe is the floor, and it cannot be made small without making producers
   block sooner (``pipe_size``). For work that must not be lost, use the
   ``unix`` transport (acks, redelivery, publisher confirms).
@@ -85,7 +98,15 @@ need ``driver_type`` amqp or redis); worker heartbeats and task events are
 published to the ``celeryev`` topic and reach only event receivers attached
 at that moment. Everything stays at-most-once: tasks a worker prefetched, and
 those still in its pipe, are lost when it stops or dies (see above for how
-many; ``task_acks_late`` does not bring them back).
+many; ``task_acks_late`` does not bring them back). A warm shutdown cancels
+the task consumer first, which lets the queue go: tasks published while the
+worker winds down fail with :class:`NoConsumerError` (or wait
+``publish_timeout`` for a replacement worker to attach) rather than being
+accepted and lost. What can still be lost is what reached the worker in the
+milliseconds between SIGTERM and that cancel: in its pipe, or received by
+Celery but not yet taken by a pool process, which Celery drops at shutdown
+because it counts on a broker to redeliver it (the faults scenario's
+warm-shutdown cells: 1 task per shutdown, down from 76-101).
 
 Features
 ========
@@ -377,6 +398,8 @@ class Channel(virtual.Channel):
                 self.connection._attach(queue, self)
             except QueueBusyError:
                 pass  # another process consumes it: we are only declaring before a publish
+            else:
+                self.connection._declared.add(queue)  # held until its declarer lets go
 
     def _has_queue(self, queue, **kwargs):
         return self.connection._has_queue(queue)
@@ -412,12 +435,31 @@ class Channel(virtual.Channel):
         return super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
 
     def basic_cancel(self, consumer_tag):
-        """Stop reading the queue's pipe and hand over what was read, then let go:
-        Celery's warm shutdown and ``Consumer.cancel()`` come through here."""
+        """Stop reading the queue's pipe and hand over what was read; when that was the
+        queue's last consumer, let the queue go (close and unlink its pipe), so what is
+        published from then on fails (:class:`NoConsumerError`, or waits
+        ``publish_timeout`` for a new consumer) instead of filling a pipe nobody reads.
+        Celery's warm shutdown and ``Consumer.cancel()`` come through here.
+
+        A queue this connection declared ``auto_delete``/``exclusive`` (a reply or
+        broadcast queue) stays held, unread, until its declarer lets go: a consumer of
+        it may come back (Celery's rpc result consumer does)."""
+        conn = self.connection
         queue = self._tag_to_queue.get(consumer_tag)
-        if queue is not None and self.connection is not None:
-            self.connection._finish_reading(queue)
-        return super().basic_cancel(consumer_tag)
+        if queue is None or conn is None:
+            return super().basic_cancel(consumer_tag)
+        callback = conn._callbacks.get(queue)
+        read = conn._stop_reading(queue)
+        super().basic_cancel(consumer_tag)
+        if queue not in conn._callbacks and queue not in conn._declared:
+            conn._detach(queue)  # before the hand-over: every write from now on fails
+            conn._let_go.add(queue)
+        if callback is not None:
+            for raw in read:
+                callback(raw)
+        inbox = conn._inboxes.get(queue)
+        if inbox is not None and queue not in conn._callbacks:
+            inbox.stopped = False  # still held (declared): nothing reads it but basic_get
 
     def _get(self, queue, timeout=None):
         inbox = self.connection._attach(queue, self)
@@ -474,6 +516,8 @@ class Transport(virtual.Transport):
         self.pipe_size = _option(opts, "pipe_size", int, DEFAULT_PIPE_SIZE)
         self.read_size = max(PIPE_BUF, _option(opts, "read_size", int, DEFAULT_READ_SIZE))
         self._inboxes = {}          # queue -> _Inbox (consumer side)
+        self._declared = set()      # queues held because this connection declared them
+        self._let_go = set()        # queues it consumed and let go on cancel: still known
         self._by_fd = {}            # read fd -> _Inbox
         self._outboxes = {}         # queue -> write fd (producer side)
         self._rr = 0                # round robin between queues with buffered messages
@@ -531,13 +575,17 @@ class Transport(virtual.Transport):
         return True
 
     def _has_queue(self, queue) -> bool:
-        return queue in self._inboxes or os.path.exists(self._path(queue, ".fifo"))
+        # A queue whose consumer this connection cancelled still exists for it, empty
+        # and without a consumer (publishing to it fails), as an AMQP queue would.
+        return (queue in self._inboxes or queue in self._let_go
+                or os.path.exists(self._path(queue, ".fifo")))
 
     # -- consumer side --------------------------------------------------------
     def _attach(self, queue, channel, consume=False):
         """Hold the FIFO of ``queue``, creating it unless this process already does."""
         inbox = self._inboxes.get(queue)
         if inbox is None:
+            self._let_go.discard(queue)
             key = (self.directory, queue)
             with _inboxes_lock:
                 inbox = _process_inboxes.get(key)
@@ -609,6 +657,8 @@ class Transport(virtual.Transport):
 
     def _detach(self, queue):
         """Let go of ``queue``; the last holder in the process closes and removes its FIFO."""
+        self._declared.discard(queue)
+        self._let_go.discard(queue)
         inbox = self._inboxes.pop(queue, None)
         if inbox is None:
             return
@@ -702,23 +752,26 @@ class Transport(virtual.Transport):
                 else:
                     self._chunk(inbox, f)
 
-    def _finish_reading(self, queue):
-        """Warm shutdown of one consumer: read no more of the pipe, hand over what was
-        read (it fits the prefetch window it was read for). Only the pipe's content
-        is then at risk, and lost when the queue is let go."""
+    def _stop_reading(self, queue) -> list:
+        """Warm shutdown of one consumer: read no more of the pipe; returns the messages
+        read and not handed over yet (they fit the prefetch window they were read for),
+        for the caller to hand over. What is still in the pipe is lost when the queue
+        is let go (and logged)."""
         inbox = self._inboxes.get(queue)
-        callback = self._callbacks.get(queue)
         if inbox is None:
-            return
+            return []
         inbox.stopped = True
         if inbox.reg is not None and inbox.reg[1] is self:
             inbox.reg[0].remove_reader(inbox.rfd)
             inbox.reg = None
-        while callback is not None and inbox.pending() and inbox.rfd >= 0:
-            raw = self._take(inbox)
-            if raw is None:
-                break
-            callback(raw)
+        read = []
+        if queue in self._callbacks:
+            while inbox.pending() and inbox.rfd >= 0:
+                raw = self._take(inbox)  # stopped: takes from memory, never the pipe
+                if raw is None:
+                    break
+                read.append(raw)
+        return read
 
     def _chunk(self, inbox, f):
         sid, flags, data = f[1:1 + SID_SIZE], f[1 + SID_SIZE], f[_CHUNK_HEAD:]
@@ -1091,6 +1144,7 @@ class Transport(virtual.Transport):
                     pass
         for queue in list(self._inboxes):
             self._detach(queue)
+        self._let_go.clear()
         self._loop = None
         self._close_wake()
         self._close_outboxes()

@@ -39,6 +39,19 @@ What it promises, and what it does not:
   anything is sent. A broker at its connection limit leaves new connections in
   its listen backlog; when that is full too, connecting retries for
   ``connect_timeout`` and then says the broker is busy (not that it is missing).
+* **A lost connection is a connection error, everywhere.** An ack, reject,
+  QoS change or publish whose connection is gone (the broker restarted, the
+  connection dropped, the channel was closed) raises
+  :class:`BrokerConnectionError`, one of the transport's
+  ``connection_errors``. For an ack that is the truth about the message: the
+  broker requeued it when the connection ended, so it will be delivered again
+  (a duplicate, never a loss); Celery logs "Couldn't ack" and the worker
+  carries on (``task_acks_late``: the task runs again). An ack never reaches
+  another connection: delivery tags carry the connection they came on, and a
+  reconnected transport refuses an earlier connection's tags (the broker
+  numbers each connection's deliveries from 1). A failure found by a write
+  (an ack, a publish) while registered with an event loop is raised by the
+  loop too, so a worker that swallowed it still reconnects.
 
 Not there: persistence (a broker restart loses every queue, and clients see a
 connection error), priorities, TTLs, queue arguments other than
@@ -137,6 +150,12 @@ SOCKET_BUFFER = 1024 * 1024
 ROUTE_CACHE_MAX = 1024
 # The largest message (encoded, with its routing) the default broker takes.
 MAX_MESSAGE = proto.DEFAULT_MAX_FRAME - proto.DELIVERY_ROOM
+# A delivery tag as kombu sees it: the broker's tag (per channel and connection, from 1)
+# in the low TAG_BITS, the number of the connection it came on above them. An ack for a
+# delivery of an earlier connection is refused, never sent on the new one (where the
+# same broker tag names another message).
+TAG_BITS = 48
+TAG_MASK = (1 << TAG_BITS) - 1
 
 _U16 = proto.U16.pack
 _U32 = proto.U32.pack
@@ -171,6 +190,13 @@ class BrokerConnectionError(ConnectionError, OperationalError):
 class PublishBlockedError(BrokerConnectionError):
     """Back-pressure held a publish longer than ``publish_timeout``; says which queue
     and limit. The connection is closed (kombu's ``ensure`` may retry on a new one)."""
+
+
+def _ack_lost(path: str, what: str, tag: int, why: str) -> BrokerConnectionError:
+    return BrokerConnectionError(
+        f"unix broker at {path}: cannot {what} delivery {tag & TAG_MASK}: {why}; the broker "
+        f"put it back in its queue when that connection ended (unacknowledged messages are "
+        f"redelivered: at-least-once), so it will be delivered again")
 
 
 def _ms(timeout):
@@ -231,7 +257,7 @@ class PublishBatch:
     def publish(self, message, exchange="", routing_key="", **kwargs):
         if self._closed or self._aborted:
             raise RuntimeError("unix publish batch is closed")
-        conn = self.channel.connection
+        conn = self.channel._conn()
         reqid = next(conn._reqids) if conn.confirm_publish else 0
         self._frames.append(self.channel._publish_frame(message, exchange, routing_key, reqid))
         if reqid:
@@ -244,7 +270,7 @@ class PublishBatch:
         if frames:
             data = b"".join(frames)
             frames.clear()
-            conn = self.channel.connection
+            conn = self.channel._conn()
             conn._send_now(data)
             if self._reqids:
                 reqids, self._reqids = self._reqids, []
@@ -277,7 +303,19 @@ class Channel(virtual.Channel):
         self._tag_to_cid: dict[str, int] = {}
         self._route_prefix: dict[tuple, bytes] = {}
         self.no_ack_consumers = set()
+        self._path = connection.path
         connection._channel_by_id[self.channel_id] = self
+
+    def _conn(self):
+        """The connection, or the connection error a closed channel is (never None:
+        an ``AttributeError`` would be fatal to a Celery worker, a connection error makes
+        it reconnect)."""
+        conn = self.connection
+        if conn is None:
+            raise BrokerConnectionError(
+                f"unix broker at {self._path}: channel {self.channel_id} is closed (its "
+                f"connection was lost or closed)")
+        return conn
 
     # -- publishing -------------------------------------------------------------------
 
@@ -312,9 +350,7 @@ class Channel(virtual.Channel):
         return b"".join((_U32(size), prefix, payload))
 
     def basic_publish(self, message, exchange="", routing_key="", **kwargs):
-        conn = self.connection
-        if conn is None:
-            raise BrokerConnectionError("channel is closed")
+        conn = self._conn()
         if conn.confirm_publish:
             reqid = next(conn._reqids)
             conn._send_now(self._publish_frame(message, exchange, routing_key, reqid))
@@ -356,7 +392,7 @@ class Channel(virtual.Channel):
                  | (proto.F_EXCLUSIVE if exclusive else 0))
         body = bytes((flags,)) + proto.pack_str(queue)
         if not passive:
-            conn = self.connection
+            conn = self._conn()
             args = arguments or {}
             max_messages = int(args.get("x-max-length") or conn.max_queue_messages or 0)
             max_bytes = int(args.get("x-max-length-bytes") or conn.max_queue_bytes or 0)
@@ -423,7 +459,7 @@ class Channel(virtual.Channel):
     # -- consuming -------------------------------------------------------------------------
 
     def basic_qos(self, prefetch_size=0, prefetch_count=0, apply_global=False):
-        self.connection._send_now(_U32(7) + _QOS(proto.OP_QOS, self.channel_id,
+        self._conn()._send_now(_U32(7) + _QOS(proto.OP_QOS, self.channel_id,
                                                  int(prefetch_count or 0)))
 
     def basic_consume(self, queue, no_ack, callback, consumer_tag, **kwargs):
@@ -461,16 +497,45 @@ class Channel(virtual.Channel):
         if data is None:
             return None
         tag, redelivered = proto.GET_OK.unpack_from(data, 0)
+        if tag:
+            tag |= self.connection._tag_base
         raw = _decode_delivery(data, proto.GET_OK.size, tag, redelivered)
         return self.Message(raw, channel=self)
 
+    def _ack_conn(self, delivery_tag, what):
+        """The connection an ack (or reject) of ``delivery_tag`` can go on, else the
+        connection error saying why it cannot (the broker requeued that delivery when its
+        connection ended; Celery logs "Couldn't ack" and the worker carries on)."""
+        conn = self.connection
+        if conn is None:
+            raise _ack_lost(self._path, what, delivery_tag,
+                            f"channel {self.channel_id} is closed (its connection was lost or "
+                            f"closed)")
+        if conn._sock is None or delivery_tag >> TAG_BITS != conn._gen:
+            why = ("the connection it came on is lost" if conn._sock is None
+                   else "it came on an earlier connection, which was lost")
+            raise _ack_lost(self._path, what, delivery_tag, why)
+        return conn
+
     def basic_ack(self, delivery_tag, multiple=False):
-        self.connection._send_ack(_ACK_LEN + _TAG_FLAG(proto.OP_ACK, self.channel_id, delivery_tag,
-                                            1 if multiple else 0))
+        conn = self.connection
+        if conn is None or conn._sock is None or delivery_tag >> TAG_BITS != conn._gen:
+            conn = self._ack_conn(delivery_tag, "acknowledge")
+        conn._send_ack(_ACK_LEN + _TAG_FLAG(proto.OP_ACK, self.channel_id,
+                                            delivery_tag & TAG_MASK, 1 if multiple else 0))
 
     def basic_reject(self, delivery_tag, requeue=False):
-        self.connection._send_ack(_ACK_LEN + _TAG_FLAG(proto.OP_REJECT, self.channel_id, delivery_tag,
-                                            1 if requeue else 0))
+        conn = self._ack_conn(delivery_tag, "reject")
+        conn._send_ack(_ACK_LEN + _TAG_FLAG(proto.OP_REJECT, self.channel_id,
+                                            delivery_tag & TAG_MASK, 1 if requeue else 0))
+
+    def _reject_quietly(self, tag, requeue):
+        """A reject of our own making: when the connection is gone, the broker has
+        requeued the delivery already."""
+        try:
+            self.basic_reject(tag, requeue=requeue)
+        except BrokerConnectionError:
+            pass
 
     def basic_recover(self, requeue=False):
         if not requeue:
@@ -482,7 +547,7 @@ class Channel(virtual.Channel):
         if entry is None:
             # Cancelled while the delivery was in flight: hand it back, unread.
             if tag:
-                self.basic_reject(tag, requeue=True)
+                self._reject_quietly(tag, True)
             return
         callback, _no_ack, consumer_tag, queue = entry
         try:
@@ -494,7 +559,7 @@ class Channel(virtual.Channel):
             logger.error("unix transport: dropping a malformed message from queue %r: %r",
                          queue, exc)
             if tag:
-                self.basic_reject(tag, requeue=False)
+                self._reject_quietly(tag, False)
             return
         info = raw["properties"]["delivery_info"]
         info["consumer_tag"] = consumer_tag
@@ -503,10 +568,7 @@ class Channel(virtual.Channel):
     # -- plumbing ----------------------------------------------------------------------------
 
     def _rpc(self, op, body, method, empty_ok=False):
-        conn = self.connection
-        if conn is None:
-            raise BrokerConnectionError("channel is closed")
-        return conn._rpc(op, self.channel_id, body, method, empty_ok)
+        return self._conn()._rpc(op, self.channel_id, body, method, empty_ok)
 
     def drain_events(self, timeout=None, callback=None):
         return self.connection.drain_events(self.connection, timeout=timeout)
@@ -587,6 +649,8 @@ class Transport(virtual.Transport):
         self._hello = None               # reqid of the greeting whose answer is due
         self._flow = ""                  # the broker's last word on why publishing waits
         self._failure: BaseException | None = None
+        self._gen = -1                   # connections made so far, minus one (TAG_BITS)
+        self._tag_base = 0
         # write_buffer mode
         self._wbuf: list[bytes] = []
         self._wlen = 0
@@ -631,6 +695,15 @@ class Transport(virtual.Transport):
         self._wpoller = select.poll()
         self._failure = None
         self._flow = ""
+        # A new stream: nothing read from, or owed to, the one before carries over (its
+        # deliveries were requeued by the broker; their tags name nothing here).
+        self._gen += 1
+        self._tag_base = self._gen << TAG_BITS
+        self._reader = FrameReader(max(self._max_frame, proto.DEFAULT_MAX_FRAME)
+                                   + proto.DELIVERY_ROOM)
+        self._pending.clear()
+        self._replies.clear()
+        self._acks.clear()
         # The greeting is not waited for (a round trip per connection saved): its
         # answer is checked when it arrives, before anything that follows it.
         self._hello = next(self._reqids)
@@ -684,17 +757,28 @@ class Transport(virtual.Transport):
         self._closing = True
         super().close_connection(connection)
         self._close_socket()
+        self._leave_loop()
 
     def _close_socket(self):
+        """Close the socket and take it out of the event loop. The loop keeps our wake
+        pipe and tick until the connection is closed: a failure must still reach it."""
         sock, self._sock = self._sock, None
         if sock is None:
             return
-        loop, self._loop = self._loop, None
+        loop = self._loop
         if loop is not None:
             try:
                 loop.remove(self._fd)
             except Exception:  # the hub may already have dropped it
                 pass
+        with self._wcond:
+            self._wcond.notify_all()
+        # In a forked child this only drops our copy of the fd; the parent keeps its own.
+        sock.close()
+
+    def _leave_loop(self):
+        loop, self._loop = self._loop, None
+        if loop is not None:
             loop.on_tick.discard(self._on_tick)
             if self._wake_r is not None:
                 try:
@@ -705,17 +789,30 @@ class Transport(virtual.Transport):
             os.close(self._wake_r)
             os.close(self._wake_w)
             self._wake_r = self._wake_w = None
-        with self._wcond:
-            self._wcond.notify_all()
-        # In a forked child this only drops our copy of the fd; the parent keeps its own.
-        sock.close()
+        self._wake_armed = False
 
     def _broken(self, reason: str, kind=BrokerConnectionError):
-        """The stream is unusable (EOF, error, timeout): close it and raise."""
+        """The stream is unusable (EOF, error, timeout): close it and raise.
+
+        Whoever called us may swallow the error (Celery logs a failed ack and carries
+        on), so an event loop we are registered with is woken to raise it too: the
+        worker then reconnects instead of waiting on a socket that is gone."""
         self._close_socket()
         exc = kind(f"unix broker at {self.path}: {reason}")
         self._failure = exc
+        if self._loop is not None and self._wake_w is not None:
+            try:
+                os.write(self._wake_w, b"!")
+            except OSError:  # full (a wake-up is due anyway) or closed meanwhile
+                pass
         raise exc
+
+    def _raise_lost(self):
+        """In the event loop: the connection broke (maybe where the error was swallowed):
+        say so, as a connection error, until the connection is closed."""
+        failure = self._failure or BrokerConnectionError(
+            f"unix broker at {self.path}: connection lost")
+        raise type(failure)(*failure.args)
 
     def _blocked(self, what: str):
         """Back-pressure outlasted publish_timeout: say why, close, raise."""
@@ -978,6 +1075,7 @@ class Transport(virtual.Transport):
         pending = self._pending
         channels = self._channel_by_id
         unpack = _DELIVER_UNPACK
+        base = self._tag_base
         self._dispatching += 1
         try:
             while pending:
@@ -986,7 +1084,7 @@ class Transport(virtual.Transport):
                 channel = channels.get(chid)
                 if channel is None:
                     continue  # closed channel: the broker requeued its unacked already
-                channel._on_delivery(frame, cid, tag, redelivered)
+                channel._on_delivery(frame, cid, tag | base if tag else 0, redelivered)
         finally:
             self._dispatching -= 1
             if not self._dispatching and self._acks and self._sock is not None:
@@ -1024,6 +1122,8 @@ class Transport(virtual.Transport):
         loop.on_tick.add(self._on_tick)
 
     def _on_tick(self):
+        if self._sock is None and not self._closing and self._pid == os.getpid():
+            self._raise_lost()
         if self._pending and not self._wake_armed:
             self._wake_armed = True
             try:
@@ -1037,7 +1137,11 @@ class Transport(virtual.Transport):
         except BlockingIOError:
             pass
         self._wake_armed = False
-        if self._pending and self._sock is not None:
+        if self._sock is None:
+            if not self._closing and self._pid == os.getpid():
+                self._raise_lost()
+            return
+        if self._pending:
             self._dispatch()
 
     def on_readable(self, fileno=None):
