@@ -60,12 +60,13 @@ without persistence, a pipe), counted, never hidden. What the cells show here
 - redis loses a task published within a few ms of the kill even with acks_late:
   Redis serves a BRPOP to a client that died until it sees the disconnect, and
   Kombu records a message as unacked only after BRPOP returned.
-- fifo: what the killed worker had read is lost; a warm shutdown keeps the pipe
-  open but reads no more, so everything published during it is accepted and lost.
-- a connection lost with acks_late tasks in flight crashes the worker on unix
-  (``basic_ack`` on a closed channel: AttributeError) and on redis (Kombu's
-  ``restore_unacked`` on close: AttributeError ``hostname``); acks_late tasks
-  that finish after a connection drop run twice on amqp and redis.
+- fifo: what the killed worker had read is lost; a warm shutdown lets the queue go,
+  so publishes during it are refused (NoConsumerError) and only the task caught
+  between SIGTERM and the cancel is lost (it was 76-101 before the transport fix).
+- a connection lost with acks_late tasks in flight crashes the worker on redis
+  (Kombu's ``restore_unacked`` on close: AttributeError ``hostname``); on unix it
+  is a connection error Celery logs and reconnects from; acks_late tasks that
+  finish after a connection drop run twice on amqp, redis and unix.
 
 One injection per cell: with ``--quick`` and no ``--repeat`` the runner's three
 interleaved rounds are skipped (no ratios between cells to pair); ``--repeat N``
