@@ -94,6 +94,35 @@ class Scenario:
         """Stop whatever the scenario kept across cells. Idempotent."""
 
     # -- shared helpers
+    def max_rate(self, once, slo, start: float, seconds: float, histogram: str,
+                 unit: str = "msg/s") -> Outcome:
+        """The highest rate ``once(rate, seconds) -> Outcome`` sustains within ``slo``
+        (:func:`bench.maxrate.search`: the latency percentile read from ``histogram``, the
+        rate achieved and backlog growth from the outcome's metrics), reported with the
+        confirmation's figures and histograms and every step tried."""
+        from .. import maxrate
+
+        last: dict = {}
+
+        def measure(rate, hold, phase):
+            outcome = once(rate, hold)
+            last.clear()
+            last[rate] = outcome
+            m = outcome.metrics
+            return maxrate.Step(rate, m["rate_achieved_per_s"],
+                                outcome.histograms[histogram].hist.get_value_at_percentile(
+                                    slo.percentile), m.get("backlog_growth_per_s"))
+
+        result = maxrate.search(measure, slo, start=start, seconds=seconds)
+        held = last.get(result.rate)
+        metrics = dict(held.metrics) if held else {}
+        metrics.update(result.metrics(slo))
+        notes = [f"max sustainable {result.rate:,.0f} {unit} with {slo.text} (confirmed by "
+                 f"holding it {seconds * maxrate.CONFIRM_FACTOR:g} s)"]
+        if result.why:
+            notes.append(result.why)
+        return Outcome(metrics, held.histograms if held else {}, notes)
+
     @contextmanager
     def cell_folder(self, tag: str | None = None) -> Iterator[Path]:
         """A private folder (0700) for one cell under the run's work folder, removed after."""

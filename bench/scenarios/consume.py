@@ -368,28 +368,9 @@ class Consume(Scenario):
     def _max_rate(self, params) -> Outcome:
         """The highest rate a consumer here drains within the SLO (bench.maxrate)."""
         slo = maxrate.SLO.parse(params["slo"])
-        seconds = self.opts.duration or STEP_S
-        last: dict = {}
-
-        def measure(rate, hold, phase):
-            outcome = self._once(params, rate, hold, slo)
-            last.clear()
-            last[rate] = outcome
-            m = outcome.metrics
-            hist = outcome.histograms["from_intended"].hist
-            return maxrate.Step(rate, m["rate_achieved_per_s"],
-                                hist.get_value_at_percentile(slo.percentile),
-                                m.get("backlog_growth_per_s"))
-
-        result = maxrate.search(measure, slo, start=self.opts.rate or START_RATE,
-                                seconds=seconds)
-        held = last.get(result.rate)
-        metrics = dict(held.metrics) if held else {}
-        metrics.update(result.metrics(slo))
-        notes = [f"max sustainable {result.rate:,.0f} msg/s with {slo.text}"]
-        if result.why:
-            notes.append(result.why)
-        return Outcome(metrics, held.histograms if held else {}, notes)
+        return self.max_rate(lambda rate, hold: self._once(params, rate, hold, slo), slo,
+                             self.opts.rate or START_RATE, self.opts.duration or STEP_S,
+                             "from_intended")
 
     def _once(self, params, rate, seconds, slo=None) -> Outcome:
         name = params["transport"]

@@ -608,30 +608,15 @@ class Worker(Scenario):
         return Outcome(metrics, rec.histograms, notes), step
 
     def _max_rate(self, params) -> Outcome:
-        """The highest rate this worker sustains within the SLO (bench.maxrate.search),
-        reported with the confirmation step's histograms and every step tried."""
+        """The highest rate this worker sustains within the SLO (bench.maxrate.search)."""
         opts = self.opts
         slo = maxrate.SLO.parse(params["slo"])
         seconds = opts.duration or (STEP_S_QUICK if opts.quick else STEP_S)
         warm_s = opts.warmup if opts.warmup is not None else \
             (STEP_WARM_S_QUICK if opts.quick else STEP_WARM_S)
-        last: dict = {}
-
-        def measure(rate, hold, phase):
-            outcome, step = self._rate_step(params, rate, hold, warm_s, slo)
-            last.clear()
-            last[rate] = outcome
-            return step
-
-        result = maxrate.search(measure, slo, start=opts.rate or START_RATE, seconds=seconds)
-        held = last.get(result.rate)
-        metrics = dict(held.metrics) if held else {}
-        metrics.update(result.metrics(slo))
-        notes = [f"max sustainable {result.rate:,.0f} tasks/s with {slo.text} "
-                 f"(confirmed by holding it {seconds * maxrate.CONFIRM_FACTOR:g} s)"]
-        if result.why:
-            notes.append(result.why)
-        return Outcome(metrics, held.histograms if held else {}, notes)
+        return self.max_rate(
+            lambda rate, hold: self._rate_step(params, rate, hold, warm_s, slo)[0], slo,
+            opts.rate or START_RATE, seconds, "publish_to_start", "tasks/s")
 
     # ----------------------------------------------------------------------- one cell
     def run_cell(self, params) -> Outcome:

@@ -15,31 +15,21 @@ import time
 
 from celery import shared_task
 
+from .common import RecordFile
+
 TASK = "bench.faults.work"
 DIR_ENV = "CELERY_BENCH_FAULTS_DIR"
 RECORD = struct.Struct("<qqq")  # index, start_ns, end_ns (0: started, not finished)
 
 _now = time.perf_counter_ns
 _pack = RECORD.pack
-_out = {"pid": None, "fd": None}
-
-
-def _fd() -> int:
-    pid = os.getpid()
-    if _out["pid"] != pid:  # first task in this process (a pool child after the fork)
-        folder = os.environ.get(DIR_ENV)
-        if not folder:
-            raise RuntimeError(f"{TASK} needs ${DIR_ENV} in the worker's environment")
-        _out["fd"] = os.open(os.path.join(folder, f"{pid}.bin"),
-                             os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        _out["pid"] = pid
-    return _out["fd"]
+_records = RecordFile(DIR_ENV, TASK)
 
 
 @shared_task(name=TASK, ignore_result=True)
 def work(index, seconds=0.0):
     start = _now()
-    fd = _fd()
+    fd = _records.fileno()
     os.write(fd, _pack(index, start, 0))
     if seconds:
         time.sleep(seconds)

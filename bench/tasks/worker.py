@@ -15,28 +15,18 @@ import time
 
 from celery import shared_task
 
+from .common import RecordFile
+
 TASK = "bench.worker.tick"
 DIR_ENV = "CELERY_BENCH_TICK_DIR"
 RECORD = struct.Struct("<qqqq")  # run, index, start_ns, end_ns
 
 _now = time.perf_counter_ns
 _pack = RECORD.pack
-_out = {"pid": None, "fd": None}
-
-
-def _fd() -> int:
-    pid = os.getpid()
-    if _out["pid"] != pid:  # first task in this process (a pool child after the fork)
-        folder = os.environ.get(DIR_ENV)
-        if not folder:
-            raise RuntimeError(f"bench.worker.tick needs ${DIR_ENV} in the worker's environment")
-        _out["fd"] = os.open(os.path.join(folder, f"{pid}.bin"),
-                             os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        _out["pid"] = pid
-    return _out["fd"]
+_records = RecordFile(DIR_ENV, TASK)
 
 
 @shared_task(name=TASK, ignore_result=True)
 def tick(run, index):
     start = _now()
-    os.write(_fd(), _pack(run, index, start, _now()))
+    os.write(_records.fileno(), _pack(run, index, start, _now()))
