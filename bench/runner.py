@@ -206,7 +206,7 @@ class CellRun:
             cell.reason = "; ".join(filter(None, (self.reason, cell.reason)))
         if cell.status == "lost":
             cell.exempt = self.measured_loss
-            if not cell.exempt and "transport" in self.params:
+            if not cell.exempt and self.params.get("transport") in brokers.names():
                 try:
                     cell.exempt = brokers.info(self.params["transport"]).loss_exemption(
                         self.params)

@@ -1,7 +1,9 @@
 """The gate catches a real slowdown and passes the same tree without it.
 
-A ``sitecustomize.py`` on the path makes one function do about 25% more work (a busy
-loop sized, in this process, to a quarter of what one publish costs):
+A ``sitecustomize.py`` on the path makes one function do about 30% more work (a busy
+loop sized, in this process, to 30% of what one publish costs: the regression the Verdicts
+issue found the old gate blind to; the loop's cost is estimated here, so what lands in the
+run is somewhat less, and the rules allow 15%):
 
 - in our unix transport's framing (``transports.framing.encode_message``): the rule on
   unix's CPU per message over memory's, against the baseline, fails;
@@ -24,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GATES = ROOT / "results" / "baselines" / "gates.toml"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
+SLOWDOWN = 0.30
 CALIBRATED = "kombu held publish costs no more CPU per message, in units of the calibration loop"
 UNIX = "our unix transport's publish costs no more CPU per message than memory's did"
 INSTRUCTIONS = "instructions per message have not grown (callgrind, deterministic)"
@@ -121,9 +124,9 @@ def test_a_slower_framing_fails_the_unix_rule(tmp_path, cli_run):
     _publish_run(cli_run, str(tmp_path / "clean.json"))
     res = cli_run("gate", "clean.json", "--spec", "spec.toml", "--write-baseline")
     assert res.returncode == 0, res.stderr
-    # A quarter of what a unix publish costs here, spent inside our framing.
+    # 30% of what a unix publish costs here, spent inside our framing.
     unix_us = _cpu_per_msg(tmp_path / "clean.json", "unix")
-    iterations = max(1, round(0.25 * unix_us / _burn_us_per_iteration()))
+    iterations = max(1, round(SLOWDOWN * unix_us / _burn_us_per_iteration()))
     _publish_run(cli_run, str(tmp_path / "slow.json"),
                  env=_slow_env(tmp_path, "framing", iterations))
     _publish_run(cli_run, str(tmp_path / "again.json"))
@@ -147,7 +150,7 @@ def test_a_slower_kombu_publish_fails_the_calibrated_and_instruction_rules(tmp_p
     assert res.returncode == 0, res.stderr
 
     memory_us = _cpu_per_msg(tmp_path / "clean.json", "memory")
-    iterations = max(1, round(0.25 * memory_us / _burn_us_per_iteration()))
+    iterations = max(1, round(SLOWDOWN * memory_us / _burn_us_per_iteration()))
     env = _slow_env(tmp_path, "publish", iterations)
     for name, extra in (("slow", env), ("again", None)):
         _publish_run(cli_run, str(tmp_path / f"{name}.json"), env=extra)

@@ -144,9 +144,10 @@ def test_cli_quick_memory_counts_every_message(cli_run, tmp_path):
                    "--quiet")
     assert proc.returncode == 0, proc.stderr
     run = results.load(tmp_path / "x.json")
-    found = run.find("publish")
+    found = run.find("publish", transport="memory")
     assert len(found) == len([c for c in cells("publish", runner.RunOptions(quick=True))
                               if c["transport"] == "memory"])
+    assert run.find("publish", api="calibration")[0].status == "ok"   # the in-run CPU reference
     for c in found:
         if c.params["producer"] == "batch":
             assert c.status == "skipped" and "batch" in c.reason
