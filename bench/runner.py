@@ -206,12 +206,9 @@ class CellRun:
             cell.reason = "; ".join(filter(None, (self.reason, cell.reason)))
         if cell.status == "lost":
             cell.exempt = self.measured_loss
-            if not cell.exempt and self.params.get("transport") in brokers.names():
-                try:
-                    cell.exempt = brokers.info(self.params["transport"]).loss_exemption(
-                        self.params)
-                except ImportError:
-                    pass
+            info = brokers.declared(self.params.get("transport", ""))
+            if not cell.exempt and info:
+                cell.exempt = info.loss_exemption(self.params)
         return cell
 
 

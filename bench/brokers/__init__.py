@@ -139,6 +139,17 @@ def info(name: str) -> Transport:
     return module(name).TRANSPORT
 
 
+def declared(name: str) -> Transport | None:
+    """What ``name`` declares, or None when it declares nothing here: not one of ours (a
+    user's --app broker) or a module that does not load on this machine."""
+    if name not in names():
+        return None
+    try:
+        return info(name)
+    except ImportError:
+        return None
+
+
 def available() -> list[Transport]:
     """Every transport whose module loads here, in table order."""
     out = []

@@ -352,12 +352,8 @@ class Publish(Scenario):
         """Plain publishes; with retry, the held rung again (full matrix), or every
         strategy when the user asks for ``--only retry=yes``."""
         out = [_cell("kombu", s, "publish", transport, ser, payload, "no") for s in strategies]
-        try:  # a user's --app broker declares nothing to us: no confirm rung
-            confirms = transport != APP_TRANSPORT and \
-                "confirm" in brokers.info(transport).capabilities
-        except ImportError:
-            confirms = False
-        if confirms:  # what waiting for the broker's word costs, beside the pipelined rung
+        info = brokers.declared(transport)
+        if info and "confirm" in info.capabilities:  # what waiting for the broker's word costs, beside the pipelined rung
             out.append(_cell("kombu", CONFIRM, "publish", transport, ser, payload, "no"))
         if ("retry", "yes") in self.opts.only:
             out += [_cell("kombu", s, "publish", transport, ser, payload, "yes")
