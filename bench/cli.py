@@ -446,8 +446,8 @@ def compare(paths, by, ref, cells, metrics, noise, fail_on):
               help="Seconds the gate may spend re-measuring the cells of rules whose interval "
                    "could not decide (0: never re-measure; those rules then warn).")
 @click.option("--across-versions", is_flag=True,
-              help="Compare with a baseline measured with another python/celery/kombu "
-                   "(e.g. to judge an upgrade); refused otherwise.")
+              help="Judge rules against a baseline measured with another python/celery/kombu "
+                   "(same CPU model only); otherwise those rules warn, not comparable.")
 @click.option("--verbose", "-v", is_flag=True, help="One line per cell, passes included.")
 def gate(path, spec, baseline, missing, write_baseline, budget, across_versions, verbose):
     """Check RESULTS against the gate spec: exit 1 if any rule fails.
@@ -479,12 +479,12 @@ def gate(path, spec, baseline, missing, write_baseline, budget, across_versions,
             raise config.UsageError(f"baseline {base_path} does not exist; write it with "
                                     f"'celery-bench gate RESULTS --write-baseline'")
         base_run = _load(base_path, results)
-        differs = gates.version_mismatch(run_, base_run)
-        if differs and not across_versions:
-            raise config.UsageError(
-                f"baseline {base_path} was measured with other versions ({differs}); the "
-                f"gate does not compare across versions: pass --across-versions to judge "
-                f"an upgrade, or write a new baseline")
+        if across_versions:
+            base_run.environment["_across_versions"] = True
+        differs = gates.not_comparable(run_, base_run)
+        if differs:
+            click.echo(f"not comparable: {differs}; the rules against {base_path} warn "
+                       f"and decide nothing")
     click.echo(f"gates {spec_.path} on {path}"
                + (f" (baseline {base_path})" if base_run else ""))
     verdicts = gates.run_gates(spec_, run_, base_run, missing)

@@ -263,6 +263,11 @@ class NotMeasured(Exception):
     pass
 
 
+class NotComparable(NotMeasured):
+    """The stored baseline was recorded where its figures do not carry over (another CPU
+    model, or other python/celery/kombu): the rule warns and decides nothing."""
+
+
 class Broken(Exception):
     """The rule cannot pass: its cell failed, or the selector is ambiguous."""
 
@@ -440,6 +445,9 @@ def _judge(rule: Rule, num: results.Cell, run: results.Run,
     else:
         if baseline is None:
             raise NotMeasured("no baseline run given")
+        differs = not_comparable(run, baseline)
+        if differs:
+            raise NotComparable(differs)
         base = side(rule, _by_key(baseline, num.key, "baseline"), baseline, "baseline")
         limit = base.value * (1 + rule.percent / 100.0)
         extra = ["baseline: " + base.shown]
@@ -495,6 +503,8 @@ def evaluate(rule: Rule, run: results.Run, baseline: results.Run | None = None,
     for num in cells:
         try:
             out.append(_judge(rule, num, run, baseline))
+        except NotComparable as exc:
+            out.append(Verdict(rule, "WARN", f"not comparable: {exc}"))
         except NotMeasured as exc:
             out.append(Verdict(rule, _not_measured_status(missing), f"not measured: {exc}"))
         except Broken as exc:
@@ -505,6 +515,22 @@ def evaluate(rule: Rule, run: results.Run, baseline: results.Run | None = None,
 def run_gates(spec: Spec, run: results.Run, baseline: results.Run | None = None,
               missing: str | None = None) -> list[Verdict]:
     return [v for rule in spec.rules for v in evaluate(rule, run, baseline, missing)]
+
+
+def not_comparable(run: results.Run, baseline: results.Run) -> str | None:
+    """Why a stored baseline's figures do not carry over to ``run``, or None.
+
+    Measured (issue 15): the CPU-per-message ratio to the calibration loop moved 12.3 ->
+    16.4 from an Intel Xeon to an AMD EPYC VM on an unchanged tree, so a stored-baseline rule
+    decides only on the CPU model it was recorded on, and only with the same python, celery
+    and kombu (``--across-versions`` drops the version half on purpose)."""
+    mine, theirs = run.environment.get("cpu_model"), baseline.environment.get("cpu_model")
+    if str(mine) != str(theirs):
+        return f"baseline from {theirs or 'an unknown CPU'}, this is {mine or 'an unknown CPU'}"
+    if baseline.environment.get("_across_versions"):
+        return None
+    differs = version_mismatch(run, baseline)
+    return f"baseline measured with other versions ({differs})" if differs else None
 
 
 def version_mismatch(run: results.Run, baseline: results.Run) -> str | None:
