@@ -18,6 +18,9 @@ import bench.tasks  # noqa: F401  shared tasks bind to every app built here
 from bench import plugins
 
 CONF_ENV = "CELERY_BENCH_APP_CONF"
+# A conf: variant's Celery settings (bench.variants), JSON; laid over every app built in
+# its processes, the measuring one and its workers alike (workers inherit the environment).
+VARIANT_CONF_ENV = "CELERY_BENCH_VARIANT_CONF"
 # bench.workers sets this in a worker's environment; the worker writes the file when ready.
 READY_FILE_ENV = "CELERY_BENCH_READY_FILE"
 
@@ -48,6 +51,7 @@ def make_app(broker_url: str, backend_url: str | None = None,
     if transport_options:
         settings["broker_transport_options"] = dict(transport_options)
     settings.update(conf)
+    settings.update(json.loads(os.environ.get(VARIANT_CONF_ENV) or "{}"))
     app.conf.update(settings)
     return app
 

@@ -164,9 +164,13 @@ def cli():
 @click.option("--start-cmd", metavar="CMD",
               help="faults: shell command run after --restart-cmd to bring the broker back "
                    "when --restart-cmd only stops it, e.g. 'rabbitmqctl start_app'.")
+@click.option("--variant", "variants", multiple=True, metavar="NAME=SPEC",
+              help="Measure every cell once per variant per round, counterbalanced (A B, "
+                   "B A, ...): SPEC is here, git:REV, pip:REQ,REQ, python:PATH, "
+                   "conf:KEY=VALUE,... or env:KEY=VALUE,... (docs/ab.md). Twice at least.")
 def run(scenarios, quick, transports, only, repeat, duration, messages, rate, warmup, timeout,
         serializers, payload_bytes, app, task, pool, concurrency, task_seconds, out, quiet,
-        rate_sweep, max_rate, slo, html, instructions, restart_cmd, start_cmd):
+        rate_sweep, max_rate, slo, html, instructions, restart_cmd, start_cmd, variants=()):
     """Run SCENARIOS (default: all of them) and write a results file.
 
     Exits 1 when a cell failed or lost messages (unless its transport declares that loss
@@ -198,6 +202,13 @@ def run(scenarios, quick, transports, only, repeat, duration, messages, rate, wa
     if task and not app:
         raise config.UsageError("--task needs --app MODULE:APP (the app that defines it)")
     _check_writable(out, "--out")
+    if variants:
+        from .variants import run as variant_run
+
+        chosen = variant_run.prepare_all(variants)   # bad specs: exit 2 before measuring
+        measure = lambda opts, **kw: variant_run.run(opts, chosen, **kw)  # noqa: E731
+    else:
+        measure = runner.run
 
     from .progress import Progress
 
@@ -211,8 +222,8 @@ def run(scenarios, quick, transports, only, repeat, duration, messages, rate, wa
     started = time.time()
     try:
         with progress:
-            result = runner.run(opts, on_cell=progress.cell_done, on_start=on_start,
-                                on_cell_start=progress.cell_started)
+            result = measure(opts, on_cell=progress.cell_done, on_start=on_start,
+                             on_cell_start=progress.cell_started)
     except KeyboardInterrupt:
         written = Path(out).exists() and Path(out).stat().st_mtime >= started - 1
         click.echo(f"interrupted: results so far written to {out}" if written else
@@ -232,6 +243,18 @@ def run(scenarios, quick, transports, only, repeat, duration, messages, rate, wa
         click.echo(f"celery-bench: {len(bad)} cell{'s' if len(bad) > 1 else ''} failed or "
                    f"lost messages", err=True)
         sys.exit(1)
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("spec_a")
+@click.argument("spec_b")
+@click.pass_context
+def ab(ctx, spec_a, spec_b):
+    """Short for `run [SCENARIOS] [run options] --variant A=SPEC_A --variant B=SPEC_B`;
+    read it with `compare RESULTS --by variant`."""
+    args = [*ctx.args, "--variant", f"A={spec_a}", "--variant", f"B={spec_b}"]
+    with run.make_context("run", args, parent=ctx.parent) as sub:
+        run.invoke(sub)
 
 
 def _sweep(text):

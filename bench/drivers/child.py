@@ -32,15 +32,26 @@ class LineChild:
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self._stderr = open(self.workdir / f"{self.ROLE}.stderr", "w+")
+        self.proc = subprocess.Popen(
+            self.argv(), stdin=subprocess.PIPE, cwd=self.cwd(),
+            stdout=subprocess.PIPE, stderr=self._stderr, text=True, bufsize=1,
+            env=self.environment())
+        threading.Thread(target=self._read, daemon=True).start()
+        self.send_line(json.dumps(self.spec))
+
+    def argv(self) -> list[str]:
+        """The child's command line (bench.variants runs another interpreter)."""
+        return [sys.executable, "-m", self.MAIN]
+
+    def cwd(self) -> str | None:
+        return None
+
+    def environment(self) -> dict:
         env = dict(os.environ)
         # Whatever this process can import (an --app module, the transports), the child can.
         env["PYTHONPATH"] = os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p)
-        self._stderr = open(self.workdir / f"{self.ROLE}.stderr", "w+")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", self.MAIN], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=self._stderr, text=True, bufsize=1, env=env)
-        threading.Thread(target=self._read, daemon=True).start()
-        self.send_line(json.dumps(self.spec))
+        return env
 
     def _read(self):
         for line in self.proc.stdout:

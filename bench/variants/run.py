@@ -1,0 +1,173 @@
+"""Run scenarios across variants, interleaved and counterbalanced, in one results file.
+
+Each (scenario, variant) gets one measuring process (:mod:`.serve`) in the variant's
+interpreter and environment, kept for the scenario's rounds so its workers and brokers
+are kept across rounds as a plain run keeps them. Round r measures every cell once per
+variant, in variant order on even rounds and reversed on odd ones (A B, B A, A B ...), so
+a drift of the machine lands on both sides; cells carry ``variant`` as a param and their
+repeats the round, so ``compare --by variant`` pairs them. Brokers and backends that are
+services (Redis, RabbitMQ, PostgreSQL) are shared; the harness's own (unix, fifo) and the
+Celery workers are each variant's, started from its interpreter.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Callable
+
+from hdrh.histogram import HdrHistogram
+
+from .. import recorder, results, runner
+from ..drivers.child import LineChild
+from .spec import Variant
+
+SERVE = Path(__file__).with_name("serve.py")
+CELL_TIMEOUT_S = 3600.0   # one cell-round's bound; the cell's own waits are shorter
+
+
+class VariantProcess(LineChild):
+    """The measuring process of one scenario for one variant."""
+    ROLE = "variant"
+
+    def __init__(self, variant: Variant, spec: dict, workdir: Path, timeout: float):
+        super().__init__(spec, workdir, timeout)
+        self.variant = variant
+        self.ROLE = f"variant-{variant.name}"
+
+    def argv(self) -> list[str]:
+        return [self.variant.python, str(SERVE)]
+
+    def cwd(self) -> str:
+        return str(self.variant.root)
+
+    def environment(self) -> dict:
+        return self.variant.child_env()
+
+    def measure(self, params: dict, round_: int, first: bool) -> dict:
+        self.send_line("cell " + json.dumps({"params": params, "round": round_,
+                                             "first": first}))
+        return json.loads(self.wait_for("result ", CELL_TIMEOUT_S))
+
+
+def order(variants: list, round_: int) -> list:
+    """A B on even rounds, B A on odd: counterbalanced pairs."""
+    return list(variants) if round_ % 2 == 0 else list(reversed(variants))
+
+
+def run(opts: runner.RunOptions, variants: list[Variant], on_cell: Callable | None = None,
+        on_start: Callable | None = None, on_cell_start: Callable | None = None) -> results.Run:
+    """Like :func:`bench.runner.run`, each cell once per variant per round."""
+    runner.check_named_transports(opts)
+    planned = runner.plan(opts)
+    for item in planned:
+        item.scenario.close()   # this process only lists the cells; variants measure them
+    run_ = results.Run(results.environment(runner.services_environment()))
+    run_.environment["options"] = opts.to_dict()
+    run_.environment["variants"] = {v.name: v.environment() for v in variants}
+    if opts.out:
+        results.dump(run_, opts.out)
+    rounds = opts.rounds()
+    if on_start:
+        on_start(sum(len(p.cells) * len(variants) *
+                     (1 if p.scenario.deterministic else rounds) for p in planned))
+    workdir = Path(tempfile.mkdtemp(prefix="celery-bench-ab-"))
+    try:
+        for item in planned:
+            if item.cells:
+                _scenario(item, variants, 1 if item.scenario.deterministic else rounds,
+                          opts, run_, workdir, on_cell, on_cell_start)
+    except KeyboardInterrupt:
+        run_.environment["interrupted"] = True
+        if opts.out:
+            results.dump(run_, opts.out)
+        raise
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return run_
+
+
+def _scenario(item, variants, rounds, opts, run_, workdir, on_cell, on_cell_start) -> None:
+    name = item.scenario.name
+    options = opts.to_dict()
+    with ExitStack() as stack:
+        procs = {}
+        for v in variants:
+            spec = {"scenario": name, "options": options,
+                    "workdir": str(workdir / name / v.name)}
+            proc = VariantProcess(v, spec, workdir / name / v.name, opts.timeout)
+            stack.callback(proc.stop)
+            proc.start()
+            procs[v.name] = proc
+        for proc in procs.values():
+            proc.wait_for("ready", max(60.0, opts.timeout))
+        states = {(i, v.name): runner.CellRun(name, {**p, "variant": v.name})
+                  for i, p in enumerate(item.cells) for v in variants}
+        slots: dict = {}
+        for round_ in range(rounds):
+            for i, params in enumerate(item.cells):
+                for v in order(variants, round_):
+                    state = states[(i, v.name)]
+                    if state.status:
+                        continue
+                    if on_cell_start:
+                        on_cell_start(name, state.params, round_)
+                    _measure(procs[v.name], state, params, round_)
+                    cell = state.cell()
+                    key = (i, v.name)
+                    if key not in slots:
+                        slots[key] = len(run_.cells)
+                        run_.cells.append(cell)
+                    run_.cells[slots[key]] = cell
+                    if opts.out:
+                        results.dump(run_, opts.out)
+                    if on_cell:
+                        on_cell(cell)
+
+
+def _measure(proc: VariantProcess, state: runner.CellRun, params: dict, round_: int) -> None:
+    try:
+        answer = proc.measure(params, round_, first=not state.repeats)
+    except (TimeoutError, RuntimeError) as exc:   # the variant's process died or hung
+        state.status, state.reason = "failed", f"variant {proc.variant.name}: {exc}"
+        return
+    state.measured_loss = answer.get("measured_loss") or state.measured_loss
+    if answer.get("repeat"):
+        state.repeats.append(_decoded(answer["repeat"]))
+    if answer.get("status"):
+        state.status, state.reason = answer["status"], answer.get("reason", "")
+
+
+def _decoded(repeat: dict) -> dict:
+    """A repeat from a variant's process (:func:`.serve._portable`) with its histograms as
+    bench.recorder.Recorded again, as results.aggregate takes them."""
+    out = dict(repeat)
+    out["histograms"] = {
+        name: recorder.Recorded(
+            HdrHistogram.decode(h["hdr"]), h.get("overflow", 0), h.get("unit", recorder.UNIT),
+            h.get("invalid", 0),
+            [recorder.Interval(a, b, HdrHistogram.decode(x)) for a, b, x in h.get("intervals", ())])
+        for name, h in (repeat.get("histograms") or {}).items()}
+    return out
+
+
+def prepare_all(texts) -> list[Variant]:
+    """``--variant`` values parsed, prepared and checked, in order (exit 2 on any)."""
+    from ..config import UsageError
+    from . import spec
+
+    variants = [spec.parse(t) for t in texts]
+    names = [v.name for v in variants]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise UsageError(f"--variant {dupes[0]}: named twice; give each variant its own name")
+    if len(variants) < 2:
+        raise UsageError("--variant: give at least two (e.g. --variant A=here "
+                         "--variant B=conf:broker_pool_limit=1)")
+    for v in variants:
+        print(f"preparing variant {v.name} ({v.spec}) ...", file=sys.stderr, flush=True)
+        spec.prepare(v)
+    return variants
