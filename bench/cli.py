@@ -454,9 +454,10 @@ def compare(paths, by, ref, cells, metrics, noise, fail_on):
 
 
 @cli.command()
-@click.argument("path", metavar="RESULTS")
+@click.argument("path", metavar="RESULTS", required=False)
 @click.option("--spec", type=click.Path(dir_okay=False),
-              help="Gate spec (default results/baselines/gates.toml).")
+              help="Gate spec (default results/baselines/gates.toml; with --against, "
+                   "results/baselines/gates-ab.toml).")
 @click.option("--baseline", type=click.Path(dir_okay=False),
               help="Baseline results file (default: the spec's 'baseline').")
 @click.option("--missing", type=click.Choice(["warn", "fail", "ignore"]),
@@ -472,7 +473,12 @@ def compare(paths, by, ref, cells, metrics, noise, fail_on):
               help="Judge rules against a baseline measured with another python/celery/kombu "
                    "(same CPU model only); otherwise those rules warn, not comparable.")
 @click.option("--verbose", "-v", is_flag=True, help="One line per cell, passes included.")
-def gate(path, spec, baseline, missing, write_baseline, budget, across_versions, verbose):
+@click.option("--against", metavar="REV",
+              help="Measure the spec's cells now as variants base=git:REV and head=the "
+                   "working tree, and judge head/base ratios (RESULTS: where to write them, "
+                   "default results/ab-gate.json). No stored baseline.")
+def gate(path, spec, baseline, missing, write_baseline, budget, across_versions, verbose,
+         against=None):
     """Check RESULTS against the gate spec: exit 1 if any rule fails.
 
     A rule passes when the 95% interval of its per-round values is on the right side of
@@ -484,6 +490,16 @@ def gate(path, spec, baseline, missing, write_baseline, budget, across_versions,
     from . import gate as gates
     from . import results, runner
 
+    if against:
+        from .variants import gate as ab_gate
+
+        out = path or "results/ab-gate.json"
+        _check_writable(out, "RESULTS")
+        verdicts = ab_gate.against(against, out, spec, budget, missing, click.echo)
+        _gate_verdicts(gates, verdicts, verbose)
+        return
+    if not path:
+        raise config.UsageError("gate needs RESULTS (a results file), or --against REV")
     spec_ = gates.load_spec(spec or gates.default_spec_path())
     run_ = _load(path, results)
     base_path = baseline or spec_.baseline
@@ -526,6 +542,10 @@ def gate(path, spec, baseline, missing, write_baseline, budget, across_versions,
             raise
         results.dump(run_, path)
         verdicts = gates.run_gates(spec_, run_, base_run, missing)
+    _gate_verdicts(gates, verdicts, verbose)
+
+
+def _gate_verdicts(gates, verdicts, verbose) -> None:
     for line in gates.report_lines(verdicts, verbose):
         click.echo(line)
     click.echo(gates.summary(verdicts))

@@ -91,24 +91,44 @@ def run(opts: runner.RunOptions, variants: list[Variant], on_cell: Callable | No
 
 
 def _scenario(item, variants, rounds, opts, run_, workdir, on_cell, on_cell_start) -> None:
-    name = item.scenario.name
+    slots: dict = {}
+
+    def record(key, state):
+        cell = state.cell()
+        if key not in slots:
+            slots[key] = len(run_.cells)
+            run_.cells.append(cell)
+        run_.cells[slots[key]] = cell
+        if opts.out:
+            results.dump(run_, opts.out)
+        if on_cell:
+            on_cell(cell)
+
+    measure(item.scenario.name, item.cells, variants, range(rounds), opts, workdir,
+            record, on_cell_start)
+
+
+def measure(name: str, cells: list, variants: list, rounds: range, opts, workdir: Path,
+            record: Callable, on_cell_start: Callable | None = None) -> dict:
+    """Each of ``cells`` (params without ``variant``) once per variant per round of
+    ``rounds``, counterbalanced; ``record((i, variant name), state)`` after each. Returns
+    the states by that key (their repeats are the rounds measured here)."""
     options = opts.to_dict()
+    states = {(i, v.name): runner.CellRun(name, {**p, "variant": v.name})
+              for i, p in enumerate(cells) for v in variants}
     with ExitStack() as stack:
         procs = {}
         for v in variants:
-            spec = {"scenario": name, "options": options,
-                    "workdir": str(workdir / name / v.name)}
-            proc = VariantProcess(v, spec, workdir / name / v.name, opts.timeout)
+            folder = workdir / name / v.name
+            proc = VariantProcess(v, {"scenario": name, "options": options,
+                                      "workdir": str(folder)}, folder, opts.timeout)
             stack.callback(proc.stop)
             proc.start()
             procs[v.name] = proc
         for proc in procs.values():
             proc.wait_for("ready", max(60.0, opts.timeout))
-        states = {(i, v.name): runner.CellRun(name, {**p, "variant": v.name})
-                  for i, p in enumerate(item.cells) for v in variants}
-        slots: dict = {}
-        for round_ in range(rounds):
-            for i, params in enumerate(item.cells):
+        for round_ in rounds:
+            for i, params in enumerate(cells):
                 for v in order(variants, round_):
                     state = states[(i, v.name)]
                     if state.status:
@@ -116,16 +136,8 @@ def _scenario(item, variants, rounds, opts, run_, workdir, on_cell, on_cell_star
                     if on_cell_start:
                         on_cell_start(name, state.params, round_)
                     _measure(procs[v.name], state, params, round_)
-                    cell = state.cell()
-                    key = (i, v.name)
-                    if key not in slots:
-                        slots[key] = len(run_.cells)
-                        run_.cells.append(cell)
-                    run_.cells[slots[key]] = cell
-                    if opts.out:
-                        results.dump(run_, opts.out)
-                    if on_cell:
-                        on_cell(cell)
+                    record((i, v.name), state)
+    return states
 
 
 def _measure(proc: VariantProcess, state: runner.CellRun, params: dict, round_: int) -> None:
