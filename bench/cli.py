@@ -477,8 +477,12 @@ def compare(paths, by, ref, cells, metrics, noise, fail_on):
               help="Measure the spec's cells now as variants base=git:REV and head=the "
                    "working tree, and judge head/base ratios (RESULTS: where to write them, "
                    "default results/ab-gate.json). No stored baseline.")
+@click.option("--head", "head", default="here", show_default=True, metavar="SPEC",
+              help="With --against: what head is (a variant SPEC, e.g. conf:KEY=VALUE).")
+@click.option("--rounds", type=click.IntRange(3, 100), default=5, show_default=True,
+              help="With --against: paired rounds measured before judging.")
 def gate(path, spec, baseline, missing, write_baseline, budget, across_versions, verbose,
-         against=None):
+         against=None, head="here", rounds=5):
     """Check RESULTS against the gate spec: exit 1 if any rule fails.
 
     A rule passes when the 95% interval of its per-round values is on the right side of
@@ -495,7 +499,8 @@ def gate(path, spec, baseline, missing, write_baseline, budget, across_versions,
 
         out = path or "results/ab-gate.json"
         _check_writable(out, "RESULTS")
-        verdicts = ab_gate.against(against, out, spec, budget, missing, click.echo)
+        verdicts = ab_gate.against(against, out, spec, budget, missing, click.echo,
+                                   rounds=rounds, head=head)
         _gate_verdicts(gates, verdicts, verbose)
         return
     if not path:

@@ -9,11 +9,12 @@ warn. No number from another run or machine decides anything.
 """
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from .. import config, gate as gates, results, runner
+from .. import config, gate as gates, results, runner, scenarios
 from . import run as variant_run
 from . import spec as variant_spec
 
@@ -22,47 +23,72 @@ ROUNDS = 5                 # paired rounds measured before judging (re-measures 
 DURATION_S = 1.0           # seconds per timed cell-round (--quick sizes the rest)
 
 
-def variants(rev: str) -> list:
-    """base=git:REV, head=the working tree: prepared and checked (exit 2 on a bad REV)."""
-    return variant_run.prepare_all([f"base=git:{rev}", "head=here"])
+def variants(rev: str, head: str = "here") -> list:
+    """base=git:REV, head=the working tree (or ``head``'s spec, e.g. env:...): prepared and
+    checked (exit 2 on a bad REV)."""
+    return variant_run.prepare_all([f"base=git:{rev}", f"head={head}"])
 
 
-def selections(spec: gates.Spec) -> dict[str, dict[str, set]]:
-    """Per scenario, the params its rules name (``variant`` aside): the --only filters."""
-    out: dict[str, dict[str, set]] = {}
+def selections(spec: gates.Spec) -> dict[str, list[dict]]:
+    """Per scenario, each rule's params (``variant`` aside): one --only filter per rule (a
+    union of them all would cross one rule's values with another's)."""
+    out: dict[str, list[dict]] = {}
     for rule in spec.rules:
-        scenario = None
+        scenario, params = None, {}
         for operand in rule.operands:
+            if operand.relative:
+                continue   # [variant=base]: the numerator's cell, another variant
             scenario = operand.selector.scenario or scenario
-            if not scenario:
-                continue
-            wanted = out.setdefault(scenario, {})
-            for key, value in operand.selector.params:
-                if key != "variant":
-                    wanted.setdefault(key, set()).add(str(value))
+            params.update((k, str(v)) for k, v in operand.selector.params if k != "variant")
+        if scenario and params not in out.setdefault(scenario, []):
+            out[scenario].append(params)
     return out
 
 
 def _options(name: str, params: dict, rounds: int, timeout: float) -> runner.RunOptions:
-    only = tuple((k, "|".join(sorted(v))) for k, v in sorted(params.items()))
-    return runner.RunOptions(scenarios=(name,), quick=True, only=only, repeat=rounds,
-                             duration=DURATION_S, timeout=timeout, quiet=True)
+    return runner.RunOptions(scenarios=(name,), quick=True, only=tuple(sorted(params.items())),
+                             repeat=rounds, duration=DURATION_S, timeout=timeout, quiet=True)
+
+
+def cells_to_measure(spec: gates.Spec, rounds: int, timeout: float) -> dict[str, list]:
+    """Per scenario, the quick cells some rule's selector keeps (each once)."""
+    out: dict[str, list] = {}
+    for name, filters in selections(spec).items():
+        for params in filters:
+            planned = runner.plan(_options(name, params, rounds, timeout))
+            for item in planned:
+                item.scenario.close()
+                for cell in item.cells:
+                    if cell not in out.setdefault(name, []):
+                        out[name].append(cell)
+    return out
 
 
 def measure(spec: gates.Spec, chosen: list, out: str, rounds: int = ROUNDS,
-            timeout: float = 120.0, on_cell=None) -> results.Run:
+            timeout: float = 120.0) -> results.Run:
     """Every cell the spec's rules name, once per variant per round, in one results file."""
     run_ = results.Run(results.environment(runner.services_environment()))
     run_.environment["variants"] = {v.name: v.environment() for v in chosen}
     run_.environment["gate_against"] = chosen[0].commit
-    asked = {}
-    for name, params in selections(spec).items():
-        opts = _options(name, params, rounds, timeout)
-        asked[name] = opts.to_dict()
-        part = variant_run.run(opts, chosen, on_cell=on_cell)
-        run_.cells.extend(part.cells)
-        run_.environment["options"] = {"per_scenario": asked}
-        results.dump(run_, out)
+    run_.environment["options"] = {"repeat": rounds, "duration": DURATION_S, "quick": True}
+    workdir = Path(tempfile.mkdtemp(prefix="celery-bench-ab-"))
+    try:
+        for name, cells in cells_to_measure(spec, rounds, timeout).items():
+            slots: dict = {}
+
+            def record(key, state):
+                cell = state.cell()
+                if key not in slots:
+                    slots[key] = len(run_.cells)
+                    run_.cells.append(cell)
+                run_.cells[slots[key]] = cell
+                results.dump(run_, out)
+
+            deterministic = scenarios.get(name).deterministic
+            variant_run.measure(name, cells, chosen, range(1 if deterministic else rounds),
+                                _options(name, {}, rounds, timeout), workdir, record)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     return run_
 
 
@@ -80,6 +106,13 @@ def remeasure(run_: results.Run, keys, rounds: int, chosen: list, timeout: float
             wanted[cell.scenario].append(params)
     first = 1 + max((r.get("round", -1) for c in run_.cells for r in c.repeats), default=-1)
     workdir = Path(tempfile.mkdtemp(prefix="celery-bench-ab-"))
+    try:
+        _remeasure(run_, wanted, keyed, first, rounds, chosen, timeout, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _remeasure(run_, wanted, keyed, first, rounds, chosen, timeout, workdir) -> None:
     for name, cells in wanted.items():
         opts = _options(name, {}, rounds, timeout)
         states = variant_run.measure(name, cells, chosen, range(first, first + rounds), opts,
@@ -101,19 +134,18 @@ def remeasure(run_: results.Run, keys, rounds: int, chosen: list, timeout: float
 
 
 def against(rev: str, out: str, spec_path: str | None, budget: float, missing: str | None,
-            echo, rounds: int = ROUNDS, timeout: float = 120.0) -> list:
+            echo, rounds: int = ROUNDS, timeout: float = 120.0, head: str = "here") -> list:
     """Measure, judge, re-measure within ``budget`` seconds; the verdicts."""
     spec = gates.load_spec(spec_path or AB_SPEC)
     if not selections(spec):
         raise config.UsageError(f"{spec.path}: no rule names a cell; gate --against measures "
                                 f"the cells its rules name (e.g. publish[...,variant=head])")
-    chosen = variants(rev)
+    chosen = variants(rev, head)
     base = chosen[0]
-    echo(f"gate --against {rev} ({base.commit[:12]}): head = the working tree; "
+    echo(f"gate --against {rev} ({base.commit[:12]}): head = {chosen[1].spec}; "
          f"{rounds} counterbalanced rounds of each cell {spec.path} names")
     started = time.monotonic()
-    run_ = measure(spec, chosen, out, rounds, timeout,
-                   on_cell=lambda c: None)
+    run_ = measure(spec, chosen, out, rounds, timeout)
     echo(f"measured {len(run_.cells)} cells in {time.monotonic() - started:.0f} s; "
          f"results in {out}")
     verdicts = gates.run_gates(spec, run_, None, missing)

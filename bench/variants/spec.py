@@ -74,7 +74,9 @@ class Variant:
         env.pop("PYTHONPATH", None)   # this process's paths are not the variant's
         env.pop("PYTHONHOME", None)
         env.update(self.env)
-        env["PYTHONPATH"] = os.pathsep.join([*map(str, self.paths), str(self.root)])
+        # env:PYTHONPATH=DIR lays DIR first (e.g. a sitecustomize patching this variant only)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in [self.env.get("PYTHONPATH"), *map(str, self.paths), str(self.root)] if p)
         if self.conf:
             from ..celery_app import VARIANT_CONF_ENV
             env[VARIANT_CONF_ENV] = json.dumps(self.conf)
