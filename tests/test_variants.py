@@ -63,14 +63,15 @@ def _publish_cost_s() -> float:
     from kombu import Connection
 
     with Connection("memory://") as conn:
-        q = conn.SimpleQueue(f"size-{os.getpid()}")
+        name = f"size-{os.getpid()}"
+        q = conn.SimpleQueue(name)
         producer = q.producer
         body = {"data": "x" * 100}
         for _ in range(500):
-            producer.publish(body, routing_key=q.name)
+            producer.publish(body, routing_key=name)
         n, t0 = 3000, time.perf_counter()
         for _ in range(n):
-            producer.publish(body, routing_key=q.name)
+            producer.publish(body, routing_key=name)
         took = (time.perf_counter() - t0) / n
         q.clear()
         q.close()
