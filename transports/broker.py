@@ -1712,11 +1712,17 @@ def running(path: str, **kwargs):
         broker.stop()
 
 
-def _cli(argv=None) -> int:
+def _cli(argv=None, prog: str = "python -m transports.broker") -> int:
+    """The broker's command line; ``celery-bench broker`` runs this too (same options)."""
     import argparse
 
-    parser = argparse.ArgumentParser(
-        prog="python -m transports.broker",
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line, exit 2 (argparse adds a usage block)
+            print(f"{prog}: error: {message} (--help lists the options)", file=sys.stderr)
+            sys.exit(2)
+
+    parser = Parser(
+        prog=prog,
         description="Run the unix transport's broker in the foreground until SIGINT/SIGTERM.")
     parser.add_argument("url", help="unix:///abs/path/broker.sock")
     parser.add_argument("--watch-parent", action="store_true",
