@@ -253,6 +253,34 @@ def test_memory_limit_blocks_every_publisher(start):
     assert rss(b) - base < 4 * MiB + SLACK
 
 
+@pytest.mark.parametrize("limit", ["queue", "memory"])
+@pytest.mark.parametrize("write_buffer", [False, True])
+def test_every_returned_publish_is_in_the_queue_or_counted_in_the_error(start, limit,
+                                                                         write_buffer):
+    """A flood to an unconsumed queue (its limit, or the broker's memory limit with the
+    queue's raised): the client gives up on its blocked write and closes; every publish
+    that had returned is then in the queue, or counted in the error as not delivered."""
+    if limit == "queue":
+        b = start(max_queue_messages=5000)
+        q = direct()
+    else:
+        b = start(max_frame=MiB, max_memory=8 * MiB)
+        name = qname()
+        q = Queue(name, Exchange(name, "direct"), routing_key=name,
+                  max_length=2**62, max_length_bytes=2**62)
+    opts = {"publish_timeout": 0.5, "write_buffer": write_buffer}
+    with Connection(b.url, transport_options=opts) as conn:
+        returned, exc = publish_until_blocked(conn, q, 1_000_000)
+        undelivered = conn.transport.undelivered
+    assert exc.undelivered == undelivered
+    assert ("max_memory" if limit == "memory" else "is full") in str(exc)
+    if undelivered:
+        assert f"{undelivered} publishes whose publish() had returned" in str(exc)
+    got = drain_ids(b.url, q, returned - undelivered)
+    assert len(got) == len(set(got)) == returned - undelivered
+    assert set(got) <= set(range(returned))
+
+
 # -- frames -----------------------------------------------------------------------------
 
 def test_an_oversized_frame_costs_only_its_sender(start):

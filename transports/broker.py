@@ -39,8 +39,9 @@ What it promises
   it sends the client a ``FLOW`` notice saying which queue and limit. When room
   appears the held frames run in order. A client that hangs up while held back
   (its write timed out, or it closed) returned from those publishes: the broker
-  takes its remaining whole publishes past the queue's limit, but not past
-  ``max_memory`` (those are dropped and counted in this log), and drops its
+  takes its remaining whole publishes past the queue's limit and past
+  ``max_memory`` by up to an eighth of it, at least 8 MiB (beyond that they are dropped and counted
+  in this log: only when many blocked publishers hang up at once), and drops its
   unconfirmed ``PUBLISH_CONFIRM`` frames (their publisher was told they failed).
   Deliveries to a held-back connection go on, so it can drain its own queue
   unless its prefetch window is full of messages it cannot ack while blocked
@@ -117,6 +118,10 @@ SMALL_FRAME = 64 * 1024
 # Frames held back (behind a blocked publish, or requests while output waits) past
 # which the broker stops reading the client: its socket fills and its write blocks.
 PARK_LIMIT = 64 * 1024
+# A hung-up publisher's remaining publishes are taken past max_memory by up to
+# max_memory / REMAINS_SLACK_DIV in all: its publish() calls had returned.
+REMAINS_SLACK_DIV = 8
+REMAINS_SLACK_MIN = 8 * 1024 * 1024  # one connection's socket holds up to ~2 MB of them
 # A client's requests wait while this much of its output is unsent (it is not reading).
 REPLY_WATER = 64 * 1024
 # Stop pushing deliveries to a client whose unsent output passes this; resume when it drains.
@@ -964,11 +969,16 @@ class Broker:
         except (OSError, FrameError):
             pass  # what could be read is taken; a partial frame is not a message
         taken = dropped = unconfirmed = 0
+        # Its publish() calls returned: keep them past max_memory too. They are bounded
+        # by the connection's socket buffer and PARK_LIMIT; the slack caps the sum over
+        # every connection that hangs up while the broker is full.
+        ceiling = self.max_memory + max(self.max_memory // REMAINS_SLACK_DIV,
+                                        REMAINS_SLACK_MIN)
         for frame in frames:
             op = frame[0]
             try:
                 if op == OP_PUBLISH:
-                    if self.held >= self.max_memory:
+                    if self.held >= ceiling:
                         dropped += 1
                     else:
                         self._route_publish(client, frame, False, park=False, force=True)
