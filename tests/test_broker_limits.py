@@ -303,6 +303,32 @@ def test_an_oversized_frame_costs_only_its_sender(start):
     assert b.alive()
 
 
+def test_stalled_big_frames_free_their_reservation_after_frame_timeout(start):
+    """Six connections each send an 8 MiB length prefix and 1 MiB of body, then stop:
+    together they hold the whole big-frame reservation (max_memory/4). Once frame_timeout
+    passes they are closed, and another client's 1 MiB publish goes through."""
+    b = start(frame_timeout=1.0)
+    stalled = []
+    head = b"\x02\x00\x01\x00\x00\x00\x01q"
+    for _ in range(6):
+        sock = raw(b.path)
+        sock.sendall(proto.U32.pack(8 * MiB - 1) + head + b"z" * MiB)
+        stalled.append(sock)
+    try:
+        q = direct()
+        opts = {"confirm_publish": True, "publish_timeout": WAIT_S}
+        with Connection(b.url, transport_options=opts) as conn:
+            Producer(conn).publish(b"b" * MiB, exchange=q.exchange, routing_key=q.routing_key,
+                                   declare=[q], content_type="application/data",
+                                   content_encoding="binary")
+            assert q(conn.default_channel).queue_declare(passive=True).message_count == 1
+        assert all(closed_by_peer(sock) for sock in stalled)
+        wait_until(lambda: b.log_tail(40).count("(frame_timeout)") == 6, what="six log lines")
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
 def test_big_frames_in_flight_are_bounded(start):
     """Many connections each half-way through an 8 MiB frame: the broker reads at most
     max_memory/4 of them at once; small messages of others still flow."""

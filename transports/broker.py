@@ -106,7 +106,7 @@ from .protocol import (
 )
 
 __all__ = ("Broker", "BrokerProcess", "Limits", "main", "running", "serve", "start",
-           "socket_path_from_url", "topic_matches")
+           "socket_path_from_url", "topic_matches", "TopicPattern")
 
 log = logging.getLogger("transports.broker")
 
@@ -174,6 +174,8 @@ class Limits:
     max_objects: int = 20_000                     # queues+exchanges+bindings+channels+consumers
     handshake_timeout: float = 5.0                # seconds to send a HELLO
     idle_timeout: float = 0.0                     # seconds without a frame; 0 = never
+    frame_timeout: float = 10.0                   # seconds a big frame's reservation may
+                                                  # wait for its next byte; 0 = never
     send_timeout: float = 30.0                    # seconds output may wait with no progress
     backlog: int = 512                            # listen(2) backlog
 
@@ -203,35 +205,45 @@ class Limits:
 
 # -- topic matching (AMQP semantics: '*' is one word, '#' zero or more) ----------
 
-def topic_matches(pattern: list[bytes], words: list[bytes]) -> bool:
-    """Whether routing key ``words`` match binding ``pattern``: O(len(pattern) * len(words)).
+class TopicPattern:
+    """A binding key compiled once for matching: an NFA over its word positions run as
+    bitsets (Python ints), so one routing-key word costs a few integer operations
+    whatever the pattern. '#.#' is collapsed to '#' (it matches the same keys), so one
+    shift closes over "'#' may match no word"."""
 
-    The set of pattern positions reachable after each word (an NFA run), instead of
-    backtracking, which is exponential in the number of '#'.
-    """
-    n = len(pattern)
-    reach = [False] * (n + 1)
-    reach[0] = True
-    for i in range(n):                      # '#' may match no word at all
-        if reach[i] and pattern[i] == b"#":
-            reach[i + 1] = True
-    for word in words:
-        nxt = [False] * (n + 1)
-        alive = False
-        for i in range(n):
-            if reach[i]:
-                p = pattern[i]
-                if p == b"#":
-                    nxt[i] = alive = True
-                elif p == b"*" or p == word:
-                    nxt[i + 1] = alive = True
-        if not alive:
-            return False
-        for i in range(n):
-            if nxt[i] and pattern[i] == b"#":
-                nxt[i + 1] = True
-        reach = nxt
-    return reach[n]
+    __slots__ = ("n", "hashes", "stars", "literals")
+
+    def __init__(self, key: bytes):
+        parts: list[bytes] = []
+        for w in key.split(b"."):
+            if not (w == b"#" and parts and parts[-1] == b"#"):
+                parts.append(w)
+        self.n = len(parts)
+        self.hashes = self.stars = 0
+        self.literals: dict = {}
+        for i, w in enumerate(parts):
+            if w == b"#":
+                self.hashes |= 1 << i
+            elif w == b"*":
+                self.stars |= 1 << i
+            else:
+                self.literals[w] = self.literals.get(w, 0) | (1 << i)
+
+    def matches(self, words: list[bytes]) -> bool:
+        hashes, stars, literals = self.hashes, self.stars, self.literals
+        reach = 1 | (1 & hashes) << 1
+        for word in words:
+            # A '#' at i eats the word and stays; '*' or the same literal moves on.
+            nxt = (reach & hashes) | ((reach & (stars | literals.get(word, 0))) << 1)
+            if not nxt:
+                return False
+            reach = nxt | (nxt & hashes) << 1
+        return bool(reach >> self.n & 1)
+
+
+def topic_matches(pattern: list[bytes], words: list[bytes]) -> bool:
+    """Whether routing key ``words`` match binding ``pattern`` (AMQP's topic rules)."""
+    return TopicPattern(b".".join(pattern)).matches(words)
 
 
 def _size(text: str) -> int:
@@ -280,12 +292,13 @@ class Queue:
 
 
 class Exchange:
-    __slots__ = ("name", "type", "bindings", "cache")
+    __slots__ = ("name", "type", "bindings", "cache", "patterns")
 
     def __init__(self, name: bytes, type: bytes):
         self.name = name
         self.type = type
         self.bindings: dict = {}         # binding key -> [Queue]
+        self.patterns: dict = {}         # binding key -> TopicPattern (topic exchanges)
         self.cache: dict = {}            # routing key -> tuple of Queue (Broker._route)
 
 
@@ -548,6 +561,12 @@ class Broker:
                 self._drop(client, f"took none of its {client.outlen} bytes of output for "
                                    f"{limits.send_timeout:g}s (send_timeout); disconnecting "
                                    "it, its unacknowledged messages go back to their queues")
+            elif (client.rsv_reader and limits.frame_timeout
+                  and now - client.last_in > limits.frame_timeout):
+                # Its reservation would keep every other big publish waiting for nothing.
+                self._drop(client, f"sent part of a {client.rsv_reader}-byte frame, then "
+                                   f"nothing for {limits.frame_timeout:g}s (frame_timeout); "
+                                   "closing it, the frame is dropped")
             elif not client.reading:
                 paused.append(client)
             elif (limits.idle_timeout and now - client.last_in > limits.idle_timeout
@@ -1111,6 +1130,7 @@ class Broker:
             queues.remove(q)
             if not queues:
                 del ex.bindings[key]
+                ex.patterns.pop(key, None)
             self._forget_routes()
 
     def _forget_routes(self):
@@ -1130,8 +1150,12 @@ class Broker:
         elif exchange.type == b"topic":
             words = rk.split(b".")
             seen = {}
+            patterns = exchange.patterns
             for bkey, queues in exchange.bindings.items():
-                if topic_matches(bkey.split(b"."), words):
+                pattern = patterns.get(bkey)
+                if pattern is None:
+                    pattern = patterns[bkey] = TopicPattern(bkey)
+                if pattern.matches(words):
                     for q in queues:
                         seen[id(q)] = q
             found = tuple(seen.values())
@@ -1268,7 +1292,9 @@ class Broker:
                 targets = (q,)
         else:
             exchange = self.exchanges.get(ex)
-            if exchange is None:
+            if exchange is None or len(rk) > MAX_NAME:
+                # A key longer than AMQP's shortstr is unroutable (the client refuses one
+                # first): matching work per publish stays bounded by the key's 128 words.
                 targets = ()
             else:
                 targets = exchange.cache.get(rk)
@@ -1749,6 +1775,8 @@ def _cli(argv=None, prog: str = "python -m transports.broker") -> int:
         "max_objects": "queues + exchanges + bindings + channels + consumers",
         "handshake_timeout": "seconds a new connection has to send its HELLO",
         "idle_timeout": "close a connection silent this long, seconds (0 = never)",
+        "frame_timeout": "close a connection whose half-sent big frame (holding its share of "
+                         "max_memory) gets no byte this long, seconds (0 = never)",
         "send_timeout": "disconnect a client that takes none of its output this long, seconds",
         "backlog": "listen backlog",
     }

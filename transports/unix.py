@@ -149,6 +149,7 @@ DEFAULT_WRITE_BUFFER_SIZE = 64 * 1024
 DEFAULT_WRITE_BUFFER_INTERVAL = 0.002
 SOCKET_BUFFER = 1024 * 1024
 ROUTE_CACHE_MAX = 1024
+MAX_ROUTING_KEY = 255   # bytes, as AMQP's shortstr: the broker routes no longer key
 # The largest message (encoded, with its routing) the default broker takes.
 MAX_MESSAGE = proto.DEFAULT_MAX_FRAME - proto.DELIVERY_ROOM
 # A delivery tag as kombu sees it: the broker's tag (per channel and connection, from 1)
@@ -333,6 +334,11 @@ class Channel(virtual.Channel):
             info["exchange"] = exchange
             info["routing_key"] = routing_key
         payload = encode_message(message)
+        if len(routing_key or "") > MAX_ROUTING_KEY // 4 and \
+                len((routing_key or "").encode("utf-8")) > MAX_ROUTING_KEY:
+            raise ChannelError(f"routing key of {len(routing_key.encode('utf-8'))} bytes: the "
+                               f"unix broker routes keys of at most {MAX_ROUTING_KEY} bytes "
+                               "(AMQP's limit)")
         if reqid:
             ex = (exchange or "").encode("utf-8")
             rk = (routing_key or "").encode("utf-8")
