@@ -27,10 +27,8 @@ What it promises
   for them, a quarter of ``max_memory`` in all. At most ``max_connections`` (256)
   connections, each holding at most ~200 KiB of buffers, and ``max_objects``
   (20,000) queues + exchanges + bindings + channels + consumers, names at most 255
-  bytes. With the defaults that is under 512 MB whatever the clients do: every
-  attack at once (19,000 queues of 255-byte names, memory full, 210 connections
-  flooding requests without reading, 36 connections half-way through 8 MiB
-  frames) peaked at 343 MB RSS here. Past ``max_objects`` nobody can declare;
+  bytes. With the defaults that is under 512 MB whatever the clients do
+  (measured: docs/transports.md). Past ``max_objects`` nobody can declare;
   past ``max_memory`` every publisher waits: a global limit is not fair-shared.
 * **Back-pressure, never silent loss**: a publish to a full queue (or past
   ``max_memory``) is held back, not dropped: the broker stops taking further
