@@ -339,16 +339,17 @@ def list_():
     console.print(t)
 
 
-@cli.command()
-@click.argument("url")
-def broker(url):
-    """Run the unix-socket broker in the foreground: celery-bench broker unix:///abs/path.sock"""
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+             add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def broker(args):
+    """Run the unix-socket broker in the foreground: celery-bench broker unix:///abs/path.sock
+    [--max-queue-messages N --max-queue-bytes N --max-memory N ...] (--help lists them)."""
     from transports import broker as unix_broker
 
-    try:
-        unix_broker.main(url)
-    except ValueError as exc:  # a bad URL or an unsafe directory: one line, exit 2
-        raise config.UsageError(str(exc)) from None
+    # The broker's own parser: the same options as python -m transports.broker, so the
+    # limits its errors advise raising exist here too. Bad input: one line, exit 2.
+    sys.exit(unix_broker._cli(list(args), prog="celery-bench broker"))
 
 
 @cli.command()

@@ -253,12 +253,22 @@ def run(opts: RunOptions, on_cell: Callable | None = None, on_start: Callable | 
     interrupt is re-raised (the caller exits 130); every scenario is closed on the way.
     """
     check_named_transports(opts)
-    planned = plan(opts)
-    if run_ is None:
-        run_ = results.Run(results.environment(services_environment()))
+    planned = plan(opts)   # may still refuse the options: no file for a usage error
+    early = run_ or results.Run(results.environment())
+    early.environment["options"] = opts.to_dict()
+    if opts.out:
+        results.dump(early, opts.out)  # the file exists from the first moment, before the probes
+    try:
+        if run_ is None:
+            run_ = results.Run(results.environment(services_environment()))
+    except KeyboardInterrupt:   # interrupted while probing the services
+        early.environment["interrupted"] = True
+        if opts.out:
+            results.dump(early, opts.out)
+        raise
     run_.environment["options"] = opts.to_dict()
     if opts.out:
-        results.dump(run_, opts.out)   # the file exists from the first moment
+        results.dump(run_, opts.out)
     own_workdir = opts.workdir is None
     if own_workdir:
         opts.workdir = Path(tempfile.mkdtemp(prefix="celery-bench-"))

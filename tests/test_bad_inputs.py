@@ -486,6 +486,10 @@ CASES = [
      ["open to other users"]),
     ("broker-parent-is-a-file", ["broker", "SOCK/afile/broker.sock"], None,
      both(socket_dir(0o700), write_text("sock/afile", "x")), ["not a directory"]),
+    ("broker-unknown-option", ["broker", "unix:///tmp/x.sock", "--max-queue-msgs", "5"], None,
+     None, ["--max-queue-msgs"]),
+    ("broker-bad-limit", ["broker", "unix:///tmp/x.sock", "--max-memory", "lots"], None,
+     None, ["--max-memory"]),
 ]
 
 

@@ -422,3 +422,67 @@ def test_a_pathological_topic_pattern_is_routed_promptly(start):
             drain_until(conn, lambda: got)
             drain_quietly(conn, 0.2)
     assert got == ["hit"]
+
+
+def _recv_exactly(sock, n) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, "the broker closed the connection"
+        data += chunk
+    return data
+
+
+@pytest.mark.timeout(120)
+def test_hash_bindings_and_a_64k_key_never_stall_a_concurrent_ping(start):
+    """25 topic bindings of 126 '#' each, then publishes with 65,533-byte keys (a raw
+    client: ours refuses such a key) and with ever-new 255-byte keys: a ping on another
+    connection answers within 50 ms throughout (a bounded-work guarantee, generous)."""
+    b = start()
+    name = qname("topic")
+    exchange = Exchange(name, type="topic")
+    pattern = ".".join(["#"] * 126)
+    with Connection(b.url) as conn:
+        for k in range(25):
+            Queue(f"{name}-{k}", exchange, routing_key=pattern)(conn.default_channel).declare()
+        with pytest.raises(conn.channel_errors, match="at most 255 bytes"):
+            Producer(conn).publish("x", exchange=exchange, routing_key="w." * 200)
+    pinger = connect_raw(b.path)
+    pinger.sendall(hello())
+    _recv_exactly(pinger, 20)
+    worst, stop = [0.0], threading.Event()
+
+    def ping():
+        reqid = 100
+        while not stop.is_set():
+            reqid += 1
+            t0 = time.perf_counter()
+            pinger.sendall(rpc_frame(proto.OP_PING, reqid))
+            _recv_exactly(pinger, 20)
+            worst[0] = max(worst[0], time.perf_counter() - t0)
+            time.sleep(0.002)
+    thread = threading.Thread(target=ping, daemon=True)
+    thread.start()
+    try:
+        attacker = connect_raw(b.path)
+        attacker.sendall(hello())
+        _recv_exactly(attacker, 20)
+        ex = name.encode()
+        for i in range(20):
+            rk = (b"w." * 32766 + str(i).encode())[:65533]
+            data = (proto.PUBLISH_HEAD.pack(proto.OP_PUBLISH, 1, len(ex)) + ex
+                    + proto.U16.pack(len(rk)) + rk + b"{}")
+            attacker.sendall(proto.U32.pack(len(data)) + data)
+        attacker.sendall(rpc_frame(proto.OP_PING, 9))   # answered once all above ran
+        _recv_exactly(attacker, 20)
+        with Connection(b.url) as conn:
+            producer = Producer(conn)
+            for i in range(200):   # each key new: no cached route
+                producer.publish("x", exchange=exchange,
+                                 routing_key=(f"{i}." + "w." * 127)[:255])
+            conn.default_channel.basic_qos(0, 1, False)  # a round trip: all routed
+    finally:
+        stop.set()
+        thread.join(WAIT_S)
+    assert b.alive()
+    assert worst[0] < 0.050, f"a ping waited {worst[0] * 1000:.1f} ms"

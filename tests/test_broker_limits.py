@@ -253,6 +253,34 @@ def test_memory_limit_blocks_every_publisher(start):
     assert rss(b) - base < 4 * MiB + SLACK
 
 
+@pytest.mark.parametrize("limit", ["queue", "memory"])
+@pytest.mark.parametrize("write_buffer", [False, True])
+def test_every_returned_publish_is_in_the_queue_or_counted_in_the_error(start, limit,
+                                                                         write_buffer):
+    """A flood to an unconsumed queue (its limit, or the broker's memory limit with the
+    queue's raised): the client gives up on its blocked write and closes; every publish
+    that had returned is then in the queue, or counted in the error as not delivered."""
+    if limit == "queue":
+        b = start(max_queue_messages=5000)
+        q = direct()
+    else:
+        b = start(max_frame=MiB, max_memory=8 * MiB)
+        name = qname()
+        q = Queue(name, Exchange(name, "direct"), routing_key=name,
+                  max_length=2**62, max_length_bytes=2**62)
+    opts = {"publish_timeout": 0.5, "write_buffer": write_buffer}
+    with Connection(b.url, transport_options=opts) as conn:
+        returned, exc = publish_until_blocked(conn, q, 1_000_000)
+        undelivered = conn.transport.undelivered
+    assert exc.undelivered == undelivered
+    assert ("max_memory" if limit == "memory" else "is full") in str(exc)
+    if undelivered:
+        assert f"{undelivered} publishes whose publish() had returned" in str(exc)
+    got = drain_ids(b.url, q, returned - undelivered)
+    assert len(got) == len(set(got)) == returned - undelivered
+    assert set(got) <= set(range(returned))
+
+
 # -- frames -----------------------------------------------------------------------------
 
 def test_an_oversized_frame_costs_only_its_sender(start):
@@ -273,6 +301,32 @@ def test_an_oversized_frame_costs_only_its_sender(start):
         message = wait_until(lambda: q(conn.default_channel).get(no_ack=True), what="a message")
         assert message.body == b"y" * 60_000
     assert b.alive()
+
+
+def test_stalled_big_frames_free_their_reservation_after_frame_timeout(start):
+    """Six connections each send an 8 MiB length prefix and 1 MiB of body, then stop:
+    together they hold the whole big-frame reservation (max_memory/4). Once frame_timeout
+    passes they are closed, and another client's 1 MiB publish goes through."""
+    b = start(frame_timeout=1.0)
+    stalled = []
+    head = b"\x02\x00\x01\x00\x00\x00\x01q"
+    for _ in range(6):
+        sock = raw(b.path)
+        sock.sendall(proto.U32.pack(8 * MiB - 1) + head + b"z" * MiB)
+        stalled.append(sock)
+    try:
+        q = direct()
+        opts = {"confirm_publish": True, "publish_timeout": WAIT_S}
+        with Connection(b.url, transport_options=opts) as conn:
+            Producer(conn).publish(b"b" * MiB, exchange=q.exchange, routing_key=q.routing_key,
+                                   declare=[q], content_type="application/data",
+                                   content_encoding="binary")
+            assert q(conn.default_channel).queue_declare(passive=True).message_count == 1
+        assert all(closed_by_peer(sock) for sock in stalled)
+        wait_until(lambda: b.log_tail(40).count("(frame_timeout)") == 6, what="six log lines")
+    finally:
+        for sock in stalled:
+            sock.close()
 
 
 def test_big_frames_in_flight_are_bounded(start):

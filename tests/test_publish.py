@@ -134,7 +134,8 @@ def test_tally_counts_duplicates_warmup_and_strays():
     t = Tally(3, keep_e2e=True)
     for i in (0, 1, 1, -1, 7, 2):
         t.add(i, 100, 350)
-    assert t.counts() == {"received": 3, "duplicates": 1, "warmup": 1, "stray": 1}
+    assert t.counts() == {"received": 3, "duplicates": 1, "warmup": 1, "stray": 1,
+                          "foreign": 0}
     assert list(t.e2e) == [250, 250, 250]
 
 

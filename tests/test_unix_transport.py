@@ -468,9 +468,11 @@ def test_a_socket_that_is_not_a_broker_is_a_clear_connection_error(sockdir):
 
 
 def test_cli_broker_runs_in_the_foreground_until_sigint(sockdir):
+    """``celery-bench broker`` takes the broker's limits: the ones its errors advise raising."""
     path = sockdir / "cli" / "broker.sock"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "bench", "broker", f"unix://{path}"],
+    proc = subprocess.Popen([sys.executable, "-m", "bench", "broker", f"unix://{path}",
+                             "--max-queue-messages", "1"],
                             cwd=str(ROOT), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -483,6 +485,10 @@ def test_cli_broker_runs_in_the_foreground_until_sigint(sockdir):
             Producer(conn).publish("hi", exchange=q.exchange, routing_key=q.routing_key,
                                    declare=[q])
             assert q(conn.default_channel).queue_declare(passive=True).message_count == 1
+        opts = {"confirm_publish": True, "publish_timeout": 1}
+        with Connection(f"unix://{path}", transport_options=opts) as conn:
+            with pytest.raises(unix.PublishBlockedError, match="max_queue_messages=1"):
+                Producer(conn).publish("full", exchange=q.exchange, routing_key=q.routing_key)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(WAIT_S) == 0
         assert not path.exists()

@@ -27,10 +27,8 @@ What it promises
   for them, a quarter of ``max_memory`` in all. At most ``max_connections`` (256)
   connections, each holding at most ~200 KiB of buffers, and ``max_objects``
   (20,000) queues + exchanges + bindings + channels + consumers, names at most 255
-  bytes. With the defaults that is under 512 MB whatever the clients do: every
-  attack at once (19,000 queues of 255-byte names, memory full, 210 connections
-  flooding requests without reading, 36 connections half-way through 8 MiB
-  frames) peaked at 343 MB RSS here. Past ``max_objects`` nobody can declare;
+  bytes. With the defaults that is under 512 MB whatever the clients do
+  (measured: docs/transports.md). Past ``max_objects`` nobody can declare;
   past ``max_memory`` every publisher waits: a global limit is not fair-shared.
 * **Back-pressure, never silent loss**: a publish to a full queue (or past
   ``max_memory``) is held back, not dropped: the broker stops taking further
@@ -39,8 +37,9 @@ What it promises
   it sends the client a ``FLOW`` notice saying which queue and limit. When room
   appears the held frames run in order. A client that hangs up while held back
   (its write timed out, or it closed) returned from those publishes: the broker
-  takes its remaining whole publishes past the queue's limit, but not past
-  ``max_memory`` (those are dropped and counted in this log), and drops its
+  takes its remaining whole publishes past the queue's limit and past
+  ``max_memory`` by up to an eighth of it, at least 8 MiB (beyond that they are dropped and counted
+  in this log: only when many blocked publishers hang up at once), and drops its
   unconfirmed ``PUBLISH_CONFIRM`` frames (their publisher was told they failed).
   Deliveries to a held-back connection go on, so it can drain its own queue
   unless its prefetch window is full of messages it cannot ack while blocked
@@ -105,7 +104,7 @@ from .protocol import (
 )
 
 __all__ = ("Broker", "BrokerProcess", "Limits", "main", "running", "serve", "start",
-           "socket_path_from_url", "topic_matches")
+           "socket_path_from_url", "topic_matches", "TopicPattern")
 
 log = logging.getLogger("transports.broker")
 
@@ -117,6 +116,10 @@ SMALL_FRAME = 64 * 1024
 # Frames held back (behind a blocked publish, or requests while output waits) past
 # which the broker stops reading the client: its socket fills and its write blocks.
 PARK_LIMIT = 64 * 1024
+# A hung-up publisher's remaining publishes are taken past max_memory by up to
+# max_memory / REMAINS_SLACK_DIV in all: its publish() calls had returned.
+REMAINS_SLACK_DIV = 8
+REMAINS_SLACK_MIN = 8 * 1024 * 1024  # one connection's socket holds up to ~2 MB of them
 # A client's requests wait while this much of its output is unsent (it is not reading).
 REPLY_WATER = 64 * 1024
 # Stop pushing deliveries to a client whose unsent output passes this; resume when it drains.
@@ -169,6 +172,8 @@ class Limits:
     max_objects: int = 20_000                     # queues+exchanges+bindings+channels+consumers
     handshake_timeout: float = 5.0                # seconds to send a HELLO
     idle_timeout: float = 0.0                     # seconds without a frame; 0 = never
+    frame_timeout: float = 10.0                   # seconds a big frame's reservation may
+                                                  # wait for its next byte; 0 = never
     send_timeout: float = 30.0                    # seconds output may wait with no progress
     backlog: int = 512                            # listen(2) backlog
 
@@ -198,35 +203,45 @@ class Limits:
 
 # -- topic matching (AMQP semantics: '*' is one word, '#' zero or more) ----------
 
-def topic_matches(pattern: list[bytes], words: list[bytes]) -> bool:
-    """Whether routing key ``words`` match binding ``pattern``: O(len(pattern) * len(words)).
+class TopicPattern:
+    """A binding key compiled once for matching: an NFA over its word positions run as
+    bitsets (Python ints), so one routing-key word costs a few integer operations
+    whatever the pattern. '#.#' is collapsed to '#' (it matches the same keys), so one
+    shift closes over "'#' may match no word"."""
 
-    The set of pattern positions reachable after each word (an NFA run), instead of
-    backtracking, which is exponential in the number of '#'.
-    """
-    n = len(pattern)
-    reach = [False] * (n + 1)
-    reach[0] = True
-    for i in range(n):                      # '#' may match no word at all
-        if reach[i] and pattern[i] == b"#":
-            reach[i + 1] = True
-    for word in words:
-        nxt = [False] * (n + 1)
-        alive = False
-        for i in range(n):
-            if reach[i]:
-                p = pattern[i]
-                if p == b"#":
-                    nxt[i] = alive = True
-                elif p == b"*" or p == word:
-                    nxt[i + 1] = alive = True
-        if not alive:
-            return False
-        for i in range(n):
-            if nxt[i] and pattern[i] == b"#":
-                nxt[i + 1] = True
-        reach = nxt
-    return reach[n]
+    __slots__ = ("n", "hashes", "stars", "literals")
+
+    def __init__(self, key: bytes):
+        parts: list[bytes] = []
+        for w in key.split(b"."):
+            if not (w == b"#" and parts and parts[-1] == b"#"):
+                parts.append(w)
+        self.n = len(parts)
+        self.hashes = self.stars = 0
+        self.literals: dict = {}
+        for i, w in enumerate(parts):
+            if w == b"#":
+                self.hashes |= 1 << i
+            elif w == b"*":
+                self.stars |= 1 << i
+            else:
+                self.literals[w] = self.literals.get(w, 0) | (1 << i)
+
+    def matches(self, words: list[bytes]) -> bool:
+        hashes, stars, literals = self.hashes, self.stars, self.literals
+        reach = 1 | (1 & hashes) << 1
+        for word in words:
+            # A '#' at i eats the word and stays; '*' or the same literal moves on.
+            nxt = (reach & hashes) | ((reach & (stars | literals.get(word, 0))) << 1)
+            if not nxt:
+                return False
+            reach = nxt | (nxt & hashes) << 1
+        return bool(reach >> self.n & 1)
+
+
+def topic_matches(pattern: list[bytes], words: list[bytes]) -> bool:
+    """Whether routing key ``words`` match binding ``pattern`` (AMQP's topic rules)."""
+    return TopicPattern(b".".join(pattern)).matches(words)
 
 
 def _size(text: str) -> int:
@@ -275,12 +290,13 @@ class Queue:
 
 
 class Exchange:
-    __slots__ = ("name", "type", "bindings", "cache")
+    __slots__ = ("name", "type", "bindings", "cache", "patterns")
 
     def __init__(self, name: bytes, type: bytes):
         self.name = name
         self.type = type
         self.bindings: dict = {}         # binding key -> [Queue]
+        self.patterns: dict = {}         # binding key -> TopicPattern (topic exchanges)
         self.cache: dict = {}            # routing key -> tuple of Queue (Broker._route)
 
 
@@ -543,6 +559,12 @@ class Broker:
                 self._drop(client, f"took none of its {client.outlen} bytes of output for "
                                    f"{limits.send_timeout:g}s (send_timeout); disconnecting "
                                    "it, its unacknowledged messages go back to their queues")
+            elif (client.rsv_reader and limits.frame_timeout
+                  and now - client.last_in > limits.frame_timeout):
+                # Its reservation would keep every other big publish waiting for nothing.
+                self._drop(client, f"sent part of a {client.rsv_reader}-byte frame, then "
+                                   f"nothing for {limits.frame_timeout:g}s (frame_timeout); "
+                                   "closing it, the frame is dropped")
             elif not client.reading:
                 paused.append(client)
             elif (limits.idle_timeout and now - client.last_in > limits.idle_timeout
@@ -964,11 +986,16 @@ class Broker:
         except (OSError, FrameError):
             pass  # what could be read is taken; a partial frame is not a message
         taken = dropped = unconfirmed = 0
+        # Its publish() calls returned: keep them past max_memory too. They are bounded
+        # by the connection's socket buffer and PARK_LIMIT; the slack caps the sum over
+        # every connection that hangs up while the broker is full.
+        ceiling = self.max_memory + max(self.max_memory // REMAINS_SLACK_DIV,
+                                        REMAINS_SLACK_MIN)
         for frame in frames:
             op = frame[0]
             try:
                 if op == OP_PUBLISH:
-                    if self.held >= self.max_memory:
+                    if self.held >= ceiling:
                         dropped += 1
                     else:
                         self._route_publish(client, frame, False, park=False, force=True)
@@ -1101,6 +1128,7 @@ class Broker:
             queues.remove(q)
             if not queues:
                 del ex.bindings[key]
+                ex.patterns.pop(key, None)
             self._forget_routes()
 
     def _forget_routes(self):
@@ -1120,8 +1148,12 @@ class Broker:
         elif exchange.type == b"topic":
             words = rk.split(b".")
             seen = {}
+            patterns = exchange.patterns
             for bkey, queues in exchange.bindings.items():
-                if topic_matches(bkey.split(b"."), words):
+                pattern = patterns.get(bkey)
+                if pattern is None:
+                    pattern = patterns[bkey] = TopicPattern(bkey)
+                if pattern.matches(words):
                     for q in queues:
                         seen[id(q)] = q
             found = tuple(seen.values())
@@ -1258,7 +1290,9 @@ class Broker:
                 targets = (q,)
         else:
             exchange = self.exchanges.get(ex)
-            if exchange is None:
+            if exchange is None or len(rk) > MAX_NAME:
+                # A key longer than AMQP's shortstr is unroutable (the client refuses one
+                # first): matching work per publish stays bounded by the key's 128 words.
                 targets = ()
             else:
                 targets = exchange.cache.get(rk)
@@ -1712,11 +1746,17 @@ def running(path: str, **kwargs):
         broker.stop()
 
 
-def _cli(argv=None) -> int:
+def _cli(argv=None, prog: str = "python -m transports.broker") -> int:
+    """The broker's command line; ``celery-bench broker`` runs this too (same options)."""
     import argparse
 
-    parser = argparse.ArgumentParser(
-        prog="python -m transports.broker",
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line, exit 2 (argparse adds a usage block)
+            print(f"{prog}: error: {message} (--help lists the options)", file=sys.stderr)
+            sys.exit(2)
+
+    parser = Parser(
+        prog=prog,
         description="Run the unix transport's broker in the foreground until SIGINT/SIGTERM.")
     parser.add_argument("url", help="unix:///abs/path/broker.sock")
     parser.add_argument("--watch-parent", action="store_true",
@@ -1733,6 +1773,8 @@ def _cli(argv=None) -> int:
         "max_objects": "queues + exchanges + bindings + channels + consumers",
         "handshake_timeout": "seconds a new connection has to send its HELLO",
         "idle_timeout": "close a connection silent this long, seconds (0 = never)",
+        "frame_timeout": "close a connection whose half-sent big frame (holding its share of "
+                         "max_memory) gets no byte this long, seconds (0 = never)",
         "send_timeout": "disconnect a client that takes none of its output this long, seconds",
         "backlog": "listen backlog",
     }

@@ -43,20 +43,8 @@ What a pipe can do and what it cannot, enforced rather than hoped for:
   made while a worker winds down fail instead). Letting a queue go logs what it
   drops. Without a prefetch limit reads are in bulk (``read_size``) and what
   was read but not handed over is lost too.
-  Measured here (a producer publishing as fast as it can, 438-byte messages, a
-  Kombu consumer at prefetch 1 stopped after 300-6,000 handled, 3 rounds each,
-  ``python tests/test_fifo_loss.py``): 64 KiB pipe (~150 messages) 135-140 lost
-  on SIGKILL, 139-140 on SIGTERM; the default 1 MiB pipe (~2,395 messages)
-  2,059-2,298 on SIGKILL, 1,871-2,258 on SIGTERM: the pipe, full, and nothing
-  else (before the bounded reader, the same consumer lost 3,962 of 6,963: the
-  reader took 256 KiB whatever the prefetch). A Celery solo worker at
-  multiplier 1 fed by ``send_task`` (slower than the worker, so its pipe is
-  rarely full): 0-77 (SIGKILL) and 3-52 (SIGTERM) with a 64 KiB pipe, 7-211 and
-  20-1,278 with 1 MiB (medians 9, 7, 18, 21; before: ~1,100 either way); since
-  a warm shutdown lets the pipe go at its start, SIGTERM loses 0-78 (64 KiB)
-  and 0-440 (1 MiB), medians 3 and 1 (3 rounds each; Kombu's SIGTERM figures
-  stay the pipe, since that producer keeps it full until the cancel: 76-140 and
-  2,196-2,302 re-measured). The
+  For a backlogged stream (a producer faster than its consumer) that is the
+  pipe's contents, whatever the way it stops; figures in docs/transports.md. The
   pipe is the floor, and it cannot be made small without making producers
   block sooner (``pipe_size``). For work that must not be lost, use the
   ``unix`` transport (acks, redelivery, publisher confirms).
@@ -105,8 +93,9 @@ worker winds down fail with :class:`NoConsumerError` (or wait
 accepted and lost. What can still be lost is what reached the worker in the
 milliseconds between SIGTERM and that cancel: in its pipe, or received by
 Celery but not yet taken by a pool process, which Celery drops at shutdown
-because it counts on a broker to redeliver it (the faults scenario's
-warm-shutdown cells: 1 task per shutdown, down from 76-101).
+because it counts on a broker to redeliver it. That is ~1 task for a paced
+publisher, but a worker whose pipe is full (a publisher faster than it) loses the
+pipe's contents: up to ``pipe_size`` bytes of tasks (docs/transports.md).
 
 Features
 ========

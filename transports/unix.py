@@ -107,7 +107,8 @@ Transport Options
   ``write_buffer_size`` bytes, every ``write_buffer_interval`` seconds by a
   timer, before any call that waits for the broker, and on close. Off by
   default: every publish is handed to the kernel before ``publish`` returns.
-  Ignored with ``confirm_publish``.
+  Ignored with ``confirm_publish``. If the connection fails with publishes still
+  buffered, the error (and the transport's ``undelivered``) counts them.
 * ``write_buffer_size``: (int) Default ``65536``.
 * ``write_buffer_interval``: (float) Default ``0.002``.
 * ``read_size``: (int) Bytes read per ``recv``. Default ``262144``.
@@ -148,6 +149,7 @@ DEFAULT_WRITE_BUFFER_SIZE = 64 * 1024
 DEFAULT_WRITE_BUFFER_INTERVAL = 0.002
 SOCKET_BUFFER = 1024 * 1024
 ROUTE_CACHE_MAX = 1024
+MAX_ROUTING_KEY = 255   # bytes, as AMQP's shortstr: the broker routes no longer key
 # The largest message (encoded, with its routing) the default broker takes.
 MAX_MESSAGE = proto.DEFAULT_MAX_FRAME - proto.DELIVERY_ROOM
 # A delivery tag as kombu sees it: the broker's tag (per channel and connection, from 1)
@@ -184,7 +186,11 @@ class BrokerConnectionError(ConnectionError, OperationalError):
     An ``OSError`` (so it is one of the transport's ``connection_errors``, which
     kombu's ``ensure`` retries) and kombu's ``OperationalError`` (what
     ``Connection.connect()`` raises on other transports for "nobody is there").
+    ``undelivered``: publishes whose publish() had returned that this failure lost
+    (write_buffer mode only; otherwise the broker keeps what was written).
     """
+
+    undelivered = 0
 
 
 class PublishBlockedError(BrokerConnectionError):
@@ -328,6 +334,11 @@ class Channel(virtual.Channel):
             info["exchange"] = exchange
             info["routing_key"] = routing_key
         payload = encode_message(message)
+        if len(routing_key or "") > MAX_ROUTING_KEY // 4 and \
+                len((routing_key or "").encode("utf-8")) > MAX_ROUTING_KEY:
+            raise ChannelError(f"routing key of {len(routing_key.encode('utf-8'))} bytes: the "
+                               f"unix broker routes keys of at most {MAX_ROUTING_KEY} bytes "
+                               "(AMQP's limit)")
         if reqid:
             ex = (exchange or "").encode("utf-8")
             rk = (routing_key or "").encode("utf-8")
@@ -654,6 +665,10 @@ class Transport(virtual.Transport):
         # write_buffer mode
         self._wbuf: list[bytes] = []
         self._wlen = 0
+        # Publishes whose publish() had returned but which never reached the broker
+        # (buffered in write_buffer mode when the connection failed): the error says so.
+        self.undelivered = 0
+        self._unsent = 0                 # bytes of the last write left when it failed
         self._wcond = threading.Condition(threading.RLock())
         self._flusher = None
 
@@ -866,6 +881,7 @@ class Transport(virtual.Transport):
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as exc:
+            self._unsent = len(data)
             self._broken(f"write failed: {exc.strerror or exc}")
         if sent != len(data):
             self._send_rest(memoryview(data)[sent:], may_read)
@@ -882,6 +898,7 @@ class Transport(virtual.Transport):
             while view:
                 remaining = deadline - monotonic()
                 if remaining <= 0:
+                    self._unsent = len(view)
                     self._blocked("a write")
                 events = poller.poll(_ms(remaining))
                 if not events:
@@ -895,6 +912,7 @@ class Transport(virtual.Transport):
                 except (BlockingIOError, InterruptedError):
                     continue
                 except OSError as exc:
+                    self._unsent = len(view)
                     self._broken(f"write failed: {exc.strerror or exc}")
                 if sent:
                     view = view[sent:]
@@ -906,12 +924,13 @@ class Transport(virtual.Transport):
     def _buffer(self, data: bytes):
         with self._wcond:
             if self._failure is not None:
-                raise self._failure
+                lost, self._wbuf, self._wlen = len(self._wbuf), [], 0
+                raise self._undelivered(self._failure, lost)
             was_empty = not self._wbuf
             self._wbuf.append(data)
             self._wlen += len(data)
             if self._wlen >= self.write_buffer_size:
-                self._flush_locked()
+                self._flush_locked(returned=len(self._wbuf) - 1)  # not this publish
             elif was_empty:
                 if self._flusher is None or self._flusher[1] != os.getpid():
                     thread = threading.Thread(target=self._flush_periodically,
@@ -925,14 +944,40 @@ class Transport(virtual.Transport):
             with self._wcond:
                 self._flush_locked()
 
-    def _flush_locked(self, may_read: bool = True):
+    def _flush_locked(self, may_read: bool = True, returned: int | None = None):
+        """Write the buffered frames; if that fails, count those not wholly written among
+        the first ``returned`` (default: all, whose publish() calls returned) and say so."""
         frames = self._wbuf
         if not frames:
             return
         data = frames[0] if len(frames) == 1 else b"".join(frames)
         self._wbuf = []
         self._wlen = 0
-        self._write(data, may_read)
+        try:
+            self._write(data, may_read)
+        except BrokerConnectionError as exc:
+            left, lost = self._unsent, 0
+            for frame in reversed(frames):
+                if left <= 0:
+                    break
+                lost += 1
+                left -= len(frame)
+            if returned is not None:
+                lost -= len(frames) - returned
+            raise self._undelivered(exc, lost) from None
+
+    def _undelivered(self, exc: BrokerConnectionError, lost: int) -> BrokerConnectionError:
+        """``exc`` saying how many returned publishes were not delivered (also kept in
+        ``self.undelivered`` for the caller's loss accounting)."""
+        if lost <= 0:
+            return exc
+        self.undelivered += lost
+        new = type(exc)(f"{exc.args[0] if exc.args else exc}; {lost} publishes whose "
+                        "publish() had returned were still in this client's write buffer: "
+                        "not delivered")
+        new.undelivered = lost
+        self._failure = new
+        return new
 
     def _flush_periodically(self):
         # Timer flush so a buffered publish never waits longer than the interval.
@@ -946,7 +991,7 @@ class Transport(virtual.Transport):
                 cond.wait(interval)
                 try:
                     self._flush_locked(may_read=False)
-                except BrokerConnectionError as exc:
+                except BrokerConnectionError as exc:  # counted in it; raised to the next call
                     self._failure = exc
                     self._wbuf = []
                     return

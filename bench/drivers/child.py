@@ -78,8 +78,8 @@ class LineChild:
                 continue
             if line is None:
                 self.proc.wait(timeout=5)
-                raise RuntimeError(f"{self.ROLE} process exited ({self.proc.returncode}): "
-                                   f"{self.stderr_tail()}")
+                raise RuntimeError(f"the {self.ROLE} process exited with code "
+                                   f"{self.proc.returncode}; its last words: {self.stderr_tail()}")
             if line.startswith(prefix):
                 return line[len(prefix):].strip()
 

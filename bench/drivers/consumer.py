@@ -9,7 +9,9 @@ its numbers is the publisher's: it names an ``extract`` function
 (``"module:function"``) that the consumer imports.
 
 Consumers accept only the serializers the cell published with (JSON unless a cell
-asks for another): a consumer never decodes what it was not told to expect.
+asks for another): a consumer never decodes what it was not told to expect. A message
+the harness did not publish (no sequence number, an undecodable body) is counted as
+``foreign`` and reported in the cell; it never stops a consumer.
 """
 from __future__ import annotations
 
@@ -55,6 +57,26 @@ class Tally:
         self.duplicates = 0
         self.warmup = 0
         self.stray = 0      # sequence numbers this run never sent
+        self.foreign = 0    # messages the harness did not publish (no numbers to read)
+
+    def take(self, extract_fn, message, recv: int) -> int:
+        """Count ``message``; returns its sequence number, or None for a foreign one.
+
+        Anyone who can write to the queue can put anything there: whatever ``extract_fn``
+        cannot read (a missing header, another body shape, a body it may not decode) is
+        foreign, so the cell reports it instead of its consumer crashing."""
+        try:
+            i, t = extract_fn(message)
+            i, t = int(i), int(t)
+        except Exception:  # any failure to read our numbers means: not ours
+            self.foreign += 1
+            return None
+        self.add(i, t, recv)
+        return i
+
+    def progress(self) -> int:
+        """Messages counted so far, of any kind: a consumer waits while this grows."""
+        return self.received + self.warmup + self.duplicates + self.stray + self.foreign
 
     def add(self, i: int, t: int, recv: int) -> None:
         if i < 0:
@@ -71,7 +93,7 @@ class Tally:
 
     def counts(self) -> dict:
         return {"received": self.received, "duplicates": self.duplicates,
-                "warmup": self.warmup, "stray": self.stray}
+                "warmup": self.warmup, "stray": self.stray, "foreign": self.foreign}
 
 
 def import_path(path: str):
@@ -84,21 +106,19 @@ def drain(conn: Connection, q: Queue, extract_fn, tally: Tally, until: Callable[
     """Consume ``q`` into ``tally`` until ``until()``, ``settle`` s without a message, or
     ``timeout`` s in all (then raise TimeoutError)."""
     def on_message(message):
-        recv = now_ns()
-        i, t = extract_fn(message)
-        tally.add(i, t, recv)
+        tally.take(extract_fn, message, now_ns())
 
     deadline = time.monotonic() + timeout
     last = time.monotonic()
     with conn.Consumer([q], on_message=on_message, no_ack=True, accept=list(accept)):
         while not until():
-            before = tally.received + tally.warmup + tally.duplicates
+            before = tally.progress()
             try:
                 conn.drain_events(timeout=CONSUMER_POLL_S)
             except socket.timeout:
                 pass
             now = time.monotonic()
-            if tally.received + tally.warmup + tally.duplicates != before:
+            if tally.progress() != before:
                 last = now
             elif now - last > settle:
                 return
@@ -113,6 +133,7 @@ class Received:
     duplicates: int = 0
     warmup: int = 0
     stray: int = 0
+    foreign: int = 0             # messages the harness did not publish, counted apart
     errors: int = 0              # receive errors the consumer survived (each may be a loss)
     seen: object = None          # numpy uint8 array indexed by sequence number, or None
     e2e_ns: object = None        # numpy int64 array indexed by sequence number, or None
@@ -145,7 +166,8 @@ class ConsumerProcess(LineChild):
 
         out = self.spec["out"]
         got = Received(info["received"], info["duplicates"], info["warmup"], info["stray"],
-                       info["errors"], np.fromfile(out + ".seen", dtype=np.uint8),
+                       info.get("foreign", 0), info["errors"],
+                       np.fromfile(out + ".seen", dtype=np.uint8),
                        np.fromfile(out + ".e2e", dtype=np.int64), info.get("notes", []))
         for suffix in (".seen", ".e2e"):
             os.unlink(out + suffix)
@@ -175,9 +197,7 @@ def _consume_main() -> int:
     errors = phase_errors = 0   # phase_errors: in this phase (warm-up, then measured)
 
     def on_message(message):
-        recv = now_ns()
-        i, t = extract_fn(message)
-        tally.add(i, t, recv)
+        tally.take(extract_fn, message, now_ns())
 
     conn = connection_from_spec(spec["target"])
     with conn:
@@ -204,7 +224,7 @@ def _consume_main() -> int:
                         expect = int(order[1])
                         complete_at = None
                     deadline = last = time.monotonic()
-                before = tally.received + tally.warmup + tally.duplicates
+                before = tally.progress()
                 try:
                     conn.drain_events(timeout=CONSUMER_POLL_S)
                 except socket.timeout:
@@ -218,7 +238,7 @@ def _consume_main() -> int:
                         notes.append(f"consumer gave up after {errors} receive errors")
                         break
                 now = time.monotonic()
-                if tally.received + tally.warmup + tally.duplicates != before:
+                if tally.progress() != before:
                     last = now
                 # A receive error has most likely eaten a message: do not wait for it.
                 if warm_target is not None and (tally.warmup + phase_errors >= warm_target

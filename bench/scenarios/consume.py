@@ -77,6 +77,11 @@ SUMMARY = [
 
 
 # --------------------------------------------------------------------------- draining
+def _numbers(message) -> tuple:
+    h = message.headers
+    return h["i"], h["t"]
+
+
 class _Drainer:
     """A Consumer on ``conn`` counting into a Tally, with a receive timestamp per message."""
 
@@ -88,14 +93,14 @@ class _Drainer:
                                       accept=list(accept))
 
     def _callback(self, ack: bool):
-        add, recv, now, cap = self.tally.add, self.ts.recv, recorder.now_ns, self.ts.capacity
+        take, recv, now, cap = self.tally.take, self.ts.recv, recorder.now_ns, self.ts.capacity
         seen = self._seen = [0]
 
         def record(message) -> None:
             t = now()
-            h = message.headers
-            i = h["i"]
-            add(i, h["t"], t)
+            i = take(_numbers, message, t)
+            if i is None:   # foreign: counted apart by the tally
+                return
             k = seen[0]
             if k < cap and i >= 0:
                 recv[k] = t
@@ -288,10 +293,13 @@ def _measure(driver, target, holds_backlog: bool, n: int, ack: bool, opts,
         notes.append(f"warm-up: {warm_sent - tally.warmup} of {warm_sent} lost")
     if tally.stray:
         notes.append(f"{tally.stray} messages with unknown sequence numbers")
+    if tally.foreign:
+        notes.append(f"{tally.foreign} foreign messages (not published by this run) counted apart")
     metrics = {
         "consume_per_s": tally.received / elapsed_s if elapsed_s > 0 else 0.0,
         "sent": sent, "received": tally.received, "lost": lost,
-        "duplicates": tally.duplicates, "elapsed_s": round(elapsed_s, 6),
+        "duplicates": tally.duplicates, "foreign": tally.foreign,
+        "elapsed_s": round(elapsed_s, 6),
         # This thread's CPU per message while draining: waiting (for a producer, or
         # descheduled on a shared machine) does not count, so it compares fed and prefilled.
         "cpu_us_per_msg": drainer.cpu_ns / 1000.0 / tally.received if tally.received else None,

@@ -61,8 +61,9 @@ without persistence, a pipe), counted, never hidden. What the cells show here
   Redis serves a BRPOP to a client that died until it sees the disconnect, and
   Kombu records a message as unacked only after BRPOP returned.
 - fifo: what the killed worker had read is lost; a warm shutdown lets the queue go,
-  so publishes during it are refused (NoConsumerError) and only the task caught
-  between SIGTERM and the cancel is lost (it was 76-101 before the transport fix).
+  so publishes during it are refused (NoConsumerError), but what is in the worker's
+  pipe at SIGTERM is lost: ~1 task for this scenario's paced publisher, the pipe's
+  contents (~1,000 tasks at 1 MiB) for a backlogged stream (docs/transports.md).
 - a connection lost with acks_late tasks in flight crashes the worker on redis
   (Kombu's ``restore_unacked`` on close: AttributeError ``hostname``); on unix it
   is a connection error Celery logs and reconnects from; acks_late tasks that
@@ -686,6 +687,11 @@ class Faults(Scenario):
             notes.append(f"lost {len(lost)}: ran nowhere and not held by the broker "
                          f"({cut} of them started and were cut short; published "
                          f"{rel.min():+.2f} s to {rel.max():+.2f} s from the fault)")
+            if rig.transport == "fifo" and fault == "warm-shutdown":
+                notes.append("fifo: a warm shutdown loses what is in the worker's pipe when "
+                             "it starts: ~1 task for a paced publisher, the pipe's contents "
+                             "(up to pipe_size, 1 MiB: ~1,000 tasks) for a backlogged stream "
+                             "(docs/transports.md)")
         if unconfirmed:
             notes.append(f"{len(unconfirmed)} task(s) whose send_task raised ran anyway")
         for kind, (count, first) in pub.errors.items():

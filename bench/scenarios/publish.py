@@ -264,6 +264,8 @@ def _measure(driver, cross_process: bool, opts, workdir: Path, rate: float | Non
             warm_note = f"warm-up: {warm_sent - warm_got} of {warm_sent} lost"
 
         tally = None if cross_process else Tally(n)
+        if tally is not None:
+            tally.foreign = wt.foreign   # foreign messages of the warm-up count too
 
         def drain_upto(upto: int) -> None:
             driver.drain(tally, lambda: tally.received >= upto, opts.timeout)
@@ -291,7 +293,8 @@ def _measure(driver, cross_process: bool, opts, workdir: Path, rate: float | Non
     metrics = {
         "throughput_per_s": sent / busy_s if busy_s > 0 else 0.0,
         "sent": sent, "received": got.received, "lost": lost,
-        "duplicates": got.duplicates, "consumer_errors": got.errors, "elapsed_s": round(busy_s, 6),
+        "duplicates": got.duplicates, "foreign": got.foreign, "consumer_errors": got.errors,
+        "elapsed_s": round(busy_s, 6),
         # Closed loop only: with --rate the pacer's spin-wait would count as publishing.
         "cpu_us_per_msg": cpu_ns / 1000.0 / sent if sent and not rate else None,
         # CPU per message in units of the calibration work done beside it (median of the
@@ -306,6 +309,8 @@ def _measure(driver, cross_process: bool, opts, workdir: Path, rate: float | Non
         notes.append(warm_note)
     if got.stray:
         notes.append(f"{got.stray} messages with unknown sequence numbers")
+    if got.foreign:
+        notes.append(f"{got.foreign} foreign messages (not published by this run) counted apart")
     if rate:
         elapsed = (int(ts.column("end")[-1]) - pacer.t0) / 1e9 if sent else 0.0
         rate_metrics = pacing.achieved(rate, sent, elapsed)
