@@ -23,11 +23,14 @@ from contextlib import contextmanager
 
 from .. import results
 from .facets import (  # noqa: F401 - the grouping, re-exported for the drawers' callers
-    Facet, MAX_CURVES, SWEEP_METRICS, Sweep, TO_US, _rate, _value, cell_label, cells_with_intervals, facets, hist_kinds, interval_series, rate_metrics, searches, shared_params, slo_us, spectrum_facets, sweeps, varying_keys)
+    Facet, MAX_CURVES, SWEEP_METRICS, Sweep, TO_US, _rate, _value, cell_label,
+    cells_with_intervals, facets, hist_kinds, interval_series, rate_metrics, searches,
+    shared_params, slo_us, spectrum_facets, sweeps, varying_keys)
 
 # Okabe & Ito (2008): black, orange, sky blue, bluish green, blue, vermillion, reddish
 # purple. Their yellow is left out: too pale against white.
 PALETTE = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7")
+LOG_SPAN = 50      # values spanning more than this factor: dots on a log axis, not bars
 PERCENTILE_TICKS = (50.0, 90.0, 99.0, 99.9, 99.99, 99.999, 99.9999)
 
 
@@ -169,17 +172,27 @@ def spectrum_height(facet: Facet, runs: int = 1) -> float:
 # --------------------------------------------------------------------------- rates
 
 
+def rate_words(metric: str) -> str:
+    """An axis label in words: ``throughput_per_s`` -> "throughput, messages per second"."""
+    words = {"throughput_per_s": "throughput, messages per second (msg/s)",
+             "consume_per_s": "consume rate, messages per second (msg/s)",
+             "tasks_per_s": "tasks per second (tasks/s)",
+             "round_trips_per_s": "round trips per second (1/s)"}
+    return words.get(metric) or f"{metric[:-len('_per_s')].replace('_', ' ')} per second (1/s)"
+
+
 def draw_rates(fig, cells, metric: str, keys, runs=None) -> int:
-    """Horizontal bars of ``metric`` per cell, whiskers from the lowest to the highest
-    repeat, each bar labelled with its value, spread and repeat count. ``runs``: as in
-    :func:`draw_spectra` (grouped bars, one per run)."""
+    """``metric`` per cell, whiskers from the lowest to the highest repeat, each labelled
+    with its value, spread and repeat count. Bars from zero on a linear axis (their
+    lengths compare); when the values span more than :data:`LOG_SPAN` a bar's length on
+    a log axis would mean nothing, so they are dots on a log axis instead. ``runs``: as in
+    :func:`draw_spectra` (one bar or dot per run)."""
     from ..report import fmt_figure, spread_fraction, spread_text
 
     runs = runs or [("", None, "-")]
     ax = fig.subplots()
     height = 0.8 / len(runs)
-    drawn, values, labels = 0, [], []
-    ylabels = []
+    points, ylabels = [], []
     for i, cell in enumerate(cells):
         ylabels.append(cell_label(cell, keys))
         for j, (run_name, by_key, _) in enumerate(runs):
@@ -190,35 +203,41 @@ def draw_rates(fig, cells, metric: str, keys, runs=None) -> int:
             sp = c.spread.get(metric) or {}
             lo, hi = min(sp.get("min", v), v), max(sp.get("max", v), v)
             y = i + (j - (len(runs) - 1) / 2) * height
-            bar = ax.barh(y, v, height=height * 0.9, color=PALETTE[4 if j == len(runs) - 1
-                                                                  else 2],
-                          xerr=[[v - lo], [hi - v]] if sp else None,
+            n = sp.get("n", len(c.repeats) or 1)
+            text = f" {fmt_figure(v)} {spread_text(spread_fraction(c, metric))} n={n}"
+            points.append((i, j, y, v, lo, hi, sp, text + (f" {run_name}" if run_name else ""),
+                           run_name))
+    positive = [x for p in points for x in p[3:6] if x > 0]
+    log = bool(positive) and max(positive) / min(positive) > LOG_SPAN
+    for i, j, y, v, lo, hi, sp, _, run_name in points:
+        colour = PALETTE[4 if j == len(runs) - 1 else 2]
+        err = [[v - lo], [hi - v]] if sp else None
+        if log:
+            drawn = ax.errorbar([v], [y], xerr=err, fmt="o", color=colour, ecolor="#000000",
+                                capsize=3, elinewidth=1, markersize=5, label=run_name or None)
+            drawn.lines[0].set_gid(f"data-rate-{metric}-{i}-{j}")
+        else:
+            bar = ax.barh(y, v, height=height * 0.9, color=colour, xerr=err,
                           error_kw={"ecolor": "#000000", "capsize": 3, "linewidth": 1},
                           label=run_name or None)
             bar.patches[0].set_gid(f"data-rate-{metric}-{i}-{j}")
-            n = sp.get("n", len(c.repeats) or 1)
-            text = f" {fmt_figure(v)} {spread_text(spread_fraction(c, metric))} n={n}"
-            if run_name:
-                text += f" {run_name}"
-            labels.append((max(hi, v), y, text))
-            values += [v, lo, hi]
-            drawn += 1
     ax.set_yticks(range(len(cells)))
     ax.set_yticklabels(ylabels)
     ax.invert_yaxis()
-    positive = [v for v in values if v > 0]
-    if positive and max(positive) / min(positive) > 50:
+    if log:
         ax.set_xscale("log")
-    log = ax.get_xscale() == "log"
-    if positive:   # room on the right for the labels
-        ax.set_xlim(right=max(positive) * (8 if log else 1.45))
-    for x, y, text in labels:   # clear of the whisker's cap
+        ax.set_xlim(min(positive) / 2, max(positive) * 8)    # room on the right for labels
+    elif positive:
+        ax.set_xlim(0, max(positive) * 1.45)
+    for _, _, y, v, lo, hi, _, text, _ in points:   # clear of the whisker's cap
+        x = max(hi, v)
         ax.text(x * 1.06 if log else x + 0.01 * max(positive), y, text, va="center", fontsize=7)
-    ax.set_xlabel(f"{metric} (1/s), median over repeats; whiskers: lowest to highest repeat")
+    ax.set_xlabel(rate_words(metric) + ("; log axis, dots" if log else "") +
+                  "; median over repeats, whiskers: lowest to highest repeat")
     if len(runs) > 1:
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncols=len(runs),
                   frameon=False)
-    return drawn
+    return len(points)
 
 
 # --------------------------------------------------------------------------- sweeps
