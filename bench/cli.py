@@ -377,7 +377,10 @@ def _selectors(values, option="--cell"):
 @click.option("--fail-on", type=click.Choice(["slower", "faster", "any"]),
               help="Exit 1 when any row is significantly slower (or faster, or either "
                    "way, 'any' including higher/lower of metrics with no better side).")
-def compare(paths, by, ref, cells, metrics, noise, fail_on):
+@click.option("--format", "out_format", type=click.Choice(["text", "markdown"]),
+              default="text", show_default=True,
+              help="markdown (BASE NEW only): a pull-request summary, verdict line first.")
+def compare(paths, by, ref, cells, metrics, noise, fail_on, out_format):
     """Compare two results files cell by cell, or cells within one run (--by / two --cell).
 
     \b
@@ -394,13 +397,21 @@ def compare(paths, by, ref, cells, metrics, noise, fail_on):
     if ref and not by:
         raise config.UsageError("--ref needs --by PARAM")
     selectors = _selectors(cells)
+    if out_format == "markdown" and len(paths) != 2:
+        raise config.UsageError("--format markdown compares two results files: give BASE NEW")
     runs = [_load(p, results) for p in paths]
     metrics = list(metrics) or None
     if len(runs) == 2:
         if by:
             raise config.UsageError("--by compares cells within ONE run; give one results file")
         pairs = cmp.compare_runs(runs[0], runs[1], metrics, noise, selectors)
-        click.echo(cmp.format_runs(pairs, paths[0], paths[1], noise))
+        if out_format == "markdown":
+            from .exporters import summary as md
+
+            click.echo(md.compare_markdown(pairs, paths[0], paths[1],
+                                           md.report_href(paths[1])), nl=False)
+        else:
+            click.echo(cmp.format_runs(pairs, paths[0], paths[1], noise))
         judged = cmp.every_comparison(pairs)
     elif by:
         groups = cmp.compare_within(runs[0], by, ref, metrics, noise, selectors)
@@ -449,7 +460,13 @@ def compare(paths, by, ref, cells, metrics, noise, fail_on):
               help="Judge rules against a baseline measured with another python/celery/kombu "
                    "(same CPU model only); otherwise those rules warn, not comparable.")
 @click.option("--verbose", "-v", is_flag=True, help="One line per cell, passes included.")
-def gate(path, spec, baseline, missing, write_baseline, budget, across_versions, verbose):
+@click.option("--summary", "summary_path", type=click.Path(dir_okay=False), metavar="FILE.md",
+              help="Also write a Markdown summary for a pull request (verdict, failed and "
+                   "undecided rules, largest movements; '-': stdout).")
+@click.option("--report-url", metavar="URL",
+              help="With --summary: where its links point (default RESULTS.html if it exists).")
+def gate(path, spec, baseline, missing, write_baseline, budget, across_versions, verbose,
+         summary_path, report_url):
     """Check RESULTS against the gate spec: exit 1 if any rule fails.
 
     A rule passes when the 95% interval of its per-round values is on the right side of
@@ -462,6 +479,8 @@ def gate(path, spec, baseline, missing, write_baseline, budget, across_versions,
     from . import results, runner
 
     spec_ = gates.load_spec(spec or gates.default_spec_path())
+    if summary_path and summary_path != "-":
+        _check_writable(summary_path, "--summary")
     run_ = _load(path, results)
     base_path = baseline or spec_.baseline
     if write_baseline:
@@ -506,6 +525,11 @@ def gate(path, spec, baseline, missing, write_baseline, budget, across_versions,
     for line in gates.report_lines(verdicts, verbose):
         click.echo(line)
     click.echo(gates.summary(verdicts))
+    if summary_path:
+        from .exporters import summary as md
+
+        md.write_gate(summary_path, verdicts, path, run_, base_run, base_path,
+                      md.report_href(path, summary_path, report_url))
     if any(v.status == "FAIL" for v in verdicts):
         sys.exit(1)
 
