@@ -613,6 +613,11 @@ def report_(paths, fmt, out, cells, hists):
     click.echo(f"wrote {target}")
 
 
+from .history_cli import history as _history_group  # noqa: E402 - after cli is defined
+
+cli.add_command(_history_group)
+
+
 def main(argv=None):
     """Console entry point: one line and exit 2 for a user's mistake."""
     try:
