@@ -123,3 +123,44 @@ def test_history_report_in_chromium(cli_run, browser, tmp_path):  # noqa: F811
 def test_history_check_bad_threshold(cli_run, tmp_path, bad):
     res = cli_run("history", "check", *bad)
     assert res.returncode == 2 and "--threshold" in res.stderr
+
+
+SLOW_PUBLISH = '''"""Injected by tests/test_history.py: every Producer.publish 0.5 ms slower."""
+import time
+
+import kombu.messaging
+
+_publish = kombu.messaging.Producer.publish
+
+
+def publish(self, *args, **kwargs):
+    time.sleep(0.0005)
+    return _publish(self, *args, **kwargs)
+
+
+kombu.messaging.Producer.publish = publish
+'''
+
+
+def test_seeded_history_from_real_runs_finds_the_injected_step(cli_run, tmp_path):
+    """Ten real short runs (one held Kombu publish cell over memory, 3 rounds each); from
+    the sixth commit on a sitecustomize slows Producer.publish. The step is found at that
+    commit, and only there."""
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text(SLOW_PUBLISH)
+    for i in range(10):
+        env = {"PYTHONPATH": str(slow)} if i >= 5 else {}
+        res = cli_run("run", "publish", "--transport", "memory", "--only", "api=kombu",
+                      "--only", "producer=held", "--only", "retry=no", "--messages", "400",
+                      "--repeat", "3", "--warmup", "0.1", "--quiet", "--no-html",
+                      "--out", f"r{i}.json", env=env, timeout=300)
+        assert res.returncode == 0, res.stdout + res.stderr
+        res = cli_run("history", "add", f"r{i}.json", "--commit", f"c{i:02d}" + "b" * 38)
+        assert res.returncode == 0, res.stderr
+    res = cli_run("history", "check", "--metric", "throughput_per_s")
+    assert res.returncode == 1, res.stdout
+    regressed = [line for line in res.stdout.splitlines() if line.startswith("REGRESSION")]
+    assert regressed and all("between c04bbbbbbbbb and c05bbbbbbbbb" in line
+                             for line in regressed), res.stdout
+    assert any("api=kombu" in line and "producer=held" in line for line in regressed)
