@@ -197,3 +197,12 @@ def test_throughput_bars_are_linear_or_dots_on_log():
     far = axes_of([100.0, 30000.0, 900000.0])
     assert far.get_xscale() == "log" and len(far.patches) == 0   # dots, no bars
     assert "messages per second" in far.get_xlabel()
+
+
+def test_compare_view_keeps_the_calibration_loop_beside_the_environments():
+    text = compare_html(_ladder_run(), _ladder_run(), "a.json", "b.json")
+    body, _, tail = text.partition('<h2 id="environment">')
+    body = body.partition("<details><summary>as <code>celery-bench compare")[0]  # its own words
+    assert "api=calibration" not in body and "calibration · loop" not in body
+    noise = tail[tail.index('<table class="noise">'):]
+    assert noise.count("api=calibration") == 2 and "a.json" in noise and "b.json" in noise

@@ -264,23 +264,26 @@ def _environment(page: Page, env: dict, other: dict | None = None,
     page.add("</table></div>")
 
 
-def _noise(page: Page, cells) -> None:
-    """The calibration loop, beside the environment: how steady this machine was."""
-    ok = [c for c in cells if c.status == "ok"]
-    if not ok:
+def _noise(page: Page, runs) -> None:
+    """The calibration loop, beside the environment: how steady this machine was.
+    ``runs``: ``[(name, cells)]`` (one unnamed run for a report, BASE and NEW to compare)."""
+    rows = [(name, c) for name, cells in runs for c in cells if c.status == "ok"]
+    if not rows:
         return
+    named = any(name for name, _ in rows)
     page.add('<h3 id="noise">Machine noise: the calibration loop</h3>',
              '<p class="muted">A fixed pure-Python workload run in the same rounds as the '
              'cells: the yardstick the gate\'s CPU ratios are read by, not a result. The '
              'spread of its repeats is this machine\'s noise during the run.</p>',
-             '<table class="noise"><thead><tr><th>cell</th><th class="num">loops/s</th>'
-             '<th class="num">spread of repeats</th><th class="num">repeats</th></tr></thead>'
-             "<tbody>")
-    for c in ok:
-        rate = c.metrics.get("throughput_per_s")
-        page.add(f"<tr><td>{escape(c.key)}</td><td class=\"num\">{escape(fmt(rate))}</td>"
-                 f'<td class="num">{escape(spread_text(spread_fraction(c, "throughput_per_s")) or "-")}'
-                 f'</td><td class="num">{len(c.repeats)}</td></tr>')
+             '<table class="noise"><thead><tr>' + ("<th>run</th>" if named else "")
+             + '<th>cell</th><th class="num">loops/s</th><th class="num">spread of repeats'
+             '</th><th class="num">repeats</th></tr></thead><tbody>')
+    for name, c in rows:
+        spread = spread_text(spread_fraction(c, "throughput_per_s")) or "-"
+        page.add("<tr>" + (f"<td>{escape(name)}</td>" if named else "")
+                 + f"<td>{escape(c.key)}</td>"
+                 f'<td class="num">{escape(fmt(c.metrics.get("throughput_per_s")))}</td>'
+                 f'<td class="num">{escape(spread)}</td><td class="num">{len(c.repeats)}</td></tr>')
     page.add("</tbody></table>")
 
 
@@ -323,7 +326,7 @@ def html(run: results.Run, title: str = "celery-bench report") -> str:
         _timeseries(page, cells)
         page.add("</section>")
     _environment(page, run.environment)
-    _noise(page, speedups.calibration_cells(run.cells))
+    _noise(page, [("", speedups.calibration_cells(run.cells))])
     return page.text()
 
 
@@ -411,7 +414,10 @@ def compare_html(base: results.Run, new: results.Run, base_name: str = "BASE",
     union = speedups.result_cells({**by_key_base, **by_key_new}.values())
     groups = _by_scenario(union)
     keys = {s: charts.varying_keys(cells) for s, cells in groups.items()}
-    verdicts = _verdict_rows(pairs, keys)
+    shown = [p for p in pairs if not any(c is not None and speedups.is_calibration(c)
+                                         for c in (getattr(p, "new", None),
+                                                   getattr(p, "base", None)))]
+    verdicts = _verdict_rows(shown, keys)
     runs = [(base_name, by_key_base, "--"), (new_name, by_key_new, "-")]
     _nav(page, groups)
     for scenario, cells in groups.items():
@@ -430,6 +436,8 @@ def compare_html(base: results.Run, new: results.Run, base_name: str = "BASE",
         page.add("<details><summary>as <code>celery-bench compare</code> prints it</summary>",
                  f"<pre>{escape(text)}</pre></details>")
     _environment(page, base.environment, new.environment, (base_name, new_name))
+    _noise(page, [(base_name, speedups.calibration_cells(base.cells)),
+                  (new_name, speedups.calibration_cells(new.cells))])
     return page.text()
 
 
