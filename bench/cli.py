@@ -401,7 +401,10 @@ def _selectors(values, option="--cell"):
 @click.option("--fail-on", type=click.Choice(["slower", "faster", "any"]),
               help="Exit 1 when any row is significantly slower (or faster, or either "
                    "way, 'any' including higher/lower of metrics with no better side).")
-def compare(paths, by, ref, cells, metrics, noise, fail_on):
+@click.option("--format", "out_format", type=click.Choice(["text", "markdown"]),
+              default="text", show_default=True,
+              help="markdown (BASE NEW only): a pull-request summary, verdict line first.")
+def compare(paths, by, ref, cells, metrics, noise, fail_on, out_format):
     """Compare two results files cell by cell, or cells within one run (--by / two --cell).
 
     \b
@@ -418,13 +421,21 @@ def compare(paths, by, ref, cells, metrics, noise, fail_on):
     if ref and not by:
         raise config.UsageError("--ref needs --by PARAM")
     selectors = _selectors(cells)
+    if out_format == "markdown" and len(paths) != 2:
+        raise config.UsageError("--format markdown compares two results files: give BASE NEW")
     runs = [_load(p, results) for p in paths]
     metrics = list(metrics) or None
     if len(runs) == 2:
         if by:
             raise config.UsageError("--by compares cells within ONE run; give one results file")
         pairs = cmp.compare_runs(runs[0], runs[1], metrics, noise, selectors)
-        click.echo(cmp.format_runs(pairs, paths[0], paths[1], noise))
+        if out_format == "markdown":
+            from .exporters import summary as md
+
+            click.echo(md.compare_markdown(pairs, paths[0], paths[1],
+                                           md.report_href(paths[1])), nl=False)
+        else:
+            click.echo(cmp.format_runs(pairs, paths[0], paths[1], noise))
         judged = cmp.every_comparison(pairs)
     elif by:
         groups = cmp.compare_within(runs[0], by, ref, metrics, noise, selectors)
@@ -482,8 +493,13 @@ def compare(paths, by, ref, cells, metrics, noise, fail_on):
               help="With --against: what head is (a variant SPEC, e.g. conf:KEY=VALUE).")
 @click.option("--rounds", type=click.IntRange(3, 100), default=5, show_default=True,
               help="With --against: paired rounds measured before judging.")
+@click.option("--summary", "summary_path", type=click.Path(dir_okay=False), metavar="FILE.md",
+              help="Also write a Markdown summary for a pull request (verdict, failed and "
+                   "undecided rules, largest movements; '-': stdout).")
+@click.option("--report-url", metavar="URL",
+              help="With --summary: where its links point (default RESULTS.html if it exists).")
 def gate(path, spec, baseline, missing, write_baseline, budget, across_versions, verbose,
-         against=None, head="here", rounds=5):
+         summary_path=None, report_url=None, against=None, head="here", rounds=5):
     """Check RESULTS against the gate spec: exit 1 if any rule fails.
 
     A rule passes when the 95% interval of its per-round values is on the right side of
@@ -502,11 +518,16 @@ def gate(path, spec, baseline, missing, write_baseline, budget, across_versions,
         _check_writable(out, "RESULTS")
         verdicts = ab_gate.against(against, out, spec, budget, missing, click.echo,
                                    rounds=rounds, head=head)
+        if summary_path:
+            _write_summary(summary_path, verdicts, out, _load(out, results), None, None,
+                           report_url)
         _gate_verdicts(gates, verdicts, verbose)
         return
     if not path:
         raise config.UsageError("gate needs RESULTS (a results file), or --against REV")
     spec_ = gates.load_spec(spec or gates.default_spec_path())
+    if summary_path and summary_path != "-":
+        _check_writable(summary_path, "--summary")
     run_ = _load(path, results)
     base_path = baseline or spec_.baseline
     if write_baseline:
@@ -548,6 +569,8 @@ def gate(path, spec, baseline, missing, write_baseline, budget, across_versions,
             raise
         results.dump(run_, path)
         verdicts = gates.run_gates(spec_, run_, base_run, missing)
+    if summary_path:
+        _write_summary(summary_path, verdicts, path, run_, base_run, base_path, report_url)
     _gate_verdicts(gates, verdicts, verbose)
 
 
@@ -557,6 +580,13 @@ def _gate_verdicts(gates, verdicts, verbose) -> None:
     click.echo(gates.summary(verdicts))
     if any(v.status == "FAIL" for v in verdicts):
         sys.exit(1)
+
+
+def _write_summary(summary_path, verdicts, path, run_, base_run, base_path, report_url):
+    from .exporters import summary as md
+
+    md.write_gate(summary_path, verdicts, path, run_, base_run, base_path,
+                  md.report_href(path, summary_path, report_url))
 
 
 @cli.command(name="report")
@@ -636,6 +666,11 @@ def report_(paths, fmt, out, cells, hists):
     except IsADirectoryError:
         raise config.UsageError(f"--out {out}: is a folder; give a file path")
     click.echo(f"wrote {target}")
+
+
+from .history_cli import history as _history_group  # noqa: E402 - after cli is defined
+
+cli.add_command(_history_group)
 
 
 def main(argv=None):

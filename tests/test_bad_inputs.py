@@ -181,6 +181,7 @@ READERS = {
     "compare": ["compare", "r.json", "bad.json"],
     "gate": ["gate", "bad.json", "--budget", "0"],
     "report": ["report", "bad.json", "--format", "html", "--out", "out.html"],
+    "history-add": ["history", "add", "bad.json", "--dir", "hist"],
 }
 
 

@@ -115,6 +115,32 @@ def test_hlog_reads_back_every_interval_with_its_tag(tmp_path):
     assert reader.get_start_time_sec() == pytest.approx(min(starts) / 1000, abs=1e-3)
 
 
+def test_hlog_reads_back_whole_whatever_the_sub_millisecond_start(tmp_path):
+    """hdrh's reader skips an interval that starts before ``StartTime``: a start whose
+    sub-millisecond part rounds up (.475705 -> .476) once lost the first interval."""
+    import random
+    made = rich_cell(api="kombu", transport="unix", histograms={"publish": (50.0, 600),
+                                                               "e2e": (400.0, 590)})
+    total = sum(s["count"] for s in made.histograms.values())
+    ivs = [iv for s in made.histograms.values() for iv in s["intervals"]]
+    first = min(iv["start_s"] for iv in ivs)
+    rng = random.Random(20)
+    for i in range(100):
+        # a start whose sub-millisecond part is >= .5 ms, so three decimals round it up
+        target = 1_700_000_000 + rng.randrange(10**6) + rng.randrange(1000) / 1000 \
+            + rng.uniform(0.0005, 0.00099)
+        shift, first = target - first, target
+        for iv in ivs:
+            iv["start_s"] += shift
+            iv["end_s"] += shift
+        path = hlog(results.Run({"utc_time": "2023-11-14T22:13:20Z"}, [made]),
+                    tmp_path / f"r{i}.hlog")
+        read, reader = _read_log(path)
+        assert len(read) == len(ivs), (i, target)
+        assert sum(h.get_total_count() for h in read) == total, (i, target)
+        assert reader.get_start_time_sec() <= target
+
+
 def test_hlog_tags_hold_no_comma_or_space():
     assert hlog.__module__  # the function, not the module
     from bench.exporters.hlog import tag

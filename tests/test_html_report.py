@@ -120,3 +120,89 @@ def test_compare_view_survives_a_compare_module_that_fails(monkeypatch):
     text = compare_html(_run(), _run())
     assert "compare_runs failed: statistics being rewritten" in text
     assert "<svg" in text
+
+
+def _ladder_run():
+    """A publish ladder over two transports, the calibration loop beside it, and a
+    consume cell carrying its recorded x_memory per round."""
+    cells = []
+    for j, transport in enumerate(("memory", "unix")):
+        for i, producer in enumerate(("held", "per-call", "new-connection")):
+            cells.append(rich_cell(
+                "publish", seed=10 * i + j,
+                histograms={"publish": (30.0 * (i + 1), 1500), "e2e": (300.0 * (i + 1), 1500)},
+                metrics={"throughput_per_s": 40000.0 / (i + 1) / (j + 1), "sent": 1500,
+                         "lost": 0},
+                api="kombu", producer=producer, transport=transport, serializer="json",
+                payload_bytes=112))
+    cells.append(rich_cell("publish", seed=99, histograms={"publish": (5.0, 1500)},
+                           metrics={"throughput_per_s": 900000.0, "sent": 1500, "lost": 0},
+                           api="calibration", producer="-", transport="loop", serializer="-",
+                           payload_bytes=112))
+    cells.append(rich_cell("consume", seed=7, histograms={"gap": (20.0, 1500)},
+                           metrics={"consume_per_s": 9000.0, "x_memory": 0.4, "lost": 0},
+                           transport="unix", serializer="json", ack="late"))
+    env = {"python": "3.11", "celery": "5.7", "kombu": "5.7", "cpu_model": "test CPU",
+           "cpu_count": 2, "utc_time": "2023-11-14T22:13:20Z"}
+    return results.Run(env, cells)
+
+
+def test_tables_carry_ratios_and_tails_and_no_calibration_row(browser, tmp_path):
+    path = write_html(_ladder_run(), tmp_path / "ladder.html")
+    visit = browser.open(path, screenshot=tmp_path / "ladder.png")
+    assert visit.console_errors == [] and visit.blocked == []
+    page = visit.page
+    heads = page.evaluate("""() => [...document.querySelectorAll('section table')].map(
+        t => [...t.querySelectorAll('thead th')].map(th => th.textContent))""")
+    publish = [h for h in heads if "x held (95% CI)" in h]
+    assert publish, heads
+    for stat in ("p50", "p90", "p99", "p99.9", "max"):
+        assert any(h.startswith(stat) for h in publish[0]), (stat, publish[0])
+    assert any("x memory (95% CI)" in h for h in heads), heads
+    # the recorded ratio is not shown twice (a bare "x memory" column beside the interval)
+    assert not any("x memory" in h for hs in heads for h in hs if "CI" not in h)
+    ratios = page.evaluate("""() => [...document.querySelectorAll('td.ratio')].map(
+        td => td.textContent)""")
+    assert "1.00x (1.00-1.00)" in ratios                     # the reference itself
+    per_call = [r for r in ratios if r.startswith("0.5")]    # half the held rate
+    assert per_call and all("(" in r and "-" in r for r in per_call), ratios
+    # the calibration loop: in no results table or chart, shown beside the environment
+    rows = page.evaluate("""() => [...document.querySelectorAll('section tbody tr')].map(
+        tr => tr.textContent)""")
+    assert rows and not [r for r in rows if "calibration" in r or "loop" in r]
+    noise = page.inner_text("#noise") + page.inner_text("table.noise")
+    assert "calibration" in noise and "api=calibration" in page.inner_text("table.noise")
+    charts = _chart_report(page)
+    texts = " ".join(c["text"] for c in charts)
+    assert "calibration" not in texts and "loop" not in texts
+    assert "payload_bytes=112" in texts                      # the facet stays in the title
+    assert "throughput, messages per second (msg/s)" in texts
+    assert "throughput_per_s (1/s)" not in texts
+
+
+def test_throughput_bars_are_linear_or_dots_on_log():
+    from bench.exporters import charts
+
+    def axes_of(values):
+        cells = [rich_cell("publish", seed=i, metrics={"throughput_per_s": v, "lost": 0},
+                           api="kombu", producer=str(i)) for i, v in enumerate(values)]
+        with charts.style():
+            fig = charts.new_figure(8, 3)
+            charts.draw_rates(fig, cells, "throughput_per_s", ["producer"])
+        return fig.axes[0]
+
+    near = axes_of([1000.0, 3000.0, 9000.0])
+    assert near.get_xscale() == "linear" and near.get_xlim()[0] == 0
+    assert len(near.patches) == 3                             # bars from zero
+    far = axes_of([100.0, 30000.0, 900000.0])
+    assert far.get_xscale() == "log" and len(far.patches) == 0   # dots, no bars
+    assert "messages per second" in far.get_xlabel()
+
+
+def test_compare_view_keeps_the_calibration_loop_beside_the_environments():
+    text = compare_html(_ladder_run(), _ladder_run(), "a.json", "b.json")
+    body, _, tail = text.partition('<h2 id="environment">')
+    body = body.partition("<details><summary>as <code>celery-bench compare")[0]  # its own words
+    assert "api=calibration" not in body and "calibration · loop" not in body
+    noise = tail[tail.index('<table class="noise">'):]
+    assert noise.count("api=calibration") == 2 and "a.json" in noise and "b.json" in noise

@@ -10,7 +10,8 @@ What makes them readable:
   same cell across the kinds of a row, the legend outside the plot, ``n`` per curve.
 
 Figures are built with :class:`matplotlib.figure.Figure` (no pyplot, no global
-state) inside :func:`style`, which sets the few rc values they need.
+state) inside :func:`style`, which sets the few rc values they need. Which cells go on
+which chart is decided in :mod:`.facets` (pure data); this module only draws.
 """
 from __future__ import annotations
 
@@ -19,19 +20,18 @@ import math
 import re
 import statistics
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 from .. import results
+from .facets import (  # noqa: F401 - the grouping, re-exported for the drawers' callers
+    Facet, MAX_CURVES, SWEEP_METRICS, Sweep, TO_US, _rate, _value, cell_label,
+    cells_with_intervals, facets, hist_kinds, interval_series, rate_metrics, searches,
+    shared_params, slo_us, spectrum_facets, sweeps, varying_keys)
 
 # Okabe & Ito (2008): black, orange, sky blue, bluish green, blue, vermillion, reddish
 # purple. Their yellow is left out: too pale against white.
 PALETTE = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7")
-MAX_CURVES = 6
+LOG_SPAN = 50      # values spanning more than this factor: dots on a log axis, not bars
 PERCENTILE_TICKS = (50.0, 90.0, 99.0, 99.9, 99.99, 99.999, 99.9999)
-TO_US = {"ns": 1e-3, "us": 1.0, "ms": 1e3, "s": 1e6}
-# Rate metrics of sweeps, not throughputs of their own (drawn against rate instead).
-SWEEP_METRICS = ("rate_target_per_s", "rate_achieved_per_s", "backlog_growth_per_s",
-                 "max_sustainable_rate_per_s")
 
 
 @contextmanager
@@ -54,24 +54,6 @@ def new_figure(width: float, height: float):
 
 
 # --------------------------------------------------------------------------- labels
-def cell_label(cell: results.Cell, keys, with_names: bool = False) -> str:
-    """The cell's values of ``keys`` (those it has: a sweep's ``rate`` is not everyone's)."""
-    keys = [k for k in keys if k in cell.params]
-    if not keys:
-        return cell.scenario
-    if with_names:
-        return ", ".join(f"{k}={_value(cell.params[k])}" for k in keys)
-    return " · ".join(_value(cell.params[k]) for k in keys)
-
-
-def _value(v) -> str:
-    """A param as a label: a whole float without its ``.0`` (rate=500)."""
-    return f"{v:g}" if isinstance(v, float) and v.is_integer() and abs(v) < 1e15 else str(v)
-
-
-def varying_keys(cells) -> list:
-    keys = list(dict.fromkeys(k for c in cells for k in c.params))
-    return [k for k in keys if len({str(c.params.get(k)) for c in cells}) > 1]
 
 
 def log_us_axis(axis) -> None:
@@ -107,78 +89,6 @@ def us_formatter(minor: bool = False):
 
 
 # --------------------------------------------------------------------------- facets
-@dataclass
-class Facet:
-    """Cells drawn on one chart: ``shared`` params said in its title, ``keys`` telling
-    its curves apart."""
-    shared: dict
-    cells: list
-    keys: list = field(default_factory=list)
-
-    @property
-    def title(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.shared.items())
-
-
-def shared_params(cells) -> dict:
-    """Params every one of ``cells`` has, with the same value."""
-    keys = list(dict.fromkeys(k for c in cells for k in c.params))
-    return {k: cells[0].params[k] for k in keys
-            if all(k in c.params and str(c.params[k]) == str(cells[0].params[k]) for c in cells)}
-
-
-def facets(cells, max_curves: int = MAX_CURVES) -> list[Facet]:
-    """``cells`` cut into facets of at most ``max_curves``: by the varying param that
-    needs the fewest facets (the earlier param on a tie), recursively, then small
-    neighbours merged back while they fit."""
-    keys = varying_keys(cells)
-    if len(cells) <= max_curves or not keys:
-        if len(cells) <= max_curves:
-            return [Facet(shared_params(cells), list(cells), keys)]
-        return [Facet(dict(shared_params(cells), part=i // max_curves + 1),
-                      list(cells[i:i + max_curves]), keys)
-                for i in range(0, len(cells), max_curves)]
-
-    def split(key):
-        groups: dict[str, list] = {}
-        for c in cells:
-            groups.setdefault(str(c.params.get(key)), []).append(c)
-        return groups
-
-    best = min(keys, key=lambda k: (sum(math.ceil(len(g) / max_curves)
-                                        for g in split(k).values()), keys.index(k)))
-    out: list[Facet] = []
-    for value, group in split(best).items():
-        out += facets(group, max_curves)
-    merged: list[Facet] = []
-    for f in out:
-        last = merged[-1] if merged else None
-        if last and len(last.cells) + len(f.cells) <= max_curves:
-            together = last.cells + f.cells
-            merged[-1] = Facet(shared_params(together), together, varying_keys(together))
-        else:
-            merged.append(f)
-    return merged
-
-
-def spectrum_facets(cells, max_curves: int = MAX_CURVES) -> list[tuple[Facet, list]]:
-    """``(facet, kinds)`` for the ok cells with histograms: cells with different sets of
-    histogram kinds (a sweep's, memory's without e2e) are never on one chart."""
-    groups: dict[tuple, list] = {}
-    for c in cells:
-        if c.status == "ok" and hist_kinds([c]):
-            groups.setdefault(tuple(hist_kinds([c])), []).append(c)
-    order = hist_kinds(cells)
-    out = []
-    for kinds, group in groups.items():
-        kinds = sorted(kinds, key=order.index)
-        out += [(f, kinds) for f in facets(group, max_curves)]
-    return out
-
-
-def hist_kinds(cells) -> list[str]:
-    return list(dict.fromkeys(h for c in cells for h, s in c.histograms.items()
-                              if s.get("count") and s.get("hdr")))
 
 
 # --------------------------------------------------------------------------- spectra
@@ -260,26 +170,29 @@ def spectrum_height(facet: Facet, runs: int = 1) -> float:
 
 
 # --------------------------------------------------------------------------- rates
-def rate_metrics(summary, cells) -> list[str]:
-    """The throughput metrics to draw as bars: the table's ``_per_s`` columns (or every
-    ``_per_s`` metric), sweep bookkeeping left out."""
-    specs = [s for s, _ in summary if s.endswith("_per_s")] or \
-        list(dict.fromkeys(m for c in cells for m in c.metrics if m.endswith("_per_s")))
-    return [m for m in specs if m not in SWEEP_METRICS
-            and any(isinstance(c.metrics.get(m), (int, float)) for c in cells)]
+
+
+def rate_words(metric: str) -> str:
+    """An axis label in words: ``throughput_per_s`` -> "throughput, messages per second"."""
+    words = {"throughput_per_s": "throughput, messages per second (msg/s)",
+             "consume_per_s": "consume rate, messages per second (msg/s)",
+             "tasks_per_s": "tasks per second (tasks/s)",
+             "round_trips_per_s": "round trips per second (1/s)"}
+    return words.get(metric) or f"{metric[:-len('_per_s')].replace('_', ' ')} per second (1/s)"
 
 
 def draw_rates(fig, cells, metric: str, keys, runs=None) -> int:
-    """Horizontal bars of ``metric`` per cell, whiskers from the lowest to the highest
-    repeat, each bar labelled with its value, spread and repeat count. ``runs``: as in
-    :func:`draw_spectra` (grouped bars, one per run)."""
+    """``metric`` per cell, whiskers from the lowest to the highest repeat, each labelled
+    with its value, spread and repeat count. Bars from zero on a linear axis (their
+    lengths compare); when the values span more than :data:`LOG_SPAN` a bar's length on
+    a log axis would mean nothing, so they are dots on a log axis instead. ``runs``: as in
+    :func:`draw_spectra` (one bar or dot per run)."""
     from ..report import fmt_figure, spread_fraction, spread_text
 
     runs = runs or [("", None, "-")]
     ax = fig.subplots()
     height = 0.8 / len(runs)
-    drawn, values, labels = 0, [], []
-    ylabels = []
+    points, ylabels = [], []
     for i, cell in enumerate(cells):
         ylabels.append(cell_label(cell, keys))
         for j, (run_name, by_key, _) in enumerate(runs):
@@ -290,85 +203,44 @@ def draw_rates(fig, cells, metric: str, keys, runs=None) -> int:
             sp = c.spread.get(metric) or {}
             lo, hi = min(sp.get("min", v), v), max(sp.get("max", v), v)
             y = i + (j - (len(runs) - 1) / 2) * height
-            bar = ax.barh(y, v, height=height * 0.9, color=PALETTE[4 if j == len(runs) - 1
-                                                                  else 2],
-                          xerr=[[v - lo], [hi - v]] if sp else None,
+            n = sp.get("n", len(c.repeats) or 1)
+            text = f" {fmt_figure(v)} {spread_text(spread_fraction(c, metric))} n={n}"
+            points.append((i, j, y, v, lo, hi, sp, text + (f" {run_name}" if run_name else ""),
+                           run_name))
+    positive = [x for p in points for x in p[3:6] if x > 0]
+    log = bool(positive) and max(positive) / min(positive) > LOG_SPAN
+    for i, j, y, v, lo, hi, sp, _, run_name in points:
+        colour = PALETTE[4 if j == len(runs) - 1 else 2]
+        err = [[v - lo], [hi - v]] if sp else None
+        if log:
+            drawn = ax.errorbar([v], [y], xerr=err, fmt="o", color=colour, ecolor="#000000",
+                                capsize=3, elinewidth=1, markersize=5, label=run_name or None)
+            drawn.lines[0].set_gid(f"data-rate-{metric}-{i}-{j}")
+        else:
+            bar = ax.barh(y, v, height=height * 0.9, color=colour, xerr=err,
                           error_kw={"ecolor": "#000000", "capsize": 3, "linewidth": 1},
                           label=run_name or None)
             bar.patches[0].set_gid(f"data-rate-{metric}-{i}-{j}")
-            n = sp.get("n", len(c.repeats) or 1)
-            text = f" {fmt_figure(v)} {spread_text(spread_fraction(c, metric))} n={n}"
-            if run_name:
-                text += f" {run_name}"
-            labels.append((max(hi, v), y, text))
-            values += [v, lo, hi]
-            drawn += 1
     ax.set_yticks(range(len(cells)))
     ax.set_yticklabels(ylabels)
     ax.invert_yaxis()
-    positive = [v for v in values if v > 0]
-    if positive and max(positive) / min(positive) > 50:
+    if log:
         ax.set_xscale("log")
-    log = ax.get_xscale() == "log"
-    if positive:   # room on the right for the labels
-        ax.set_xlim(right=max(positive) * (8 if log else 1.45))
-    for x, y, text in labels:   # clear of the whisker's cap
+        ax.set_xlim(min(positive) / 2, max(positive) * 8)    # room on the right for labels
+    elif positive:
+        ax.set_xlim(0, max(positive) * 1.45)
+    for _, _, y, v, lo, hi, _, text, _ in points:   # clear of the whisker's cap
+        x = max(hi, v)
         ax.text(x * 1.06 if log else x + 0.01 * max(positive), y, text, va="center", fontsize=7)
-    ax.set_xlabel(f"{metric} (1/s), median over repeats; whiskers: lowest to highest repeat")
+    ax.set_xlabel(rate_words(metric) + ("; log axis, dots" if log else "") +
+                  "; median over repeats, whiskers: lowest to highest repeat")
     if len(runs) > 1:
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncols=len(runs),
                   frameon=False)
-    return drawn
+    return len(points)
 
 
 # --------------------------------------------------------------------------- sweeps
-@dataclass
-class Sweep:
-    """Ok cells that differ only in a numeric ``rate`` param, in rate order."""
-    scenario: str
-    shared: dict
-    cells: list
-    max_rate: float | None = None
-    slo: object = None
-
-    @property
-    def title(self) -> str:
-        return f"{self.scenario}: " + ", ".join(f"{k}={v}" for k, v in self.shared.items())
-
-
-def _rate(cell):
-    try:
-        return float(cell.params["rate"])
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-def sweeps(cells) -> list[Sweep]:
-    """Groups of 2+ ok cells of one scenario that differ only in a numeric ``rate``,
-    each with the maximum sustainable rate when a cell of the group, or a cell with the
-    same other params, holds ``max_sustainable_rate_per_s``."""
-    groups: dict[str, Sweep] = {}
-    for c in cells:
-        if c.status == "ok" and _rate(c) is not None:
-            shared = {k: v for k, v in c.params.items() if k != "rate"}
-            key = results.cell_key(c.scenario, shared)
-            groups.setdefault(key, Sweep(c.scenario, shared, [])).cells.append(c)
-    out = []
-    for sweep in groups.values():
-        if len(sweep.cells) < 2:
-            continue
-        sweep.cells.sort(key=_rate)
-        for c in cells:
-            if c.scenario != sweep.scenario or "max_sustainable_rate_per_s" not in c.metrics:
-                continue
-            # the search cell says rate=max and its slo as params; the rest must match
-            own = {k: str(v) for k, v in c.params.items() if k not in ("rate", "slo")}
-            if all(str(sweep.shared.get(k)) == v for k, v in own.items()):
-                sweep.max_rate = c.metrics["max_sustainable_rate_per_s"]
-                sweep.slo = c.metrics.get("slo")
-                break
-        out.append(sweep)
-    return out
 
 
 SWEEP_STATS = (("p50", "p50"), ("p90", "p90"), ("p99", "p99"), ("p999", "p99.9"),
@@ -408,18 +280,6 @@ def draw_sweep(fig, sweep: Sweep) -> int:
         ax.set_visible(False)
     fig.suptitle(sweep.title, fontsize=10)
     return drawn
-
-
-def searches(cells) -> list:
-    """Max-rate search cells: ok cells with ``max_sustainable_rate_per_s``."""
-    return [c for c in cells if c.status == "ok"
-            and isinstance(c.metrics.get("max_sustainable_rate_per_s"), (int, float))]
-
-
-def slo_us(slo) -> float | None:
-    """The latency bound of an SLO such as ``p99<=10ms``, in us."""
-    m = re.search(r"<=?\s*([\d.]+)\s*(ns|us|ms|s)\b", str(slo or ""))
-    return float(m.group(1)) * TO_US[m.group(2)] if m else None
 
 
 def draw_search(fig, cell, keys) -> int:
@@ -523,36 +383,6 @@ def sweep_height(sweep: Sweep) -> float:
 
 
 # --------------------------------------------------------------------------- intervals
-def interval_series(summary: dict):
-    """(seconds since the first interval, p50, p99, max) per interval, in us; a gap
-    (between repeats) becomes a break in the line."""
-    from hdrh.histogram import HdrHistogram
-
-    ivs = sorted(summary.get("intervals") or (), key=lambda iv: iv["start_s"])
-    if not ivs:
-        return None
-    scale = TO_US.get(summary.get("unit", "us"), 1.0)
-    width = statistics.median(iv["end_s"] - iv["start_s"] for iv in ivs) or 1.0
-    t0 = ivs[0]["start_s"]
-    out = ([], [], [], [])
-    last_end = None
-    for iv in ivs:
-        h = HdrHistogram.decode(iv["hdr"].encode("ascii"))
-        if not h.get_total_count():
-            continue
-        if last_end is not None and iv["start_s"] - last_end > 0.5 * width:
-            for col in out:
-                col.append(float("nan"))
-        out[0].append((iv["start_s"] + iv["end_s"]) / 2 - t0)
-        out[1].append(h.get_value_at_percentile(50) * scale)
-        out[2].append(h.get_value_at_percentile(99) * scale)
-        out[3].append(h.get_max_value() * scale)
-        last_end = iv["end_s"]
-    return out
-
-
-def cells_with_intervals(cells, kind: str) -> list:
-    return [c for c in cells if c.status == "ok" and c.histograms.get(kind, {}).get("intervals")]
 
 
 def timeseries_svg(cell, kind: str, keys, ident: str, width: int = 540,

@@ -16,6 +16,7 @@ values are microseconds (``Interval_Max`` is in milliseconds): with Java's
 from __future__ import annotations
 
 import calendar
+import math
 import time
 from pathlib import Path
 
@@ -73,12 +74,20 @@ def entries(run: results.Run, hist_names=None) -> list[tuple]:
     return sorted(out, key=lambda e: (e[0], e[2]))
 
 
+def _start_time(first: float) -> float:
+    """``StartTime`` and ``BaseTime``: the first interval's start floored to a whole
+    millisecond, so it prints exactly in three decimals and is never after that start
+    (a reader skips every interval that starts before ``StartTime``)."""
+    base = math.floor(first * 1000.0) / 1000.0
+    return base - 0.001 if base > first else base    # float product rounded up
+
+
 def hlog(run: results.Run, path, hist_names=None) -> Path:
     """Write the run's interval histograms to ``path``; returns it."""
     rows = entries(run, hist_names)
     if not rows:
         raise ValueError("no recorded histogram to write (check --cell / --hist)")
-    base = rows[0][0]
+    base = _start_time(rows[0][0])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:

@@ -20,8 +20,8 @@ from html import escape
 from pathlib import Path
 
 from .. import results
-from ..report import fmt, plan_tables, summary_columns
-from . import charts
+from ..report import fmt, plan_tables, spread_fraction, spread_text, summary_columns
+from . import charts, speedups
 
 CSS = """
 :root { --fg: #1b1b1b; --muted: #5a5a5a; --line: #d6d6d6; --bg-alt: #f5f5f5; }
@@ -100,17 +100,23 @@ def _description(scenario: str) -> str:
 
 def _tables(page: Page, scenario: str, cells) -> None:
     notes: dict[str, int] = {}
-    for plan in plan_tables(scenario, cells):
+    ratios = speedups.ratios(scenario, cells)
+    summary = speedups.wide_summary(summary_columns(scenario, cells),
+                                    [r.header for r in ratios])
+    for plan in plan_tables(scenario, cells, summary):
         if plan.title != scenario:
             page.add(f"<h4>{escape(plan.title)}</h4>")
+        shown = [r for r in ratios if any(id(c) in r.values for c in plan.cells)]
         head = "".join(f"<th>{escape(k)}</th>" for k in plan.params)
         head += "".join(f'<th class="num">{escape(c.header)}</th>' for c in plan.columns)
+        head += "".join(f'<th class="num ratio">{escape(r.header)} (95% CI)</th>' for r in shown)
         rows = []
         for c in plan.cells:
             tds = "".join(f"<td>{escape(fmt(c.params.get(k)))}</td>" for k in plan.params)
             for figure, spread in plan.row(c):
                 extra = f'<span class="spread">{escape(spread)}</span>' if spread else ""
                 tds += f'<td class="num">{escape(figure)}{extra}</td>'
+            tds += "".join(f'<td class="num ratio">{escape(r.text(c))}</td>' for r in shown)
             status = escape(c.status)
             if c.reason:
                 number = notes.setdefault(c.reason, len(notes) + 1)
@@ -120,6 +126,9 @@ def _tables(page: Page, scenario: str, cells) -> None:
                  "<tbody>", *rows, "</tbody></table></div>")
         if plan.caption:
             page.add(f'<p class="caption">{escape(", ".join(plan.caption))}</p>')
+        if shown:
+            page.add(f'<p class="caption">{escape("; ".join(r.explain for r in shown))}; the '
+                     'median of per-round ratios, 95% t-interval on their logs.</p>')
     if notes:
         page.add('<ol class="notes">', *(f'<li id="note-{escape(scenario)}-{n}">{escape(t)}</li>'
                                          for t, n in notes.items()), "</ol>")
@@ -150,8 +159,8 @@ def _rate_charts(page: Page, scenario: str, cells, runs=None) -> None:
         with charts.style():
             fig = charts.new_figure(10, 1.2 + 0.32 * len(shown) * len(sources))
             charts.draw_rates(fig, shown, metric, keys, runs)
-            page.chart(fig, f"{metric}: bars are medians over repeats, whiskers span the "
-                            f"lowest to the highest repeat; n = repeats.")
+            page.chart(fig, f"{charts.rate_words(metric)}: medians over repeats, whiskers "
+                            f"span the lowest to the highest repeat; n = repeats.")
 
 
 def _spectra(page: Page, cells, runs=None, note: str = "") -> None:
@@ -255,6 +264,29 @@ def _environment(page: Page, env: dict, other: dict | None = None,
     page.add("</table></div>")
 
 
+def _noise(page: Page, runs) -> None:
+    """The calibration loop, beside the environment: how steady this machine was.
+    ``runs``: ``[(name, cells)]`` (one unnamed run for a report, BASE and NEW to compare)."""
+    rows = [(name, c) for name, cells in runs for c in cells if c.status == "ok"]
+    if not rows:
+        return
+    named = any(name for name, _ in rows)
+    page.add('<h3 id="noise">Machine noise: the calibration loop</h3>',
+             '<p class="muted">A fixed pure-Python workload run in the same rounds as the '
+             'cells: the yardstick the gate\'s CPU ratios are read by, not a result. The '
+             'spread of its repeats is this machine\'s noise during the run.</p>',
+             '<table class="noise"><thead><tr>' + ("<th>run</th>" if named else "")
+             + '<th>cell</th><th class="num">loops/s</th><th class="num">spread of repeats'
+             '</th><th class="num">repeats</th></tr></thead><tbody>')
+    for name, c in rows:
+        spread = spread_text(spread_fraction(c, "throughput_per_s")) or "-"
+        page.add("<tr>" + (f"<td>{escape(name)}</td>" if named else "")
+                 + f"<td>{escape(c.key)}</td>"
+                 f'<td class="num">{escape(fmt(c.metrics.get("throughput_per_s")))}</td>'
+                 f'<td class="num">{escape(spread)}</td><td class="num">{len(c.repeats)}</td></tr>')
+    page.add("</tbody></table>")
+
+
 def _header(page: Page, run: results.Run, title: str) -> None:
     env = run.environment
     counts = {s: sum(1 for c in run.cells if c.status == s) for s in results.STATUSES}
@@ -280,7 +312,7 @@ def _nav(page: Page, scenarios) -> None:
 def html(run: results.Run, title: str = "celery-bench report") -> str:
     page = Page(title)
     _header(page, run, title)
-    groups = _by_scenario(run.cells)
+    groups = _by_scenario(speedups.result_cells(run.cells))
     _nav(page, groups)
     for scenario, cells in groups.items():
         page.add(f'<section id="s-{escape(scenario)}"><h2>{escape(scenario)}</h2>')
@@ -294,6 +326,7 @@ def html(run: results.Run, title: str = "celery-bench report") -> str:
         _timeseries(page, cells)
         page.add("</section>")
     _environment(page, run.environment)
+    _noise(page, [("", speedups.calibration_cells(run.cells))])
     return page.text()
 
 
@@ -378,10 +411,13 @@ def compare_html(base: results.Run, new: results.Run, base_name: str = "BASE",
         pass
     by_key_base = {c.key: c for c in base.cells}
     by_key_new = {c.key: c for c in new.cells}
-    union = list({**by_key_base, **by_key_new}.values())
+    union = speedups.result_cells({**by_key_base, **by_key_new}.values())
     groups = _by_scenario(union)
     keys = {s: charts.varying_keys(cells) for s, cells in groups.items()}
-    verdicts = _verdict_rows(pairs, keys)
+    shown = [p for p in pairs if not any(c is not None and speedups.is_calibration(c)
+                                         for c in (getattr(p, "new", None),
+                                                   getattr(p, "base", None)))]
+    verdicts = _verdict_rows(shown, keys)
     runs = [(base_name, by_key_base, "--"), (new_name, by_key_new, "-")]
     _nav(page, groups)
     for scenario, cells in groups.items():
@@ -400,6 +436,8 @@ def compare_html(base: results.Run, new: results.Run, base_name: str = "BASE",
         page.add("<details><summary>as <code>celery-bench compare</code> prints it</summary>",
                  f"<pre>{escape(text)}</pre></details>")
     _environment(page, base.environment, new.environment, (base_name, new_name))
+    _noise(page, [(base_name, speedups.calibration_cells(base.cells)),
+                  (new_name, speedups.calibration_cells(new.cells))])
     return page.text()
 
 

@@ -6,13 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import results
-from . import charts
+from . import charts, speedups
 
 
 def png(run: results.Run, path, cells=None, hist_names=None, dpi: int = 110) -> Path:
     """Spectra of ``hist_names`` (default all) for ``cells`` (default all ok); a run of
     max-rate searches gets their overview instead (latency against the rates tried)."""
-    chosen = [c for c in (cells if cells is not None else run.cells) if c.status == "ok"]
+    # the calibration loop is the machine's yardstick, not a result: drawn only if asked for
+    chosen = [c for c in (cells if cells is not None else speedups.result_cells(run.cells))
+              if c.status == "ok"]
     found = charts.searches(chosen)
     if found and len(found) == len(chosen):
         with charts.style():
