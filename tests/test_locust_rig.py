@@ -93,3 +93,56 @@ def test_stale_rigs_from_dead_runs_are_removed(can_rig):
         for name in (ns, mine):
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
         subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+
+
+# --------------------------------------------------------------------------- Locust on the rig
+def _locust_on_rig(rig, tmp_path, seconds, master_args=(), classes=("TaskRoundTrip",)):
+    """A Locust master on 'master', a Locust worker on each 'gen*' host, the broker's redis
+    on 'broker'; every file a host writes stays in its own /tmp. Returns (codes, logs)."""
+    from test_locust import locust_cmd, locust_env
+    url = netns.start_redis(rig)
+    gens = [h for role, h in rig.hosts.items() if role.startswith("gen")]
+    env = locust_env({"CELERY_BENCH_REDIS_URL": url})
+    master = rig["master"]
+    port = 5557
+    cmd = locust_cmd(
+        "--headless", "--master", "--master-bind-host", master.addr, "--master-bind-port", port,
+        "--expect-workers", len(gens), "--expect-workers-max-wait", 60,
+        "-u", 2 * len(gens), "-r", 2 * len(gens), "-t", f"{seconds}s", "--only-summary",
+        "--transport", "redis", "--backend", "redis", "--pool", "solo",
+        "--results-out", "/tmp/r.json", "--json-file", "/tmp/locust", *master_args, *classes)
+    logs = {role: tmp_path / f"{role}.log" for role in ["master", *(g.role for g in gens)]}
+    procs = {}
+    with open(logs["master"], "w") as fh:
+        procs["master"] = master.popen(cmd, cwd="/tmp", stdout=fh, stderr=subprocess.STDOUT,
+                                       env=env)
+    for g in gens:
+        with open(logs[g.role], "w") as fh:
+            procs[g.role] = g.popen(
+                locust_cmd("--worker", "--master-host", master.addr, "--master-port", port),
+                cwd="/tmp", stdout=fh, stderr=subprocess.STDOUT, env=env)
+    codes = {}
+    for role, p in procs.items():
+        try:
+            codes[role] = p.wait(timeout=seconds + 120)
+        except subprocess.TimeoutExpired:
+            codes[role] = None
+    for name in ("r.json", "locust.json"):          # out of the master's own /tmp
+        out = master.run(["cat", f"/tmp/{name}"])
+        (tmp_path / name).write_text(out.stdout)
+    return codes, {role: p.read_text(errors="replace") for role, p in logs.items()}
+
+
+def test_master_and_two_generators_on_their_own_hosts_merge_exactly(rig, tmp_path):
+    from test_locust import check_counts
+    codes, logs = _locust_on_rig(rig, tmp_path, seconds=20)
+    text = "\n=====\n".join(f"{r}:\n{t[-2500:]}" for r, t in logs.items())
+    assert all(c == 0 for c in codes.values()), (codes, text)
+    assert not any("Traceback" in t for t in logs.values()), text
+    # the master wrote its files in its own /tmp, which no generator sees
+    assert rig["gen1"].run(["test", "-e", "/tmp/r.json"]).returncode != 0
+    ours = check_counts(tmp_path)              # merged file == Locust's own counts, exactly
+    total = next(c for (t, _), c in ours.items() if t == "total")
+    assert total.metrics["requests"] > 0
+    for c in ours.values():
+        assert c.params["locust_workers"] == 2
