@@ -1,6 +1,7 @@
 """The multi-host rig (tests/netns.py): hosts that reach each other and nothing else,
 a private /tmp each, and nothing left behind."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 
 from tests import netns
 from tests.conftest import IN_CI
+from test_locust_celery import alive
 
 PY = sys.executable
 
@@ -135,7 +137,8 @@ def _locust_on_rig(rig, tmp_path, seconds, master_args=(), classes=("TaskRoundTr
 
 def test_master_and_two_generators_on_their_own_hosts_merge_exactly(rig, tmp_path):
     from test_locust import check_counts
-    codes, logs = _locust_on_rig(rig, tmp_path, seconds=20)
+    codes, logs = _locust_on_rig(rig, tmp_path, seconds=20,
+                                 master_args=("--workers-per-host", 1))
     text = "\n=====\n".join(f"{r}:\n{t[-2500:]}" for r, t in logs.items())
     assert all(c == 0 for c in codes.values()), (codes, text)
     assert not any("Traceback" in t for t in logs.values()), text
@@ -146,3 +149,10 @@ def test_master_and_two_generators_on_their_own_hosts_merge_exactly(rig, tmp_pat
     assert total.metrics["requests"] > 0
     for c in ours.values():
         assert c.params["locust_workers"] == 2
+        assert c.params["celery_workers"] == 2 and c.params["celery_workers_per_host"] == 1
+    # the Celery workers ran on the generator hosts, none on the master's, all stopped
+    assert "on each Locust worker's host (--workers-per-host)" in logs["master"]
+    for role in ("gen1", "gen2"):
+        pids = re.search(r"Celery worker\(s\) on this host .*\(pids ([\d, ]+)\)", logs[role])
+        assert pids, logs[role][-2000:]
+        assert not any(alive(int(p)) for p in pids.group(1).split(","))
