@@ -156,3 +156,21 @@ def test_master_and_two_generators_on_their_own_hosts_merge_exactly(rig, tmp_pat
         pids = re.search(r"Celery worker\(s\) on this host .*\(pids ([\d, ]+)\)", logs[role])
         assert pids, logs[role][-2000:]
         assert not any(alive(int(p)) for p in pids.group(1).split(","))
+
+
+def test_workers_per_host_counts_as_celery_workers_and_is_checked(need):
+    """No rig needed: the option's check, one message. (Not importing locust here: it would
+    monkey-patch this pytest process.)"""
+    need("redis")
+    from bench.locust import options
+
+    class TaskRoundTrip:
+        runs_tasks = True
+    opts = dict(transport="redis", workers=0, workers_per_host=1, concurrency=1, group_size=1,
+                interval=0.5, arrival_rate=0.0, timeout=30.0, task_args="[]",
+                check_fail_ratio=-1.0, task=options.DEFAULT_TASK, backend="auto", app="")
+    assert options.problems(opts, [TaskRoundTrip]) is None
+    assert options.problems(dict(opts, workers_per_host=0), [TaskRoundTrip]).startswith(
+        "TaskRoundTrip needs Celery workers")
+    assert options.problems(dict(opts, workers_per_host=-1), [TaskRoundTrip]) == \
+        "--workers-per-host -1: must be at least 0"
