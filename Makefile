@@ -32,6 +32,13 @@ $(STAMP): pyproject.toml constraints.txt
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || \
 	    echo "make: chromium could not be installed; the browser tests will skip"; \
 	  else echo "make: no chromium (needs root and apt-get); the browser tests will skip"; fi; }
+	@# The multi-host Locust tests build network namespaces with iproute2 (tests/netns.py).
+	@command -v ip >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null || \
+	    echo "make: iproute2 could not be installed; the multi-host tests will skip"; \
+	  else echo "make: no iproute2 (needs root and apt-get); the multi-host tests will skip"; fi; }
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install the project with every dependency

@@ -72,6 +72,11 @@ def add(parser) -> None:
                    help="Celery worker processes the harness starts for TaskRoundTrip and "
                         "GroupJoin (bench's own app; not with --app). Started once, by the "
                         "master in distributed mode, stopped on quit (default 1)")
+    g.add_argument("--workers-per-host", type=int, default=0, env_var="LOCUST_WORKERS_PER_HOST",
+                   help="distributed mode: each Locust worker starts this many Celery workers "
+                        "on its own host (the master then starts none; alone, like --workers); "
+                        "stopped with the run, on Ctrl-C and when the master goes away "
+                        "(default 0)")
     g.add_argument("--pool", choices=POOLS, default="prefork", env_var="LOCUST_POOL",
                    help="those workers' pool (default prefork)")
     g.add_argument("--concurrency", type=int, default=2, env_var="LOCUST_CONCURRENCY",
@@ -154,8 +159,8 @@ def problems(opts: dict, classes, host: str | None = None, form: bool = False) -
         return HOST_MESSAGE if form else HOST_FLAG_MESSAGE
     names = [c.__name__ for c in classes]
     tasks = [c.__name__ for c in classes if getattr(c, "runs_tasks", False)]
-    for key in ("workers", "concurrency", "group_size"):
-        minimum = 0 if key == "workers" else 1
+    for key in ("workers", "workers_per_host", "concurrency", "group_size"):
+        minimum = 0 if key.startswith("workers") else 1
         if int(opts.get(key) or 0) < minimum:
             return f"--{key.replace('_', '-')} {opts.get(key)}: must be at least {minimum}"
     for key in ("interval", "arrival_rate"):
@@ -191,9 +196,10 @@ def problems(opts: dict, classes, host: str | None = None, form: bool = False) -
         return (f"{', '.join(tasks)} {need} a broker a worker process can reach, and {transport} "
                 f"is in-process: choose {', '.join(_worker_transports())}, or run only "
                 f"{' '.join(n for n in names if n not in tasks) or 'the publishers'}")
-    if int(opts.get("workers") or 0) < 1:
+    if int(opts.get("workers") or 0) < 1 and int(opts.get("workers_per_host") or 0) < 1:
         return (f"{', '.join(tasks)} {need} Celery workers: --workers N (N >= 1) starts the "
-                f"bench's own, or --app MODULE:APP uses yours")
+                f"bench's own, --workers-per-host N on each load generator, or --app "
+                f"MODULE:APP uses yours")
     if opts.get("task", DEFAULT_TASK) != DEFAULT_TASK:
         from ..celery_app import make_app
         from ..drivers.userapp import check_task

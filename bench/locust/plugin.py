@@ -24,7 +24,7 @@ from locust.runners import MasterRunner, WorkerRunner
 
 from .. import results as results_file
 from .. import workers as worker_procs
-from . import checks, export, hdr, openloop, options, system, webui
+from . import checks, export, hdr, hostworkers, openloop, options, system, webui
 
 log = logging.getLogger("celery-bench.locust")
 
@@ -33,6 +33,7 @@ class State:
     role = "local"                  # "local", "master" or "worker"
     book = hdr.Book()               # local: recorded; worker: since last report; master: merged
     rig = system.Rig()
+    host_workers = hostworkers.HostWorkers()   # worker: --workers-per-host, on this host
     started = None                  # time.monotonic() of test start (owner)
     stopped = None
     locust_workers = 0
@@ -50,6 +51,17 @@ def _role(runner) -> str:
 
 def _opts(environment) -> dict:
     return dict(vars(environment.parsed_options)) if environment.parsed_options else {}
+
+
+def _owner_opts(opts: dict) -> dict:
+    """``--workers-per-host`` as the owner's Rig reads it: alone (one host) it is that
+    host's ``--workers``; on a master the Locust workers start them and the master none."""
+    per_host = int(opts.get("workers_per_host") or 0)
+    if per_host < 1:
+        return opts
+    if State.role == "master":
+        return dict(opts, workers=0)
+    return dict(opts, workers=per_host, workers_per_host=0)
 
 
 def _needs_workers(classes) -> bool:
@@ -80,7 +92,7 @@ def _init(environment, runner=None, web_ui=None, **kwargs):
         sys.exit(2)
     if headless:
         try:
-            State.rig.ensure(opts, _needs_workers(classes))
+            State.rig.ensure(_owner_opts(opts), _needs_workers(classes))
         except worker_procs.WorkerError as exc:
             log.error("cannot start the Celery workers: %s", exc)
             sys.exit(1)
@@ -130,7 +142,7 @@ def _check_swarm(environment, form) -> str | None:
     if runner is not None and runner.state in ("spawning", "running"):
         return None                 # editing a running test: the Celery system stays
     try:
-        State.rig.ensure(opts, _needs_workers(classes))
+        State.rig.ensure(_owner_opts(opts), _needs_workers(classes))
     except worker_procs.WorkerError as exc:
         return f"cannot start the Celery workers: {exc}"
     return None
@@ -152,6 +164,7 @@ def _test_start(environment, **kwargs):
     State.sent = {}
     State.started, State.stopped = time.monotonic(), None
     if State.role == "worker":
+        _start_host_workers(environment)
         return
     runner = environment.runner
     State.locust_workers = runner.worker_count if State.role == "master" else 0
@@ -159,10 +172,23 @@ def _test_start(environment, **kwargs):
     opts = _opts(environment)
     wiring = None
     try:
-        wiring = State.rig.ensure(opts, _needs_workers(environment.user_classes))
+        wiring = State.rig.ensure(_owner_opts(opts), _needs_workers(environment.user_classes))
     except worker_procs.WorkerError as exc:
         log.error("cannot start the Celery workers: %s", exc)
     setattr(environment.parsed_options, system.WIRING, wiring)
+
+
+def _start_host_workers(environment) -> None:
+    """--workers-per-host: this Locust worker's own Celery workers, before its users spawn."""
+    wiring = getattr(environment.parsed_options, system.WIRING, None) or {}
+    if not wiring.get("per_host"):
+        State.host_workers.close()
+        return
+    try:
+        system.check_reachable(wiring)
+        State.host_workers.ensure(wiring, environment.runner.client_id)
+    except (worker_procs.WorkerError, system.Unreachable) as exc:
+        log.error("celery-bench: cannot start this host's Celery workers: %s", exc)
 
 
 @events.request.add_listener
@@ -238,6 +264,7 @@ def _quitting(environment, **kwargs):
     master holds every worker's last report by now."""
     try:
         if State.role == "worker":
+            State.host_workers.close()
             _flush_log()
             return
         runner = environment.runner
@@ -296,8 +323,12 @@ def _common(environment) -> dict:
            "arrival_rate": float(options.get(environment, "arrival_rate", 0.0) or 0.0)}
     if wiring.get("app"):
         out["app"] = wiring["app"]
-    elif wiring.get("workers"):
-        out.update(celery_workers=wiring["workers"], pool=wiring["pool"],
+    elif wiring.get("workers") or wiring.get("per_host"):
+        per_host = int(wiring.get("per_host") or 0)
+        if per_host:
+            out["celery_workers_per_host"] = per_host
+        out.update(celery_workers=wiring["workers"] + per_host * State.locust_workers,
+                   pool=wiring["pool"],
                    concurrency=wiring["concurrency"], backend=wiring["backend"])
     return out
 

@@ -76,8 +76,12 @@ class Rig:
                 key = ("app", opts["app"])
             else:
                 n = int(opts.get("workers") or 0) if need_workers else 0
-                key = (opts["transport"], options.backend_name(opts) if n else None, n,
-                       opts.get("pool"), int(opts.get("concurrency") or 1) if n else None)
+                # --workers-per-host: the Locust workers start them, this Rig none
+                per_host = int(opts.get("workers_per_host") or 0) if need_workers else 0
+                some = n or per_host
+                key = (opts["transport"], options.backend_name(opts) if some else None, n,
+                       opts.get("pool"), int(opts.get("concurrency") or 1) if some else None,
+                       per_host)
             if key == self.key and self.alive():
                 return self.wiring
             self._close()
@@ -96,7 +100,7 @@ class Rig:
     def _start(self, key, opts) -> dict:
         if key[0] == "app":
             return {"app": opts["app"], "label": opts["app"]}
-        transport, backend_name, n, pool, concurrency = key
+        transport, backend_name, n, pool, concurrency, per_host = key
         tag = uuid.uuid4().hex[:10]
         stack = self.stack = ExitStack()
         folder = Path(tempfile.mkdtemp(prefix="celery-bench-locust-"))
@@ -105,7 +109,7 @@ class Rig:
         wiring = {"transport": transport, "label": transport, "url": env.url,
                   "transport_options": dict(env.transport_options), "boot_id": BOOT_ID,
                   "host_only": _host_only("broker", transport, env.url)}
-        if not n:
+        if not n and not per_host:
             return wiring
         backend = backends.get(backend_name)
         backend_url, conf, cleanup = backend.open(folder, tag)
@@ -118,12 +122,12 @@ class Rig:
             backend.prepare(app)       # SQLite: tables and WAL before the pool children race
         finally:
             app.close()
-        self.procs = stack.enter_context(workers.workers(
+        self.procs = [] if not n else stack.enter_context(workers.workers(
             n, env.url, backend_url, transport_options=env.transport_options, conf=conf,
             pool=pool, concurrency=concurrency, ready_timeout=READY_S, stop_timeout=STOP_S,
             hostname=f"locust-{tag}@%h"))
         wiring.update(backend=backend.name, backend_url=backend_url, conf=conf, queue=queue,
-                      workers=n, pool=pool, concurrency=concurrency)
+                      workers=n, pool=pool, concurrency=concurrency, per_host=per_host)
         wiring["host_only"] = wiring["host_only"] or _host_only("result backend", backend.name,
                                                                 backend_url)
         return wiring
@@ -135,6 +139,10 @@ class Rig:
         w = self.wiring or {}
         if w.get("app"):
             return f"your app {w['app']} (your workers)"
+        if w.get("per_host"):
+            return (f"broker {w['transport']}, backend {w['backend']}, {w['per_host']} Celery "
+                    f"worker(s) --pool {w['pool']} -c {w['concurrency']} on each Locust "
+                    f"worker's host (--workers-per-host)")
         if not w.get("workers"):
             return f"broker {w.get('transport')} (no Celery workers needed)"
         return (f"broker {w['transport']}, backend {w['backend']}, {w['workers']} Celery "
@@ -170,15 +178,21 @@ class Unreachable(RuntimeError):
     """This Locust worker runs on another host than what the master started."""
 
 
+def check_reachable(wiring: dict) -> None:
+    """Raise Unreachable when this process is on another host than what ``wiring`` names
+    and that lives on the master's host only."""
+    if wiring.get("host_only") and wiring.get("boot_id") not in (None, BOOT_ID):
+        raise Unreachable(f"this Locust worker is on another host than the master, and "
+                          f"{wiring['host_only']}: use --transport redis or amqp and "
+                          f"--backend redis (or postgresql) at addresses every load "
+                          f"generator reaches")
+
+
 class Client:
     """What one Locust process's users share: a Celery app, a Kombu target, a label."""
 
     def __init__(self, wiring: dict):
-        if wiring.get("host_only") and wiring.get("boot_id") not in (None, BOOT_ID):
-            raise Unreachable(f"this Locust worker is on another host than the master, and "
-                              f"{wiring['host_only']}: use --transport redis or amqp and "
-                              f"--backend redis (or postgresql) at addresses every load "
-                              f"generator reaches")
+        check_reachable(wiring)
         self.wiring = wiring
         self.label = wiring["label"]
         if wiring.get("app"):

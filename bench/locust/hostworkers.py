@@ -1,0 +1,72 @@
+"""The Celery workers a Locust worker starts on its own host (``--workers-per-host N``).
+
+With N > 0 the system under test scales out with the load: the master starts the broker
+environment, the result backend and the queue (its own Rig, no workers), and each Locust
+worker starts N ``celery worker`` processes of the bench's app on its host, wired from the
+options the master sends with the spawn message (:data:`system.WIRING`). One owner per
+Locust process: started at ``test_start`` (before its users spawn, so no round trip waits
+for a worker that is still booting), kept while the wiring stays the same, and stopped at
+``quitting``, which Locust fires when the run ends, on Ctrl-C/SIGTERM and when the master
+stops sending heartbeats (the master went away); ``bench.workers`` also stops them at exit.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from contextlib import ExitStack
+
+from .. import workers
+from ..scenarios._celery import one_line
+from .system import READY_S, STOP_S
+
+log = logging.getLogger("celery-bench.locust")
+
+
+class HostWorkers:
+    """This host's Celery workers for the current wiring."""
+
+    def __init__(self):
+        self.key: str | None = None
+        self.stack: ExitStack | None = None
+        self.procs: list = []
+        self.lock = threading.Lock()   # gevent's, once Locust has patched threading
+
+    def ensure(self, wiring: dict, node: str) -> list:
+        """Start ``wiring['per_host']`` workers for ``wiring`` (none if it asks for none);
+        ``node`` names them (the Locust client id: unique across hosts). Raises WorkerError."""
+        n = int(wiring.get("per_host") or 0)
+        key = json.dumps([wiring, n], sort_keys=True)
+        with self.lock:
+            if key == self.key and all(w.alive() for w in self.procs):
+                return self.procs
+            self._close()
+            if n < 1:
+                return []
+            try:
+                with ExitStack() as stack:        # closed here if a worker fails to start
+                    self.procs = stack.enter_context(workers.workers(
+                        n, wiring["url"], wiring.get("backend_url"),
+                        transport_options=wiring["transport_options"], conf=wiring["conf"],
+                        pool=wiring["pool"], concurrency=wiring["concurrency"],
+                        ready_timeout=READY_S, stop_timeout=STOP_S,
+                        hostname=f"locust-{node}@%h"))
+                    self.stack = stack.pop_all()
+            except workers.WorkerError as exc:
+                self.procs = []
+                raise workers.WorkerError(one_line(exc, tail=6)) from None
+            self.key = key
+            log.info("celery-bench: %d Celery worker(s) on this host --pool %s -c %s (pids %s)",
+                     n, wiring["pool"], wiring["concurrency"],
+                     ", ".join(str(w.pid) for w in self.procs))
+            return self.procs
+
+    def _close(self) -> None:
+        stack, self.stack = self.stack, None
+        self.key, self.procs = None, []
+        if stack is not None:
+            stack.close()
+
+    def close(self) -> None:
+        with self.lock:
+            self._close()

@@ -1,0 +1,176 @@
+"""The multi-host rig (tests/netns.py): hosts that reach each other and nothing else,
+a private /tmp each, and nothing left behind."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import netns
+from tests.conftest import IN_CI
+from test_locust_celery import alive
+
+PY = sys.executable
+
+
+@pytest.fixture(scope="module")
+def can_rig():
+    why = netns.unavailable()
+    if why:
+        if IN_CI:
+            pytest.fail(f"the multi-host rig must build in CI: {why}", pytrace=False)
+        pytest.skip(why)
+
+
+@pytest.fixture
+def rig(can_rig):
+    with netns.Rig(["broker", "master", "gen1", "gen2"]) as r:
+        yield r
+
+
+def test_hosts_reach_the_broker_host_redis(rig):
+    url = netns.start_redis(rig)
+    assert url.startswith("redis://198.18.")
+    ping = f"import redis; print(redis.Redis.from_url({url!r}, socket_timeout=5).ping())"
+    for role in ("master", "gen1", "gen2"):
+        out = rig[role].run([PY, "-c", ping])
+        assert out.stdout.strip() == "True", (role, out.stderr)
+
+
+def test_hosts_do_not_reach_the_machine_network(rig):
+    # The shared Redis on the machine's 127.0.0.1 is not the rig's loopback.
+    probe = "import socket; socket.create_connection(('127.0.0.1', 6379), 1)"
+    assert rig["gen1"].run([PY, "-c", probe]).returncode != 0
+
+
+def test_each_host_has_its_own_tmp(rig):
+    name = f"cbrig-{rig.tag}-mark"
+    assert rig["gen1"].run(["sh", "-c", f"echo gen1 > /tmp/{name}"]).returncode == 0
+    assert rig["gen1"].run(["cat", f"/tmp/{name}"]).stdout.strip() == "gen1"
+    assert rig["gen2"].run(["test", "-e", f"/tmp/{name}"]).returncode != 0
+    assert not Path("/tmp", name).exists()
+
+
+def _leftovers(tag):
+    spaces = [ns for ns in netns._namespaces() if f"x{tag}-" in ns]
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    return spaces, [ln for ln in links.splitlines() if tag in ln]
+
+
+def test_close_removes_everything_even_with_processes_running(can_rig):
+    r = netns.Rig(["a", "b"])
+    r["a"].popen(["sleep", "300"])
+    tag = r.tag
+    assert _leftovers(tag)[0]
+    r.close()
+    assert _leftovers(tag) == ([], [])
+
+
+def test_failed_build_removes_what_it_made(can_rig):
+    with pytest.raises(ValueError):
+        netns.Rig(["a", "a"])
+    # A role name too long for 'ip netns' still leaves nothing behind.
+    before = set(netns._namespaces())
+    with pytest.raises(subprocess.CalledProcessError):
+        netns.Rig(["ok", "x" * 300])
+    assert set(netns._namespaces()) == before
+
+
+def test_stale_rigs_from_dead_runs_are_removed(can_rig):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    ns = f"{netns.PREFIX}{dead.pid}xdead-host"
+    bridge = f"cb{dead.pid}bdead"[:15]
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    subprocess.run(["ip", "link", "add", bridge, "type", "bridge"], check=True)
+    mine = f"{netns.PREFIX}{os.getpid()}xlive-host"
+    subprocess.run(["ip", "netns", "add", mine], check=True)
+    try:
+        removed = netns.clean_stale()
+        assert ns in removed and bridge in removed
+        assert mine not in removed and mine in netns._namespaces()
+    finally:
+        for name in (ns, mine):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+
+
+# --------------------------------------------------------------------------- Locust on the rig
+def _locust_on_rig(rig, tmp_path, seconds, master_args=(), classes=("TaskRoundTrip",)):
+    """A Locust master on 'master', a Locust worker on each 'gen*' host, the broker's redis
+    on 'broker'; every file a host writes stays in its own /tmp. Returns (codes, logs)."""
+    from test_locust import locust_cmd, locust_env
+    url = netns.start_redis(rig)
+    gens = [h for role, h in rig.hosts.items() if role.startswith("gen")]
+    env = locust_env({"CELERY_BENCH_REDIS_URL": url})
+    master = rig["master"]
+    port = 5557
+    cmd = locust_cmd(
+        "--headless", "--master", "--master-bind-host", master.addr, "--master-bind-port", port,
+        "--expect-workers", len(gens), "--expect-workers-max-wait", 60,
+        "-u", 2 * len(gens), "-r", 2 * len(gens), "-t", f"{seconds}s", "--only-summary",
+        "--transport", "redis", "--backend", "redis", "--pool", "solo",
+        "--results-out", "/tmp/r.json", "--json-file", "/tmp/locust", *master_args, *classes)
+    logs = {role: tmp_path / f"{role}.log" for role in ["master", *(g.role for g in gens)]}
+    procs = {}
+    with open(logs["master"], "w") as fh:
+        procs["master"] = master.popen(cmd, cwd="/tmp", stdout=fh, stderr=subprocess.STDOUT,
+                                       env=env)
+    for g in gens:
+        with open(logs[g.role], "w") as fh:
+            procs[g.role] = g.popen(
+                locust_cmd("--worker", "--master-host", master.addr, "--master-port", port),
+                cwd="/tmp", stdout=fh, stderr=subprocess.STDOUT, env=env)
+    codes = {}
+    for role, p in procs.items():
+        try:
+            codes[role] = p.wait(timeout=seconds + 120)
+        except subprocess.TimeoutExpired:
+            codes[role] = None
+    for name in ("r.json", "locust.json"):          # out of the master's own /tmp
+        out = master.run(["cat", f"/tmp/{name}"])
+        (tmp_path / name).write_text(out.stdout)
+    return codes, {role: p.read_text(errors="replace") for role, p in logs.items()}
+
+
+def test_master_and_two_generators_on_their_own_hosts_merge_exactly(rig, tmp_path):
+    from test_locust import check_counts
+    codes, logs = _locust_on_rig(rig, tmp_path, seconds=20,
+                                 master_args=("--workers-per-host", 1))
+    text = "\n=====\n".join(f"{r}:\n{t[-2500:]}" for r, t in logs.items())
+    assert all(c == 0 for c in codes.values()), (codes, text)
+    assert not any("Traceback" in t for t in logs.values()), text
+    # the master wrote its files in its own /tmp, which no generator sees
+    assert rig["gen1"].run(["test", "-e", "/tmp/r.json"]).returncode != 0
+    ours = check_counts(tmp_path)              # merged file == Locust's own counts, exactly
+    total = next(c for (t, _), c in ours.items() if t == "total")
+    assert total.metrics["requests"] > 0
+    for c in ours.values():
+        assert c.params["locust_workers"] == 2
+        assert c.params["celery_workers"] == 2 and c.params["celery_workers_per_host"] == 1
+    # the Celery workers ran on the generator hosts, none on the master's, all stopped
+    assert "on each Locust worker's host (--workers-per-host)" in logs["master"]
+    for role in ("gen1", "gen2"):
+        pids = re.search(r"Celery worker\(s\) on this host .*\(pids ([\d, ]+)\)", logs[role])
+        assert pids, logs[role][-2000:]
+        assert not any(alive(int(p)) for p in pids.group(1).split(","))
+
+
+def test_workers_per_host_counts_as_celery_workers_and_is_checked(need):
+    """No rig needed: the option's check, one message. (Not importing locust here: it would
+    monkey-patch this pytest process.)"""
+    need("redis")
+    from bench.locust import options
+
+    class TaskRoundTrip:
+        runs_tasks = True
+    opts = dict(transport="redis", workers=0, workers_per_host=1, concurrency=1, group_size=1,
+                interval=0.5, arrival_rate=0.0, timeout=30.0, task_args="[]",
+                check_fail_ratio=-1.0, task=options.DEFAULT_TASK, backend="auto", app="")
+    assert options.problems(opts, [TaskRoundTrip]) is None
+    assert options.problems(dict(opts, workers_per_host=0), [TaskRoundTrip]).startswith(
+        "TaskRoundTrip needs Celery workers")
+    assert options.problems(dict(opts, workers_per_host=-1), [TaskRoundTrip]) == \
+        "--workers-per-host -1: must be at least 0"
