@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install bench test gate microbench locust clean
+.PHONY: help install bench check test gate microbench locust clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -46,7 +46,10 @@ install: $(STAMP)  ## create .venv and install the project with every dependency
 bench: $(STAMP)  ## run the quick default suite, write results/latest.json
 	$(BIN)/celery-bench run --quick --out results/latest.json $(ARGS)
 
-test: $(STAMP)  ## run the test suite (real Redis, RabbitMQ, PostgreSQL)
+check: $(STAMP)  ## the fast tier: no services, browser, valgrind or CLI subprocesses (<60 s)
+	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+
+test: $(STAMP)  ## run the full test suite (real Redis, RabbitMQ, PostgreSQL); CI runs this
 	$(BIN)/python -m pytest $(ARGS)
 
 gate: $(STAMP)  ## check results/latest.json against results/baselines/gates.toml

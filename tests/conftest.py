@@ -71,3 +71,66 @@ def cli_run(tmp_path):
         return subprocess.run([sys.executable, "-m", "bench", *args], cwd=tmp_path,
                               capture_output=True, text=True, timeout=timeout, env=full_env)
     return run
+
+
+@pytest.fixture
+def cli_inproc(tmp_path, monkeypatch):
+    """Run ``celery-bench`` in this process through click's ``CliRunner``, in ``tmp_path``.
+
+    The fast tier's twin of ``cli_run``: same arguments, same result shape
+    (``returncode``, ``stdout``, ``stderr``), no interpreter start-up. The environment
+    is restored afterwards (``config`` writes resolved URLs back into it).
+    """
+    import subprocess
+
+    from click.testing import CliRunner
+
+    from bench import cli
+
+    monkeypatch.chdir(tmp_path)
+
+    def run(*args, timeout=None, env=None):   # timeout: the subprocess twin's; unused here
+        saved = dict(os.environ)
+        env = dict({"COLUMNS": "200"}, **(env or {}))
+        try:
+            with CliRunner().isolation(env=env) as (out, err, _):
+                try:
+                    cli.main(list(args))
+                    code = 0
+                except SystemExit as exc:
+                    code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+                stdout, stderr = out.getvalue().decode(), err.getvalue().decode()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        return subprocess.CompletedProcess(args, code, stdout, stderr)
+    return run
+
+
+# The fast tier (``make check`` = ``pytest -m "not slow"``): no services, no browser, no
+# valgrind, no subprocess-started CLI. A test that asks for a service (its marker or
+# fixture) or for ``cli_run`` is slow by that fact; files whose every test starts
+# brokers, workers, Locust or a browser are listed in SLOW_FILES (measured with
+# ``--durations``, see docs/extending.md "Test tiers").
+SLOW_FIXTURES = {"cli_run", "need", "redis_url", "amqp_url", "postgres_url", "page", "browser"}
+SLOW_FILES = {
+    "test_broker_attacks.py", "test_broker_confirm.py", "test_broker_limits.py",
+    "test_consume.py", "test_fanout.py", "test_faults.py", "test_fifo_loss.py",
+    "test_fifo_transport.py", "test_html_report.py", "test_instructions.py", "test_join.py",
+    "test_locust.py", "test_locust_celery.py", "test_locust_hdr.py", "test_locust_webui.py",
+    "test_maxrate.py", "test_overhead.py", "test_plugins.py", "test_prefetch.py",
+    "test_publish.py", "test_transport_contract.py", "test_transport_faults.py",
+    "test_unix_transport.py", "test_worker_scenario.py", "test_workers.py",
+    "test_microbench.py",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    slow = pytest.mark.slow
+    for item in items:
+        if item.get_closest_marker("slow"):
+            continue
+        if (item.path.name in SLOW_FILES
+                or SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))
+                or any(item.get_closest_marker(m) for m in SERVICE_MARKS)):
+            item.add_marker(slow)

@@ -193,6 +193,13 @@ def test_malformed_results_file(cli_run, tmp_path, setup, words, reader):
     one_line(cli_run(*READERS[reader], timeout=TIMEOUT_S), ["bad.json", *words])
 
 
+@pytest.mark.parametrize("reader", list(READERS))
+@pytest.mark.parametrize("setup, words", [case(i, s, w) for i, s, w in BAD_FILES])
+def test_malformed_results_file_in_process(cli_inproc, tmp_path, setup, words, reader):
+    """The fast tier's twin: the same cases through click's CliRunner."""
+    test_malformed_results_file(cli_inproc, tmp_path, setup, words, reader)
+
+
 # --------------------------------------------------------------------------- everything else
 def spec(text, name="spec.toml"):
     return both(base, write_text(name, text))
@@ -518,6 +525,18 @@ def test_bad_input(cli_run, tmp_path, args, env, setup, words):
     assert "s3cret" not in line and "s3/cret" not in line     # passwords are masked
 
 
+def _in_process(args, env):
+    """A case runs in-process unless it imports plugins (they stay in sys.modules)."""
+    return "CELERY_BENCH_PLUGINS" not in (env or {})
+
+
+@pytest.mark.parametrize("args, env, setup, words",
+                         [case(i, a, e, s, w) for i, a, e, s, w in CASES if _in_process(a, e)])
+def test_bad_input_in_process(cli_inproc, tmp_path, args, env, setup, words):
+    """The fast tier's twin: the same cases through click's CliRunner."""
+    test_bad_input(cli_inproc, tmp_path, args, env, setup, words)
+
+
 def test_yaml_serializer_not_installed(cli_run):
     pytest.importorskip("kombu")
     try:
@@ -587,6 +606,7 @@ PERMISSION_CASES = [
 ]
 
 
+@pytest.mark.slow   # each case starts the command as a subprocess without privileges
 @pytest.mark.parametrize("args, name, folder, words",
                          [case(i, a, n, f, w) for i, a, n, f, w in PERMISSION_CASES])
 def test_permissions(tmp_path, args, name, folder, words):

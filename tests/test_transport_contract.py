@@ -1,4 +1,4 @@
-"""The contract every transport of the bench passes: memory, unix and fifo.
+"""The contract every transport of the bench passes: each one registered in bench.brokers.
 
 One suite, parameterized over broker names; each test asks for the capabilities
 it needs (``bench.brokers.info(name)``: its capabilities, and ``cross_process``) and
@@ -9,7 +9,7 @@ bound rather than read once (a broker serves each connection in its own turn).
 """
 from __future__ import annotations
 
-import importlib.util
+import json
 import os
 import socket
 import subprocess
@@ -23,10 +23,11 @@ from kombu import Consumer, Exchange, Producer, Queue
 
 import transports  # noqa: F401  registers the unix and fifo aliases
 from bench import brokers
+from conftest import require
 from support import direct_queue, drain_quietly, drain_until, qname, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMES = ["memory", "unix", "fifo"]
+NAMES = list(brokers.names())   # memory, redis, amqp, filesystem, unix, fifo
 WAIT_S = 30.0  # generous bound for what takes milliseconds
 
 # Bodies the suite sends: text, unicode, binary, large.
@@ -35,20 +36,42 @@ BINARY = bytes(range(256)) * 4 + b"\x00\xff\x00"
 LARGE = os.urandom(1024 * 1024)  # 1 MiB
 
 
-def _module_missing(name: str) -> str | None:
-    if name != "fifo":
-        return None
-    for mod in ("transports.fifo", "bench.brokers.fifo"):
-        if importlib.util.find_spec(mod) is None:
-            return "transports.fifo not written yet"
-    return None
+# Where a Kombu transport we do not own differs from the contract (kombu 5.7, seen here
+# 2026-12-07). Strict ones always differ: the day Kombu changes, the xfail fails and the
+# entry goes. SOMETIMES ones differ in some runs only (a race inside kombu), so they
+# cannot be strict; they are the honest gap, not a pass.
+FS_RACE = ("kombu's filesystem transport reads message files without the writer's lock "
+           "and lists the folder unordered (its TRANSPORT.known_loss): sometimes")
+SOMETIMES = {
+    ("test_unacked_come_back_when_consumer_goes", "filesystem"): FS_RACE,
+    ("test_several_producer_processes", "filesystem"): FS_RACE,
+    ("test_binary_payload", "filesystem"): "an empty binary body comes back as '' (str), "
+                                           "or the race: " + FS_RACE,
+    ("test_fanout", "redis"): "kombu's redis fanout is PUB/SUB, subscribed lazily on the "
+                              "consumer's first poll: a publish before it is lost, sometimes",
+}
+KOMBU_DIFFERS = {
+    ("test_acked_message_is_gone", "redis"): "redis drops an emptied list: passive "
+                                             "queue_declare of an empty queue is 404",
+    ("test_reject_without_requeue_drops", "redis"): "redis drops an emptied list: passive "
+                                                    "queue_declare of an empty queue is 404",
+    ("test_size", "redis"): "redis drops an emptied list: passive queue_declare of an "
+                            "empty queue is 404",
+    ("test_binary_payload", "amqp"): "an empty binary body comes back as '' (str)",
+}
 
 
 @pytest.fixture(params=NAMES)
 def name(request):
-    reason = _module_missing(request.param)
-    if reason:
-        pytest.skip(reason)
+    service = brokers.info(request.param).service
+    if service:
+        require(service)          # skips when unreachable (fails in CI)
+    differs = KOMBU_DIFFERS.get((request.function.__name__, request.param))
+    if differs:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=differs))
+    sometimes = SOMETIMES.get((request.function.__name__, request.param))
+    if sometimes:
+        request.applymarker(pytest.mark.xfail(strict=False, reason=sometimes))
     return request.param
 
 
@@ -268,11 +291,12 @@ def test_several_producers_one_process(env):
 
 
 PRODUCER_CHILD = """
-import sys, transports
+import json, sys, transports
 from kombu import Connection, Exchange, Producer, Queue
 url, name, producer, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+options = json.loads(sys.argv[5])
 q = Queue(name, Exchange(name, type="direct"), routing_key=name)
-with Connection(url) as conn:
+with Connection(url, transport_options=options) as conn:
     p = Producer(conn)
     for i in range(count):
         p.publish([producer, i], exchange=q.exchange, routing_key=name, declare=[q])
@@ -287,7 +311,8 @@ def test_several_producer_processes(env, caps):
     with env.connection() as cons:
         with Consumer(cons, [q], callbacks=[lambda b, m: (got.append(tuple(b)), m.ack())]):
             procs = [subprocess.Popen(
-                [sys.executable, "-c", PRODUCER_CHILD, env.url, q.name, str(p), "200"],
+                [sys.executable, "-c", PRODUCER_CHILD, env.url, q.name, str(p), "200",
+                 json.dumps(env.transport_options)],
                 cwd=str(ROOT), env=dict(os.environ, PYTHONPATH=str(ROOT)),
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for p in range(3)]
             try:
