@@ -54,6 +54,7 @@ class Transport:
     slow: str = ""                      # why quick slices leave it out ("" = they keep it)
     known_loss: str = ""                # why its cells may lose messages that are not ours
     known_loss_when: dict = field(default_factory=dict)  # only for cells with these params
+    shutdown_loss: str = ""             # what a consumer's warm shutdown loses, if anything
     capabilities: frozenset = frozenset()
 
     def __post_init__(self):

@@ -20,7 +20,10 @@ TRANSPORT = Transport(
     holds_backlog=False,
     # size/purge: seen from the consuming process; fanout: to consumers attached at
     # publish time; one consumer process per queue, at-most-once once read.
-    capabilities={"size", "purge", "multi_producer", "fanout"})
+    capabilities={"size", "purge", "multi_producer", "fanout"},
+    shutdown_loss="a warm shutdown loses what is in the worker's pipe when it starts: ~1 task "
+                  "for a paced publisher, the pipe's contents (up to pipe_size, 1 MiB: ~1,000 "
+                  "tasks) for a backlogged stream (docs/transports.md)")
 
 # A publisher blocked on a full pipe gives up after this long: a consumer that reads empties
 # a full pipe in well under a second, so a longer block means it stopped reading.

@@ -687,11 +687,9 @@ class Faults(Scenario):
             notes.append(f"lost {len(lost)}: ran nowhere and not held by the broker "
                          f"({cut} of them started and were cut short; published "
                          f"{rel.min():+.2f} s to {rel.max():+.2f} s from the fault)")
-            if rig.transport == "fifo" and fault == "warm-shutdown":
-                notes.append("fifo: a warm shutdown loses what is in the worker's pipe when "
-                             "it starts: ~1 task for a paced publisher, the pipe's contents "
-                             "(up to pipe_size, 1 MiB: ~1,000 tasks) for a backlogged stream "
-                             "(docs/transports.md)")
+            declared = brokers.declared(rig.transport)
+            if fault == "warm-shutdown" and declared and declared.shutdown_loss:
+                notes.append(f"{rig.transport}: {declared.shutdown_loss}")
         if unconfirmed:
             notes.append(f"{len(unconfirmed)} task(s) whose send_task raised ran anyway")
         for kind, (count, first) in pub.errors.items():
