@@ -12,33 +12,27 @@ help:  ## list the targets
 
 # constraints.txt pins every dependency to the versions the committed baseline was measured
 # with: the gate refuses to compare instruction counts across celery/kombu/python versions.
+# $(call apt_need,COMMAND,DEBIAN_PACKAGE,WHAT IS SKIPPED WITHOUT IT): install the package as
+# root with apt when COMMAND is missing; otherwise say what goes without it.
+apt_need = command -v $(1) >/dev/null 2>&1 || { \
+  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) >/dev/null || \
+    echo "make: $(2) could not be installed; $(3)"; \
+  else echo "make: no $(2) (needs root and apt-get); $(3)"; fi; }
+
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	@# valgrind counts instructions for the CI gate (--instructions); without it those rules
-	@# say "not measured: valgrind not installed".
-	@command -v valgrind >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null || \
-	    echo "make: valgrind could not be installed; instruction counts will be skipped"; \
-	  else echo "make: no valgrind (needs root and apt-get); instruction counts will be skipped"; fi; }
-	@# The HTML report's browser tests drive Debian's chromium through playwright (never
-	@# 'playwright install'). Without root or apt they skip with the reason (fail if CI=true).
-	@command -v chromium >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || \
-	    echo "make: chromium could not be installed; the browser tests will skip"; \
-	  else echo "make: no chromium (needs root and apt-get); the browser tests will skip"; fi; }
-	@# The multi-host Locust tests build network namespaces with iproute2 (tests/netns.py).
-	@command -v ip >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null || \
-	    echo "make: iproute2 could not be installed; the multi-host tests will skip"; \
-	  else echo "make: no iproute2 (needs root and apt-get); the multi-host tests will skip"; fi; }
+	@# say "not measured: valgrind not installed". The HTML report's browser tests drive
+	@# Debian's chromium through playwright (never 'playwright install'). The multi-host Locust
+	@# tests build network namespaces with iproute2 (tests/netns.py). Without root or apt
+	@# each is skipped with the reason (the tests fail instead if CI=true).
+	@$(call apt_need,valgrind,valgrind,instruction counts will be skipped)
+	@$(call apt_need,chromium,chromium,the browser tests will skip)
+	@$(call apt_need,ip,iproute2,the multi-host tests will skip)
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install the project with every dependency

@@ -506,8 +506,6 @@ def gate(path, spec, baseline, missing, write_baseline, budget, across_versions,
     its bound and fails only when it is wholly on the wrong side. Rules in between are
     re-measured (more rounds of just their cells, written back to RESULTS) within
     --budget seconds; still undecided, they warn."""
-    import time
-
     from . import gate as gates
     from . import results, runner
 
@@ -553,22 +551,9 @@ def gate(path, spec, baseline, missing, write_baseline, budget, across_versions,
                        f"and decide nothing")
     click.echo(f"gates {spec_.path} on {path}"
                + (f" (baseline {base_path})" if base_run else ""))
-    verdicts = gates.run_gates(spec_, run_, base_run, missing)
-    deadline = time.monotonic() + budget
-    while True:
-        keys = gates.inconclusive_cells(verdicts)
-        cost = gates.seconds_per_round(run_, keys) * gates.REMEASURE_ROUNDS
-        if not keys or time.monotonic() + cost > deadline:
-            break
-        click.echo(f"re-measuring {len(keys)} cell(s) for {gates.REMEASURE_ROUNDS} more "
-                   f"rounds (~{cost:.0f} s): their rules' intervals could not decide yet")
-        try:
-            runner.remeasure(run_, keys, gates.REMEASURE_ROUNDS)
-        except KeyboardInterrupt:
-            results.dump(run_, path)
-            raise
-        results.dump(run_, path)
-        verdicts = gates.run_gates(spec_, run_, base_run, missing)
+    verdicts = gates.decide(lambda: gates.run_gates(spec_, run_, base_run, missing), run_,
+                            lambda keys, rounds: runner.remeasure(run_, keys, rounds),
+                            budget, click.echo, path)
     if summary_path:
         _write_summary(summary_path, verdicts, path, run_, base_run, base_path, report_url)
     _gate_verdicts(gates, verdicts, verbose)

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -554,6 +555,26 @@ def seconds_per_round(run: results.Run, keys) -> float:
             took = [r.get("elapsed_s") or 0.0 for r in cell.repeats]
             total += max(took) if took else 1.0
     return total
+
+
+def decide(judge, run_: results.Run, remeasure, budget: float, echo, out) -> list[Verdict]:
+    """``judge()``'s verdicts, the cells of undecided rules re-measured
+    (``remeasure(keys, rounds)``) while another round of them fits in ``budget`` seconds;
+    ``run_`` is rewritten to ``out`` after each re-measure, Ctrl-C included."""
+    verdicts = judge()
+    deadline = time.monotonic() + budget
+    while True:
+        keys = inconclusive_cells(verdicts)
+        cost = seconds_per_round(run_, keys) * REMEASURE_ROUNDS
+        if not keys or time.monotonic() + cost > deadline:
+            return verdicts
+        echo(f"re-measuring {len(keys)} cell(s) for {REMEASURE_ROUNDS} more rounds "
+             f"(~{cost:.0f} s): their rules' intervals could not decide yet")
+        try:
+            remeasure(keys, REMEASURE_ROUNDS)
+        finally:
+            results.dump(run_, out)
+        verdicts = judge()
 
 
 def report_lines(verdicts: list[Verdict], verbose: bool = False) -> list[str]:

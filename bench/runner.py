@@ -339,6 +339,18 @@ def failures(run_: results.Run) -> list[results.Cell]:
             if c.status == "failed" or (c.status == "lost" and not c.exempt)]
 
 
+def remeasured(cell: results.Cell, state: "CellRun") -> results.Cell:
+    """``cell`` with the rounds ``state`` measured again folded in; if it failed this time,
+    say so and keep what it had."""
+    if state.status:
+        return results.Cell(cell.scenario, cell.params, state.status,
+                            f"when re-measured: {state.reason}", cell.metrics,
+                            cell.spread, cell.repeats, cell.histograms)
+    new = results.extend(cell, state.repeats)
+    new.exempt = cell.exempt
+    return new
+
+
 def remeasure(run_: results.Run, keys, rounds: int, opts: RunOptions | None = None,
               on_cell: Callable | None = None) -> list[results.Cell]:
     """Run the cells of ``run_`` whose keys are in ``keys`` for ``rounds`` more rounds
@@ -367,13 +379,7 @@ def remeasure(run_: results.Run, keys, rounds: int, opts: RunOptions | None = No
                         if not state.status:
                             measure_once(scenario, state, round_)
             for cell, state in zip(cells, states):
-                if state.status:   # it failed this time: say so, keep what it had
-                    new = results.Cell(cell.scenario, cell.params, state.status,
-                                       f"when re-measured: {state.reason}", cell.metrics,
-                                       cell.spread, cell.repeats, cell.histograms)
-                else:
-                    new = results.extend(cell, state.repeats)
-                    new.exempt = cell.exempt
+                new = remeasured(cell, state)
                 run_.cells[run_.cells.index(cell)] = new
                 updated.append(new)
                 if on_cell:

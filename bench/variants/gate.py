@@ -16,7 +16,6 @@ from pathlib import Path
 
 from .. import config, gate as gates, results, runner, scenarios
 from . import run as variant_run
-from . import spec as variant_spec
 
 AB_SPEC = Path(__file__).resolve().parents[2] / "results" / "baselines" / "gates-ab.toml"
 ROUNDS = 5                 # paired rounds measured before judging (re-measures add more)
@@ -74,19 +73,10 @@ def measure(spec: gates.Spec, chosen: list, out: str, rounds: int = ROUNDS,
     workdir = Path(tempfile.mkdtemp(prefix="celery-bench-ab-"))
     try:
         for name, cells in cells_to_measure(spec, rounds, timeout).items():
-            slots: dict = {}
-
-            def record(key, state):
-                cell = state.cell()
-                if key not in slots:
-                    slots[key] = len(run_.cells)
-                    run_.cells.append(cell)
-                run_.cells[slots[key]] = cell
-                results.dump(run_, out)
-
             deterministic = scenarios.get(name).deterministic
             variant_run.measure(name, cells, chosen, range(1 if deterministic else rounds),
-                                _options(name, {}, rounds, timeout), workdir, record)
+                                _options(name, {}, rounds, timeout), workdir,
+                                variant_run.CellSlots(run_, out).record)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return run_
@@ -122,13 +112,7 @@ def _remeasure(run_, wanted, keyed, first, rounds, chosen, timeout, workdir) -> 
             old = keyed.get(key)
             if old is None:
                 continue
-            if state.status:
-                new = results.Cell(old.scenario, old.params, state.status,
-                                   f"when re-measured: {state.reason}", old.metrics,
-                                   old.spread, old.repeats, old.histograms)
-            else:
-                new = results.extend(old, state.repeats)
-                new.exempt = old.exempt
+            new = runner.remeasured(old, state)
             run_.cells[run_.cells.index(old)] = new
             keyed[key] = new
 
@@ -148,17 +132,8 @@ def against(rev: str, out: str, spec_path: str | None, budget: float, missing: s
     run_ = measure(spec, chosen, out, rounds, timeout)
     echo(f"measured {len(run_.cells)} cells in {time.monotonic() - started:.0f} s; "
          f"results in {out}")
-    verdicts = gates.run_gates(spec, run_, None, missing)
-    deadline = time.monotonic() + budget
-    while True:
-        keys = gates.inconclusive_cells(verdicts)
-        cost = gates.seconds_per_round(run_, keys) * gates.REMEASURE_ROUNDS
-        if not keys or time.monotonic() + cost > deadline:
-            break
-        echo(f"re-measuring {len(keys)} cell(s) for {gates.REMEASURE_ROUNDS} more rounds "
-             f"(~{cost:.0f} s): their rules' intervals could not decide yet")
-        remeasure(run_, keys, gates.REMEASURE_ROUNDS, chosen, timeout)
-        results.dump(run_, out)
-        verdicts = gates.run_gates(spec, run_, None, missing)
+    verdicts = gates.decide(lambda: gates.run_gates(spec, run_, None, missing), run_,
+                            lambda keys, n: remeasure(run_, keys, n, chosen, timeout),
+                            budget, echo, out)
     return verdicts
 

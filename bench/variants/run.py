@@ -90,22 +90,29 @@ def run(opts: runner.RunOptions, variants: list[Variant], on_cell: Callable | No
     return run_
 
 
-def _scenario(item, variants, rounds, opts, run_, workdir, on_cell, on_cell_start) -> None:
-    slots: dict = {}
+class CellSlots:
+    """Where each measured (cell, variant) sits in ``run_``: appended on its first round,
+    replaced as more rounds come in, the results file rewritten each time."""
 
-    def record(key, state):
+    def __init__(self, run_: results.Run, out: str | None, on_cell: Callable | None = None):
+        self.run_, self.out, self.on_cell = run_, out, on_cell
+        self.slots: dict = {}
+
+    def record(self, key, state) -> None:
         cell = state.cell()
-        if key not in slots:
-            slots[key] = len(run_.cells)
-            run_.cells.append(cell)
-        run_.cells[slots[key]] = cell
-        if opts.out:
-            results.dump(run_, opts.out)
-        if on_cell:
-            on_cell(cell)
+        if key not in self.slots:
+            self.slots[key] = len(self.run_.cells)
+            self.run_.cells.append(cell)
+        self.run_.cells[self.slots[key]] = cell
+        if self.out:
+            results.dump(self.run_, self.out)
+        if self.on_cell:
+            self.on_cell(cell)
 
+
+def _scenario(item, variants, rounds, opts, run_, workdir, on_cell, on_cell_start) -> None:
     measure(item.scenario.name, item.cells, variants, range(rounds), opts, workdir,
-            record, on_cell_start)
+            CellSlots(run_, opts.out, on_cell).record, on_cell_start)
 
 
 def measure(name: str, cells: list, variants: list, rounds: range, opts, workdir: Path,

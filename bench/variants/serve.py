@@ -11,7 +11,6 @@ answers ``ready``. Each ``cell {"params", "round"}`` is measured once and answer
 stops its workers.
 """
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -76,9 +75,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        code = main()
-    except KeyboardInterrupt:
-        code = 130
-    sys.stdout.flush()
-    os._exit(code)
+    from bench.drivers.child import run_child   # the variant's tree (every REV gate allows)
+
+    run_child(main)
