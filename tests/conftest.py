@@ -121,7 +121,8 @@ SLOW_FILES = {
     "test_maxrate.py", "test_overhead.py", "test_plugins.py", "test_prefetch.py",
     "test_publish.py", "test_transport_contract.py", "test_transport_faults.py",
     "test_unix_transport.py", "test_worker_scenario.py", "test_workers.py",
-    "test_microbench.py",
+    "test_microbench.py", "test_locust_rig.py", "test_variants.py", "test_foreign_messages.py",
+    "test_run_file_early.py",
 }
 
 

@@ -39,6 +39,26 @@ NAME_RE = re.compile(rf"^{PREFIX}(\d+)x([0-9a-f]+)-")
 TIMEOUT = 10.0
 
 
+def _private_tmp_script() -> str:
+    """The holder's shell: a tmpfs on /tmp, then 'ready'. A checkout or interpreter that
+    itself lives under /tmp (a CI clone, say) is bound back into the new /tmp first, or no
+    host could run the harness: shared code, like an install, never shared results."""
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parents[1]
+    keep = sorted({str(p) for p in (here, Path(sys.prefix).resolve())
+                   if str(p).startswith("/tmp/")})
+    lines = ["set -e", "stash=$(mktemp -d /run/cbrig-keep.XXXXXX)"]
+    for i, path in enumerate(keep):
+        lines.append(f"mkdir $stash/{i} && mount --bind '{path}' $stash/{i}")
+    lines.append("mount -t tmpfs -o mode=1777 tmpfs /tmp")
+    for i, path in enumerate(keep):
+        lines.append(f"mkdir -p '{path}' && mount --bind $stash/{i} '{path}' && umount $stash/{i}")
+    lines += ["rm -rf $stash", "echo ready", "exec sleep infinity"]
+    return "\n".join(lines)
+
+
 class RigUnavailable(Exception):
     """This machine cannot build the rig (not root, no iproute2, no namespaces)."""
 
@@ -172,7 +192,7 @@ class Rig:
             # 'ready' on stdout says the tmpfs is mounted.
             host.holder = subprocess.Popen(
                 ["ip", "netns", "exec", ns, "unshare", "-m", "--propagation", "private",
-                 "sh", "-c", "mount -t tmpfs -o mode=1777 tmpfs /tmp && echo ready && exec sleep infinity"],
+                 "sh", "-c", _private_tmp_script()],
                 stdout=subprocess.PIPE, text=True, start_new_session=True)
             line = host.holder.stdout.readline().strip()
             if line != "ready":
