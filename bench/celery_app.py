@@ -21,7 +21,7 @@ CONF_ENV = "CELERY_BENCH_APP_CONF"
 # A conf: variant's Celery settings (bench.variants), JSON; laid over every app built in
 # its processes, the measuring one and its workers alike (workers inherit the environment).
 VARIANT_CONF_ENV = "CELERY_BENCH_VARIANT_CONF"
-# bench.workers sets this in a worker's environment; the worker writes the file when ready.
+# bench.celery_workers sets this in a worker's environment; the worker writes the file when ready.
 READY_FILE_ENV = "CELERY_BENCH_READY_FILE"
 
 # Safe, measurement-friendly defaults; a cell overrides what it studies.
@@ -76,7 +76,7 @@ def _app_from_env() -> Celery:
 
 @worker_ready.connect
 def _write_ready_file(sender=None, **kwargs):
-    """Tell bench.workers this worker consumes now (works on every transport, fanout or not)."""
+    """Tell bench.celery_workers this worker consumes now (works on every transport, fanout or not)."""
     path = os.environ.get(READY_FILE_ENV)
     if not path:
         return

@@ -16,7 +16,7 @@ starts the broker and ``--workers`` Celery workers (the master does, in distribu
 mode) and stops them on quit. Every request also goes into an HdrHistogram (us, 3
 significant digits): the "celery-bench (us)" tab and /celery-bench/ show those exact
 percentiles; Locust's own columns are rounded to whole milliseconds. Options: README's
-Locust section and bench/locust/options.py (Locust's --help lists only its own), or
+Locust section and bench/locust/arguments.py (Locust's --help lists only its own), or
 "Custom parameters" in the UI.
 """
 import locust  # noqa: F401  first: gevent patches the standard library before kombu and redis

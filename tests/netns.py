@@ -31,12 +31,13 @@ import time
 from dataclasses import dataclass, field
 
 # terminate, then kill, each process group (one owner of that sequence in the tree)
-from bench.scenarios.instructions import _stop
+from bench import children
 
 PREFIX = "cbrig"
 SUBNET = "198.18.0"   # hosts get .1, .2, ...; /24 inside the 198.18.0.0/15 range
 NAME_RE = re.compile(rf"^{PREFIX}(\d+)x([0-9a-f]+)-")
 TIMEOUT = 10.0
+STOP_GRACE_S = 2.0    # after SIGTERM, how long a host's processes may take before SIGKILL
 
 
 def _private_tmp_script() -> str:
@@ -59,7 +60,7 @@ def _private_tmp_script() -> str:
     return "\n".join(lines)
 
 
-class RigUnavailable(Exception):
+class HostsUnavailable(Exception):
     """This machine cannot build the rig (not root, no iproute2, no namespaces)."""
 
 
@@ -152,8 +153,8 @@ class Host:
         return subprocess.run(self.argv(argv), timeout=timeout, **kw)
 
 
-class Rig:
-    """Hosts on a bridge: ``Rig(["broker", "master", "gen1", "gen2"])``."""
+class Hosts:
+    """Hosts on a bridge: ``Hosts(["broker", "master", "gen1", "gen2"])``."""
 
     def __init__(self, roles: list[str]):
         if len(set(roles)) != len(roles):
@@ -196,12 +197,12 @@ class Rig:
                 stdout=subprocess.PIPE, text=True, start_new_session=True)
             line = host.holder.stdout.readline().strip()
             if line != "ready":
-                raise RigUnavailable(f"host {role}: private /tmp could not be mounted")
+                raise HostsUnavailable(f"host {role}: private /tmp could not be mounted")
 
     def __getitem__(self, role: str) -> Host:
         return self.hosts[role]
 
-    def __enter__(self) -> "Rig":
+    def __enter__(self) -> "Hosts":
         return self
 
     def __exit__(self, *exc) -> None:
@@ -225,10 +226,10 @@ class Rig:
             return
         self._closed = True
         for host in self.hosts.values():
-            _stop(host.procs)
+            children.stop(host.procs, STOP_GRACE_S)
             _kill_inside(host.ns)
             if host.holder is not None:
-                _stop([host.holder])
+                children.stop([host.holder], STOP_GRACE_S)
             # The kernel frees a deleted namespace (and its veth) asynchronously:
             # delete our end of the pair now so nothing is left when close() returns.
             _ip("link", "del", host.veth, check=False)
@@ -237,12 +238,12 @@ class Rig:
         atexit.unregister(self.close)
 
 
-def start_redis(rig: Rig, role: str = "broker", port: int = 6390) -> str:
+def start_redis(rig: Hosts, role: str = "broker", port: int = 6390) -> str:
     """A private redis-server on ``role``'s address; returns its URL."""
     host = rig[role]
     server = shutil.which("redis-server")
     if server is None:
-        raise RigUnavailable("redis-server is not installed")
+        raise HostsUnavailable("redis-server is not installed")
     host.popen([server, "--bind", host.addr, "--port", str(port), "--save", "",
                 "--appendonly", "no", "--protected-mode", "no"],
                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -79,17 +79,17 @@ def celery_children() -> list:
 
 
 def counting_starts(monkeypatch) -> list:
-    """Record every worker ``bench.workers.start`` spawns (to check reuse across cells)."""
-    from bench import workers
+    """Record every worker ``bench.celery_workers.start`` spawns (to check reuse across cells)."""
+    from bench import celery_workers
 
     started = []
-    real = workers.start
+    real = celery_workers.start
 
     def start(*args, **kwargs):
         w = real(*args, **kwargs)
         started.append(w)
         return w
-    monkeypatch.setattr(workers, "start", start)
+    monkeypatch.setattr(celery_workers, "start", start)
     return started
 
 

@@ -2,13 +2,13 @@
 parallel shapes faster than serial as a ratio measured in the same run, and
 one worker serving all the shapes of a transport."""
 
-from bench import brokers, runner, workers
+from bench import brokers, celery_workers, runner
 from bench.scenarios import fanout
 from support import celery_children, cells, counting_starts, scenario
 
 
 def assert_no_worker_left():
-    assert not workers._registry
+    assert not celery_workers._registry
     assert celery_children() == []
 
 

@@ -19,14 +19,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from bench import brokers, faults, runner, scenarios, workers
+from bench import brokers, celery_workers, injection, runner, scenarios
 from bench.scenarios import faults as scenario
 from support import ROOT, celery_children, cells
 
 pytestmark = pytest.mark.timeout(600)
 
 SATURATED = {"task_seconds": 0.1, "rate": 20.0, "duration": 2.0}
-needs_redis_server = pytest.mark.skipif(not faults.redis_server_binary(),
+needs_redis_server = pytest.mark.skipif(not injection.redis_server_binary(),
                                         reason="redis-server is not on PATH")
 
 
@@ -48,9 +48,9 @@ def accounted(cell):
 
 
 def assert_nothing_left():
-    assert not workers._registry
+    assert not celery_workers._registry
     assert celery_children() == []
-    assert not faults._servers
+    assert not injection._servers
     assert [p for p in psutil.Process().children(recursive=True)
             if "redis-server" in " ".join(p.cmdline())] == []
 
@@ -280,7 +280,7 @@ def test_amqp_restart_cmd_runs_the_users_command(tmp_path):
 # --------------------------------------------------------------------------- the helpers
 @needs_redis_server
 def test_private_redis_server_restarts_on_its_port_with_its_data(tmp_path):
-    server = faults.RedisServer(tmp_path / "r")
+    server = injection.RedisServer(tmp_path / "r")
     try:
         server.start()
         port, pid = server.port, server.proc.pid
@@ -294,7 +294,7 @@ def test_private_redis_server_restarts_on_its_port_with_its_data(tmp_path):
         client.close()
     finally:
         server.stop()
-    assert not server.alive() and not faults._servers
+    assert not server.alive() and not injection._servers
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
 
@@ -319,7 +319,7 @@ def test_drop_unix_connections_shuts_down_only_the_peer_path(tmp_path):
         assert child.stdout.readline().strip() == "ok"
         conn, _ = servers[0].accept()
         conn2, _ = servers[1].accept()
-        assert faults.drop_unix_connections([child.pid], path) == 1
+        assert injection.drop_unix_connections([child.pid], path) == 1
         conn.settimeout(5)
         assert conn.recv(10) == b""                    # the peer hung up
         conn2.setblocking(False)
@@ -333,11 +333,11 @@ def test_drop_unix_connections_shuts_down_only_the_peer_path(tmp_path):
 
 
 def test_run_command_is_bounded_and_says_why_it_failed(tmp_path):
-    assert faults.run_command("true", 10, "--restart-cmd") >= 0
-    with pytest.raises(faults.FaultError, match="exited with 3"):
-        faults.run_command("echo boom; exit 3", 10, "--restart-cmd")
+    assert injection.run_command("true", 10, "--restart-cmd") >= 0
+    with pytest.raises(injection.FaultError, match="exited with 3"):
+        injection.run_command("echo boom; exit 3", 10, "--restart-cmd")
     marker = tmp_path / "late"
-    with pytest.raises(faults.FaultError, match="did not finish within"):
-        faults.run_command(f"sleep 30; touch {marker}", 0.5, "--start-cmd")
+    with pytest.raises(injection.FaultError, match="did not finish within"):
+        injection.run_command(f"sleep 30; touch {marker}", 0.5, "--start-cmd")
     time.sleep(0.2)
     assert not marker.exists()

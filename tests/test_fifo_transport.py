@@ -386,14 +386,14 @@ def test_blocking_drain_without_consumers_times_out(env):
 
 # --------------------------------------------------------------------------- celery
 def test_celery_worker_runs_tasks_over_fifo(env):
-    from bench import workers
+    from bench import celery_workers
     from bench.celery_app import make_app
 
     q = qname("celery")
     conf = {"task_default_queue": q, "worker_prefetch_multiplier": 1}
     # rpc:// works too: the client's reply queue is auto_delete, so it is held from declare.
     app = make_app(env.url, "rpc://", env.transport_options, **conf)
-    with workers.worker(env.url, "rpc://", transport_options=env.transport_options, conf=conf,
+    with celery_workers.worker(env.url, "rpc://", transport_options=env.transport_options, conf=conf,
                         concurrency=2, without=(), stop_timeout=15) as w:
         results = [app.send_task("bench.sleep", kwargs={"seconds": 0}) for _ in range(20)]
         done = [r.get(timeout=WAIT_S) for r in results]

@@ -14,7 +14,7 @@ import textwrap
 import psutil
 import pytest
 
-from bench import probe, runner, scenarios
+from bench import callgrind_child, runner, scenarios
 from bench.scenarios import instructions
 from support import cells, run_cell
 
@@ -33,7 +33,7 @@ def valgrind_children() -> list:
     found = []
     for p in psutil.Process().children(recursive=True):
         try:
-            if "valgrind" in " ".join(p.cmdline()) or "bench.probe" in " ".join(p.cmdline()):
+            if "valgrind" in " ".join(p.cmdline()) or "bench.callgrind_child" in " ".join(p.cmdline()):
                 found.append(p)
         except psutil.Error:
             pass
@@ -46,7 +46,7 @@ def test_registered_opt_in_without_services(tmp_path):
     cls = scenarios.get("instructions")
     assert cls.opt_in is True
     found = cells("instructions", options(tmp_path))
-    assert {c["target"] for c in found} == set(instructions.SIZES) == set(probe.TARGETS)
+    assert {c["target"] for c in found} == set(instructions.SIZES) == set(callgrind_child.TARGETS)
     assert all(set(c) == KEYS for c in found)
     assert {c["serializer"] for c in found if c["target"] in ("queue-put", "recorder")} == {"-"}
     assert cls(options(tmp_path)).requires(KOMBU) == set()
@@ -71,14 +71,14 @@ def test_skipped_with_how_to_install_when_valgrind_is_missing(tmp_path, monkeypa
 
 def test_probe_body_is_the_publish_scenarios():
     for n in (0, 5, 112, 4096):
-        assert probe.make_payload(n) == scenarios.make_payload(n)
+        assert callgrind_child.make_payload(n) == scenarios.make_payload(n)
 
 
 def test_every_target_runs_without_valgrind():
     """The probe itself (plain Python, a few hundred messages per target)."""
     env = instructions.child_env()
-    for target in probe.TARGETS:
-        argv = instructions.probe_argv(target, 2 * probe.CHUNK, 112, "json")
+    for target in callgrind_child.TARGETS:
+        argv = instructions.probe_argv(target, 2 * callgrind_child.CHUNK, 112, "json")
         done = subprocess.run(argv, cwd=instructions.ROOT, env=env, capture_output=True,
                               text=True, timeout=120)
         assert done.returncode == 0, (target, done.stderr[-2000:])
@@ -94,11 +94,11 @@ def test_argv_has_the_same_length_for_both_totals():
 def test_unix_message_is_what_the_unix_channel_frames():
     from transports.framing import decode_message, encode_message
 
-    message = probe.unix_message(probe.make_payload(112))
+    message = callgrind_child.unix_message(callgrind_child.make_payload(112))
     assert set(message) == {"body", "content-encoding", "content-type", "headers",
                             "properties"}
     assert message["properties"]["delivery_info"] == {
-        "exchange": probe.QUEUE, "routing_key": probe.QUEUE}
+        "exchange": callgrind_child.QUEUE, "routing_key": callgrind_child.QUEUE}
     assert decode_message(encode_message(message)) == message
 
 

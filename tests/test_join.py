@@ -14,7 +14,8 @@ import pytest
 from celery import group
 from celery.exceptions import TimeoutError as CeleryTimeout
 
-from bench import backends, brokers, config, joins, results, roundtrips, runner, workers
+from bench import backends, brokers, celery_workers, config, joins, results, roundtrips, runner
+from bench.cleanup import delete_queues
 from bench.celery_app import make_app
 from bench.scenarios import _celery
 from bench.scenarios import join as scenario
@@ -64,8 +65,8 @@ def bench_setup(tmp_path, broker_name, backend_url, **conf):
     stack = ExitStack()
     env = stack.enter_context(brokers.broker(broker_name, tmp_path))
     conf["task_default_queue"] = f"bench.test.join.{uuid.uuid4().hex[:10]}"
-    stack.callback(_celery.delete_queues, env, [conf["task_default_queue"]])
-    stack.enter_context(workers.worker(env.url, backend_url, conf=conf, concurrency=2,
+    stack.callback(delete_queues, env, [conf["task_default_queue"]])
+    stack.enter_context(celery_workers.worker(env.url, backend_url, conf=conf, concurrency=2,
                                        transport_options=env.transport_options,
                                        stop_timeout=2))
     app = make_app(env.url, backend_url, env.transport_options, **conf)
@@ -195,7 +196,7 @@ def test_quick_sqlite_cells_measure_both_waiters(tmp_path):
     # Celery's join opens a new engine and connection for every look.
     assert join.metrics["connects_per_join"] == join.metrics["backend_round_trips"]
     assert join.metrics["backend_round_trips"] >= 10  # at least one SELECT per member
-    assert not workers._registry  # the last cell stopped the shared worker
+    assert not celery_workers._registry  # the last cell stopped the shared worker
 
 
 def test_interval_sweep_scales_waiter_queries_and_cpu_with_sleeping_tasks(tmp_path):
@@ -250,7 +251,7 @@ def test_rpc_and_postgres_cells_run(tmp_path, need, monkeypatch):
         left = [t for t in tables if sa.inspect(conn).has_table(t)]
     engine.dispose()
     assert not left
-    assert not workers._registry
+    assert not celery_workers._registry
 
 
 def test_join_timeout_fails_the_cell_and_stops_the_worker(tmp_path):
@@ -259,7 +260,7 @@ def test_join_timeout_fails_the_cell_and_stops_the_worker(tmp_path):
     cell = run_cell("join", params, opts)
     assert cell.status == "failed"
     assert "TimeoutError" in cell.reason
-    assert not workers._registry
+    assert not celery_workers._registry
 
 
 def test_worker_dying_mid_join_fails_the_cell_with_its_log(tmp_path):
@@ -269,7 +270,7 @@ def test_worker_dying_mid_join_fails_the_cell_with_its_log(tmp_path):
     def kill_when_started():
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            for w in list(workers._registry.values()):
+            for w in list(celery_workers._registry.values()):
                 if w.ready_file.exists():
                     time.sleep(1.0)  # let the cell reach its wait
                     os.killpg(w.pid, signal.SIGKILL)
@@ -284,7 +285,7 @@ def test_worker_dying_mid_join_fails_the_cell_with_its_log(tmp_path):
     assert cell.status == "failed"
     assert "died" in cell.reason and "log" in cell.reason
     assert time.monotonic() - started < 50  # well before the 60 s join timeout
-    assert not workers._registry
+    assert not celery_workers._registry
 
 
 def _tagged(tag):

@@ -1,5 +1,5 @@
 """The Locust recorder without Locust: recording, worker -> master merging, the results
-cells, the spectrum and the CI checks (bench.locust.hdr/export/checks never import Locust,
+cells, the spectrum and the CI checks (bench.locust.hdr/book_results/checks never import Locust,
 which would monkey-patch this test process)."""
 import subprocess
 import sys
@@ -8,7 +8,7 @@ from pathlib import Path
 from hdrh.histogram import HdrHistogram
 
 from bench import results
-from bench.locust import checks, export, hdr
+from bench.locust import book_results, checks, hdr
 from bench.recorder import HIGHEST_US
 
 ROUND_TRIP = "roundtrip unix bench.roundtrip"
@@ -25,7 +25,7 @@ def fire(book, request_type, name, ms, exc=None, **ctx):
 
 def test_no_locust_import():
     """Importing Locust monkey-patches the process: these modules must not."""
-    code = ("import sys, bench.locust.hdr, bench.locust.export, bench.locust.checks; "
+    code = ("import sys, bench.locust.hdr, bench.locust.book_results, bench.locust.checks; "
             "assert 'locust' not in sys.modules and 'gevent' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60,
                    cwd=Path(__file__).resolve().parents[1])
@@ -109,7 +109,7 @@ def test_results_cells_and_the_spectrum():
     for us in range(1, 1001):
         fire(book, "total", ROUND_TRIP, us / 1000, primary=True, user_class="TaskRoundTrip",
              transport="unix", schedule_lag_us=10.0, from_start=True)
-    run = export.run(book, {"users": 4, "locust_workers": 2, "arrival_rate": 50.0}, 2.0,
+    run = book_results.run(book, {"users": 4, "locust_workers": 2, "arrival_rate": 50.0}, 2.0,
                      {"rate_target_per_s": 50.0, "rate_shortfall": False})
     data = run.to_dict()
     results.validate(data)
@@ -120,7 +120,7 @@ def test_results_cells_and_the_spectrum():
     assert cell.histograms["latency"]["count"] == 1000
     assert cell.metrics["throughput_per_s"] == 500.0
     assert results.decode(cell.histograms["latency"]).get_total_count() == 1000
-    spectrum = {s["label"]: s for s in export.spectrum(book)}
+    spectrum = {s["label"]: s for s in book_results.spectrum(book)}
     points = spectrum[f"total {ROUND_TRIP}"]["points"]
     assert points[0][0] == 0.0 and points[-1][1] >= 1000 * 0.999
     assert all(a[0] < b[0] and a[1] <= b[1] for a, b in zip(points, points[1:]))

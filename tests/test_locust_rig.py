@@ -26,7 +26,7 @@ def can_rig():
 
 @pytest.fixture
 def rig(can_rig):
-    with netns.Rig(["broker", "master", "gen1", "gen2"]) as r:
+    with netns.Hosts(["broker", "master", "gen1", "gen2"]) as r:
         yield r
 
 
@@ -60,7 +60,7 @@ def _leftovers(tag):
 
 
 def test_close_removes_everything_even_with_processes_running(can_rig):
-    r = netns.Rig(["a", "b"])
+    r = netns.Hosts(["a", "b"])
     r["a"].popen(["sleep", "300"])
     tag = r.tag
     assert _leftovers(tag)[0]
@@ -70,11 +70,11 @@ def test_close_removes_everything_even_with_processes_running(can_rig):
 
 def test_failed_build_removes_what_it_made(can_rig):
     with pytest.raises(ValueError):
-        netns.Rig(["a", "a"])
+        netns.Hosts(["a", "a"])
     # A role name too long for 'ip netns' still leaves nothing behind.
     before = set(netns._namespaces())
     with pytest.raises(subprocess.CalledProcessError):
-        netns.Rig(["ok", "x" * 300])
+        netns.Hosts(["ok", "x" * 300])
     assert set(netns._namespaces()) == before
 
 
@@ -162,15 +162,15 @@ def test_workers_per_host_counts_as_celery_workers_and_is_checked(need):
     """No rig needed: the option's check, one message. (Not importing locust here: it would
     monkey-patch this pytest process.)"""
     need("redis")
-    from bench.locust import options
+    from bench.locust import arguments
 
     class TaskRoundTrip:
         runs_tasks = True
     opts = dict(transport="redis", workers=0, workers_per_host=1, concurrency=1, group_size=1,
                 interval=0.5, arrival_rate=0.0, timeout=30.0, task_args="[]",
-                check_fail_ratio=-1.0, task=options.DEFAULT_TASK, backend="auto", app="")
-    assert options.problems(opts, [TaskRoundTrip]) is None
-    assert options.problems(dict(opts, workers_per_host=0), [TaskRoundTrip]).startswith(
+                check_fail_ratio=-1.0, task=arguments.DEFAULT_TASK, backend="auto", app="")
+    assert arguments.problems(opts, [TaskRoundTrip]) is None
+    assert arguments.problems(dict(opts, workers_per_host=0), [TaskRoundTrip]).startswith(
         "TaskRoundTrip needs Celery workers")
-    assert options.problems(dict(opts, workers_per_host=-1), [TaskRoundTrip]) == \
+    assert arguments.problems(dict(opts, workers_per_host=-1), [TaskRoundTrip]) == \
         "--workers-per-host -1: must be at least 0"

@@ -11,14 +11,15 @@ import time
 import psutil
 import pytest
 
-from bench import backends, brokers, runner, workers
+from bench import backends, brokers, celery_workers, runner
+from bench.cleanup import delete_queues
 from bench.celery_app import make_app
 from bench.scenarios import _celery, prefetch
 from support import celery_children, cells, run_cell, scenario
 
 
 def assert_no_worker_left():
-    assert not workers._registry
+    assert not celery_workers._registry
     assert celery_children() == []
 
 
@@ -113,15 +114,15 @@ def test_a_worker_that_dies_fails_the_wait_with_its_log(tmp_path):
         app = make_app(env.url, backend, env.transport_options, task_default_queue=queue)
         backends.embedded().prepare(app)
         try:
-            with workers.worker(env.url, backend, transport_options=env.transport_options,
+            with celery_workers.worker(env.url, backend, transport_options=env.transport_options,
                                 conf={"task_default_queue": queue}, queues=[queue]) as w:
                 res = app.send_task(prefetch.TASK, kwargs={"seconds": 30}, queue=queue)
                 os.killpg(w.pid, signal.SIGKILL)
                 started = time.monotonic()
-                with pytest.raises(workers.WorkerError, match="died; log .* ends:"):
+                with pytest.raises(celery_workers.WorkerError, match="died; log .* ends:"):
                     _celery.wait(app, [res], [w], time.monotonic() + 60, "a task")
                 assert time.monotonic() - started < 30  # not the task, not the deadline
         finally:
             app.close()
-            _celery.delete_queues(env, [queue])
+            delete_queues(env, [queue])
     assert_no_worker_left()

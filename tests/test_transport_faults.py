@@ -24,9 +24,9 @@ from kombu import Connection, Consumer, Producer
 from kombu.asynchronous import Hub
 
 import transports  # noqa: F401  registers the unix and fifo aliases
-from bench import brokers, faults, workers
+from bench import brokers, celery_workers, injection
 from bench.celery_app import make_app
-from bench.tasks import faults as work
+from bench.tasks import spans as work
 from transports import broker as unix_broker
 from transports import fifo, unix
 from support import celery_children, direct_queue, drain_until, qname
@@ -88,7 +88,7 @@ def broker(sockdir):
 @pytest.fixture
 def nothing_left():
     yield
-    assert not workers._registry
+    assert not celery_workers._registry
     assert celery_children() == []
 
 
@@ -184,7 +184,7 @@ def _acks_late_worker(env, q, out):
     conf = {"task_default_queue": q, "task_ignore_result": True, "task_acks_late": True,
             "worker_prefetch_multiplier": 1}
     app = make_app(env.url, None, env.transport_options, **conf)
-    w = workers.worker(env.url, transport_options=env.transport_options, conf=conf,
+    w = celery_workers.worker(env.url, transport_options=env.transport_options, conf=conf,
                        pool="prefork", concurrency=2, queues=[q],
                        env={work.DIR_ENV: str(out)}, loglevel="INFO", stop_timeout=10)
     return app, w
@@ -236,8 +236,8 @@ def test_celery_acks_late_worker_survives_its_connection_dropped(tmp_path, nothi
                 wait_for(lambda: started(out, 0, 1), w, "both tasks to start")
                 path = env.url[len("unix://"):]
                 try:
-                    dropped = faults.drop_unix_connections(faults.process_tree(w.pid), path)
-                except faults.FaultError as exc:
+                    dropped = injection.drop_unix_connections(injection.process_tree(w.pid), path)
+                except injection.FaultError as exc:
                     pytest.skip(f"cannot drop the worker's connections here: {exc}")
                 assert dropped >= 1
                 wait_for(lambda: finished(out, 0, 1), w, "both tasks to finish")
@@ -273,7 +273,7 @@ def test_fifo_publishes_during_a_warm_shutdown_fail_instead_of_being_lost(tmp_pa
         pipe = Path(unquote(env.url[len("fifo://"):])) / f"{fifo.queue_filename(q)}.fifo"
         sent: list[tuple[int, bool, bool, str]] = []  # index, pipe there, running, error
         try:
-            with workers.worker(env.url, transport_options=env.transport_options,
+            with celery_workers.worker(env.url, transport_options=env.transport_options,
                                 conf=conf, pool="prefork", concurrency=2, queues=[q],
                                 env={work.DIR_ENV: str(out)}, loglevel="INFO",
                                 stop_timeout=30) as w:

@@ -405,13 +405,13 @@ def test_producer_batch(broker):
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("pool", ["solo", "prefork"])
 def test_celery_worker_runs_tasks_and_answers_ping(tmp_path, pool):
-    from bench import brokers, celery_app, workers
+    from bench import brokers, celery_app, celery_workers
 
     q = qname("celery")
     conf = {"task_default_queue": q, "task_ignore_result": True}
     with brokers.broker("unix", tmp_path) as env:
         app = celery_app.make_app(env.url, **conf)
-        with workers.worker(env.url, conf=conf, pool=pool, concurrency=2,
+        with celery_workers.worker(env.url, conf=conf, pool=pool, concurrency=2,
                             stop_timeout=10) as w:
             with app.producer_or_acquire() as producer:
                 for _ in range(50):

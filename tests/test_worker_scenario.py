@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from kombu import Connection
 
-from bench import brokers, config, runner, workers
+from bench import brokers, celery_workers, config, runner
 from bench.scenarios import worker as scenario
 from support import celery_children, cells, counting_starts
 
@@ -26,7 +26,7 @@ def run(tmp_path, **kw):
 
 
 def assert_no_worker_left():
-    assert not workers._registry
+    assert not celery_workers._registry
     assert celery_children() == []
 
 

@@ -1,4 +1,4 @@
-"""bench.workers: real worker processes start, become ready, and never outlive their owner."""
+"""bench.celery_workers: real worker processes start, become ready, and never outlive their owner."""
 import os
 import signal
 import subprocess
@@ -10,9 +10,9 @@ import uuid
 import psutil
 import pytest
 
-from bench import brokers, config, workers
+from bench import brokers, celery_workers, config
 from bench.celery_app import make_app
-from bench.scenarios._celery import delete_queues
+from bench.cleanup import delete_queues
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -50,7 +50,7 @@ def queue():
 
 def test_worker_runs_tasks_and_leaves_no_process(redis_url, queue):
     conf = {"task_default_queue": queue, "result_expires": 60}
-    with workers.worker(redis_url, redis_url, conf=conf, concurrency=2) as w:
+    with celery_workers.worker(redis_url, redis_url, conf=conf, concurrency=2) as w:
         assert w.alive() and "@" in w.hostname and w.log_path.exists()
         procs = family(w.pid)
         assert len(procs) >= 3  # the main process and its two pool children
@@ -65,13 +65,13 @@ def test_worker_runs_tasks_and_leaves_no_process(redis_url, queue):
         assert "ready" in w.log_tail(50)
     assert not w.alive()
     assert gone(procs)
-    assert w.pid not in workers._registry
+    assert w.pid not in celery_workers._registry
 
 
 def test_worker_stopped_when_the_block_raises(queue, tmp_path):
     with brokers.broker("filesystem", tmp_path) as env:
         with pytest.raises(ZeroDivisionError):
-            with workers.worker(env.url, transport_options=env.transport_options,
+            with celery_workers.worker(env.url, transport_options=env.transport_options,
                                 conf={"task_default_queue": queue}, stop_timeout=2) as w:
                 procs = family(w.pid)
                 1 / 0
@@ -80,26 +80,26 @@ def test_worker_stopped_when_the_block_raises(queue, tmp_path):
 
 def test_never_ready_fails_quickly_with_log_tail():
     started = time.monotonic()
-    with pytest.raises(workers.WorkerError) as err:
+    with pytest.raises(celery_workers.WorkerError) as err:
         # Nothing listens on port 1: the worker keeps retrying and is never ready.
-        with workers.worker("redis://127.0.0.1:1/0", ready_timeout=2, stop_timeout=1):
+        with celery_workers.worker("redis://127.0.0.1:1/0", ready_timeout=2, stop_timeout=1):
             pytest.fail("the worker cannot be ready")
     assert time.monotonic() - started < 30  # generous: 2 s + the stop
     assert "not ready after 2s" in str(err.value)
     assert "Cannot connect" in str(err.value)  # the log tail says why
-    assert not workers._registry
+    assert not celery_workers._registry
 
 
 def test_worker_that_dies_at_start_reports_its_exit_and_log():
-    with pytest.raises(workers.WorkerError) as err:
-        with workers.worker("memory://", pool="no-such-pool", ready_timeout=30):
+    with pytest.raises(celery_workers.WorkerError) as err:
+        with celery_workers.worker("memory://", pool="no-such-pool", ready_timeout=30):
             pytest.fail("the worker cannot start")
     assert "exited with code" in str(err.value)
     assert "no-such-pool" in str(err.value)
 
 
 def test_n_workers_start_together_and_all_stop(redis_url, queue):
-    with workers.workers(2, redis_url, conf={"task_default_queue": queue},
+    with celery_workers.workers(2, redis_url, conf={"task_default_queue": queue},
                          hostname="benchtest@%h", stop_timeout=3) as ws:
         assert len({w.hostname for w in ws}) == 2
         assert all(w.alive() for w in ws)
@@ -111,8 +111,8 @@ def _script(tag: str, body: str) -> list[str]:
     code = textwrap.dedent(f"""
         import os, sys, time
         os.environ["CELERY_BENCH_TEST_TAG"] = {tag!r}
-        from bench import workers
-        w = workers.start("memory://", conf={{"task_default_queue": "q-{tag}"}})
+        from bench import celery_workers
+        w = celery_workers.start("memory://", conf={{"task_default_queue": "q-{tag}"}})
         w.wait_ready(60)
         print("ready", w.pid, flush=True)
     """) + textwrap.dedent(body)

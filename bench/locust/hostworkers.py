@@ -1,13 +1,13 @@
 """The Celery workers a Locust worker starts on its own host (``--workers-per-host N``).
 
 With N > 0 the system under test scales out with the load: the master starts the broker
-environment, the result backend and the queue (its own Rig, no workers), and each Locust
+environment, the result backend and the queue (its own OwnerSystem, no workers), and each Locust
 worker starts N ``celery worker`` processes of the bench's app on its host, wired from the
 options the master sends with the spawn message (:data:`system.WIRING`). One owner per
 Locust process: started at ``test_start`` (before its users spawn, so no round trip waits
 for a worker that is still booting), kept while the wiring stays the same, and stopped at
 ``quitting``, which Locust fires when the run ends, on Ctrl-C/SIGTERM and when the master
-stops sending heartbeats (the master went away); ``bench.workers`` also stops them at exit.
+stops sending heartbeats (the master went away); ``bench.celery_workers`` also stops them at exit.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import logging
 import threading
 from contextlib import ExitStack
 
-from .. import workers
-from ..scenarios._celery import one_line
+from .. import celery_workers
+from ..celery_workers import one_line
 from .system import READY_S, STOP_S
 
 log = logging.getLogger("celery-bench.locust")
@@ -45,16 +45,16 @@ class HostWorkers:
                 return []
             try:
                 with ExitStack() as stack:        # closed here if a worker fails to start
-                    self.procs = stack.enter_context(workers.workers(
+                    self.procs = stack.enter_context(celery_workers.workers(
                         n, wiring["url"], wiring.get("backend_url"),
                         transport_options=wiring["transport_options"], conf=wiring["conf"],
                         pool=wiring["pool"], concurrency=wiring["concurrency"],
                         ready_timeout=READY_S, stop_timeout=STOP_S,
                         hostname=f"locust-{node}@%h"))
                     self.stack = stack.pop_all()
-            except workers.WorkerError as exc:
+            except celery_workers.WorkerError as exc:
                 self.procs = []
-                raise workers.WorkerError(one_line(exc, tail=6)) from None
+                raise celery_workers.WorkerError(one_line(exc, tail=6)) from None
             self.key = key
             log.info("celery-bench: %d Celery worker(s) on this host --pool %s -c %s (pids %s)",
                      n, wiring["pool"], wiring["concurrency"],

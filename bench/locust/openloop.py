@@ -24,7 +24,7 @@ import time
 import gevent
 
 from ..pacing import Pacer, achieved
-from . import options
+from . import arguments
 
 now_ns = time.perf_counter_ns
 USERS = "celery_bench_users"     # the test's total users, carried to Locust workers
@@ -65,11 +65,11 @@ class Schedule:
 
 def schedule(environment) -> Schedule | None:
     """A new user's schedule, or None in closed loop."""
-    rate = float(options.get(environment, "arrival_rate", 0.0) or 0.0)
+    rate = float(arguments.get(environment, "arrival_rate", 0.0) or 0.0)
     if rate <= 0:
         return None
-    users = max(1, int(options.get(environment, USERS, 0) or
-                       options.get(environment, "num_users", 1) or 1))
+    users = max(1, int(arguments.get(environment, USERS, 0) or
+                       arguments.get(environment, "num_users", 1) or 1))
     s = Schedule(rate / users)
     _live.add(s)
     return s

@@ -23,8 +23,8 @@ from locust import events
 from locust.runners import MasterRunner, WorkerRunner
 
 from .. import results as results_file
-from .. import workers as worker_procs
-from . import checks, export, hdr, hostworkers, openloop, options, system, webui
+from .. import celery_workers
+from . import arguments, book_results, checks, hdr, hostworkers, openloop, system, webui
 
 log = logging.getLogger("celery-bench.locust")
 
@@ -32,7 +32,7 @@ log = logging.getLogger("celery-bench.locust")
 class State:
     role = "local"                  # "local", "master" or "worker"
     book = hdr.Book()               # local: recorded; worker: since last report; master: merged
-    rig = system.Rig()
+    rig = system.OwnerSystem()
     host_workers = hostworkers.HostWorkers()   # worker: --workers-per-host, on this host
     started = None                  # time.monotonic() of test start (owner)
     stopped = None
@@ -54,7 +54,7 @@ def _opts(environment) -> dict:
 
 
 def _owner_opts(opts: dict) -> dict:
-    """``--workers-per-host`` as the owner's Rig reads it: alone (one host) it is that
+    """``--workers-per-host`` as the owner's OwnerSystem reads it: alone (one host) it is that
     host's ``--workers``; on a master the Locust workers start them and the master none."""
     per_host = int(opts.get("workers_per_host") or 0)
     if per_host < 1:
@@ -71,7 +71,7 @@ def _needs_workers(classes) -> bool:
 # --------------------------------------------------------------------------- start-up
 @events.init_command_line_parser.add_listener
 def _add_options(parser, **kwargs):
-    options.add(parser)
+    arguments.add(parser)
 
 
 @events.init.add_listener
@@ -86,18 +86,18 @@ def _init(environment, runner=None, web_ui=None, **kwargs):
     # Which users will run is known now only on the command line; the web UI's form is
     # checked when a test is started from it.
     classes = list(environment.user_classes) if headless else []
-    message = options.problems(opts, classes, host=environment.host)
+    message = arguments.problems(opts, classes, host=environment.host)
     if message:
         log.error(message)
         sys.exit(2)
     if headless:
         try:
             State.rig.ensure(_owner_opts(opts), _needs_workers(classes))
-        except worker_procs.WorkerError as exc:
+        except celery_workers.WorkerError as exc:
             log.error("cannot start the Celery workers: %s", exc)
             sys.exit(1)
     if web_ui is not None:
-        webui.register(web_ui, environment, table=lambda: export.table(_live()),
+        webui.register(web_ui, environment, table=lambda: book_results.table(_live()),
                        page_data=lambda: _page_data(environment),
                        results_json=lambda: json.dumps(_run(environment).to_dict(), indent=1),
                        check_swarm=lambda form: _check_swarm(environment, form))
@@ -133,7 +133,7 @@ def _check_swarm(environment, form) -> str | None:
     if picked and environment.available_user_classes:
         classes = [environment.available_user_classes[n] for n in picked
                    if n in environment.available_user_classes]
-    message = options.problems(opts, classes, host=form.get("host"), form=True)
+    message = arguments.problems(opts, classes, host=form.get("host"), form=True)
     if message:
         return message
     runner = environment.runner
@@ -143,7 +143,7 @@ def _check_swarm(environment, form) -> str | None:
         return None                 # editing a running test: the Celery system stays
     try:
         State.rig.ensure(_owner_opts(opts), _needs_workers(classes))
-    except worker_procs.WorkerError as exc:
+    except celery_workers.WorkerError as exc:
         return f"cannot start the Celery workers: {exc}"
     return None
 
@@ -173,7 +173,7 @@ def _test_start(environment, **kwargs):
     wiring = None
     try:
         wiring = State.rig.ensure(_owner_opts(opts), _needs_workers(environment.user_classes))
-    except worker_procs.WorkerError as exc:
+    except celery_workers.WorkerError as exc:
         log.error("cannot start the Celery workers: %s", exc)
     setattr(environment.parsed_options, system.WIRING, wiring)
 
@@ -187,7 +187,7 @@ def _start_host_workers(environment) -> None:
     try:
         system.check_reachable(wiring)
         State.host_workers.ensure(wiring, environment.runner.client_id)
-    except (worker_procs.WorkerError, system.Unreachable) as exc:
+    except (celery_workers.WorkerError, system.Unreachable) as exc:
         log.error("celery-bench: cannot start this host's Celery workers: %s", exc)
 
 
@@ -300,7 +300,7 @@ def _elapsed() -> float:
 
 
 def _rate(environment) -> dict | None:
-    rate = float(options.get(environment, "arrival_rate", 0.0) or 0.0)
+    rate = float(arguments.get(environment, "arrival_rate", 0.0) or 0.0)
     if rate <= 0:
         return None
     return openloop.verdict(rate, _live().counters, _elapsed())
@@ -318,9 +318,9 @@ def _rate_text(environment, v: dict) -> str:
 
 def _common(environment) -> dict:
     wiring = State.rig.wiring or {}
-    out = {"users": options.get(environment, "num_users", None),
+    out = {"users": arguments.get(environment, "num_users", None),
            "locust_workers": State.locust_workers,
-           "arrival_rate": float(options.get(environment, "arrival_rate", 0.0) or 0.0)}
+           "arrival_rate": float(arguments.get(environment, "arrival_rate", 0.0) or 0.0)}
     if wiring.get("app"):
         out["app"] = wiring["app"]
     elif wiring.get("workers") or wiring.get("per_host"):
@@ -339,11 +339,11 @@ def _run(environment) -> results_file.Run:
     if verdict:
         rate = {k: verdict[k] for k in ("rate_target_per_s", "rate_achieved_per_s",
                                         "rate_shortfall", "due", "started", "behind")}
-    return export.run(_live(), _common(environment), _elapsed(), rate)
+    return book_results.run(_live(), _common(environment), _elapsed(), rate)
 
 
 def _write_results(environment) -> None:
-    out = options.get(environment, "results_out", "")
+    out = arguments.get(environment, "results_out", "")
     if not out or not State.book.rows:
         return
     results_file.dump(_run(environment), out)
@@ -354,13 +354,13 @@ def _page_data(environment) -> dict:
     book = _live()
     verdict = _rate(environment)
     return {"state": environment.runner.state if environment.runner else "",
-            "rows": export.table(book), "spectrum": export.spectrum(book),
+            "rows": book_results.table(book), "spectrum": book_results.spectrum(book),
             "rate": _rate_text(environment, verdict) if verdict else "",
             "shortfall": bool(verdict and verdict["rate_shortfall"])}
 
 
 def _log_table(environment) -> None:
-    rows = export.table(_live())
+    rows = book_results.table(_live())
     if not rows:
         return
     width = min(64, max(len(r["name"]) for r in rows))
@@ -378,8 +378,8 @@ def _log_table(environment) -> None:
 
 
 def _judge(environment) -> None:
-    p99 = float(options.get(environment, "check_p99_us", 0.0) or 0.0)
-    ratio = float(options.get(environment, "check_fail_ratio", -1.0))
+    p99 = float(arguments.get(environment, "check_p99_us", 0.0) or 0.0)
+    ratio = float(arguments.get(environment, "check_fail_ratio", -1.0))
     if p99 <= 0 and ratio < 0:
         return
     failed, passed = checks.judge(_live(), p99, ratio)

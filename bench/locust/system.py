@@ -3,9 +3,9 @@
 One place owns it: the Locust process that drives the test, i.e. the single process,
 or the master in distributed mode (Locust workers never start Celery workers: N
 load generators would otherwise start N sets, all consuming the same queue). The
-owner's :class:`Rig` starts the transport's broker environment (our unix broker,
+owner's :class:`OwnerSystem` starts the transport's broker environment (our unix broker,
 a folder, or a queue on the redis/amqp server), the result backend, and ``--workers``
-real ``celery worker`` processes of the bench's app (``bench.workers``: own process
+real ``celery worker`` processes of the bench's app (``bench.celery_workers``: own process
 groups, stopped on quit, Ctrl-C, SIGTERM and at exit); it keeps them while the
 settings stay the same and restarts them when the web UI changes them.
 
@@ -36,26 +36,27 @@ from contextlib import ExitStack
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .. import backends, brokers, config, joins, workers
+from .. import backends, brokers, celery_workers, config, joins
 from ..brokers import BrokerEnv
 from ..celery_app import make_app
 from ..drivers.target import Target
 from ..drivers.userapp import load_app
-from ..scenarios._celery import delete_queues, one_line
+from ..celery_workers import one_line
+from ..cleanup import delete_queues
 from ..tasks.roundtrip import BOOT_ID
-from . import options
+from . import arguments
 
 log = logging.getLogger("celery-bench.locust")
 WIRING = "celery_bench_wiring"   # the parsed_options attribute Locust carries to workers
 STOP_S = 2.0     # warm-shutdown grace for our workers before SIGKILL (they are idle by then)
 READY_S = 60.0
 
-# Locust owns SIGTERM in this process (its handler fires `quitting`, where the Rig stops
-# the workers); bench.workers must not replace it with its own Python-level handler.
-workers._sigterm_installed = True
+# Locust owns SIGTERM in this process (its handler fires `quitting`, where the OwnerSystem stops
+# the workers); bench.celery_workers must not replace it with its own Python-level handler.
+celery_workers._sigterm_installed = True
 
 
-class Rig:
+class OwnerSystem:
     """The owner's broker environment, result backend and Celery workers."""
 
     def __init__(self):
@@ -76,10 +77,10 @@ class Rig:
                 key = ("app", opts["app"])
             else:
                 n = int(opts.get("workers") or 0) if need_workers else 0
-                # --workers-per-host: the Locust workers start them, this Rig none
+                # --workers-per-host: the Locust workers start them, this OwnerSystem none
                 per_host = int(opts.get("workers_per_host") or 0) if need_workers else 0
                 some = n or per_host
-                key = (opts["transport"], options.backend_name(opts) if some else None, n,
+                key = (opts["transport"], arguments.backend_name(opts) if some else None, n,
                        opts.get("pool"), int(opts.get("concurrency") or 1) if some else None,
                        per_host)
             if key == self.key and self.alive():
@@ -87,9 +88,9 @@ class Rig:
             self._close()
             try:
                 self.wiring = self._start(key, opts)
-            except workers.WorkerError as exc:
+            except celery_workers.WorkerError as exc:
                 self._close()
-                raise workers.WorkerError(one_line(exc, tail=6)) from None
+                raise celery_workers.WorkerError(one_line(exc, tail=6)) from None
             except BaseException:
                 self._close()
                 raise
@@ -122,7 +123,7 @@ class Rig:
             backend.prepare(app)       # SQLite: tables and WAL before the pool children race
         finally:
             app.close()
-        self.procs = [] if not n else stack.enter_context(workers.workers(
+        self.procs = [] if not n else stack.enter_context(celery_workers.workers(
             n, env.url, backend_url, transport_options=env.transport_options, conf=conf,
             pool=pool, concurrency=concurrency, ready_timeout=READY_S, stop_timeout=STOP_S,
             hostname=f"locust-{tag}@%h"))

@@ -46,7 +46,7 @@ from .. import joins
 from ..drivers import celery as celery_driver
 from ..drivers import kombu as kombu_driver
 from ..tasks.roundtrip import BOOT_ID
-from . import openloop, options, system
+from . import arguments, openloop, system
 
 log = logging.getLogger("celery-bench.locust")
 now_ns = time.perf_counter_ns
@@ -71,7 +71,7 @@ class OperationFailed(Exception):
 class CeleryBenchUser(User):
     abstract = True
     wait_time = constant(0)         # closed loop: the next operation as soon as one ends
-    host = options.HOST_NOT_USED
+    host = arguments.HOST_NOT_USED
     runs_tasks = False              # needs Celery workers and a result backend
     joins = False                   # waits with --join-method
 
@@ -166,7 +166,7 @@ class KombuPublisher(_Publisher):
     request_type = "kombu"
 
     def make_driver(self, target, queue_name):
-        strategy = options.get(self.environment, "producer", "held")
+        strategy = arguments.get(self.environment, "producer", "held")
         self.name = f"publish {self.transport}/{strategy}"
         return kombu_driver.Publisher(target, queue_name, strategy, "json", PAYLOAD,
                                       PUBLISH_TIMEOUT_S)
@@ -178,7 +178,7 @@ class CeleryPublisher(_Publisher):
     request_type = "celery"
 
     def make_driver(self, target, queue_name):
-        method = options.get(self.environment, "method", "apply_async")
+        method = arguments.get(self.environment, "method", "apply_async")
         self.name = f"publish {self.transport}/{method}"
         app = self.system.app if self.system.user_app else None
         return celery_driver.Publisher(target, queue_name, method, "default", "json",
@@ -217,10 +217,10 @@ class _TaskUser(CeleryBenchUser):
         if self.app is None:
             raise RuntimeError("no result backend in the wiring: the owner started no "
                                "Celery workers for this test")
-        self.task_name = options.get(env, "task", options.DEFAULT_TASK)
-        self.args, self.kwargs = options.task_args(options.get(env, "task_args", "[]"))
-        self.timeout = float(options.get(env, "timeout", 30.0))
-        self.interval = float(options.get(env, "interval", 0.5))
+        self.task_name = arguments.get(env, "task", arguments.DEFAULT_TASK)
+        self.args, self.kwargs = arguments.task_args(arguments.get(env, "task_args", "[]"))
+        self.timeout = float(arguments.get(env, "timeout", 30.0))
+        self.interval = float(arguments.get(env, "interval", 0.5))
         self.task_obj = self.app.tasks[self.task_name]
         self.warned = False
 
@@ -283,8 +283,8 @@ class GroupJoin(_TaskUser):
     def setup(self):
         super().setup()
         env = self.environment
-        self.size = int(options.get(env, "group_size", 10))
-        self.method = options.get(env, "join_method", "join")
+        self.size = int(arguments.get(env, "group_size", 10))
+        self.method = arguments.get(env, "join_method", "join")
         self.name = f"group {self.size} x {self.task_name} {self.method} {self.transport}"
         self.meta = {"task": self.task_name, "join_method": self.method,
                      "group_size": self.size, "backend": self.system.backend}

@@ -12,7 +12,7 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import ResultSet
 
 from .. import brokers
-from ..workers import WorkerError
+from ..celery_workers import WorkerError, one_line
 
 # A wait polls in slices this long, so a dead worker fails the cell within it.
 WATCH_S = 0.5
@@ -27,7 +27,7 @@ def unusable(transport: str) -> str | None:
 
 
 @dataclass
-class Rig:
+class WorkerSetup:
     """What a scenario keeps across cells: workers and whatever it started for them
     (broker environment, app, folders), all closed by ``stack``."""
     key: tuple
@@ -50,9 +50,9 @@ class KeptWorker:
     """
 
     def __init__(self):
-        self.rig: Rig | None = None
+        self.rig: WorkerSetup | None = None
 
-    def get(self, key: tuple, open_rig) -> Rig:
+    def get(self, key: tuple, open_rig) -> WorkerSetup:
         rig = self.rig
         if rig is not None and rig.key == key and rig.alive():
             return rig
@@ -64,18 +64,6 @@ class KeptWorker:
         rig, self.rig = self.rig, None
         if rig is not None:
             rig.close()
-
-
-def one_line(text: str, tail: int | None = None) -> str:
-    """The runner keeps a failure's first line only: fold a log tail into it.
-
-    ``tail``: keep the first line and only the last ``tail`` lines after it
-    (a traceback's last lines say what went wrong).
-    """
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    if tail is not None and len(lines) > tail + 1:
-        lines = lines[:1] + ["..."] + lines[-tail:]
-    return " | ".join(lines)
 
 
 @contextmanager
@@ -126,26 +114,3 @@ def wait(app, results, procs, deadline: float, what: str, interval: float = 0.05
                 done = sum(1 for r in rs.results if r.ready())
                 raise TimeoutError(f"timed out waiting for {what}: {done}/{len(rs.results)} "
                                    f"results arrived") from None
-
-
-def delete_queues(env, names) -> None:
-    """Delete a cell's queues and their same-named exchanges (unique names, so ours)."""
-    from kombu import Exchange, Queue
-    from kombu.transport import virtual
-
-    if not names:
-        return
-    try:
-        with env.connection(connect_timeout=3) as conn:
-            channel = conn.channel()
-            # A virtual transport (redis...) deletes only the bindings its channel has
-            # declared, so declare there first; a server (amqp) knows its own.
-            redeclare = isinstance(conn.transport, virtual.Transport)
-            for name in names:
-                queue = Queue(name, Exchange(name), name, channel=channel)
-                if redeclare:
-                    queue.declare()
-                queue.delete()
-                Exchange(name, channel=channel).delete()
-    except Exception:  # cleanup is best effort; the measurement is already made
-        pass

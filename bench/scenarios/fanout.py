@@ -26,7 +26,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import backends, brokers, config, recorder, workers
+from .. import backends, brokers, celery_workers, config, recorder
+from ..cleanup import delete_queues
 from ..celery_app import make_app
 from . import Outcome, Scenario, Skip, _celery, register
 
@@ -72,7 +73,7 @@ def _sleeps(params) -> dict:
 
 # --------------------------------------------------------------------------- the worker
 @dataclass
-class _Rig(_celery.Rig):
+class _FanoutSetup(_celery.WorkerSetup):
     app: object = None
     queue: str = ""
     forget: bool = False     # results live on a server: delete them when read
@@ -82,7 +83,7 @@ def _rig_key(params) -> tuple:
     return (params["transport"], params["backend"], params["pool"], int(params["concurrency"]))
 
 
-def _open_rig(params, opts) -> _Rig:
+def _open_rig(params, opts) -> _FanoutSetup:
     tag = uuid.uuid4().hex[:12]
     queue = f"bench.fanout.{tag}"
     workdir = Path(opts.workdir or tempfile.gettempdir()) / f"fanout-{tag}"
@@ -98,15 +99,15 @@ def _open_rig(params, opts) -> _Rig:
         conf.update(task_default_queue=queue, result_expires=600)
         app = make_app(env.url, backend_url, env.transport_options, **conf)
         stack.callback(app.close)
-        stack.callback(_celery.delete_queues, env, [queue])
+        stack.callback(delete_queues, env, [queue])
         backend.prepare(app)
         with _celery.worker_failures():
-            proc = stack.enter_context(workers.worker(
+            proc = stack.enter_context(celery_workers.worker(
                 env.url, backend_url, transport_options=env.transport_options, conf=conf,
                 pool=params["pool"], concurrency=int(params["concurrency"]), queues=[queue],
                 ready_timeout=opts.timeout))
         stack.callback(_celery.stop_quickly, [proc])
-        rig = _Rig(_rig_key(params), stack, [proc], app=app, queue=queue,
+        rig = _FanoutSetup(_rig_key(params), stack, [proc], app=app, queue=queue,
                    forget=backend.service is not None)
         # Warm-up: every pool child imports, connects and stores a result once.
         n = 2 * int(params["concurrency"])
@@ -118,7 +119,7 @@ def _open_rig(params, opts) -> _Rig:
 
 
 # --------------------------------------------------------------------------- one round
-def _run_shape(rig: _Rig, shape, pages, objects, sleeps, deadline) -> tuple[float, dict]:
+def _run_shape(rig: _FanoutSetup, shape, pages, objects, sleeps, deadline) -> tuple[float, dict]:
     """Run ``shape`` once; (makespan in seconds, the object accounting)."""
     app, procs = rig.app, rig.procs
     t0 = recorder.now_ns()

@@ -87,9 +87,10 @@ from pathlib import Path
 import numpy as np
 from kombu import Queue
 
-from .. import brokers, config, faults as inject, pacing, recorder, workers
+from .. import brokers, celery_workers, config, injection, pacing, recorder
+from ..cleanup import delete_queues
 from ..celery_app import make_app
-from ..tasks import faults as work
+from ..tasks import spans as work
 from . import Outcome, Scenario, Skip, _celery, register
 
 FAULTS = ("worker-kill", "warm-shutdown", "broker-restart", "connection-drop")
@@ -145,7 +146,7 @@ def _owned_restart(transport: str) -> bool:
     """Does the harness start this transport's broker itself (so it may restart it)? The
     embedded ones (their environment says how, ``BrokerEnv.restart``), and those this
     scenario runs on a private server (:func:`bench.faults.private_server`)."""
-    return inject.runs_privately(transport) or brokers.info(transport).service is None
+    return injection.runs_privately(transport) or brokers.info(transport).service is None
 
 
 # --------------------------------------------------------------------------- records
@@ -226,12 +227,12 @@ class _Publisher(threading.Thread):
 
 # --------------------------------------------------------------------------- one cell's rig
 @dataclass
-class _Rig:
+class _FaultCell:
     params: dict
     stack: ExitStack
     folder: Path
     env: brokers.BrokerEnv = None
-    server: inject.RedisServer | None = None
+    server: injection.RedisServer | None = None
     app: object = None
     queue: str = ""
     tag: str = ""
@@ -289,7 +290,7 @@ class Faults(Scenario):
                 for acks_late in (False, True) for fault in FAULTS]
 
     def requires(self, params: dict) -> set[str]:
-        if inject.runs_privately(params.get("transport")):
+        if injection.runs_privately(params.get("transport")):
             return set()   # a private server (redis-server), never the shared one
         return brokers.services(params.get("transport"))
 
@@ -302,7 +303,7 @@ class Faults(Scenario):
         if reason:
             return reason
         t = brokers.info(transport)
-        reason = inject.private_unavailable(transport)
+        reason = injection.private_unavailable(transport)
         if reason:
             return reason
         if "ack" not in t.capabilities and fault in ("broker-restart", "connection-drop"):
@@ -315,17 +316,17 @@ class Faults(Scenario):
                     f"started (our unix broker, a private redis-server); give --restart-cmd "
                     f"(and --start-cmd if it only stops the broker) to restart yours")
         if fault == "connection-drop":
-            reason = inject.drop_unavailable(transport)
+            reason = injection.drop_unavailable(transport)
             if reason:
                 return f"connection-drop on {transport}: {reason}"
         return None
 
     # ----------------------------------------------------------------------- setup
-    def _open(self, params, stack: ExitStack, folder: Path) -> _Rig:
+    def _open(self, params, stack: ExitStack, folder: Path) -> _FaultCell:
         opts = self.opts
-        rig = _Rig(dict(params), stack, folder)
+        rig = _FaultCell(dict(params), stack, folder)
         transport = rig.transport
-        server = inject.private_server(transport, folder / "broker")
+        server = injection.private_server(transport, folder / "broker")
         if server is None:
             rig.env = stack.enter_context(brokers.broker(transport, folder))
         else:
@@ -344,17 +345,17 @@ class Faults(Scenario):
                     "task_acks_late": bool(params["acks_late"])}
         rig.app = make_app(rig.env.url, None, rig.env.transport_options, **rig.conf)
         stack.callback(rig.app.close)
-        stack.callback(_celery.delete_queues, rig.env, [rig.queue])
+        stack.callback(delete_queues, rig.env, [rig.queue])
         rig.runs = _Runs(folder / "runs")
         rig.runs.folder.mkdir(mode=0o700)
         return rig
 
-    def _start_worker(self, rig: _Rig, gen: int):
+    def _start_worker(self, rig: _FaultCell, gen: int):
         opts = self.opts
         out = rig.runs.folder / str(gen)
         out.mkdir(mode=0o700)
         with _celery.worker_failures():
-            w = workers.start(rig.env.url, transport_options=rig.env.transport_options,
+            w = celery_workers.start(rig.env.url, transport_options=rig.env.transport_options,
                               conf=rig.conf, pool=opts.pool or POOL,
                               concurrency=opts.concurrency or CONCURRENCY, queues=[rig.queue],
                               env={work.DIR_ENV: str(out)}, loglevel="WARNING")
@@ -364,7 +365,7 @@ class Faults(Scenario):
             w.wait_ready(opts.timeout)
         return w
 
-    def _warm_up(self, rig: _Rig, w) -> None:
+    def _warm_up(self, rig: _FaultCell, w) -> None:
         """WARMUP tasks through the worker (its pool children started and consuming)."""
         deadline = time.monotonic() + self.opts.timeout
         for i in range(WARMUP):
@@ -380,7 +381,7 @@ class Faults(Scenario):
             time.sleep(POLL_S)
 
     # ----------------------------------------------------------------------- the faults
-    def _inject(self, rig: _Rig, fault: str, info: dict) -> int:
+    def _inject(self, rig: _FaultCell, fault: str, info: dict) -> int:
         """Inject ``fault``; returns its instant (perf_counter ns). Fills ``info``."""
         now = recorder.now_ns
         w = rig.procs[1]
@@ -389,7 +390,7 @@ class Faults(Scenario):
             try:
                 os.killpg(w.pid, signal.SIGKILL)   # the worker and its pool children
             except ProcessLookupError:
-                raise inject.FaultError("the worker was gone before the fault") from None
+                raise injection.FaultError("the worker was gone before the fault") from None
             w.stop(0.0)                            # reap it
             info["inject_s"] = (now() - t) / 1e9
             return t
@@ -403,7 +404,7 @@ class Faults(Scenario):
             return self._restart_broker(rig, info)
         return self._drop_connections(rig, w, info)
 
-    def _restart_broker(self, rig: _Rig, info: dict) -> int:
+    def _restart_broker(self, rig: _FaultCell, info: dict) -> int:
         now = recorder.now_ns
         opts = self.opts
         if rig.env.restart is not None:
@@ -413,14 +414,14 @@ class Faults(Scenario):
             return t
         # A broker the harness did not start: the user's commands, bounded in time.
         t = now()
-        inject.run_command(opts.restart_cmd, opts.timeout, "--restart-cmd")
+        injection.run_command(opts.restart_cmd, opts.timeout, "--restart-cmd")
         if opts.start_cmd:
-            inject.run_command(opts.start_cmd, opts.timeout, "--start-cmd")
+            injection.run_command(opts.start_cmd, opts.timeout, "--start-cmd")
         self._wait_reachable(rig)
         info["down_s"] = (now() - t) / 1e9
         return t
 
-    def _wait_reachable(self, rig: _Rig) -> None:
+    def _wait_reachable(self, rig: _FaultCell) -> None:
         deadline = time.monotonic() + self.opts.timeout
         last = None
         while time.monotonic() < deadline:
@@ -431,29 +432,29 @@ class Faults(Scenario):
             except Exception as exc:
                 last = exc
                 time.sleep(0.2)
-        raise inject.FaultError(f"the broker did not come back within {self.opts.timeout:g} s "
+        raise injection.FaultError(f"the broker did not come back within {self.opts.timeout:g} s "
                                 f"after --restart-cmd/--start-cmd: {last}")
 
-    def _drop_connections(self, rig: _Rig, w, info: dict) -> int:
+    def _drop_connections(self, rig: _FaultCell, w, info: dict) -> int:
         now = recorder.now_ns
-        pids = inject.process_tree(w.pid)
+        pids = injection.process_tree(w.pid)
         t0 = now()
         try:
-            dropped = inject.drop_connections(rig.transport, rig.env.url, rig.server, pids,
+            dropped = injection.drop_connections(rig.transport, rig.env.url, rig.server, pids,
                                               self.opts.timeout)
-        except inject.FaultError as exc:   # the kernel or rabbitmqctl refused: not here
+        except injection.FaultError as exc:   # the kernel or rabbitmqctl refused: not here
             raise Skip(f"connection-drop on {rig.transport}: {exc}") from None
         # The instant the connections are gone (rabbitmqctl takes ~1 s to return).
         t = now()
         info["inject_s"] = (t - t0) / 1e9
         if not dropped:
-            raise inject.FaultError(f"no connection of the worker (pids {pids}) to the broker "
+            raise injection.FaultError(f"no connection of the worker (pids {pids}) to the broker "
                                     f"was found to drop")
         info["connections_dropped"] = dropped
         return t
 
     # ----------------------------------------------------------------------- watching
-    def _ready_count(self, rig: _Rig) -> int | None:
+    def _ready_count(self, rig: _FaultCell) -> int | None:
         """Messages ready in the queue now (None when the broker cannot say)."""
         if "ack" not in brokers.info(rig.transport).capabilities:
             return None   # a pipe: only its consumer could say
@@ -464,7 +465,7 @@ class Faults(Scenario):
         except Exception:
             return None
 
-    def _supervise(self, rig: _Rig) -> None:
+    def _supervise(self, rig: _FaultCell) -> None:
         """A worker that exited by itself is started again, as a supervisor would (at most
         MAX_RESTARTS times a cell); its exit code and last error line are kept."""
         live = rig.live
@@ -478,7 +479,7 @@ class Faults(Scenario):
             return
         self._start_worker(rig, max(rig.procs) + 1)
 
-    def _recovered(self, rig: _Rig, pub: _Publisher, rows, t_fault: int) -> int | None:
+    def _recovered(self, rig: _FaultCell, pub: _Publisher, rows, t_fault: int) -> int | None:
         """When a worker first started a task it received after the fault (ns), or None:
         a replacement worker's first task (worker faults), else the first start of a task
         published after the fault."""
@@ -490,7 +491,7 @@ class Faults(Scenario):
             after = rows[np.isin(rows[:, 1], fresh) & (rows[:, 2] >= t_fault)]
         return int(after[:, 2].min()) if len(after) else None
 
-    def _publish_through(self, rig: _Rig, pub: _Publisher, t_fault: int,
+    def _publish_through(self, rig: _FaultCell, pub: _Publisher, t_fault: int,
                          stream_end: int) -> None:
         """Keep publishing to the end of the stream, and past it until a task received
         after the fault has run for TAIL_S (at most MAX_AFTER_S after the fault)."""
@@ -507,7 +508,7 @@ class Faults(Scenario):
             time.sleep(POLL_S)
         pub.stop()
 
-    def _observe(self, rig: _Rig, pub: _Publisher, invisible_due: float | None) -> str:
+    def _observe(self, rig: _FaultCell, pub: _Publisher, invisible_due: float | None) -> str:
         """After the stream: wait until every published task ran, or nothing runs any more
         and nothing ready is queued (or the window is over). Returns why it stopped."""
         opts = self.opts
@@ -539,11 +540,11 @@ class Faults(Scenario):
             time.sleep(POLL_S)
 
     # ----------------------------------------------------------------------- what is left
-    def _visibility_timeout(self, rig: _Rig) -> float:
+    def _visibility_timeout(self, rig: _FaultCell) -> float:
         return float(rig.env.transport_options.get("visibility_timeout",
                                                    rig.server.visibility_default()))
 
-    def _leftovers(self, rig: _Rig) -> dict:
+    def _leftovers(self, rig: _FaultCell) -> dict:
         """Task indices the broker still holds, by where (``queued``, ``invisible``), and
         when a private server's invisible ones become visible again (``visible_at``)."""
         if rig.server is not None:
@@ -619,7 +620,7 @@ class Faults(Scenario):
             return self._account(rig, pub, rows, left, t_fault, wall_fault, info, why)
 
     # ----------------------------------------------------------------------- accounting
-    def _account(self, rig: _Rig, pub: _Publisher, rows, left, t_fault: int,
+    def _account(self, rig: _FaultCell, pub: _Publisher, rows, left, t_fault: int,
                  wall_fault: float, info: dict, why: str) -> Outcome:
         params, fault = rig.params, rig.params["fault"]
         attempted = pub.attempted
@@ -693,7 +694,7 @@ class Faults(Scenario):
         if unconfirmed:
             notes.append(f"{len(unconfirmed)} task(s) whose send_task raised ran anyway")
         for kind, (count, first) in pub.errors.items():
-            notes.append(f"publisher: {count} x {_celery.one_line(first)[:200]}")
+            notes.append(f"publisher: {count} x {celery_workers.one_line(first)[:200]}")
         if pub.is_alive():
             notes.append("the publisher was still inside a send_task call when the cell "
                          "ended (blocked on the broker)")

@@ -2,14 +2,14 @@
 
 Wall-clock rates on a shared 2-core VM move 1.7x between consecutive runs; the
 number of instructions a publish executes does not (0.1% here). Each cell runs
-``python -m bench.probe TARGET N`` (:mod:`bench.probe`) under
+``python -m bench.callgrind_child TARGET N`` (:mod:`bench.callgrind_child`) under
 ``valgrind --tool=callgrind`` twice, with ``N1`` and ``N2`` messages, both at once
 (two cores), and reports::
 
     instructions_per_msg = (I(N2) - I(N1)) / (N2 - N1)
 
 so start-up, imports, set-up and the probe's fixed warm-up cancel. Targets
-(cell param ``target``, see :mod:`bench.probe`): ``queue-put``, ``kombu-publish``
+(cell param ``target``, see :mod:`bench.callgrind_child`): ``queue-put``, ``kombu-publish``
 (memory, held producer, ``retry=False``), ``kombu-publish-retry`` (the same with
 ``retry=True``, as the publish scenario's Kombu rows publish), ``celery-apply_async``
 (memory, Celery's default producer path), ``framing-encode`` / ``framing-decode``
@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import probe
+from .. import callgrind_child, children
 from . import Outcome, Scenario, Skip, payload_bytes, register
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -106,7 +105,7 @@ def child_env(base: dict | None = None) -> dict:
 
 
 def probe_argv(target: str, n: int, payload: int, serializer: str) -> list[str]:
-    return [sys.executable, "-m", "bench.probe", target, f"{n:0{WIDTH}d}", str(payload),
+    return [sys.executable, "-m", "bench.callgrind_child", target, f"{n:0{WIDTH}d}", str(payload),
             serializer]
 
 
@@ -139,22 +138,7 @@ def last_error_line(stderr: str) -> str:
 
 
 def _stop(procs) -> None:
-    """Terminate, then kill, whatever is still running (each in its own session)."""
-    alive = [p for p in procs if p.poll() is None]
-    for p in alive:
-        try:
-            os.killpg(p.pid, signal.SIGTERM)
-        except OSError:
-            pass
-    for p in alive:
-        try:
-            p.wait(STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except OSError:
-                pass
-            p.wait()
+    children.stop(procs, STOP_GRACE_S)
 
 
 def _wait(procs, timeout: float, what: str) -> None:

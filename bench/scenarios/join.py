@@ -32,7 +32,8 @@ from pathlib import Path
 from celery import chord, group
 from celery.exceptions import TimeoutError as CeleryTimeout
 
-from .. import backends, brokers, joins, recorder, roundtrips, workers
+from .. import backends, brokers, celery_workers, joins, recorder, roundtrips
+from ..cleanup import delete_queues
 from ..celery_app import make_app
 from . import Outcome, Scenario, Skip, _celery, register
 
@@ -103,7 +104,7 @@ def _cell(backend: backends.Backend, method, size, interval, task_seconds) -> di
 
 # --------------------------------------------------------------------------- a kept worker
 @dataclass
-class _Setup(_celery.Rig):
+class _Setup(_celery.WorkerSetup):
     app: object = None
     counter: roundtrips.Counter = None
     joins: int = 0
@@ -122,9 +123,9 @@ def _start(params, opts) -> _Setup:
         stack.callback(cleanup)
         queue = f"bench.join.{tag}"
         conf["task_default_queue"] = queue
-        stack.callback(_celery.delete_queues, env, [queue])
+        stack.callback(delete_queues, env, [queue])
         with _celery.worker_failures():
-            w = stack.enter_context(workers.worker(
+            w = stack.enter_context(celery_workers.worker(
                 env.url, backend_url, transport_options=env.transport_options, conf=conf,
                 pool=opts.pool or "prefork", concurrency=opts.concurrency or 2,
                 ready_timeout=min(60.0, opts.timeout), stop_timeout=STOP_GRACE_S))
@@ -175,7 +176,7 @@ class _Sample:
 
 
 @contextmanager
-def _watching_sleeps(worker: workers.Worker):
+def _watching_sleeps(worker: celery_workers.Worker):
     """Count the waiter's sleeps (its polls) and fail fast if the worker dies.
 
     Patches ``time.sleep`` for the duration of one wait, because Celery's own
@@ -197,9 +198,9 @@ def _watching_sleeps(worker: workers.Worker):
         time.sleep = real_sleep
 
 
-def _check_alive(worker: workers.Worker, *_) -> None:
+def _check_alive(worker: celery_workers.Worker, *_) -> None:
     if not worker.alive():
-        raise workers.WorkerError(_celery.one_line(
+        raise celery_workers.WorkerError(celery_workers.one_line(
             f"worker {worker.hostname} died during the join; log {worker.log_path} "
             f"ends:\n{worker.log_tail(8)}"))
 

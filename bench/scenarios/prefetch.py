@@ -20,7 +20,8 @@ import time
 import uuid
 from contextlib import ExitStack
 
-from .. import backends, brokers, recorder, workers
+from .. import backends, brokers, celery_workers, recorder
+from ..cleanup import delete_queues
 from ..celery_app import make_app
 from . import Outcome, Scenario, Skip, _celery, register
 
@@ -163,12 +164,12 @@ class Prefetch(Scenario):
             backend_url, backend_conf, cleanup = backend.open(workdir, "prefetch")
             stack.callback(cleanup)
             conf.update(backend_conf)
-            stack.callback(_celery.delete_queues, env, [queue])
+            stack.callback(delete_queues, env, [queue])
             app = make_app(env.url, backend_url, env.transport_options, **conf)
             stack.callback(app.close)
             backend.prepare(app)
             with _celery.worker_failures():
-                procs = stack.enter_context(workers.workers(
+                procs = stack.enter_context(celery_workers.workers(
                     WORKERS, env.url, backend_url, transport_options=env.transport_options,
                     conf=conf, pool="prefork", concurrency=1, queues=[queue],
                     ready_timeout=opts.timeout))

@@ -3,7 +3,7 @@
 A worker process (``celery worker``, Celery's defaults: prefetch multiplier 4,
 early ack, log level WARNING) in the ``solo`` pool and in ``prefork`` with
 concurrency 2, over every cross-process transport. The task,
-``bench.worker.tick`` (:mod:`bench.tasks.worker`), does nothing but append its
+``bench.worker.tick`` (:mod:`bench.tasks.tick`), does nothing but append its
 worker-side start/end readings (CLOCK_MONOTONIC, shared by every process on the
 host) to a per-process file, so every task is counted (received, lost,
 duplicates) without a result backend in the measurement.
@@ -64,9 +64,10 @@ from pathlib import Path
 import numpy as np
 from kombu.utils.uuid import uuid as task_id
 
-from .. import brokers, maxrate, pacing, recorder, workers
+from .. import brokers, celery_workers, maxrate, pacing, recorder
+from ..cleanup import delete_queues
 from ..celery_app import make_app
-from ..tasks import worker as tick
+from ..tasks import tick
 from . import Outcome, Scenario, Skip, _celery, register
 
 DESCRIPTION = (
@@ -157,7 +158,7 @@ class _Ticks:
 
 # --------------------------------------------------------------------------- the worker
 @dataclass
-class _Rig(_celery.Rig):
+class _Rig(_celery.WorkerSetup):
     env: object = None
     app: object = None
     queue: str = ""
@@ -188,7 +189,7 @@ def _open(params, opts) -> _Rig:
         app = make_app(env.url, None, env.transport_options, task_default_queue=queue,
                        task_ignore_result=True)
         stack.callback(app.close)
-        stack.callback(_celery.delete_queues, env, [queue])
+        stack.callback(delete_queues, env, [queue])
     except BaseException:
         stack.close()
         raise
@@ -198,7 +199,7 @@ def _open(params, opts) -> _Rig:
 def _start_worker(rig: _Rig, params, opts) -> None:
     env = rig.env
     with _celery.worker_failures():
-        proc = rig.stack.enter_context(workers.worker(
+        proc = rig.stack.enter_context(celery_workers.worker(
             env.url, transport_options=env.transport_options,
             conf={"task_default_queue": rig.queue, "task_ignore_result": True},
             pool=params["pool"], concurrency=int(params["concurrency"]), queues=[rig.queue],

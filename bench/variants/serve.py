@@ -36,7 +36,7 @@ def _portable(repeat: dict) -> dict:
 
 
 def main() -> int:
-    from bench import runner, scenarios, workers
+    from bench import celery_workers, runner, scenarios
 
     spec = json.loads(sys.stdin.readline())
     opts = runner.RunOptions.from_dict(spec["options"])
@@ -70,7 +70,7 @@ def main() -> int:
             print("result " + json.dumps(answer, default=str), flush=True)
     finally:
         scenario.close()
-        workers.stop_all(timeout=10.0)
+        celery_workers.stop_all(timeout=10.0)
     return 0
 
 

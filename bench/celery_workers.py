@@ -47,6 +47,18 @@ class WorkerError(RuntimeError):
     """A worker died, never became ready, or could not be started (with its log tail)."""
 
 
+def one_line(text: str, tail: int | None = None) -> str:
+    """The runner keeps a failure's first line only: fold a log tail into it.
+
+    ``tail``: keep the first line and only the last ``tail`` lines after it
+    (a traceback's last lines say what went wrong).
+    """
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    if tail is not None and len(lines) > tail + 1:
+        lines = lines[:1] + ["..."] + lines[-tail:]
+    return " | ".join(lines)
+
+
 _registry: dict[int, "Worker"] = {}   # pid -> running worker started by this process
 _log_dir: Path | None = None
 _sigterm_installed = False

@@ -1,6 +1,6 @@
 """The child program the ``instructions`` scenario runs under callgrind.
 
-``python -m bench.probe TARGET N`` sets TARGET up, sends a fixed warm-up of
+``python -m bench.callgrind_child TARGET N`` sets TARGET up, sends a fixed warm-up of
 messages, then N messages, and exits. The parent runs it twice with two totals
 and divides the difference of the instruction counts by the difference of the
 totals, so start-up, imports, set-up and warm-up cancel out. N may be zero-padded
@@ -253,7 +253,7 @@ def run(target: str, n: int, payload_bytes: int = PAYLOAD_BYTES,
 
 def main(argv: list[str]) -> int:
     if not 2 <= len(argv) <= 4:
-        print("usage: python -m bench.probe TARGET N [PAYLOAD_BYTES [SERIALIZER]]",
+        print("usage: python -m bench.callgrind_child TARGET N [PAYLOAD_BYTES [SERIALIZER]]",
               file=sys.stderr)
         return 2
     # numpy (imported by bench.recorder) starts OpenBLAS threads that spin while idle:
