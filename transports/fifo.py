@@ -5,97 +5,14 @@ process that consumes a queue creates its FIFO and holds it open; producers
 write length-prefixed frames (:mod:`transports.framing`) straight into it.
 For producers and consumers that share a host.
 
-What a pipe can do and what it cannot, enforced rather than hoped for:
-
-* **One consumer process per queue.** The consumer takes an exclusive
-  ``flock`` on ``<queue>.lock``; a consumer in another process gets
-  :class:`QueueBusyError` naming the holder's pid. Connections of one
-  process share the queue's pipe, and only one of them may consume it.
-* **No consumer, no publish.** Nothing holds a message for a queue nobody
-  reads: a publish to such a queue fails at once with
-  :class:`NoConsumerError` (opening a FIFO for writing with no reader gives
-  ``ENXIO``), or waits up to ``publish_timeout`` seconds for a consumer to
-  attach. Start consumers first. Kombu does not retry it (not recoverable).
-  A consumer that stops consuming a queue (``basic_cancel`` of its last
-  consumer on it: ``Consumer.cancel()``, Celery's warm shutdown) lets the
-  queue go at once: its pipe is closed and unlinked, so a publish from then
-  on fails the same way, even through a write end a producer already holds
-  (``EPIPE``, then ``ENOENT``), instead of filling a pipe nobody will read.
-  Queues the connection declared ``auto_delete``/``exclusive`` (reply and
-  broadcast queues) are the exception: held, unread, until their declarer
-  lets go, so a consumer of them can stop and come back.
-* **At-most-once delivery, no acks.** A message belongs to the consumer
-  process once it is in its pipe. ``ack`` only frees the prefetch window;
-  whatever is in the pipe or read but not processed is lost if the consumer
-  dies or detaches, never redelivered to another process, and unacked
-  messages are not restored on close. ``reject(requeue=True)`` puts the
-  message back at the head of this process's buffer (redelivered, while the
-  process holds the queue).
-* **What a consumer's end loses: its prefetch window plus its pipe.** With a
-  prefetch limit (``basic_qos``; Celery's ``worker_prefetch_multiplier`` x
-  concurrency) the consumer never holds more than its window: it reads the
-  pipe frame by frame, only as many messages as the window has room for
-  (delivered-unacked plus read-not-handed-over <= prefetch). SIGKILL loses that
-  window and whatever sits in the pipe (up to ``pipe_size`` bytes of
-  messages). A warm shutdown (``basic_cancel``, which ``Consumer.cancel()`` and
-  Celery's warm shutdown call) reads no more, hands over what was read and lets
-  the queue go, so only what was in the pipe at that moment is lost (publishes
-  made while a worker winds down fail instead). Letting a queue go logs what it
-  drops. Without a prefetch limit reads are in bulk (``read_size``) and what
-  was read but not handed over is lost too.
-  For a backlogged stream (a producer faster than its consumer) that is the
-  pipe's contents, whatever the way it stops; figures in docs/transports.md. The
-  pipe is the floor, and it cannot be made small without making producers
-  block sooner (``pipe_size``). For work that must not be lost, use the
-  ``unix`` transport (acks, redelivery, publisher confirms).
-* **Many producers, no interleaving.** Every write is at most ``PIPE_BUF``
-  bytes, which a pipe keeps whole. A larger message is split into chunks
-  tagged with the producer's stream id and reassembled by the consumer (no
-  lock; a producer that dies mid-message leaves a fragment the consumer
-  drops).
-* **Backpressure.** A full pipe (``pipe_size``) holds a publish up to
-  ``write_timeout`` seconds, then :class:`PublishTimeout`. A producer in the
-  consuming process never waits on its own pipe: it moves the pipe's
-  content into the consumer's buffer (waiting would deadlock).
-* **Size and purge** only from the consuming process (others see 0).
-* **Exchanges.** A consumer writes the named-exchange bindings of each queue
-  it holds to ``.bindings/<queue>.json``, so a publisher that never declared
-  them still routes. Direct exchanges use the publisher's own bindings first
-  and fail like the default exchange when the consumer is missing; topic and
-  fanout deliver to every bound queue whose consumer is attached at that
-  moment and skip the rest, as a broadcast does.
-* **Who holds a queue.** The process that consumes it (``basic_consume``,
-  ``basic_get``), or the one that declares it ``auto_delete`` or
-  ``exclusive`` unless another process already holds it: reply and broadcast
-  queues belong to their declarer, so a reply sent before its consumer starts
-  is kept. Do not declare an ``auto_delete`` queue first in a producer.
-* Forked children close the pipes they inherit (prefork pool children do
-  not keep a dead consumer's pipe alive) and take new stream ids. Producers
-  need SIGPIPE ignored, as Python sets it (a warning says when it is not).
-
-Celery: ``broker_url='fifo:///abs/dir'`` in the client and in
-``celery worker``. The worker consumes by readiness: this transport says
-``implements.asynchronous`` and registers each held FIFO's read end with the
-worker's event loop, reading a queue only while its prefetch window has room
-(no ``polling_interval`` sleeps); without an event loop,
-``drain_events(timeout)`` blocks on ``select``. Remote control works over the
-emulated fanout: ``celery inspect``/``control`` (pidbox broadcast, replies to
-an auto_delete reply queue). The ``rpc://`` result backend works for the same
-reason. Celery turns mingle and gossip off by itself for this transport (they
-need ``driver_type`` amqp or redis); worker heartbeats and task events are
-published to the ``celeryev`` topic and reach only event receivers attached
-at that moment. Everything stays at-most-once: tasks a worker prefetched, and
-those still in its pipe, are lost when it stops or dies (see above for how
-many; ``task_acks_late`` does not bring them back). A warm shutdown cancels
-the task consumer first, which lets the queue go: tasks published while the
-worker winds down fail with :class:`NoConsumerError` (or wait
-``publish_timeout`` for a replacement worker to attach) rather than being
-accepted and lost. What can still be lost is what reached the worker in the
-milliseconds between SIGTERM and that cancel: in its pipe, or received by
-Celery but not yet taken by a pool process, which Celery drops at shutdown
-because it counts on a broker to redeliver it. That is ~1 task for a paced
-publisher, but a worker whose pipe is full (a publisher faster than it) loses the
-pipe's contents: up to ``pipe_size`` bytes of tasks (docs/transports.md).
+What it promises (one consumer process per queue; no consumer, no publish; at-most-once,
+``ack`` only frees the prefetch window; a consumer's end loses its prefetch window plus its
+pipe; no interleaving of many producers: writes of at most ``PIPE_BUF``, larger messages
+chunked by :mod:`transports.chunking`; back-pressure through a full pipe; bindings shared
+through the directory, :mod:`transports.fifo_bindings`) and what was measured:
+docs/transports.md. The consuming end is :mod:`transports.fifo_inbox`, the producing end
+:mod:`transports.fifo_outbox`, the channel :mod:`transports.fifo_channel`.
+Celery: ``broker_url='fifo:///abs/dir'`` in the client and in ``celery worker``.
 
 Features
 ========
@@ -138,102 +55,43 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
 import re
 import select
-import signal
 import socket
 import stat
-import struct
-import termios
 import threading
 import time
 import weakref
-from collections import deque
 from hashlib import sha256
 from itertools import count
-from queue import Empty
 
 from kombu.exceptions import ChannelError, ConnectionError
 from kombu.log import get_logger
 from kombu.transport import virtual
-from kombu.transport.virtual.exchange import STANDARD_EXCHANGE_TYPES, TopicExchange
 
-from . import framing
+from . import chunking, framing
+from .chunking import CHUNK, CHUNK_DATA, MAX_WHOLE, PIPE_BUF, SID_SIZE
+from .fifo_bindings import SharedBindings
+from .fifo_channel import Channel
+from .fifo_errors import FifoError, NoConsumerError, PublishTimeout, QueueBusyError, _option
+from .fifo_inbox import _close_inbox, _Inbox, _set_pipe_size
+from .fifo_outbox import Outboxes
+
+__all__ = ("Transport", "Channel", "FifoError", "NoConsumerError", "QueueBusyError",
+           "PublishTimeout", "queue_filename", "CHUNK", "CHUNK_DATA", "MAX_WHOLE", "PIPE_BUF")
 
 logger = get_logger(__name__)
 
-PIPE_BUF = select.PIPE_BUF
 DEFAULT_PIPE_SIZE = 1 << 20
 DEFAULT_READ_SIZE = 256 << 10
 DEFAULT_WRITE_TIMEOUT = 10.0
 
-# A frame payload whose first byte is 0xFF is a chunk of a large message: a whole
-# message starts with its u32 meta length, which is < MAX_FRAME (64 MiB) < 0xFF000000.
-CHUNK = 0xFF
-_CHUNK_PREFIX = bytes([CHUNK])
-_FIRST, _LAST = 1, 2
-SID_SIZE = 8
-_CHUNK_HEAD = 1 + SID_SIZE + 1          # 0xFF, stream id, flags
-CHUNK_DATA = PIPE_BUF - framing.HEADER_SIZE - _CHUNK_HEAD
-MAX_WHOLE = PIPE_BUF - framing.HEADER_SIZE  # largest payload sent as one write
-
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_@][A-Za-z0-9_.@-]{0,199}\Z")
 _OPEN_WRITE = os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW
-_MAX_OUTBOXES = 512
-_BIND_DIR = ".bindings"
 
 _HEADER = framing.HEADER_SIZE
-_INT = struct.Struct("i")
-_pack = framing.HEADER.pack
-_encode = framing.encode_message
 _decode = framing.decode_message
-_write = os.write
-
-
-class FifoError(ChannelError):
-    """A fifo transport failure with a message that says what to do."""
-
-
-class NoConsumerError(FifoError):
-    """Publish to a queue that has no consumer attached."""
-
-
-class QueueBusyError(FifoError):
-    """A second consumer for a queue that already has one."""
-
-
-class PublishTimeout(FifoError):
-    """The consumer is attached but its pipe stayed full."""
-
-
-def _option(opts, name, kind, default):
-    value = opts.get(name)
-    if value is None:
-        return default
-    try:
-        value = kind(value)
-    except (TypeError, ValueError):
-        value = -1
-    if value < 0:
-        raise FifoError(f"fifo transport option {name}={opts.get(name)!r}: expected a "
-                        f"non-negative {kind.__name__}")
-    return value
-
-
-def _set_pipe_size(fd, size):
-    """Ask for ``size`` bytes of pipe, else the most an unprivileged process may have."""
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
-        return
-    except OSError:
-        pass
-    try:
-        with open("/proc/sys/fs/pipe-max-size") as fh:
-            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, min(size, int(fh.read())))
-    except (OSError, ValueError):
-        pass  # keep the kernel's default capacity
 
 
 def queue_filename(queue: str) -> str:
@@ -243,239 +101,7 @@ def queue_filename(queue: str) -> str:
     return "%" + sha256(queue.encode("utf-8")).hexdigest()[:40]
 
 
-class _Inbox:
-    """The consuming end of one queue's FIFO, held by this process.
-
-    One per queue per process, shared by the connections of the process that
-    hold it (a Celery client declares its reply queue on the publishing
-    connection and consumes it on another); only one of them may consume.
-    """
-
-    __slots__ = ("key", "queue", "fifo_path", "lock_path", "bindings_path", "rfd", "wfd",
-                 "lockfd", "ino", "pid", "reader", "frames", "requeued", "partials", "channel",
-                 "holders", "reg", "lock", "stopped")
-
-    def __init__(self, key, queue, fifo_path, lock_path, bindings_path):
-        self.key = key
-        self.queue = queue
-        self.fifo_path = fifo_path
-        self.lock_path = lock_path
-        self.bindings_path = bindings_path
-        self.rfd = self.wfd = self.lockfd = -1
-        self.ino = None
-        self.pid = os.getpid()
-        self.reader = framing.FrameReader(PIPE_BUF)  # every frame is one write <= PIPE_BUF
-        self.frames = deque()      # whole message payloads, not yet decoded
-        self.requeued = deque()    # decoded messages put back by reject(requeue=True)
-        self.partials = {}         # stream id -> bytearray of a chunked message
-        self.channel = None        # the consuming channel (its QoS limits delivery)
-        self.holders = set()       # transports of this process holding the queue
-        self.reg = None            # (loop, transport) while the read end is in an event loop
-        self.lock = threading.Lock()  # parsing: the consumer, or a producer of this process
-        self.stopped = False       # consumer cancelled: read nothing more from the pipe
-
-    def pending(self) -> bool:
-        return bool(self.requeued or self.frames)
-
-
-class _FifoTopicExchange(TopicExchange):
-    """Topic delivery that skips queues without a consumer (it is a broadcast)."""
-
-    def deliver(self, message, exchange, routing_key, **kwargs):
-        put = self.channel._put_broadcast
-        deadletter = self.channel.deadletter_queue
-        for queue in self.channel._lookup(exchange, routing_key):
-            if queue and queue != deadletter:
-                put(queue, message)
-
-
-class Channel(virtual.Channel):
-    """FIFO channel: ``_put`` writes a frame into the queue's pipe."""
-
-    body_encoding = None
-    do_restore = False          # a consumer that closes cannot hand messages back
-    supports_fanout = True      # fanout goes through the shared bindings
-    exchange_types = dict(STANDARD_EXCHANGE_TYPES, topic=_FifoTopicExchange)
-
-    # -- publishing ---------------------------------------------------------
-    def basic_publish(self, message, exchange, routing_key, **kwargs):
-        if not exchange or self.body_encoding:
-            return super().basic_publish(message, exchange, routing_key, **kwargs)
-        # A direct exchange the publisher bound itself: the route is cached until any
-        # binding of this connection changes, saving kombu's per-message table look-up.
-        routes = self.connection._routes
-        queues = routes.get((exchange, routing_key))
-        if queues is None:
-            etype = self.typeof(exchange)
-            try:
-                local = etype.lookup(self.get_table(exchange), exchange, routing_key, None)
-            except KeyError:
-                local = ()
-            if not (local and etype.type == "direct"):
-                return super().basic_publish(message, exchange, routing_key, **kwargs)
-            queues = routes[(exchange, routing_key)] = tuple(local)
-        info = message["properties"]["delivery_info"]
-        info["exchange"] = exchange
-        info["routing_key"] = routing_key
-        payload = _encode(message)
-        send = self.connection._send
-        for queue in queues:
-            send(queue, payload, False)
-
-    def exchange_declare(self, *args, **kwargs):
-        self.connection._routes.clear()
-        return super().exchange_declare(*args, **kwargs)
-
-    def exchange_delete(self, *args, **kwargs):
-        self.connection._routes.clear()
-        return super().exchange_delete(*args, **kwargs)
-
-    def queue_bind(self, *args, **kwargs):
-        self.connection._routes.clear()
-        return super().queue_bind(*args, **kwargs)
-
-    def _inplace_augment_message(self, message, exchange, routing_key):
-        if self.body_encoding:
-            return super()._inplace_augment_message(message, exchange, routing_key)
-        # No base64, and no uuid delivery tag: the consumer numbers what it reads.
-        info = message["properties"]["delivery_info"]
-        info["exchange"] = exchange
-        info["routing_key"] = routing_key
-
-    def _put(self, queue, message, **kwargs):
-        self.connection._send(queue, _encode(message), False)
-
-    def _put_broadcast(self, queue, message):
-        self.connection._send(queue, _encode(message), True)
-
-    def _put_fanout(self, exchange, message, routing_key, **kwargs):
-        payload = _encode(message)
-        for queue in self._bound_queues(exchange, routing_key, "fanout"):
-            self.connection._send(queue, payload, True)
-
-    def _lookup(self, exchange, routing_key, default=None):
-        if not exchange:
-            return [routing_key or default or self.deadletter_queue]
-        etype = self.typeof(exchange)
-        try:
-            local = etype.lookup(self.get_table(exchange), exchange, routing_key, default)
-        except KeyError:
-            local = ()
-        if local and etype.type == "direct":
-            return local  # the publisher's own bindings: no file system look-up
-        return self._bound_queues(exchange, routing_key, None, local)
-
-    def _bound_queues(self, exchange, routing_key, type_, local=None):
-        if local is None:
-            try:
-                local = self.typeof(exchange).lookup(
-                    self.get_table(exchange), exchange, routing_key, None)
-            except KeyError:
-                local = ()
-        queues = set(local)
-        shared = self.connection._shared_bindings().get(exchange)
-        if shared:
-            etype = self.exchange_types.get(type_ or shared[0])
-            if etype is not None:
-                queues.update(etype.lookup(shared[1], exchange, routing_key, None))
-        return queues
-
-    # -- declaring ----------------------------------------------------------
-    def _new_queue(self, queue, **kwargs):
-        if kwargs.get("auto_delete") or kwargs.get("exclusive"):
-            try:
-                self.connection._attach(queue, self)
-            except QueueBusyError:
-                pass  # another process consumes it: we are only declaring before a publish
-            else:
-                self.connection._declared.add(queue)  # held until its declarer lets go
-
-    def _has_queue(self, queue, **kwargs):
-        return self.connection._has_queue(queue)
-
-    def _queue_bind(self, exchange, routing_key, pattern, queue):
-        self.connection._share_bindings(queue)
-
-    def queue_unbind(self, queue, exchange=None, routing_key="", arguments=None, **kwargs):
-        self.connection._routes.clear()
-        super().queue_unbind(queue, exchange, routing_key, arguments, **kwargs)
-        self.connection._share_bindings(queue)
-
-    def queue_delete(self, queue, if_unused=False, if_empty=False, **kwargs):
-        """Let go of the queue (kombu calls ``_delete`` per binding, so not for a bare queue)."""
-        if if_empty and self._size(queue):
-            return
-        self.connection._routes.clear()
-        super().queue_delete(queue, if_unused=if_unused, **kwargs)
-        self.connection._detach(queue)
-
-    def _delete(self, queue, *args, **kwargs):
-        self.connection._detach(queue)
-
-    def _size(self, queue):
-        return self.connection._size(queue)
-
-    def _purge(self, queue):
-        return self.connection._purge(queue)
-
-    # -- consuming ----------------------------------------------------------
-    def basic_consume(self, queue, no_ack, callback, consumer_tag, **kwargs):
-        self.connection._attach(queue, self, consume=True)
-        return super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
-
-    def basic_cancel(self, consumer_tag):
-        """Stop reading the queue's pipe and hand over what was read; when that was the
-        queue's last consumer, let the queue go (close and unlink its pipe), so what is
-        published from then on fails (:class:`NoConsumerError`, or waits
-        ``publish_timeout`` for a new consumer) instead of filling a pipe nobody reads.
-        Celery's warm shutdown and ``Consumer.cancel()`` come through here.
-
-        A queue this connection declared ``auto_delete``/``exclusive`` (a reply or
-        broadcast queue) stays held, unread, until its declarer lets go: a consumer of
-        it may come back (Celery's rpc result consumer does)."""
-        conn = self.connection
-        queue = self._tag_to_queue.get(consumer_tag)
-        if queue is None or conn is None:
-            return super().basic_cancel(consumer_tag)
-        callback = conn._callbacks.get(queue)
-        read = conn._stop_reading(queue)
-        super().basic_cancel(consumer_tag)
-        if queue not in conn._callbacks and queue not in conn._declared:
-            conn._detach(queue)  # before the hand-over: every write from now on fails
-            conn._let_go.add(queue)
-        if callback is not None:
-            for raw in read:
-                callback(raw)
-        inbox = conn._inboxes.get(queue)
-        if inbox is not None and queue not in conn._callbacks:
-            inbox.stopped = False  # still held (declared): nothing reads it but basic_get
-
-    def _get(self, queue, timeout=None):
-        inbox = self.connection._attach(queue, self)
-        raw = self.connection._take(inbox)
-        if raw is None:
-            raise Empty()
-        return raw
-
-    def _restore(self, message):
-        """reject(requeue=True): back to the head of this process's buffer, never elsewhere."""
-        raw = message.serializable()
-        raw["redelivered"] = True
-        info = message.delivery_info
-        raw["properties"]["delivery_info"] = dict(info, redelivered=True)
-        held = self.connection._inboxes
-        for queue in sorted(self._lookup(info.get("exchange"), info.get("routing_key")) or ()):
-            if queue in held:
-                held[queue].requeued.appendleft(raw)
-                return
-        logger.warning("fifo: requeued message dropped: this process no longer holds its "
-                       "queue (delivery is at-most-once)")
-
-    def _restore_at_beginning(self, message):
-        return self._restore(message)
-
-
-class Transport(virtual.Transport):
+class Transport(Outboxes, virtual.Transport):
     """FIFO transport: one named pipe per queue, consumer-owned."""
 
     Channel = Channel
@@ -515,7 +141,7 @@ class Transport(virtual.Transport):
         self._chunk_lock = threading.Lock()
         self._dir_checked = False
         self._sigpipe_checked = False
-        self._bind_cache = None
+        self._bindings = SharedBindings(self.directory, queue_filename)
         self._routes = {}           # (exchange, routing_key) -> queues, direct and local only
         self._loop = None
         self._wake_r = self._wake_w = None   # pipe that makes the event loop's poll return
@@ -597,10 +223,15 @@ class Transport(virtual.Transport):
             inbox.channel = channel
         return inbox
 
+    def _own_inbox(self, queue):
+        """This process's consuming end of ``queue``, if it holds one (a producer must
+        not wait on its own pipe)."""
+        return _process_inboxes.get((self.directory, queue))
+
     def _open_inbox(self, key, queue):
         self._check_directory(create=True)
         inbox = _Inbox(key, queue, self._path(queue, ".fifo"), self._path(queue, ".lock"),
-                       self._bindings_path(queue))
+                       self._bindings.path(queue))
         inbox.lockfd = self._lock_queue(queue, inbox.lock_path)
         try:
             try:
@@ -763,23 +394,13 @@ class Transport(virtual.Transport):
         return read
 
     def _chunk(self, inbox, f):
-        sid, flags, data = f[1:1 + SID_SIZE], f[1 + SID_SIZE], f[_CHUNK_HEAD:]
-        partials = inbox.partials
-        if flags & _FIRST:
-            buf = partials[sid] = bytearray(data)
-        else:
-            buf = partials.get(sid)
-            if buf is None:
-                return  # the tail of a message whose start we never saw: drop it
-            buf += data
-            if len(buf) > framing.MAX_FRAME:
-                del partials[sid]
-                logger.error("fifo queue %r: chunked message over %d bytes dropped",
-                             inbox.queue, framing.MAX_FRAME)
-                return
-        if flags & _LAST:
-            del partials[sid]
-            inbox.frames.append(bytes(buf))
+        try:
+            whole = chunking.join(inbox.partials, f)
+        except chunking.TooBig as exc:
+            logger.error("fifo queue %r: %s", inbox.queue, exc)
+            return
+        if whole is not None:
+            inbox.frames.append(whole)
 
     def _take(self, inbox):
         """The next message of ``inbox`` as a kombu dict (one read if empty), or None."""
@@ -928,137 +549,7 @@ class Transport(virtual.Transport):
             except BlockingIOError:
                 pass
 
-    # -- producer side ----------------------------------------------------------
-    def _send(self, queue, payload, missing_ok):
-        """Write one encoded message into ``queue``'s pipe, in writes of <= PIPE_BUF."""
-        n = len(payload)
-        if n <= MAX_WHOLE:
-            fd = self._outboxes.get(queue)
-            if fd is not None:
-                try:
-                    _write(fd, _pack(n) + payload)  # atomic: <= PIPE_BUF, all or nothing
-                    return
-                except OSError:
-                    pass  # full pipe or consumer gone: the slow path sorts it out
-            self._write_frames(queue, [_pack(n) + payload], missing_ok)
-            return
-        if n > framing.MAX_FRAME:
-            raise FifoError(f"message of {n} bytes exceeds the fifo limit ({framing.MAX_FRAME})")
-        frames = []
-        sid = self._sid
-        last = n - 1
-        for start in range(0, n, CHUNK_DATA):
-            flags = (_FIRST if start == 0 else 0) | (_LAST if start + CHUNK_DATA > last else 0)
-            piece = payload[start:start + CHUNK_DATA]
-            frames.append(_pack(_CHUNK_HEAD + len(piece)) + _CHUNK_PREFIX + sid
-                          + bytes((flags,)) + piece)
-        with self._chunk_lock:  # one stream id per transport: chunks of two threads must not mix
-            self._write_frames(queue, frames, missing_ok)
-
-    def _write_frames(self, queue, frames, missing_ok):
-        write_deadline = None
-        reopened = False
-        i = 0
-        while i < len(frames):
-            fd = self._outboxes.get(queue)
-            if fd is None:
-                fd = self._open_outbox(queue, missing_ok)
-                if fd is None:
-                    return  # broadcast to a queue whose consumer is gone
-            try:
-                written = _write(fd, frames[i])
-            except BlockingIOError:
-                own = _process_inboxes.get((self.directory, queue))
-                if own is not None and own.rfd >= 0 and self._fill(own, bulk=True):
-                    # We consume this queue ourselves: waiting would deadlock, so move
-                    # the pipe's content into our own buffer instead.
-                    continue
-                if write_deadline is None:
-                    write_deadline = time.monotonic() + self.write_timeout
-                self._wait_writable(queue, fd, write_deadline)
-                continue
-            except BrokenPipeError:
-                # The consumer detached or died: a new one may hold a new pipe.
-                self._drop_outbox(queue)
-                if reopened:
-                    if missing_ok:
-                        return
-                    raise NoConsumerError(self._no_consumer(queue)) from None
-                reopened = True
-                i = 0  # a chunked message starts over in the new pipe
-                continue
-            if written != len(frames[i]):  # cannot happen for <= PIPE_BUF; never corrupt
-                raise FifoError(f"short write ({written} of {len(frames[i])}) on {queue!r}")
-            i += 1
-
-    def _wait_writable(self, queue, fd, deadline):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise PublishTimeout(
-                f"fifo queue {queue!r}: the consumer is not reading (pipe full for "
-                f"{self.write_timeout:g} s); raise transport option write_timeout or speed "
-                f"up the consumer")
-        poller = select.poll()
-        poller.register(fd, select.POLLOUT)
-        poller.poll(remaining * 1000.0)
-
-    def _open_outbox(self, queue, missing_ok):
-        if not self._sigpipe_checked:
-            self._sigpipe_checked = True
-            if signal.getsignal(signal.SIGPIPE) == signal.SIG_DFL:
-                logger.warning("fifo transport: SIGPIPE is not ignored in this process, so a "
-                               "publish racing a consumer that leaves kills it; Python ignores "
-                               "SIGPIPE unless something restored the default")
-        path = self._path(queue, ".fifo")
-        deadline = None
-        delay = 0.001
-        while True:
-            if self._check_directory(create=False):
-                try:
-                    fd = os.open(path, _OPEN_WRITE)
-                except OSError as exc:
-                    if exc.errno not in (errno.ENXIO, errno.ENOENT):
-                        raise FifoError(f"cannot open fifo for queue {queue!r}: {exc}") from None
-                else:
-                    if not stat.S_ISFIFO(os.fstat(fd).st_mode):
-                        os.close(fd)
-                        raise FifoError(f"{path} is not a FIFO")
-                    if len(self._outboxes) >= _MAX_OUTBOXES:
-                        self._close_outboxes()
-                    self._outboxes[queue] = fd
-                    return fd
-            if missing_ok:
-                return None
-            now = time.monotonic()
-            if deadline is None:
-                deadline = now + self.publish_timeout
-            if now >= deadline:
-                raise NoConsumerError(self._no_consumer(queue))
-            time.sleep(min(delay, deadline - now))
-            delay = min(delay * 2, 0.05)
-
-    def _no_consumer(self, queue):
-        waited = (f" within publish_timeout={self.publish_timeout:g} s"
-                  if self.publish_timeout else "")
-        return (f"no consumer attached to fifo queue {queue!r} in {self.directory}{waited}: "
-                f"start the consumer first, or set transport option publish_timeout to wait")
-
-    def _drop_outbox(self, queue):
-        fd = self._outboxes.pop(queue, None)
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-    def _close_outboxes(self):
-        for queue in list(self._outboxes):
-            self._drop_outbox(queue)
-
     # -- shared bindings ----------------------------------------------------------
-    def _bindings_path(self, queue):
-        return os.path.join(self.directory, _BIND_DIR, queue_filename(queue) + ".json")
-
     def _share_bindings(self, queue):
         """The consumer of ``queue`` publishes its named-exchange bindings for other processes."""
         if queue not in self._inboxes:
@@ -1073,48 +564,10 @@ class Transport(virtual.Transport):
                 continue
             rkey, pattern, _ = impl(None).prepare_bind(queue, exchange, routing_key, arguments)
             rows.append([exchange, etype, rkey, pattern, queue])
-        path = self._bindings_path(queue)
-        if not rows:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            return
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600),
-                  "w") as fh:
-            json.dump(rows, fh)
-        os.replace(tmp, path)
+        self._bindings.write(queue, rows)
 
     def _shared_bindings(self):
-        """{exchange: (type, [(routing_key, pattern, queue)])} of attached consumers."""
-        folder = os.path.join(self.directory, _BIND_DIR)
-        try:
-            mtime = os.stat(folder).st_mtime_ns
-        except FileNotFoundError:
-            return {}
-        cached = self._bind_cache
-        # A folder changed within the last 0.2 s may change again inside one mtime tick.
-        if cached is not None and cached[0] == mtime and time.time_ns() - mtime > 200_000_000:
-            return cached[1]
-        table = {}
-        try:
-            names = os.listdir(folder)
-        except FileNotFoundError:
-            names = []
-        for name in names:
-            if not name.endswith(".json"):
-                continue
-            try:
-                with open(os.path.join(folder, name)) as fh:
-                    rows = json.load(fh)
-                for exchange, etype, rkey, pattern, queue in rows:
-                    table.setdefault(exchange, (etype, []))[1].append((rkey, pattern, queue))
-            except (OSError, ValueError, TypeError):
-                continue  # vanished or half-written by another version: skip it
-        self._bind_cache = (mtime, table)
-        return table
+        return self._bindings.table()
 
     # -- lifecycle ----------------------------------------------------------------
     def close_connection(self, connection):
@@ -1153,56 +606,6 @@ class Transport(virtual.Transport):
         self._loop = None
         self._sid = os.urandom(SID_SIZE)
         self._chunk_lock = threading.Lock()
-
-
-def _close_inbox(inbox, unlink):
-    if inbox.reg is not None:
-        inbox.reg[0].remove_reader(inbox.rfd)
-        inbox.reg = None
-    if unlink and inbox.pid == os.getpid():
-        _report_loss(inbox)
-        # New producers get ENOENT first, then ones holding the pipe get EPIPE.
-        try:
-            if inbox.ino is not None and os.stat(inbox.fifo_path).st_ino == inbox.ino:
-                os.unlink(inbox.fifo_path)
-        except FileNotFoundError:
-            pass
-        try:
-            os.unlink(inbox.bindings_path)
-        except FileNotFoundError:
-            pass
-        if inbox.lockfd >= 0:
-            try:
-                os.unlink(inbox.lock_path)  # still holding the lock: see _lock_queue
-            except FileNotFoundError:
-                pass
-    for name in ("rfd", "wfd", "lockfd"):
-        fd = getattr(inbox, name)
-        if fd >= 0:
-            setattr(inbox, name, -1)
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-    inbox.frames.clear()
-    inbox.requeued.clear()
-    inbox.partials.clear()
-
-
-def _report_loss(inbox):
-    """Say what closing the queue loses: messages read and never handed over, and the
-    bytes still in the pipe (at-most-once: nobody else can have them)."""
-    unread = 0
-    if inbox.rfd >= 0:
-        try:
-            unread = _INT.unpack(fcntl.ioctl(inbox.rfd, termios.FIONREAD, b"\0\0\0\0"))[0]
-        except OSError:
-            pass
-    read = len(inbox.frames) + len(inbox.requeued)
-    if unread or read:
-        logger.warning("fifo queue %r let go with %d messages read but not handed over and "
-                       "%d bytes still in its pipe: they are lost (at-most-once)",
-                       inbox.queue, read, unread)
 
 
 _inboxes_lock = threading.Lock()

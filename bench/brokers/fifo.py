@@ -1,6 +1,6 @@
 """Our ``fifo`` transport: one named pipe per queue in a private folder, no broker.
 
-What a pipe can do, stated in CAPABILITIES (see transports/fifo.py for the rules):
+What a pipe can do, stated in CAPABILITIES (the rules: docs/transports.md):
 one consumer process per queue (no ``multi_consumer``), at-most-once once read
 (no ``ack``, no durable ``requeue``), a publish needs its consumer attached
 first, size/purge only from the consuming process, fanout to the consumers

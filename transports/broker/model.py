@@ -1,0 +1,453 @@
+"""The broker's model: its limits, topic matching, the objects it keeps (queues,
+exchanges, consumers, channels, clients) and :class:`Routing`, the operations on them
+that routing and delivery need (no socket I/O here: the loop in :mod:`.loop` writes
+what these put in a client's output)."""
+from __future__ import annotations
+
+import errno
+import logging
+import struct
+from collections import deque
+from dataclasses import asdict, dataclass, fields
+
+from ..framing import FrameReader
+from ..protocol import (
+    DEFAULT_MAX_FRAME, DELIVER_BODY_HEAD, DELIVER_HEAD, OP_ACK, OP_CONSUME, OP_DELIVER,
+    OP_EXCHANGE_DECLARE, OP_EXCHANGE_DELETE, OP_GET, OP_PING, OP_QOS, OP_QUEUE_BIND,
+    OP_QUEUE_DECLARE, OP_QUEUE_DELETE, OP_QUEUE_PURGE, OP_QUEUE_UNBIND, OP_RECOVER, OP_REJECT,
+    ProtocolError,
+)
+
+
+log = logging.getLogger("transports.broker")
+
+READ_SIZE = 64 * 1024
+# Frames up to this size are read as they come; a larger one first reserves its
+# size from max_memory, so many connections each half-way through a big frame
+# cannot add up to more than the broker allows.
+SMALL_FRAME = 64 * 1024
+# Frames held back (behind a blocked publish, or requests while output waits) past
+# which the broker stops reading the client: its socket fills and its write blocks.
+PARK_LIMIT = 64 * 1024
+# A hung-up publisher's remaining publishes are taken past max_memory by up to
+# max_memory / REMAINS_SLACK_DIV in all: its publish() calls had returned.
+REMAINS_SLACK_DIV = 8
+REMAINS_SLACK_MIN = 8 * 1024 * 1024  # one connection's socket holds up to ~2 MB of them
+# A client's requests wait while this much of its output is unsent (it is not reading).
+REPLY_WATER = 64 * 1024
+# Stop pushing deliveries to a client whose unsent output passes this; resume when it drains.
+HIGH_WATER = 256 * 1024
+# What a buffered piece costs beyond its bytes (a small bytes object, a deque slot):
+# counted against the limits above, or thousands of 11-byte pings cost 5x their size.
+PIECE = 64
+# Output is joined and written in pieces of this size: never the whole backlog per turn.
+FLUSH_CHUNK = 256 * 1024
+SOCKET_BUFFER = 1024 * 1024
+ROUTE_CACHE_MAX = 65536
+ROUTE_KEY_CACHED = 255   # longer routing keys are routed but not cached
+MAX_NAME = 255           # AMQP's shortstr: queue, exchange and binding key names
+# What a held message costs beyond its payload (bytes object, tuple, deque slot or
+# unacked entry), measured ~120 bytes on CPython 3.11; counted against max_memory.
+MSG_OVERHEAD = 160
+# Give freed memory back to the system once this much came free since the last time.
+TRIM_AFTER = 16 * 1024 * 1024
+TICK_S = 0.25            # timeouts, paused accepts and hung-up peers are looked at this often
+MAX_ACCEPT_PAUSE_S = 2.0
+# Inside a stream of publishes or acks (a busy turn within twice this of the last
+# one), pause this long before looking again, so the broker takes frames and writes
+# deliveries in batches instead of being woken for every message: fewer context
+# switches for everyone on a small host. At most this much added latency under
+# load; none for a lone message or for calls that wait for an answer. 0 = off.
+DEFAULT_COALESCE_S = 200e-6
+
+# Frames that run even while a client's other frames are held back: they only free
+# resources (credit, unacked messages), and holding them could deadlock a consumer.
+_IMMEDIATE = frozenset((OP_ACK, OP_REJECT, OP_QOS))
+_RPC_OPS = frozenset((OP_CONSUME, OP_EXCHANGE_DECLARE, OP_EXCHANGE_DELETE, OP_QUEUE_DECLARE,
+                      OP_QUEUE_BIND, OP_QUEUE_UNBIND, OP_QUEUE_PURGE, OP_QUEUE_DELETE, OP_GET,
+                      OP_RECOVER, OP_PING))
+_MEMORY = "memory"       # Client.blocked when max_memory, not a queue, holds it back
+_EMFILE = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+_HANG_UP = frozenset((errno.EPIPE, errno.ECONNRESET))
+_SIOCOUTQ = 0x5411       # Linux: bytes written to a socket that its peer has not read yet
+_INT = struct.Struct("i")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the broker lets its clients make it hold (CLI: ``--max-frame`` etc.)."""
+
+    max_frame: int = DEFAULT_MAX_FRAME            # bytes in one frame (message + routing)
+    max_queue_messages: int = 1_000_000           # ready messages per queue
+    max_queue_bytes: int = 128 * 1024 * 1024      # ready payload bytes per queue
+    max_memory: int = 192 * 1024 * 1024           # every message held (big frames: + 1/4)
+    max_connections: int = 256
+    max_objects: int = 20_000                     # queues+exchanges+bindings+channels+consumers
+    handshake_timeout: float = 5.0                # seconds to send a HELLO
+    idle_timeout: float = 0.0                     # seconds without a frame; 0 = never
+    frame_timeout: float = 10.0                   # seconds a big frame's reservation may
+                                                  # wait for its next byte; 0 = never
+    send_timeout: float = 30.0                    # seconds output may wait with no progress
+    backlog: int = 512                            # listen(2) backlog
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"broker setting {f.name}={value!r}: expected a number >= 0")
+        if not 1024 <= self.max_frame <= 64 * 1024 * 1024:
+            raise ValueError(f"max_frame={self.max_frame}: between 1 KiB and 64 MiB")
+        if self.max_memory < 2 * self.max_frame:
+            raise ValueError(f"max_memory={self.max_memory} must be at least twice "
+                             f"max_frame ({self.max_frame})")
+        for name in ("max_queue_messages", "max_queue_bytes", "max_connections", "max_objects",
+                     "handshake_timeout", "send_timeout", "backlog"):
+            if not getattr(self, name):
+                raise ValueError(f"broker setting {name} must be > 0")
+
+    def flags(self) -> list[str]:
+        """The ``python -m transports.broker`` options that give these limits."""
+        out = []
+        for name, value in asdict(self).items():
+            if value != getattr(Limits, name):
+                out += [f"--{name.replace('_', '-')}", repr(value)]
+        return out
+
+
+# -- topic matching (AMQP semantics: '*' is one word, '#' zero or more) ----------
+
+
+class TopicPattern:
+    """A binding key compiled once for matching: an NFA over its word positions run as
+    bitsets (Python ints), so one routing-key word costs a few integer operations
+    whatever the pattern. '#.#' is collapsed to '#' (it matches the same keys), so one
+    shift closes over "'#' may match no word"."""
+
+    __slots__ = ("n", "hashes", "stars", "literals")
+
+    def __init__(self, key: bytes):
+        parts: list[bytes] = []
+        for w in key.split(b"."):
+            if not (w == b"#" and parts and parts[-1] == b"#"):
+                parts.append(w)
+        self.n = len(parts)
+        self.hashes = self.stars = 0
+        self.literals: dict = {}
+        for i, w in enumerate(parts):
+            if w == b"#":
+                self.hashes |= 1 << i
+            elif w == b"*":
+                self.stars |= 1 << i
+            else:
+                self.literals[w] = self.literals.get(w, 0) | (1 << i)
+
+    def matches(self, words: list[bytes]) -> bool:
+        hashes, stars, literals = self.hashes, self.stars, self.literals
+        reach = 1 | (1 & hashes) << 1
+        for word in words:
+            # A '#' at i eats the word and stays; '*' or the same literal moves on.
+            nxt = (reach & hashes) | ((reach & (stars | literals.get(word, 0))) << 1)
+            if not nxt:
+                return False
+            reach = nxt | (nxt & hashes) << 1
+        return bool(reach >> self.n & 1)
+
+
+def topic_matches(pattern: list[bytes], words: list[bytes]) -> bool:
+    """Whether routing key ``words`` match binding ``pattern`` (AMQP's topic rules)."""
+    return TopicPattern(b".".join(pattern)).matches(words)
+
+
+# -- broker state ------------------------------------------------------------------
+
+
+class Queue:
+    __slots__ = ("name", "messages", "bytes", "consumers", "rr", "auto_delete", "owner",
+                 "had_consumers", "bindings", "deleted", "max_messages", "max_bytes")
+
+    def __init__(self, name: bytes, limits: Limits, auto_delete=False, owner=None):
+        self.name = name
+        self.messages: deque = deque()   # (payload, redelivered)
+        self.bytes = 0                   # payload bytes of the ready messages
+        self.consumers: list = []
+        self.rr = 0
+        self.auto_delete = auto_delete
+        self.owner = owner               # the client of an exclusive queue
+        self.had_consumers = False
+        self.bindings: set = set()       # (exchange name, routing key)
+        self.deleted = False
+        self.max_messages = limits.max_queue_messages
+        self.max_bytes = limits.max_queue_bytes
+
+    def full(self) -> bool:
+        return len(self.messages) >= self.max_messages or self.bytes >= self.max_bytes
+
+
+class Exchange:
+    __slots__ = ("name", "type", "bindings", "cache", "patterns")
+
+    def __init__(self, name: bytes, type: bytes):
+        self.name = name
+        self.type = type
+        self.bindings: dict = {}         # binding key -> [Queue]
+        self.patterns: dict = {}         # binding key -> TopicPattern (topic exchanges)
+        self.cache: dict = {}            # routing key -> tuple of Queue (Broker._route)
+
+
+class Consumer:
+    __slots__ = ("cid", "channel", "queue", "no_ack")
+
+    def __init__(self, cid, channel, queue, no_ack):
+        self.cid, self.channel, self.queue, self.no_ack = cid, channel, queue, no_ack
+
+
+class Channel:
+    __slots__ = ("id", "client", "prefetch", "unacked", "next_tag", "consumers")
+
+    def __init__(self, id, client):
+        self.id = id
+        self.client = client
+        self.prefetch = 0
+        self.unacked: dict = {}          # tag -> (Queue, payload); insertion = tag order
+        self.next_tag = 0
+        self.consumers: dict = {}        # cid -> Consumer
+
+
+class Client:
+    __slots__ = ("sock", "fd", "reader", "channels", "out", "outlen", "events", "reading",
+                 "throttled", "greeted", "closed", "name", "parked", "parked_bytes",
+                 "parked_pub", "rsv_reader", "rsv_parked", "held_out", "blocked", "flow_sent",
+                 "waiting_memory", "since", "last_in", "stalled_at")
+
+    def __init__(self, sock, name, now, max_frame):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.reader = FrameReader(max_frame)
+        self.channels: dict = {}
+        self.out: deque = deque()        # bytes-like pieces not yet written
+        self.outlen = 0
+        self.events = 0                  # selector events registered (0 = not registered)
+        self.reading = True              # False while the broker is holding this client back
+        self.throttled = False           # a dispatch stopped at HIGH_WATER
+        self.greeted = False
+        self.closed = False
+        self.name = name
+        self.parked: deque = deque()     # frames held back, in arrival order
+        self.parked_bytes = 0
+        self.parked_pub = 0              # publishes among them
+        self.rsv_reader = 0              # memory reserved for the big frame being read
+        self.rsv_parked = 0              # ... and for big frames held back
+        self.held_out = 0                # cost of no_ack messages in `out` (still counted)
+        self.blocked = None              # the Queue (or _MEMORY) a held publish waits for
+        self.flow_sent = False           # a FLOW "blocked" notice is out
+        self.waiting_memory = False      # a big frame waits for max_memory room
+        self.since = now
+        self.last_in = now
+        self.stalled_at = 0.0            # output pending without progress since (0 = none)
+
+
+def _unsent(client: Client) -> int:
+    """What a client's unsent output costs: its bytes and its pieces."""
+    return client.outlen + len(client.out) * PIECE
+
+
+class _ResourceLimit(Exception):
+    """max_objects reached: an error answer to an RPC, a disconnect otherwise."""
+
+
+class Routing:
+    """Queues, exchanges, bindings and deliveries: the broker's operations on its
+    model (a mixin of :class:`~transports.broker.loop.Broker`, whose state they use)."""
+
+    def _new_object(self, what: str):
+        if self.objects >= self.limits.max_objects:
+            raise _ResourceLimit(f"resource limit: {self.objects} queues, exchanges, bindings, "
+                                 f"channels and consumers (max_objects="
+                                 f"{self.limits.max_objects}); cannot add a {what}")
+        self.objects += 1
+
+    def _channel(self, client: Client, chid: int) -> Channel:
+        ch = client.channels.get(chid)
+        if ch is None:
+            try:
+                self._new_object("channel")
+            except _ResourceLimit as exc:
+                raise ProtocolError(str(exc)) from None
+            ch = client.channels[chid] = Channel(chid, client)
+        return ch
+
+    def _new_queue(self, name: bytes, **kwargs) -> Queue:
+        self._new_object("queue")
+        q = self.queues[name] = Queue(name, self.limits, **kwargs)
+        return q
+
+
+    def _close_channel(self, ch: Channel):
+        for consumer in list(ch.consumers.values()):
+            self._remove_consumer(consumer)
+        ch.consumers.clear()
+        self._requeue_unacked(ch)
+        self.objects -= 1
+
+    def _requeue_unacked(self, ch: Channel):
+        unacked = ch.unacked
+        if not unacked:
+            return
+        # Newest first onto the head, so the queue keeps the original order.
+        for queue, payload in reversed(list(unacked.values())):
+            if not queue.deleted:
+                queue.messages.appendleft((payload, True))
+                queue.bytes += len(payload)
+                self._dirty_queues.add(queue)
+            else:
+                self.held -= len(payload) + MSG_OVERHEAD
+        unacked.clear()
+        self._freed = True
+
+    def _remove_consumer(self, consumer: Consumer):
+        q = consumer.queue
+        try:
+            q.consumers.remove(consumer)
+        except ValueError:
+            return
+        self.objects -= 1
+        if q.auto_delete and q.had_consumers and not q.consumers and not q.deleted:
+            self._delete_queue(q)
+
+    def _drop_messages(self, q: Queue) -> int:
+        """Empty ``q``; a new deque, so the old one's blocks are freed, not kept."""
+        count = len(q.messages)
+        if count:
+            self._held_high = max(self._held_high, self.held)  # so the trim sees the peak
+            self.held -= q.bytes + count * MSG_OVERHEAD
+            q.messages = deque()
+            q.bytes = 0
+            self._freed = True
+        return count
+
+    def _delete_queue(self, q: Queue) -> int:
+        count = self._drop_messages(q)
+        q.deleted = True
+        for consumer in list(q.consumers):
+            consumer.channel.consumers.pop(consumer.cid, None)
+            self.objects -= 1
+        q.consumers.clear()
+        for ex_name, key in list(q.bindings):
+            self._unbind(q, ex_name, key)
+        if self.queues.get(q.name) is q:
+            del self.queues[q.name]
+            self.objects -= 1
+        self._forget_routes()
+        return count
+
+    def _unbind(self, q: Queue, ex_name: bytes, key: bytes):
+        if (ex_name, key) in q.bindings:
+            q.bindings.discard((ex_name, key))
+            self.objects -= 1
+        ex = self.exchanges.get(ex_name)
+        if ex is None:
+            return
+        queues = ex.bindings.get(key)
+        if queues and q in queues:
+            queues.remove(q)
+            if not queues:
+                del ex.bindings[key]
+                ex.patterns.pop(key, None)
+            self._forget_routes()
+
+    def _forget_routes(self):
+        if self._cached_routes:
+            for ex in self.exchanges.values():
+                ex.cache.clear()
+            self._cached_routes = 0
+
+    def _route(self, exchange: Exchange, rk: bytes) -> tuple:
+        """The queues ``rk`` reaches through ``exchange`` (callers look in its cache first)."""
+        if exchange.type == b"fanout":
+            seen = {}
+            for queues in exchange.bindings.values():
+                for q in queues:
+                    seen[id(q)] = q
+            found = tuple(seen.values())
+        elif exchange.type == b"topic":
+            words = rk.split(b".")
+            seen = {}
+            patterns = exchange.patterns
+            for bkey, queues in exchange.bindings.items():
+                pattern = patterns.get(bkey)
+                if pattern is None:
+                    pattern = patterns[bkey] = TopicPattern(bkey)
+                if pattern.matches(words):
+                    for q in queues:
+                        seen[id(q)] = q
+            found = tuple(seen.values())
+        else:
+            found = tuple(exchange.bindings.get(rk, ()))
+        if len(rk) <= ROUTE_KEY_CACHED:
+            if self._cached_routes >= ROUTE_CACHE_MAX:
+                self._forget_routes()
+            exchange.cache[rk] = found
+            self._cached_routes += 1
+        return found
+
+    def _dispatch(self, q: Queue):
+        """Push ready messages of ``q`` to its consumers that have credit, round robin."""
+        msgs, consumers = q.messages, q.consumers
+        n = len(consumers)
+        idle = 0
+        i = q.rr
+        taken = 0
+        while msgs and idle < n:
+            c = consumers[i % n]
+            i += 1
+            ch = c.channel
+            client = ch.client
+            if _unsent(client) >= HIGH_WATER:
+                client.throttled = True
+                idle += 1
+                continue
+            if not c.no_ack and ch.prefetch and len(ch.unacked) >= ch.prefetch:
+                idle += 1
+                continue
+            idle = 0
+            # A lone consumer takes a run of messages at once; several take turns.
+            budget = 1 if n > 1 else 1 << 30
+            out = client.out
+            outlen = client.outlen
+            cost = outlen + len(out) * PIECE   # what _unsent() would say, kept up to date
+            while msgs and budget:
+                budget -= 1
+                payload, redelivered = msgs.popleft()
+                size = len(payload)
+                taken += size
+                if c.no_ack:
+                    tag = 0
+                    # Still in memory until written: counted until the output drains.
+                    client.held_out += size + MSG_OVERHEAD
+                else:
+                    ch.next_tag = tag = ch.next_tag + 1
+                    ch.unacked[tag] = (q, payload)
+                out.append(DELIVER_HEAD.pack(DELIVER_BODY_HEAD + size, OP_DELIVER,
+                                             ch.id, c.cid, tag, redelivered))
+                out.append(payload)
+                outlen += DELIVER_HEAD.size + size
+                cost += DELIVER_HEAD.size + size + 2 * PIECE
+                if cost >= HIGH_WATER:
+                    client.throttled = True
+                    break
+                if ch.prefetch and not c.no_ack and len(ch.unacked) >= ch.prefetch:
+                    break
+            client.outlen = outlen
+            self._dirty_clients.add(client)
+        q.rr = i % n if n else 0
+        if taken:
+            q.bytes -= taken
+            self._freed = True
+
+    def _enqueue(self, q: Queue, payload: bytes):
+        q.messages.append((payload, False))
+        size = len(payload)
+        q.bytes += size
+        self.held += size + MSG_OVERHEAD
+        if q.consumers:
+            self._dirty_queues.add(q)
