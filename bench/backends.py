@@ -87,6 +87,33 @@ def for_transport(transport: str) -> Backend:
                 and not b.database)
 
 
+def fastest_reachable(transport: str) -> Backend:
+    """The fastest correct backend for a broker that is reachable now: redis (pub/sub, no
+    polling) when its server answers, else the serverless one (SQLite, polled)."""
+    fast = next(b for b in BACKENDS.values() if b.service and b.transport is None
+                and not b.database)
+    if config.probe(fast.service).ok:
+        return fast
+    return embedded()
+
+
+# Waits that sleep one ``interval`` between looks: every wait on a database backend (one
+# SELECT per poll), and join_native/get on redis, which sleep one interval before the
+# first look when a member is pending.
+NATIVE_SLEEPS = ("join_native", "get")
+
+
+def polls(name: str, wait: str = "result") -> bool:
+    """Does ``wait`` (``result``: AsyncResult.get, or a join method) on backend ``name``
+    (ours, or a Celery backend class name for --app) sleep a polling interval?"""
+    b = BACKENDS.get(name)
+    database = b.database if b else name == "DatabaseBackend"
+    if database:
+        return wait != "redis_join"
+    redis = name in ("redis", "RedisBackend")
+    return redis and wait in NATIVE_SLEEPS
+
+
 def services(name: str) -> set[str]:
     b = get(name)
     return ({b.service} if b.service else set()) | (brokers.services(b.transport)

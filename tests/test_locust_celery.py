@@ -65,7 +65,7 @@ def free_port() -> int:
 # --------------------------------------------------------------------------- round trips
 def test_round_trip_and_group_join_over_unix_with_harness_workers(tmp_path):
     res = run_locust(tmp_path, "--transport", "unix", "--workers", "1", "--pool", "solo",
-                     "--interval", "0.01", "--join-method", "db_join",
+                     "--backend", "sqlite", "--interval", "0.01", "--join-method", "db_join",
                      classes=["TaskRoundTrip", "GroupJoin"], users=2, seconds=4)
     ok(res)
     ours = check_counts(tmp_path)
@@ -76,15 +76,41 @@ def test_round_trip_and_group_join_over_unix_with_harness_workers(tmp_path):
         assert c.params["celery_workers"] == 1 and c.params["backend"] == "sqlite"
     for part in ("queue wait", "run", "result"):
         assert ours[(part, ROUND_TRIP)].params["clock"] == "monotonic"   # same host
-    # every operation reports each part once: a round trip is five requests
+    # every operation records each stage once, and Locust counts it once (check_counts)
     total = ours[("total", ROUND_TRIP)].metrics["requests"]
-    assert all(ours[(p, ROUND_TRIP)].metrics["requests"] in (total, total + 1) for p in PARTS)
+    assert all(ours[(p, ROUND_TRIP)].metrics["requests"] == total for p in PARTS)
+    theirs = locust_counts(tmp_path)
+    assert set(theirs) == {("total", ROUND_TRIP), ("total", group)}
     hist = {p: ours[(p, ROUND_TRIP)].histograms["latency"] for p in PARTS}
     assert hist["run"]["p50"] < hist["total"]["p50"] and hist["result"]["max"] <= \
         hist["total"]["max"]
     # the harness's Celery workers were stopped, their folder removed
     assert not any(alive(pid) for pid in worker_pids(res.stderr))
     assert not list(Path("/tmp").glob("celery-bench-locust-*/results.sqlite"))
+
+
+def test_a_polled_result_says_it_is_polled(tmp_path):
+    """SQLite's result is looked for every --interval: the rows say so, and what removes it;
+    redis (what "auto" picks when its server answers) hands the result over with no poll."""
+    res = run_locust(tmp_path, "--transport", "unix", "--pool", "solo", "--backend", "sqlite",
+                     classes=["TaskRoundTrip"], users=1, seconds=3)
+    ok(res)
+    ours = check_counts(tmp_path)
+    said = "result: polled every 0.5 s; --interval or --backend redis"
+    for part in ("result", "total"):
+        assert said in ours[(part, ROUND_TRIP)].reason, part
+    assert said not in ours[("run", ROUND_TRIP)].reason
+    assert said in res.stderr                            # the exact table's Note column
+
+
+@pytest.mark.redis
+def test_backend_auto_picks_redis_and_nothing_is_polled(tmp_path):
+    res = run_locust(tmp_path, "--transport", "unix", "--pool", "solo",
+                     classes=["TaskRoundTrip"], users=1, seconds=3)
+    ok(res)
+    ours = check_counts(tmp_path)
+    assert {c.params["backend"] for c in ours.values()} == {"redis"}
+    assert not any("polled" in c.reason for c in ours.values())
 
 
 def test_failed_tasks_are_failures_and_fail_the_check(tmp_path):

@@ -83,8 +83,8 @@ def add(parser) -> None:
                    help="those workers' concurrency (default 2)")
     g.add_argument("--backend", choices=(AUTO, *backends.names()), default=AUTO,
                    env_var="LOCUST_BACKEND",
-                   help="result backend of the bench's app (auto: sqlite with an embedded "
-                        "broker, redis with a server)")
+                   help="result backend of the bench's app (auto: redis when its server is "
+                        "reachable, no polling; else sqlite, polled every --interval)")
     g.add_argument("--join-method", choices=JOIN_METHODS, default="join",
                    env_var="LOCUST_JOIN_METHOD",
                    help="GroupJoin: how the group is waited on (redis_join, db_join: "
@@ -145,10 +145,11 @@ def task_args(text: str) -> tuple[list, dict]:
 
 
 def backend_name(opts: dict) -> str:
-    """The bench app's result backend for these options (``auto`` resolved)."""
+    """The bench app's result backend for these options (``auto``: the fastest correct one
+    that is reachable, redis before SQLite)."""
     if opts.get("backend", AUTO) != AUTO:
         return opts["backend"]
-    return backends.for_transport(opts["transport"]).name
+    return backends.fastest_reachable(opts["transport"]).name
 
 
 def problems(opts: dict, classes, host: str | None = None, form: bool = False) -> str | None:

@@ -58,6 +58,8 @@ def cells(book: Book, common: dict, elapsed_s: float, rate: dict | None = None) 
                 f"{message} (x{n})" for message, n in row.errors.items()))
         if row.invalid:
             notes.append(f"{row.invalid} negative readings left out (clocks disagree)")
+        if meta.get("polled"):
+            notes.append(meta["polled"])
         if row.requests and not ok:
             cell.status = "failed"
         cell.reason = "; ".join(notes)
@@ -85,6 +87,8 @@ def table(book: Book) -> list[dict]:
             note = f"{note}; clock {clock}".lstrip("; ")
         if row.invalid:
             note = f"{note}; {row.invalid} negative left out".lstrip("; ")
+        if row.meta.get("polled"):
+            note = f"{note}; {row.meta['polled']}".lstrip("; ")
         rows.append({"type": request_type, "name": name, "requests": row.requests,
                      "fails": row.failures, **row.percentiles(), "note": note})
     return rows

@@ -8,7 +8,9 @@ or NaN value, a clock bug, is left out and counted as ``invalid``).
 
 A row is ``(request_type, name, kind)``; kind ``""`` is the request as Locust saw it,
 ``"intended"`` the same latency measured from the request's intended start in open
-loop (coordinated omission corrected), ``"lag"`` how late those starts were.
+loop (coordinated omission corrected), ``"lag"`` how late those starts were. An
+operation's stages arrive in its request's context (``parts``) and get rows of their
+own.
 ``requests`` and ``failures`` count like Locust's Request Count and Failure Count
 (a failure counts as a request); the histogram holds the successes.
 
@@ -33,7 +35,7 @@ PERCENTILES = (("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("p999", 99.9),
                ("p9999", 99.99))
 # Context keys a row remembers (the first it sees) and the results file carries.
 META_KEYS = ("user_class", "transport", "clock", "primary", "from_start", "task",
-             "join_method", "group_size", "backend")
+             "join_method", "group_size", "backend", "polled")
 
 
 def _meta(ctx: dict) -> dict:
@@ -123,6 +125,9 @@ class Book:
             late = self.row((request_type, name, "lag"), row.meta)
             late.requests += 1
             late.record_us(lag)
+        for part in ctx.get("parts", ()):   # an operation's stages: rows of their own
+            self.record(part["request_type"], name, part["response_time"], None,
+                        part["context"])
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n

@@ -158,8 +158,8 @@ def _share_user_count(environment, users) -> None:
 # --------------------------------------------------------------------------- a test
 @events.test_start.add_listener
 def _test_start(environment, **kwargs):
-    openloop.reset()
-    system.close_client()           # the previous test's users are gone
+    openloop.reset(environment)
+    system.close_client(environment)   # the previous test's users are gone
     State.book.reset()
     State.sent = {}
     State.started, State.stopped = time.monotonic(), None
@@ -198,7 +198,7 @@ def _record(request_type, name, response_time, exception=None, context=None, **k
 
 @events.report_to_master.add_listener
 def _report(client_id, data, **kwargs):
-    for name, n in openloop.take().items():
+    for name, n in openloop.take(State.environment).items():
         State.book.count(name, n)
     payload = State.book.take()
     for item in payload["rows"]:
@@ -278,7 +278,7 @@ def _quitting(environment, **kwargs):
         _log_table(environment)
         _judge(environment)
     finally:
-        system.close_client()
+        system.close_client(environment)
         State.rig.close()
 
 
@@ -289,7 +289,7 @@ def _add(a: dict, b: dict) -> dict:
 
 def _live() -> hdr.Book:
     if State.role == "local":       # the open loop's counters are read, not reported
-        State.book.counters = _add(State.book.counters, openloop.take())
+        State.book.counters = _add(State.book.counters, openloop.take(State.environment))
     return State.book
 
 

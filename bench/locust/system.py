@@ -13,7 +13,8 @@ What the users need to reach it, the *wiring* (broker URL and options, backend U
 queue, app settings, or ``--app``), travels in Locust's own options: the owner
 stores it in ``parsed_options`` at ``test_start`` and Locust sends those to every
 worker with the spawn message. Each Locust process then builds one :class:`Client`
-from it (a Celery app, a Kombu target) shared by its users.
+from it (a Celery app, a Kombu target) shared by its users, kept by its :class:`Local`
+(on the process's ``Environment``).
 
 With ``--app MODULE:APP`` nothing is started: the wiring names the app, every Locust
 process imports it (so it must be importable on every load generator, as it is for
@@ -226,32 +227,57 @@ class Client:
             gc.collect()
 
 
-_client: Client | None = None
-_client_key: str | None = None
-_client_lock = threading.Lock()
+class Local:
+    """What one Locust process keeps for its users (on its ``Environment``): the Client
+    for the current wiring, and the messages already said."""
+
+    ATTR = "celery_bench_local"
+
+    def __init__(self):
+        self.client: Client | None = None
+        self.key: str | None = None
+        self.lock = threading.Lock()
+        self.said: set = set()
+
+    @classmethod
+    def of(cls, environment) -> "Local":
+        local = getattr(environment, cls.ATTR, None)
+        if local is None:
+            local = cls()
+            setattr(environment, cls.ATTR, local)
+        return local
+
+    def say_once(self, message: str) -> None:
+        if message not in self.said:
+            self.said.add(message)
+            log.error("celery-bench: %s", message)
+
+    def get(self, wiring: dict) -> Client:
+        key = json.dumps(wiring, sort_keys=True)
+        with self.lock:
+            if self.client is None or key != self.key:
+                self.close()
+                self.client = Client(wiring)
+                self.key = key
+            return self.client
+
+    def close(self) -> None:
+        c, self.client, self.key = self.client, None, None
+        if c is not None:
+            try:
+                c.close()
+            except Exception:  # closing must never hide a measurement
+                pass
 
 
 def client(environment) -> Client:
     """This process's Client for the current test's wiring (built on first use)."""
-    global _client, _client_key
     wiring = getattr(environment.parsed_options, WIRING, None)
     if not wiring:
         raise RuntimeError("no celery-bench wiring: the master (or this process) did not "
                            "start the test through bench/locustfile.py")
-    key = json.dumps(wiring, sort_keys=True)
-    with _client_lock:
-        if _client is None or key != _client_key:
-            close_client()
-            _client = Client(wiring)
-            _client_key = key
-        return _client
+    return Local.of(environment).get(wiring)
 
 
-def close_client() -> None:
-    global _client, _client_key
-    c, _client, _client_key = _client, None, None
-    if c is not None:
-        try:
-            c.close()
-        except Exception:  # closing must never hide a measurement
-            pass
+def close_client(environment) -> None:
+    Local.of(environment).close()

@@ -1,18 +1,21 @@
 """The Locust users: publishers, a task round trip, a group join.
 
 Each user runs one operation after another (closed loop), or at ``--arrival-rate``
-(open loop, :mod:`.openloop`), and reports through ``events.request`` only; the
-Book (:mod:`.hdr`) records every request exactly, Locust its rounded figures.
+(open loop, :mod:`.openloop`), and reports through ``events.request`` only, one
+request per operation: a round trip's or join's stages travel in that request's
+context (``parts``), so Locust's RPS and fail ratio count operations; the Book
+(:mod:`.hdr`) records every request and every stage exactly, Locust its rounded
+figures of the operation.
 
 =================  ==============  ===========================================  ==============
 class              request type    name                                         primary
 =================  ==============  ===========================================  ==============
 KombuPublisher     ``kombu``       ``publish <transport>/<producer>``           the publish
 CeleryPublisher    ``celery``      ``publish <transport>/<method>``             the publish
-TaskRoundTrip      ``enqueue``     ``roundtrip <transport> <task>``             ``total``
-                   ``queue wait``, ``run``, ``result``, ``total``
-GroupJoin          ``total``,      ``group <n> x <task> <join method>           ``total``
-                   ``lag``         <transport>``
+TaskRoundTrip      ``total``       ``roundtrip <transport> <task>``             ``total``
+                   stages: ``enqueue``, ``queue wait``, ``run``, ``result``
+GroupJoin          ``total``       ``group <n> x <task> <join method>           ``total``
+                   stage: ``lag``  <transport>``
 =================  ==============  ===========================================  ==============
 
 TaskRoundTrip: ``apply_async``, a real worker runs the task, ``get()`` hands back its
@@ -28,6 +31,9 @@ GroupJoin: a group of ``--group-size`` tasks, waited on by ``--join-method``;
 ``total``: publish start to every result in hand; ``lag``: results in hand minus
 the end of the last task (the time spent purely waiting).
 
+A stage bounded by a polling interval (``result`` on a database backend, a join that
+sleeps ``--interval``) says so in its rows' note (meta ``polled``), with what removes it.
+
 A failed operation is one failure, on its primary request, whose message says which
 part failed; the parts that completed before it are still reported.
 """
@@ -42,7 +48,7 @@ from celery import group as celery_group
 from locust import User, constant, task
 from locust.exception import StopUser
 
-from .. import joins
+from .. import backends, joins
 from ..drivers import celery as celery_driver
 from ..drivers import kombu as kombu_driver
 from ..tasks.roundtrip import BOOT_ID
@@ -53,15 +59,6 @@ now_ns = time.perf_counter_ns
 PAYLOAD = "x" * 112                 # the publish scenario's default body
 PURGE_EVERY = 10_000                # nothing consumes the publishers' queues: purge them
 PUBLISH_TIMEOUT_S = 30.0
-
-
-_said: set = set()
-
-
-def _say_once(message: str) -> None:
-    if message not in _said:
-        _said.add(message)
-        log.error("celery-bench: %s", message)
 
 
 class OperationFailed(Exception):
@@ -82,7 +79,8 @@ class CeleryBenchUser(User):
         try:
             self.system = system.client(self.environment)
         except system.Unreachable as exc:
-            _say_once(str(exc))     # the first task stops the user (quietly, unlike on_start)
+            # the first task stops the user (quietly, unlike on_start)
+            system.Local.of(self.environment).say_once(str(exc))
             return
         self.transport = self.system.label
         self.setup()
@@ -90,7 +88,7 @@ class CeleryBenchUser(User):
         self.schedule = openloop.schedule(self.environment)
 
     def on_stop(self):
-        openloop.retire(self.schedule)
+        openloop.retire(self.environment, self.schedule)
         if self.ready:
             self.ready = False
             self.teardown()
@@ -114,11 +112,21 @@ class CeleryBenchUser(User):
         raise NotImplementedError
 
     def report(self, request_type: str, name: str, ns: int, exception=None, *,
-               primary=True, from_start=True, length=0, **meta):
+               primary=True, from_start=True, length=0, parts=(), **meta):
+        """One Locust request. ``parts``: the operation's stages, ``(request_type, ns,
+        context)`` each, carried in its context: the Book records them as rows of their
+        own, Locust's statistics (RPS, fail ratio) count the operation once."""
         context = {"user_class": type(self).__name__, "transport": self.transport,
                    "primary": primary, "from_start": from_start, **meta}
         if self.lag_us is not None:
             context["schedule_lag_us"] = self.lag_us
+        if parts:
+            # a stage shares the operation's context but its own note (``polled``)
+            shared = {k: v for k, v in context.items() if k != "polled"}
+            context["parts"] = [
+                {"request_type": t, "response_time": n / 1e6,
+                 "context": {**shared, "primary": False, "from_start": True, **ctx}}
+                for t, n, ctx in parts]
         self.environment.events.request.fire(
             request_type=request_type, name=name, response_time=ns / 1e6,
             response_length=length, exception=exception, context=context)
@@ -224,6 +232,19 @@ class _TaskUser(CeleryBenchUser):
         self.task_obj = self.app.tasks[self.task_name]
         self.warned = False
 
+    def _polled(self, stage: str, wait: str) -> dict:
+        """``{"polled": note}`` when ``stage`` waits a polling interval on this backend (the
+        Note column and the results file say so, with what removes it), else {}."""
+        backend = self.system.backend or ""
+        if self.interval <= 0 or not backends.polls(backend, wait):
+            return {}
+        fix = ("--backend redis" if backends.polls(backend, "join")
+               else "--join-method join or redis_join")
+        if self.system.user_app:
+            fix = "a result backend that does not poll" if backends.polls(backend, "join") \
+                else "--join-method join"
+        return {"polled": f"{stage}: polled every {self.interval:g} s; --interval or {fix}"}
+
     def _no_stamps(self, parts: str):
         if not self.warned:
             self.warned = True
@@ -240,6 +261,7 @@ class TaskRoundTrip(_TaskUser):
         super().setup()
         self.name = f"roundtrip {self.transport} {self.task_name}"
         self.meta = {"task": self.task_name, "backend": self.system.backend}
+        self.polled = self._polled("result", "result")
 
     def operation(self):
         name, meta = self.name, self.meta
@@ -252,27 +274,26 @@ class TaskRoundTrip(_TaskUser):
                         OperationFailed(f"enqueue: {exc!r}"), **meta)
             return
         t1 = now_ns()
-        self.report("enqueue", name, t1 - t0, primary=False, **meta)
+        parts = [("enqueue", t1 - t0, {})]
         try:
             value = r.get(timeout=self.timeout, interval=self.interval)
         except Exception as exc:
             what = (f"no result within {self.timeout:g} s (is a worker consuming?)"
                     if type(exc).__name__ == "TimeoutError" else repr(exc))
             self.report("total", name, now_ns() - t0, OperationFailed(f"result: {what}"),
-                        **meta)
+                        parts=parts, **meta, **self.polled)
             return
         t2 = now_ns()
         stamps = _stamps(value)
         if stamps is not None:
             clock, start, end = _on_our_clock(stamps, t0, wall0)
-            self.report("queue wait", name, start - t0, primary=False, clock=clock, **meta)
-            self.report("run", name, stamps["end_ns"] - stamps["start_ns"], primary=False,
-                        from_start=False, clock=clock, **meta)
-            self.report("result", name, t2 - end, primary=False, from_start=False,
-                        clock=clock, **meta)
+            late = {"from_start": False, "clock": clock}
+            parts += [("queue wait", start - t0, {"clock": clock}),
+                      ("run", stamps["end_ns"] - stamps["start_ns"], late),
+                      ("result", t2 - end, {**late, **self.polled})]
         else:
             self._no_stamps("queue wait, run or result")
-        self.report("total", name, t2 - t0, **meta)
+        self.report("total", name, t2 - t0, parts=parts, **meta, **self.polled)
 
 
 class GroupJoin(_TaskUser):
@@ -288,6 +309,7 @@ class GroupJoin(_TaskUser):
         self.name = f"group {self.size} x {self.task_name} {self.method} {self.transport}"
         self.meta = {"task": self.task_name, "join_method": self.method,
                      "group_size": self.size, "backend": self.system.backend}
+        self.polled = self._polled("join", self.method)
         self.wait = self._waiter(self.method)
 
     def _waiter(self, method):
@@ -319,11 +341,12 @@ class GroupJoin(_TaskUser):
             return
         t2 = now_ns()
         stamps = [_stamps(v) for v in values]
+        parts = []
         if values and all(s is not None for s in stamps):
             ends = [_on_our_clock(s, t0, wall0) for s in stamps]
             clock = "realtime" if any(c == "realtime" for c, _, _ in ends) else "monotonic"
-            self.report("lag", name, t2 - max(e for _, _, e in ends), primary=False,
-                        from_start=False, clock=clock, **meta)
+            parts.append(("lag", t2 - max(e for _, _, e in ends),
+                          {"from_start": False, "clock": clock, **self.polled}))
         else:
             self._no_stamps("lag")
-        self.report("total", name, t2 - t0, **meta)
+        self.report("total", name, t2 - t0, parts=parts, **meta, **self.polled)
