@@ -2,12 +2,12 @@
 variant B only (a sitecustomize on B's PYTHONPATH) is called slower by `compare --by
 variant` and fails the gate; the same runs without it (A/A) pass. Verdicts and exit codes
 only, never a duration."""
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -58,44 +58,14 @@ def test_unsatisfiable_pin_is_refused(tmp_path):
     assert "pip install celery==0.0.0.1 failed" in res.stderr
 
 
-def _publish_cost_s() -> float:
-    """Mean seconds of one kombu held publish on memory, here and now (sizes the slowdown)."""
-    from kombu import Connection
+def _sensitivity():
+    """tools/ab_sensitivity.py: the publish slowdown's sitecustomize and its sizing."""
+    spec = importlib.util.spec_from_file_location("ab_sensitivity",
+                                                  ROOT / "tools" / "ab_sensitivity.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    with Connection("memory://") as conn:
-        name = f"size-{os.getpid()}"
-        q = conn.SimpleQueue(name)
-        producer = q.producer
-        body = {"data": "x" * 100}
-        for _ in range(500):
-            producer.publish(body, routing_key=name)
-        n, t0 = 3000, time.perf_counter()
-        for _ in range(n):
-            producer.publish(body, routing_key=name)
-        took = (time.perf_counter() - t0) / n
-        q.clear()
-        q.close()
-    return took
-
-
-SLOW_PUBLISH = """
-import os, time
-import kombu.messaging
-
-_extra = float(os.environ["CB_TEST_EXTRA_S"])
-_orig = kombu.messaging.Producer.publish
-
-
-def publish(self, *args, **kwargs):
-    out = _orig(self, *args, **kwargs)
-    end = time.perf_counter() + _extra   # CPU work, not a sleep: what a slower publish is
-    while time.perf_counter() < end:
-        pass
-    return out
-
-
-kombu.messaging.Producer.publish = publish
-"""
 
 SLOW_JOIN = """
 import time
@@ -130,9 +100,9 @@ def _rows(out: Path, metric: str, *extra):
 
 
 def test_slower_publish_in_b_only_is_called_slower_and_aa_is_not(tmp_path):
-    extra = 0.25 * _publish_cost_s()
-    patch = _patch(tmp_path, "slow", SLOW_PUBLISH)
-    env = {"CB_TEST_EXTRA_S": repr(extra)}
+    sens = _sensitivity()
+    patch = _patch(tmp_path, "slow", sens.SITECUSTOMIZE)
+    env = {"CB_SENS_EXTRA_S": repr(sens.spin_for(0.25)[1])}
     slow, same = tmp_path / "slow.json", tmp_path / "same.json"
     common = ["--quick", "--repeat", "8", "--duration", "1", "--quiet", "--no-html"]
     res = bench("ab", "here", f"env:PYTHONPATH={patch}", *PUBLISH_CELL, *common,
@@ -184,3 +154,100 @@ def test_join_sleep_in_head_fails_the_gate_and_aa_passes(tmp_path, need):
     same = bench(*args, str(tmp_path / "same.json"), env=env)
     assert same.returncode == 0, same.stdout + same.stderr[-2000:]
     assert "FAIL" not in same.stdout
+
+
+# Every scenario and the rate options run with two variants: one narrow cell each, one
+# round (what is checked is that both variants measure it, not a verdict).
+EVERY_SCENARIO = {
+    "publish": PUBLISH_CELL,
+    "consume": ["consume", "--transport", "redis", "--only", "ack=yes"],
+    "worker": ["worker", "--transport", "redis", "--only", "mode=latency"],
+    "join": ["join", "--transport", "redis", "--only", "backend=redis", "--only", "method=join"],
+    "fanout": ["fanout", "--transport", "redis", "--only", "shape=per-page"],
+    "prefetch": ["prefetch", "--transport", "redis", "--only", "prefetch_multiplier=1"],
+    "instructions": ["instructions", "--only", "target=queue-put"],
+    "faults": ["faults", "--transport", "redis", "--only", "fault=warm-shutdown",
+               "--only", "acks_late=True"],
+    "rate-sweep": [*PUBLISH_CELL, "--rate-sweep", "200:400:2"],
+    "max-rate": [*PUBLISH_CELL, "--max-rate"],
+}
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("case", sorted(EVERY_SCENARIO))
+def test_every_scenario_runs_with_two_variants(case, tmp_path, need):
+    need("redis")
+    out = tmp_path / "r.json"
+    res = bench("ab", "here", "env:CB_SAME=1", *EVERY_SCENARIO[case], "--quick", "--repeat",
+                "1", "--duration", "0.3", "--quiet", "--no-html", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    cells = json.loads(out.read_text())["cells"]
+    by_variant = {v: [c for c in cells if c["params"]["variant"] == v] for v in "AB"}
+    assert by_variant["A"] and len(by_variant["A"]) == len(by_variant["B"]), cells
+    assert all(c["status"] == "ok" for c in cells), [(c["status"], c["reason"]) for c in cells]
+
+
+@pytest.mark.redis
+def test_app_runs_with_two_variants_from_the_users_folder(tmp_path, need):
+    """--app MODULE:APP is imported from where the user runs, in each variant's process."""
+    need("redis")
+    (tmp_path / "abproj.py").write_text(textwrap.dedent("""
+        from celery import Celery
+
+        app = Celery("abproj", broker="memory://")
+
+
+        @app.task(name="abproj.add")
+        def add(x, y, z=0):
+            return x + y
+    """))
+    res = subprocess.run([*CLI, "ab", "here", "env:CB_SAME=1", "publish", "--app", "abproj:app",
+                          "--task", "abproj.add", "--only", "api=celery", "--only",
+                          "method=delay", "--quick", "--repeat", "1", "--duration", "0.3",
+                          "--quiet", "--no-html", "--out", "r.json"],
+                         capture_output=True, text=True, timeout=600, cwd=str(tmp_path),
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert res.returncode == 0, res.stderr[-2000:]
+    cells = json.loads((tmp_path / "r.json").read_text())["cells"]
+    assert {c["params"]["variant"] for c in cells} == {"A", "B"}
+    assert all(c["status"] == "ok" for c in cells), [(c["status"], c["reason"]) for c in cells]
+
+
+def test_a_variants_process_gets_the_broker_commands_unmasked():
+    from bench import runner
+    from bench.variants import run as variant_run
+
+    opts = runner.RunOptions(scenarios=("faults",), restart_cmd="echo restart",
+                             start_cmd="echo start")
+    assert opts.to_dict()["restart_cmd"] != "echo restart"   # the results file's copy
+    sent = variant_run.child_options(opts)
+    assert (sent["restart_cmd"], sent["start_cmd"]) == ("echo restart", "echo start")
+
+
+def _variant_cell(variant: str, rates: list[float]):
+    from bench import results
+
+    repeats = [{"metrics": {"throughput_per_s": r, "sent": 100, "received": 100, "lost": 0},
+                "histograms": {}, "notes": [], "round": i} for i, r in enumerate(rates)]
+    return results.aggregate("publish", {"api": "kombu", "transport": "memory",
+                                         "variant": variant}, repeats)
+
+
+def test_the_report_shows_each_variant_pair_as_a_table_and_a_chart():
+    from bench import results
+    from bench.exporters import html
+
+    base = [1000.0, 1040.0, 980.0, 1010.0, 1025.0, 995.0]
+    run = results.Run({}, [_variant_cell("A", base),
+                           _variant_cell("B", [0.8 * r for r in base]),
+                           _variant_cell("C", [r * (1.01 if i % 2 else 0.99)
+                                               for i, r in enumerate(base)])])
+    page = html(run)
+    assert "B / A: variant B as a ratio of variant A" in page
+    assert "C / A: variant C as a ratio of variant A" in page
+    b_part = page.split("B / A:")[1].split("C / A:")[0]
+    assert "1.25x slower" in b_part and "data-ab-B-0" in b_part   # the table and its chart
+    c_part = page.split("C / A:")[1]
+    assert "no significant difference" in c_part and "data-ab-C-0" in c_part
+    plain = results.Run({}, [_variant_cell("A", base)])
+    assert "as a ratio of variant" not in html(plain)   # a run without variants: nothing

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .. import results
 from ..report import fmt, plan_tables, spread_fraction, spread_text, summary_columns
-from . import charts, speedups
+from . import charts, speedups, variants
 
 CSS = """
 :root { --fg: #1b1b1b; --muted: #5a5a5a; --line: #d6d6d6; --bg-alt: #f5f5f5; }
@@ -320,6 +320,7 @@ def html(run: results.Run, title: str = "celery-bench report") -> str:
         if desc:
             page.add(f'<p class="muted">{escape(desc)}</p>')
         _tables(page, scenario, cells)
+        variants.section(page, scenario, cells, _verdict_rows)
         _rate_charts(page, scenario, cells)
         _spectra(page, cells)
         _sweeps(page, cells)

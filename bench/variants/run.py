@@ -12,6 +12,7 @@ Celery workers are each variant's, started from its interpreter.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -45,7 +46,12 @@ class VariantProcess(LineChild):
         return str(self.variant.root)
 
     def environment(self) -> dict:
-        return self.variant.child_env()
+        env = self.variant.child_env()
+        if self.spec["options"].get("app"):
+            # --app MODULE:APP lives where the user runs from (as `celery -A`): after the
+            # variant's own paths, so it never shadows the variant's bench, celery or kombu
+            env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], os.getcwd()])
+        return env
 
     def measure(self, params: dict, round_: int, first: bool) -> dict:
         self.send_line("cell " + json.dumps({"params": params, "round": round_,
@@ -115,12 +121,21 @@ def _scenario(item, variants, rounds, opts, run_, workdir, on_cell, on_cell_star
             CellSlots(run_, opts.out, on_cell).record, on_cell_start)
 
 
+def child_options(opts: runner.RunOptions) -> dict:
+    """The options a variant's process measures with: ``to_dict`` masks the broker commands
+    (--restart-cmd, --start-cmd) for the results file; the process must run them. They
+    reach it on its stdin only, never a file."""
+    options = opts.to_dict()
+    options.update(restart_cmd=opts.restart_cmd, start_cmd=opts.start_cmd)
+    return options
+
+
 def measure(name: str, cells: list, variants: list, rounds: range, opts, workdir: Path,
             record: Callable, on_cell_start: Callable | None = None) -> dict:
     """Each of ``cells`` (params without ``variant``) once per variant per round of
     ``rounds``, counterbalanced; ``record((i, variant name), state)`` after each. Returns
     the states by that key (their repeats are the rounds measured here)."""
-    options = opts.to_dict()
+    options = child_options(opts)
     states = {(i, v.name): runner.CellRun(name, {**p, "variant": v.name})
               for i, p in enumerate(cells) for v in variants}
     with ExitStack() as stack:

@@ -1,0 +1,212 @@
+"""How often does an A/B run call a known slowdown, and how often does A/A call anything?
+
+Issue 15's proof, measured on this machine (docs/ab.md records the figures):
+
+- ``slow``: RUNS runs of ``celery-bench ab here env:PYTHONPATH=DIR`` on the kombu held
+  publish cell (memory), DIR holding a ``sitecustomize`` that makes B's
+  ``kombu.messaging.Producer.publish`` spin ``--slowdown`` (default 10%) of a publish's
+  cost more, sized from a publish timed in this process just before each run. Each run is
+  judged by ``compare --by variant`` rules (bench.compare.compare_within): is
+  ``throughput_per_s`` called "slower", and is ``cpu_us_per_msg`` (CPU per message, less
+  sensitive to preemption on a shared machine) called "higher"?
+- ``aa``: RUNS runs of ``celery-bench gate --against HEAD --head env:CB_AA=1`` with the
+  rules of results/baselines/gates-ab.toml that need no worker-throughput or callgrind
+  cells (``--full`` keeps them all), i.e. the same tree as base and head: gate failures,
+  and the share of ``compare --by variant`` rows (every default metric of every cell)
+  "no significant difference".
+
+    .venv/bin/python tools/ab_sensitivity.py slow --runs 10 --rounds 12
+    .venv/bin/python tools/ab_sensitivity.py aa --runs 10
+
+Prints one line per run and a summary; the results files stay in --dir.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import compare, results  # noqa: E402
+
+PUBLISH_CELL = ["publish", "--only", "api=kombu", "--only", "producer=held",
+                "--only", "retry=no", "--transport", "memory", "--only", "serializer=json"]
+SITECUSTOMIZE = """\
+import os, time
+import kombu.messaging
+
+_extra = float(os.environ["CB_SENS_EXTRA_S"])
+_orig = kombu.messaging.Producer.publish
+
+
+def publish(self, *args, **kwargs):
+    out = _orig(self, *args, **kwargs)
+    end = time.perf_counter() + _extra   # CPU work, not a sleep: what a slower publish is
+    while time.perf_counter() < end:
+        pass
+    return out
+
+
+kombu.messaging.Producer.publish = publish
+"""
+RUN_TIMEOUT_S = 1800
+
+
+def publish_cost_s() -> float:
+    """CPU seconds of one kombu held publish on memory as the publish cell makes it (its
+    driver's call), here and now: the least of 3 batches, so a preempted batch does not
+    inflate the slowdown."""
+    from kombu import Connection, Exchange, Producer, Queue
+
+    name = f"sens-{os.getpid()}"
+    exchange = Exchange(name, "direct")
+    with Connection("memory://") as conn:
+        queue = Queue(name, exchange, routing_key=name)
+        queue(conn.default_channel).declare()
+        channel = conn.channel()
+        publish = Producer(channel, exchange=exchange, serializer="json").publish
+        body, best = {"data": "x" * 100}, float("inf")
+        for _ in range(4):
+            n, t0 = 3000, time.process_time()
+            for i in range(n):
+                publish(body, routing_key=name, headers={"i": i, "t": 0.0})
+            best = min(best, (time.process_time() - t0) / n)
+            queue(conn.default_channel).purge()
+        channel.close()
+    return best
+
+
+def spin_for(slowdown: float) -> tuple[float, float]:
+    """(publish cost, spin) in seconds: the spin that makes a publish ``slowdown`` dearer
+    with the wrapper's own cost (a call through *args/**kwargs, two clock reads) counted,
+    both timed in this process with the wrapper installed and spinning 0."""
+    import statistics
+
+    import kombu.messaging
+
+    original = kombu.messaging.Producer.publish
+    bases, extras = [], []
+    os.environ["CB_SENS_EXTRA_S"] = "0"
+    try:
+        for _ in range(5):   # alternated, medians: the wrapper's cost is a small difference
+            kombu.messaging.Producer.publish = original
+            bases.append(publish_cost_s())
+            exec(SITECUSTOMIZE, {})
+            extras.append(publish_cost_s() - bases[-1])
+    finally:
+        kombu.messaging.Producer.publish = original
+        del os.environ["CB_SENS_EXTRA_S"]
+    base = statistics.median(bases)
+    return base, max(0.0, slowdown * base - max(0.0, statistics.median(extras)))
+
+
+def bench(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=str(ROOT), text=True,
+                          capture_output=True, timeout=RUN_TIMEOUT_S,
+                          env=dict(os.environ, **(env or {})))
+
+
+def rows(path: Path, metrics=None) -> list[tuple[str, compare.Comparison]]:
+    """(cell key, comparison) of every ``--by variant`` row of the run."""
+    out = []
+    for group in compare.compare_within(results.load(path), "variant", metrics=metrics):
+        for _value, comparisons, _note in group.rows:
+            out += [(group.scenario, c) for c in comparisons]
+    return out
+
+
+def slow(args) -> int:
+    folder = args.dir / "sitecustomize"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    called = {"throughput_per_s": 0, "cpu_us_per_msg": 0}
+    for i in range(args.runs):
+        cost, spin = spin_for(args.slowdown)
+        out = args.dir / f"slow-{i}.json"
+        res = bench("ab", "here", f"env:PYTHONPATH={folder}", *PUBLISH_CELL, "--quick",
+                    "--repeat", str(args.rounds), "--duration", str(args.duration), "--quiet",
+                    "--no-html", "--out", str(out),
+                    env={"CB_SENS_EXTRA_S": repr(spin)})
+        if res.returncode != 0:
+            print(f"run {i}: exit {res.returncode}: {res.stderr.strip()[-300:]}", flush=True)
+            continue
+        words = []
+        for _key, c in rows(out, ["throughput_per_s", "cpu_us_per_msg"]):
+            hit = c.significant and c.direction in ("slower", "higher")
+            called[c.metric] += bool(hit)
+            words.append(f"{c.metric}: {c.words} ({c.detail})")
+        print(f"run {i} (publish {cost * 1e6:.2f} us, spin {spin * 1e6:.2f} us): "
+              + "; ".join(words), flush=True)
+    print(f"slowdown {args.slowdown:.0%}, {args.rounds} rounds: throughput called slower in "
+          f"{called['throughput_per_s']}/{args.runs} runs, CPU per message called higher in "
+          f"{called['cpu_us_per_msg']}/{args.runs}")
+    return 0
+
+
+def aa_spec(full: bool) -> str:
+    """gates-ab.toml's rules, without the worker-throughput and callgrind ones unless
+    ``full`` (they take most of a gate's time)."""
+    spec = tomllib.loads((ROOT / "results" / "baselines" / "gates-ab.toml").read_text())
+    keep = [g for g in spec["gate"] if full or not re.search(r"\b(worker|instructions)\[",
+                                                            g["check"])]
+    lines = [f'missing = "{spec.get("missing", "warn")}"']
+    for g in keep:
+        lines += ["", "[[gate]]"] + [f"{k} = {json.dumps(v)}" for k, v in g.items()]
+    return "\n".join(lines) + "\n"
+
+
+def aa(args) -> int:
+    spec = args.dir / "gates-aa.toml"
+    spec.write_text(aa_spec(args.full))
+    failures = same = total = 0
+    for i in range(args.runs):
+        out = args.dir / f"aa-{i}.json"
+        res = bench("gate", "--against", "HEAD", "--head", "env:CB_AA=1", "--spec", str(spec),
+                    "--rounds", str(args.rounds), "--budget", str(args.budget), str(out))
+        failed = [ln.strip() for ln in res.stdout.splitlines() if ln.strip().startswith("FAIL")]
+        failures += bool(failed) or res.returncode != 0
+        judged = rows(out) if out.exists() else []
+        n_same = sum(1 for _k, c in judged if c.significant is False)
+        n_judged = sum(1 for _k, c in judged if c.significant is not None)
+        same, total = same + n_same, total + n_judged
+        called = [f"{k} {c.metric}: {c.words} ({c.detail})" for k, c in judged if c.significant]
+        print(f"run {i}: gate exit {res.returncode}, {len(failed)} FAIL; rows {n_same}/"
+              f"{n_judged} no significant difference" + (f"; called: {'; '.join(called)}"
+                                                          if called else ""), flush=True)
+        for line in failed:
+            print(f"    {line}", flush=True)
+    share = same / total if total else 0.0
+    print(f"A/A {args.runs} runs, {args.rounds} rounds: {failures} gate failure(s); "
+          f"{same}/{total} rows ({share:.1%}) no significant difference")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=("slow", "aa"))
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="paired rounds per run (slow: 12; aa: the gate's 5)")
+    parser.add_argument("--duration", type=float, default=1.0)
+    parser.add_argument("--slowdown", type=float, default=0.10)
+    parser.add_argument("--budget", type=float, default=60.0, help="aa: the gate's --budget")
+    parser.add_argument("--full", action="store_true", help="aa: every gates-ab.toml rule")
+    parser.add_argument("--dir", type=Path, default=Path("results") / "sensitivity")
+    args = parser.parse_args()
+    args.dir = args.dir.resolve()
+    args.dir.mkdir(parents=True, exist_ok=True)
+    if args.rounds is None:
+        args.rounds = 12 if args.what == "slow" else 5
+    return slow(args) if args.what == "slow" else aa(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
