@@ -423,9 +423,12 @@ def terminal_tables(plan: TablePlan, notes: dict, console: Console,
 
 
 def print_run(run: results.Run, console: Console | None = None, width: int = WIDTH) -> None:
+    from .exporters.speedups import calibration_cells, result_cells
+
     console = console or Console()
+    _print_noise(console, calibration_cells(run.cells))
     by_scenario: dict[str, list] = {}
-    for c in run.cells:
+    for c in result_cells(run.cells):
         by_scenario.setdefault(c.scenario, []).append(c)
     for name, cells in by_scenario.items():
         notes: dict[str, int] = {}
@@ -448,6 +451,19 @@ def print_run(run: results.Run, console: Console | None = None, width: int = WID
     n = len(run.cells)
     console.print(f"{n} cell{'' if n == 1 else 's'}: {counts['ok']} ok, {counts['skipped']} skipped, "
                   f"{counts['failed']} failed, {counts['lost']} lost messages")
+
+
+def _print_noise(console: Console, cells) -> None:
+    """The calibration loop, apart from the results: the machine's noise during the run
+    (a yardstick the gate's CPU ratios are read by, never a results row)."""
+    for c in cells:
+        spread = spread_text(spread_fraction(c, "throughput_per_s"))
+        loops = fmt(c.metrics.get("throughput_per_s")) if c.status == "ok" else c.status
+        console.print(f"machine noise (calibration loop, not a result): {loops} loops/s"
+                      f"{' ' + spread if spread else ''}, {len(c.repeats)} repeat"
+                      f"{'' if len(c.repeats) == 1 else 's'}", markup=False, highlight=False)
+    if cells:
+        console.print()
 
 
 def cell_line(cell: results.Cell, figures: int = 4) -> str:

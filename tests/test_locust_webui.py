@@ -12,7 +12,7 @@ import time
 
 from bench import results
 from browser import browser  # noqa: F401  (the fixture)
-from test_locust import locust_cmd, locust_env, stop_with
+from test_locust import ROOT, locust_cmd, locust_env, stop_with
 from test_locust_celery import PIDS, alive, free_port, wait_for, worker_pids
 
 TAB = "celery-bench (us)"
@@ -81,6 +81,10 @@ def test_web_ui_tab_page_and_bad_choice(tmp_path, browser):  # noqa: F811
         assert {c["params"]["request_type"] for c in run["cells"]} >= {"kombu", "total"}
         assert all(c["histograms"]["latency"]["count"] > 0 for c in run["cells"])
         assert not visit.console_errors, visit.console_errors
+        ours_visit = browser.open(f"http://127.0.0.1:{port}{href}")
+        ours_visit.page.wait_for_selector("#percentiles tbody tr", timeout=30_000)
+        assert not ours_visit.console_errors, ours_visit.console_errors   # favicon: no 404
+        _same_counts(ours_visit.page, port)
 
         page.get_by_role("button", name="Stop").click()
         page.get_by_text("STOPPED", exact=False).first.wait_for(timeout=60_000)
@@ -94,6 +98,71 @@ def test_web_ui_tab_page_and_bad_choice(tmp_path, browser):  # noqa: F811
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(alive(p) for p in pids), PIDS.pattern
+
+
+def _same_counts(page, port) -> None:
+    """The tab's data (Locust's /stats/requests poll) and the page's stats.json read the same
+    snapshot: fetched between two reads of one snapshot, the tab has its counts exactly."""
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(20):
+        first = page.request.get(f"{base}/celery-bench/stats.json").json()
+        tab = page.request.get(f"{base}/stats/requests").json()
+        last = page.request.get(f"{base}/celery-bench/stats.json").json()
+        if first["taken"] != last["taken"]:
+            continue                                  # a new snapshot in between: again
+        (entry,) = [e for e in tab["extended_stats"] if e["key"] == "celery-bench"]
+        counts = {(r["type"], r["name"]): r["requests"] for r in entry["data"]}
+        assert counts == {(r["type"], r["name"]): r["requests"] for r in first["rows"]}
+        assert sum(counts.values()) > 0
+        return
+    raise AssertionError("no two reads of stats.json shared a snapshot")
+
+
+def test_class_picker_ticks_what_was_named_and_the_transport_runs(tmp_path, browser):  # noqa: F811
+    """locust.conf turns the picker on; named KombuPublisher and TaskRoundTrip on memory (no
+    worker can reach it): only KombuPublisher is ticked, Start works, one request per
+    publish in Locust's own table, nothing in the console, no warning in the Logs tab."""
+    port = free_port()
+    log = tmp_path / "locust.log"
+    cmd = locust_cmd("--web-host", "127.0.0.1", "--web-port", port, "--transport", "memory",
+                     "KombuPublisher", "TaskRoundTrip")
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
+                                env=locust_env())
+    try:
+        wait_for(log, "Starting web interface", proc=proc)
+        visit = browser.open(f"http://127.0.0.1:{port}/")
+        page = visit.page
+        page.wait_for_selector("form input[name=userCount]", timeout=30_000)
+        ticks = {}
+        for name in ("KombuPublisher", "CeleryPublisher", "TaskRoundTrip", "GroupJoin"):
+            row = page.locator("tr").filter(has=page.get_by_role("cell", name=name,
+                                                                 exact=True))
+            ticks[name] = row.locator("input[type=checkbox]").is_checked()
+        assert ticks == {"KombuPublisher": True, "CeleryPublisher": False,
+                         "TaskRoundTrip": False, "GroupJoin": False}
+        page.fill("input[name=userCount]", "1")
+        page.fill("input[name=spawnRate]", "1")
+        page.click("button[type=submit]")
+        tab, alert = page.get_by_role("tab", name=TAB), page.get_by_role("alert")
+        tab.or_(alert).first.wait_for(timeout=60_000)
+        assert not alert.count(), alert.all_inner_texts()
+        tab.click()
+        _rows_with_percentiles(page, {"kombu"}, timeout_s=60)
+        page.get_by_role("tab", name="Logs").click()
+        page.wait_for_timeout(2500)                   # a log poll
+        text = log.read_text()
+        assert "WARNING" not in text and "No hostname was supplied" not in text, text[-3000:]
+        assert not visit.console_errors, visit.console_errors
+        stats = page.request.get(f"http://127.0.0.1:{port}/stats/requests").json()
+        assert {(s["method"], s["name"]) for s in stats["stats"]
+                if s["name"] != "Aggregated"} == {("kombu", "publish memory/held")}
+        page.get_by_role("button", name="Stop").click()
+        page.get_by_text("STOPPED", exact=False).first.wait_for(timeout=60_000)
+    finally:
+        if proc.poll() is None:
+            stop_with(proc, signal.SIGTERM)
+    assert "Traceback" not in log.read_text()
 
 
 def _rows_with_percentiles(page, types: set, timeout_s: float) -> dict:

@@ -267,3 +267,14 @@ def test_live_progress_without_ticker_draws_on_events():
     assert "[1/1] ok      publish api=kombu producer=new-connection transport=memory" in text
     tty.close()
     os.close(master)
+
+
+def test_the_calibration_loop_is_the_machines_noise_not_a_results_row():
+    kombu = cell(throughputs=(1000.0, 1100.0, 1030.0), api="kombu", transport="memory")
+    loop = cell(throughputs=(48_000.0, 50_000.0, 49_000.0), seed=1, api="calibration")
+    text = _printed(results.Run({}, [kombu, loop]))
+    noise, _, tables = text.partition("\n\n")
+    assert noise == "machine noise (calibration loop, not a result): 49,000 loops/s ±2%, " \
+                    "3 repeats"
+    assert "calibration" not in tables and "49,000" not in tables
+    assert "1,030 ±7%" in tables

@@ -97,8 +97,7 @@ def _init(environment, runner=None, web_ui=None, **kwargs):
             log.error("cannot start the Celery workers: %s", exc)
             sys.exit(1)
     if web_ui is not None:
-        webui.register(web_ui, environment, table=lambda: book_results.table(_live()),
-                       page_data=lambda: _page_data(environment),
+        webui.register(web_ui, environment, page_data=lambda: _page_data(environment),
                        results_json=lambda: json.dumps(_run(environment).to_dict(), indent=1),
                        check_swarm=lambda form: _check_swarm(environment, form))
     _signals()

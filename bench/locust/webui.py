@@ -9,8 +9,10 @@ Data" tab. A tab can only hold a table, so the chart lives on a page of ours:
 - tab **celery-bench (us)**: per request row, live, p50 p90 p99 p99.9 p99.99 max in
   microseconds from the HdrHistograms (rows "from intended start" and "schedule lag"
   in open loop);
-- ``/celery-bench/``: the same table, the percentile spectrum chart, the download;
-  linked from Download Data;
+- ``/celery-bench/``: the same table (the same :class:`Snapshot` of the histograms),
+  the percentile spectrum chart, the download; linked from Download Data;
+- the class picker ticks the classes named on the command line (or in locust.conf)
+  that the chosen transport can run (:func:`ticked`);
 - ``/celery-bench/results.json``: the results file of the run so far (what
   ``--results-out`` writes), linked from Download Data and from the page;
 - a ``before_request`` on ``/swarm`` that refuses a bad choice with one message in
@@ -27,10 +29,65 @@ COLUMNS = [("type", "Type"), ("name", "Name"), ("requests", "# Requests"),
            ("p999", "p99.9 us"), ("p9999", "p99.99 us"), ("max", "max us"), ("note", "Note")]
 
 
-def register(web_ui, environment, *, table, page_data, results_json, check_swarm) -> None:
-    """``table()`` -> rows for the tab; ``page_data()`` -> the page's JSON; ``results_json()``
+class Snapshot:
+    """The page's data, read at most once per ``period_s``: the tab and the page show the
+    same histograms, the same counts at the same moment (each polls every 2 s, out of
+    phase). ``clear()`` on reset and at a test's start and stop, so neither lags them."""
+
+    def __init__(self, read, period_s: float = 1.0, clock=time.monotonic):
+        self.read, self.period_s, self.clock = read, period_s, clock
+        self.at = None
+        self.data = None
+
+    def __call__(self) -> dict:
+        now = self.clock()
+        if self.at is None or now - self.at >= self.period_s:
+            self.data, self.at = {**self.read(), "taken": now}, now
+        return self.data
+
+    def clear(self, **kwargs) -> None:
+        self.at = None
+
+
+def ticked(environment) -> list[str]:
+    """The user classes the class picker starts ticked: those named on the command line or
+    in locust.conf (all when none is), less those the chosen transport cannot run."""
+    from .. import brokers, config
+    from . import options
+
+    names = [c.__name__ for c in environment.user_classes] or \
+        sorted(environment.available_user_classes or ())
+    classes = environment.available_user_classes or {}
+    if options.get(environment, "app", ""):
+        return names
+    try:
+        in_process = not brokers.info(options.get(environment, "transport", "unix")) \
+            .cross_process
+    except (config.UsageError, ImportError):
+        return names
+    return [n for n in names if not (in_process and getattr(classes.get(n), "runs_tasks",
+                                                              False))]
+
+
+def register(web_ui, environment, *, page_data, results_json, check_swarm) -> None:
+    """``page_data()`` -> the page's JSON (its rows also fill the tab); ``results_json()``
     -> the results file text; ``check_swarm(form) -> message | None``."""
     from flask import Blueprint, Response, jsonify, make_response, request
+
+    snapshot = Snapshot(page_data)
+    for event in (environment.events.reset_stats, environment.events.test_start,
+                  environment.events.test_stop):
+        event.add_listener(snapshot.clear)
+
+    update = web_ui.update_template_args
+
+    def update_template_args():
+        update()
+        if web_ui.template_args.get("available_user_classes"):
+            # the picker lists every class (``users``) and ticks these
+            web_ui.template_args["available_user_classes"] = ticked(environment)
+
+    web_ui.update_template_args = update_template_args
 
     base = (environment.parsed_options.web_base_path or "") if environment.parsed_options \
         else ""
@@ -48,7 +105,7 @@ def register(web_ui, environment, *, table, page_data, results_json, check_swarm
     def _extend_stats(response):
         if request.path.endswith("/stats/requests") and response.is_json:
             data = response.get_json()
-            data["extended_stats"] = [{"key": TAB, "data": table()}]
+            data["extended_stats"] = [{"key": TAB, "data": snapshot()["rows"]}]
             response.set_data(json.dumps(data))
         return response
 
@@ -72,7 +129,7 @@ def register(web_ui, environment, *, table, page_data, results_json, check_swarm
     @page.route("/stats.json")
     @auth
     def stats():
-        return jsonify(page_data())
+        return jsonify(snapshot())
 
     @page.route("/results.json")
     @auth
@@ -89,6 +146,7 @@ def register(web_ui, environment, *, table, page_data, results_json, check_swarm
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>celery-bench: exact latencies</title>
+<link rel="icon" href="../assets/favicon-light.png" type="image/png">
 <style>
  body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
  table{border-collapse:collapse;font-variant-numeric:tabular-nums;margin:1em 0}
