@@ -17,11 +17,9 @@ worker (Celery's warm shutdown), then SIGKILL to its whole process group.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections import deque
@@ -57,16 +55,10 @@ def one_line(text: str, tail: int | None = None) -> str:
     return " | ".join(lines)
 
 
-_log_dir: Path | None = None
-
-
 def _logs() -> Path:
-    global _log_dir
-    if _log_dir is None:
-        _log_dir = Path(tempfile.mkdtemp(prefix="celery-bench-workers-"))
-    # A /tmp cleaner may have removed it mid-run: a worker's log must still have a home.
-    _log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return _log_dir
+    """This process's worker log folder (a /tmp cleaner may have removed it mid-run: a
+    worker's log must still have a home)."""
+    return children.OWNER.log_folder("celery-bench-workers-")
 
 
 class Worker:
@@ -179,14 +171,6 @@ def running() -> list[Worker]:
 def stop_all(timeout: float = 10.0) -> None:
     """Stop every worker this process started and has not stopped yet (all at once)."""
     children.OWNER.stop_all(timeout, kind=Worker)
-
-
-def _remove_logs() -> None:
-    if _log_dir is not None and not os.environ.get("CELERY_BENCH_KEEP_LOGS"):
-        shutil.rmtree(_log_dir, ignore_errors=True)
-
-
-children.OWNER.after_stop(_remove_logs)
 
 
 def command(*, pool="prefork", concurrency=1, queues=None, hostname=None,

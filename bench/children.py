@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 EXIT_GRACE_S = 10.0      # at exit: every registered child's warm stop, all at once
 SIGNAL_GRACE_S = 5.0     # on SIGTERM/SIGHUP: the same, shorter (someone is waiting)
@@ -82,7 +85,7 @@ class Owner:
         self._lock = threading.Lock()
         self._exit_hooked = False
         self._signals_hooked = False
-        self._after: list = []
+        self._folders: dict[str, Path] = {}
         self.signals_taken = False   # set when another owner (Locust) handles SIGTERM
 
     def register(self, child) -> None:
@@ -103,18 +106,23 @@ class Owner:
         """Stop every registered child (of ``kind``) at once within a shared ``timeout``."""
         stop_together(self.running(kind), timeout)
 
-    def after_stop(self, fn) -> None:
-        """Call ``fn()`` at exit, once the children are stopped (e.g. remove their logs)."""
-        self._after.append(fn)
+    def log_folder(self, prefix: str) -> Path:
+        """A private folder for children's logs, one per ``prefix`` and process, made again
+        if a /tmp cleaner removed it; removed at exit once the children are stopped,
+        unless ``$CELERY_BENCH_KEEP_LOGS`` is set."""
+        with self._lock:
+            folder = self._folders.get(prefix)
+            if folder is None:
+                folder = self._folders[prefix] = Path(tempfile.mkdtemp(prefix=prefix))
         self._hook_exit()
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return folder
 
     def _at_exit(self) -> None:
         self.stop_all()
-        for fn in self._after:
-            try:
-                fn()
-            except Exception:
-                pass
+        if not os.environ.get("CELERY_BENCH_KEEP_LOGS"):
+            for folder in self._folders.values():
+                shutil.rmtree(folder, ignore_errors=True)
 
     def _hook_exit(self) -> None:
         if not self._exit_hooked:
