@@ -6,9 +6,9 @@ session (process group). Its app is the cell's app, passed through
 :func:`bench.celery_app.conf_env`; readiness is a file the worker writes from
 its ``worker_ready`` signal (works on every transport, fanout or not).
 
-Every worker this process starts is registered: leaving a ``with worker(...)``
-block stops it (also on an exception or Ctrl-C), :func:`stop_all` runs at exit
-and on SIGTERM, so no worker is ever left behind. Stopping is SIGTERM to the
+Every worker this process starts is registered with :data:`bench.children.OWNER`:
+leaving a ``with worker(...)`` block stops it (also on an exception or Ctrl-C), the
+owner stops what is left at exit and on SIGTERM, so no worker is ever left behind. Stopping is SIGTERM to the
 worker (Celery's warm shutdown), then SIGKILL to its whole process group.
 
     with worker(broker_url, backend_url, conf={"task_default_queue": q}) as w:
@@ -16,14 +16,10 @@ worker (Celery's warm shutdown), then SIGKILL to its whole process group.
 """
 from __future__ import annotations
 
-import atexit
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 import uuid
 from collections import deque
@@ -31,7 +27,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from . import celery_app
+from . import celery_app, children
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = "bench.celery_app"
@@ -59,18 +55,10 @@ def one_line(text: str, tail: int | None = None) -> str:
     return " | ".join(lines)
 
 
-_registry: dict[int, "Worker"] = {}   # pid -> running worker started by this process
-_log_dir: Path | None = None
-_sigterm_installed = False
-
-
 def _logs() -> Path:
-    global _log_dir
-    if _log_dir is None:
-        _log_dir = Path(tempfile.mkdtemp(prefix="celery-bench-workers-"))
-    # A /tmp cleaner may have removed it mid-run: a worker's log must still have a home.
-    _log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return _log_dir
+    """This process's worker log folder (a /tmp cleaner may have removed it mid-run: a
+    worker's log must still have a home)."""
+    return children.OWNER.log_folder("celery-bench-workers-")
 
 
 class Worker:
@@ -130,12 +118,6 @@ class Worker:
         return self
 
     # -- stopping
-    def _signal_group(self, sig: int) -> None:
-        try:
-            os.killpg(self.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
     def _reap(self) -> None:
         if self.returncode is None:
             # Non-blocking: safe even when a signal handler interrupted another wait.
@@ -143,7 +125,7 @@ class Worker:
             if code is not None:
                 self.returncode = code
         if self.returncode is not None:
-            _registry.pop(self.pid, None)
+            children.OWNER.release(self.pid)
 
     def _wait_exit(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -170,7 +152,7 @@ class Worker:
         self._wait_exit(timeout)
         # The main process is exited-but-unreaped (or still running), so the group id
         # cannot have been reused: killing the group reaches any orphaned pool child.
-        self._signal_group(signal.SIGKILL)
+        children.kill_group(self.pid)
         self._wait_exit(5.0)
         self._reap()
         for path in (self.ready_file,):
@@ -181,40 +163,14 @@ class Worker:
         return self.returncode
 
 
-def _install_sigterm() -> None:
-    """SIGTERM and SIGHUP (terminal closed) stop our workers, then exit (finally blocks
-    and atexit run). Workers live in their own sessions: no signal reaches them but ours."""
-    global _sigterm_installed
-    if _sigterm_installed or threading.current_thread() is not threading.main_thread():
-        return
-    _sigterm_installed = True
-
-    def on_signal(signum, frame):
-        stop_all(timeout=5.0)
-        raise SystemExit(128 + signum)
-
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(signum) is signal.SIG_DFL:  # someone else's: atexit still covers us
-            signal.signal(signum, on_signal)
+def running() -> list[Worker]:
+    """The workers this process started and has not stopped yet."""
+    return children.OWNER.running(Worker)
 
 
 def stop_all(timeout: float = 10.0) -> None:
     """Stop every worker this process started and has not stopped yet (all at once)."""
-    running = list(_registry.values())
-    for w in running:
-        w.terminate()
-    deadline = time.monotonic() + timeout
-    for w in running:
-        w.stop(timeout=max(0.0, deadline - time.monotonic()))
-
-
-def _cleanup_at_exit() -> None:
-    stop_all()
-    if _log_dir is not None and not os.environ.get("CELERY_BENCH_KEEP_LOGS"):
-        shutil.rmtree(_log_dir, ignore_errors=True)
-
-
-atexit.register(_cleanup_at_exit)
+    children.OWNER.stop_all(timeout, kind=Worker)
 
 
 def command(*, pool="prefork", concurrency=1, queues=None, hostname=None,
@@ -234,7 +190,6 @@ def start(broker_url: str, backend_url: str | None = None, *, transport_options=
           conf=None, pool="prefork", concurrency=1, queues=None, hostname=None,
           extra_args=(), env=None, without=DEFAULT_WITHOUT, loglevel="INFO") -> Worker:
     """Spawn a worker and return at once (call ``wait_ready``); prefer :func:`worker`."""
-    _install_sigterm()
     tag = uuid.uuid4().hex[:8]
     hostname = hostname or f"bench-{tag}@%h"
     log_path = _logs() / f"worker-{tag}.log"
@@ -251,16 +206,16 @@ def start(broker_url: str, backend_url: str | None = None, *, transport_options=
                    without=without, loglevel=loglevel, extra_args=extra_args)
     with open(log_path, "wb") as log:
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, env=full_env, cwd=str(ROOT),
-                                    start_new_session=True)  # own group: killpg reaches pool children
+            # Its own group: killing the group reaches the pool children.
+            proc = children.spawn(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                  stderr=subprocess.STDOUT, env=full_env, cwd=str(ROOT))
         except OSError as exc:
             raise WorkerError(f"cannot start worker ({' '.join(argv[:6])} ...): {exc}") from exc
     try:
         w = Worker(proc, hostname.replace("%h", os.uname().nodename), log_path, ready_file, argv)
-        _registry[w.pid] = w
+        children.OWNER.register(w)
     except BaseException:  # e.g. Ctrl-C before it was registered: nothing else knows of it
-        os.killpg(proc.pid, signal.SIGKILL)
+        children.kill_group(proc.pid)
         proc.wait()
         raise
     return w
@@ -300,13 +255,7 @@ def workers(n: int, broker_url: str, backend_url: str | None = None, *,
     base = kwargs.pop("hostname", None)
     started: list[Worker] = []
     with ExitStack() as stack:
-        def stop_started():
-            for w in started:
-                w.terminate()  # all warm shutdowns run in parallel
-            deadline = time.monotonic() + stop_timeout
-            for w in started:
-                w.stop(max(0.0, deadline - time.monotonic()))
-        stack.callback(stop_started)
+        stack.callback(lambda: children.stop_together(started, stop_timeout))
         for i in range(n):
             name = None
             if base:

@@ -7,7 +7,8 @@ service:
   folder, started and stopped by its ``Popen`` (never ``SHUTDOWN`` sent to a port,
   which might by then be someone else's); ``restart()`` is a graceful stop (SIGTERM:
   Redis writes its RDB snapshot) and a start on the same port and folder, which loads
-  it back. It dies with the harness (``PR_SET_PDEATHSIG``), and at exit.
+  it back. It dies with the harness (``PR_SET_PDEATHSIG``), and at exit
+  (registered with :data:`bench.children.OWNER`).
 * :func:`drop_unix_connections`: the connections a worker's processes hold to our unix
   broker, shut down from outside (``pidfd_getfd`` duplicates each socket into this
   process; ``shutdown()`` ends the connection for both ends, as a broker that hung up
@@ -21,7 +22,6 @@ service:
 """
 from __future__ import annotations
 
-import atexit
 import ctypes
 import errno
 import json
@@ -37,15 +37,13 @@ from urllib.parse import urlparse
 
 import psutil
 
-from . import config
+from . import children, config
 
 POLL_S = 0.02
 SYS_PIDFD_GETFD = 438          # the same number on every Linux architecture (5.6+)
 # Redis's own default save points, given explicitly so no config file changes them:
 # a graceful stop writes the snapshot, a start loads it (the queue survives a restart).
 REDIS_SAVE = "3600 1 300 100 60 10000"
-
-_servers: dict[int, "RedisServer"] = {}   # pid -> running server this process started
 
 
 class FaultError(RuntimeError):
@@ -75,8 +73,8 @@ def _die_with_parent() -> None:
 class RedisServer:
     """A private ``redis-server`` in ``folder`` on a free loopback port.
 
-    ``start()`` waits until it answers PING; ``stop()`` is SIGTERM, then SIGKILL after
-    ``timeout``; ``restart(down_s)`` stops it, waits ``down_s``, starts it again on the
+    ``start()`` waits until it answers PING; ``stop()`` is SIGTERM to its group, then
+    SIGKILL after ``timeout``; ``restart(down_s)`` stops it, waits ``down_s``, starts it again on the
     same port and folder. Idempotent ``stop()``; also stopped at exit.
     """
 
@@ -87,6 +85,7 @@ class RedisServer:
             raise FileNotFoundError("redis-server is not on PATH (apt-get install redis-server)")
         self.port: int | None = None
         self.proc: subprocess.Popen | None = None
+        self.pid: int | None = None
         self.log_path = self.folder / "redis.log"
         self.starts = 0
 
@@ -125,11 +124,11 @@ class RedisServer:
         for attempt in range(attempts):
             if not self.port or attempt:
                 self.port = free_port()
-            self.proc = subprocess.Popen(
+            self.proc = children.spawn(
                 self._argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL, cwd=str(self.folder), start_new_session=True,
-                preexec_fn=_die_with_parent)
-            _servers[self.proc.pid] = self
+                stderr=subprocess.DEVNULL, cwd=str(self.folder), preexec_fn=_die_with_parent)
+            self.pid = self.proc.pid
+            children.OWNER.register(self)
             if self._wait_ready(timeout):
                 self.starts += 1
                 return self
@@ -157,19 +156,18 @@ class RedisServer:
 
     def _reap(self) -> None:
         if self.proc is not None:
-            _servers.pop(self.proc.pid, None)
+            children.OWNER.release(self.proc.pid)
+
+    def terminate(self) -> None:
+        """Ask it to stop, without waiting (redis: save the snapshot, close the port, exit)."""
+        if self.alive():
+            children.kill_group(self.proc.pid, signal.SIGTERM)
 
     def stop(self, timeout: float = 5.0) -> int | None:
         proc = self.proc
         if proc is None:
             return None
-        if proc.poll() is None:
-            proc.terminate()  # redis: save the snapshot, close the port, exit
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5.0)
+        children.stop([proc], timeout)
         self._reap()
         return proc.returncode
 
@@ -222,15 +220,9 @@ class RedisServer:
         return out
 
 
-def _stop_servers_at_exit() -> None:
-    for server in list(_servers.values()):
-        try:
-            server.stop(2.0)
-        except Exception:
-            pass
-
-
-atexit.register(_stop_servers_at_exit)
+def running_servers() -> list[RedisServer]:
+    """The private servers this process started and has not stopped yet."""
+    return children.OWNER.running(RedisServer)
 
 
 # --------------------------------------------------------------------------- processes
@@ -436,23 +428,17 @@ def run_command(cmd: str, timeout: float, what: str) -> float:
     seconds it took. FaultError, with its output's last line, when it fails or overruns
     (its whole process group is killed then)."""
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = children.spawn(cmd, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        children.kill_group(proc.pid)
         proc.communicate()
         raise FaultError(f"{what} {shlex.quote(cmd)} did not finish within {timeout:g} s") \
             from None
     except BaseException:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        children.kill_group(proc.pid)
         proc.wait()
         raise
     if proc.returncode:

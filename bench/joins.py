@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import threading
 import time
-import weakref
 
 import sqlalchemy as sa
 from celery import states
@@ -63,18 +62,29 @@ def _remaining(deadline):
     return left
 
 
-# One subscriber connection per backend and thread (a PubSub is not thread-safe),
-# kept between joins: a new one would cost a connect and its handshake every time.
-_local = threading.local()
+class _Kept:
+    """What the joins keep for one backend, on the backend itself (``_bench_joins``): one
+    subscriber connection per thread (a PubSub is not thread-safe), kept between joins (a
+    new one would cost a connect and its handshake every time), and one pooled engine."""
+
+    def __init__(self):
+        self.local = threading.local()
+        self.lock = threading.Lock()
+        self.engine = None
+
+    @staticmethod
+    def of(backend) -> "_Kept":
+        kept = backend.__dict__.get("_bench_joins")
+        if kept is None:   # setdefault is atomic: two threads get the same one
+            kept = backend.__dict__.setdefault("_bench_joins", _Kept())
+        return kept
 
 
 def _pubsub(backend):
-    cache = getattr(_local, "pubsubs", None)
-    if cache is None:
-        cache = _local.pubsubs = weakref.WeakKeyDictionary()
-    if backend not in cache:
-        cache[backend] = backend.client.pubsub()
-    return cache[backend]
+    local = _Kept.of(backend).local
+    if getattr(local, "pubsub", None) is None:
+        local.pubsub = backend.client.pubsub()
+    return local.pubsub
 
 
 def redis_join(result_set, timeout=None, propagate=True, interval=1.0, on_interval=None):
@@ -128,24 +138,22 @@ def redis_join(result_set, timeout=None, propagate=True, interval=1.0, on_interv
             pubsub.unsubscribe(*key_of)  # confirmations are skipped by the next join
         except Exception:  # a broken connection: drop it, the next join makes a new one
             pubsub.close()
-            getattr(_local, "pubsubs", {}).pop(backend, None)
+            _Kept.of(backend).local.pubsub = None
     return [_value(metas[i], propagate) for i in ids]
 
 
 FIRST_POLL_S = 0.005
-_engines: dict = {}
-_engines_lock = threading.Lock()
 
 
 def _engine(backend):
-    """A pooled engine per database URL (Celery's own uses NullPool when not forked)."""
-    with _engines_lock:
-        engine = _engines.get(backend.url)
-        if engine is None:
+    """A pooled engine per backend (Celery's own uses NullPool when not forked)."""
+    kept = _Kept.of(backend)
+    with kept.lock:
+        if kept.engine is None:
             options = dict(backend.engine_options)
             options["pool_pre_ping"] = False  # a ping per checkout is a round trip per join
-            engine = _engines[backend.url] = sa.create_engine(backend.url, **options)
-        return engine
+            kept.engine = sa.create_engine(backend.url, **options)
+        return kept.engine
 
 
 def db_join(result_set, timeout=None, propagate=True, interval=0.5, on_interval=None):
@@ -181,10 +189,11 @@ def db_join(result_set, timeout=None, propagate=True, interval=0.5, on_interval=
 
 def release(backend) -> None:
     """Close what the joins above keep for ``backend`` (its subscriber, its engine)."""
-    pubsub = getattr(_local, "pubsubs", {}).pop(backend, None)
+    kept = _Kept.of(backend)
+    pubsub, kept.local.pubsub = getattr(kept.local, "pubsub", None), None
     if pubsub is not None:
         pubsub.close()
-    with _engines_lock:
-        engine = _engines.pop(getattr(backend, "url", None), None)
+    with kept.lock:
+        engine, kept.engine = kept.engine, None
     if engine is not None:
         engine.dispose()

@@ -15,10 +15,6 @@ from __future__ import annotations
 
 import weakref
 
-_db_counters: "weakref.WeakSet[Counter]" = weakref.WeakSet()
-_db_listening = False
-
-
 class Counter:
     def __init__(self, kind: str, reader=None):
         self.kind = kind
@@ -63,26 +59,34 @@ def _attach_redis(backend) -> Counter:
     return counter
 
 
+class _DbCounting:
+    """The counters SQLAlchemy's process-wide events feed, kept on ``Engine`` itself
+    (``_bench_counting``) as the redis counter is kept on its connection class."""
+
+    def __init__(self):
+        self.counters: "weakref.WeakSet[Counter]" = weakref.WeakSet()
+
+    def on_statement(self, *args, **kwargs):
+        for c in list(self.counters):
+            c.round_trips += 1
+
+    def on_connect(self, *args, **kwargs):
+        for c in list(self.counters):
+            c.connects += 1
+
+
 def _attach_db() -> Counter:
-    global _db_listening
     from sqlalchemy import event
     from sqlalchemy.engine import Engine
     from sqlalchemy.pool import Pool
 
-    if not _db_listening:
-        def on_statement(*args, **kwargs):
-            for c in list(_db_counters):
-                c.round_trips += 1
-
-        def on_connect(*args, **kwargs):
-            for c in list(_db_counters):
-                c.connects += 1
-
-        event.listen(Engine, "before_cursor_execute", on_statement)
-        event.listen(Pool, "connect", on_connect)
-        _db_listening = True
+    counting = Engine.__dict__.get("_bench_counting")
+    if counting is None:
+        counting = Engine._bench_counting = _DbCounting()
+        event.listen(Engine, "before_cursor_execute", counting.on_statement)
+        event.listen(Pool, "connect", counting.on_connect)
     counter = Counter("database")
-    _db_counters.add(counter)
+    counting.counters.add(counter)
     return counter
 
 

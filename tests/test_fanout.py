@@ -8,7 +8,7 @@ from support import celery_children, cells, counting_starts, scenario
 
 
 def assert_no_worker_left():
-    assert not celery_workers._registry
+    assert not celery_workers.running()
     assert celery_children() == []
 
 

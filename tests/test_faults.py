@@ -48,9 +48,9 @@ def accounted(cell):
 
 
 def assert_nothing_left():
-    assert not celery_workers._registry
+    assert not celery_workers.running()
     assert celery_children() == []
-    assert not injection._servers
+    assert not injection.running_servers()
     assert [p for p in psutil.Process().children(recursive=True)
             if "redis-server" in " ".join(p.cmdline())] == []
 
@@ -294,7 +294,7 @@ def test_private_redis_server_restarts_on_its_port_with_its_data(tmp_path):
         client.close()
     finally:
         server.stop()
-    assert not server.alive() and not injection._servers
+    assert not server.alive() and not injection.running_servers()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
 

@@ -196,7 +196,7 @@ def test_quick_sqlite_cells_measure_both_waiters(tmp_path):
     # Celery's join opens a new engine and connection for every look.
     assert join.metrics["connects_per_join"] == join.metrics["backend_round_trips"]
     assert join.metrics["backend_round_trips"] >= 10  # at least one SELECT per member
-    assert not celery_workers._registry  # the last cell stopped the shared worker
+    assert not celery_workers.running()  # the last cell stopped the shared worker
 
 
 def test_interval_sweep_scales_waiter_queries_and_cpu_with_sleeping_tasks(tmp_path):
@@ -251,7 +251,7 @@ def test_rpc_and_postgres_cells_run(tmp_path, need, monkeypatch):
         left = [t for t in tables if sa.inspect(conn).has_table(t)]
     engine.dispose()
     assert not left
-    assert not celery_workers._registry
+    assert not celery_workers.running()
 
 
 def test_join_timeout_fails_the_cell_and_stops_the_worker(tmp_path):
@@ -260,7 +260,7 @@ def test_join_timeout_fails_the_cell_and_stops_the_worker(tmp_path):
     cell = run_cell("join", params, opts)
     assert cell.status == "failed"
     assert "TimeoutError" in cell.reason
-    assert not celery_workers._registry
+    assert not celery_workers.running()
 
 
 def test_worker_dying_mid_join_fails_the_cell_with_its_log(tmp_path):
@@ -270,7 +270,7 @@ def test_worker_dying_mid_join_fails_the_cell_with_its_log(tmp_path):
     def kill_when_started():
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            for w in list(celery_workers._registry.values()):
+            for w in celery_workers.running():
                 if w.ready_file.exists():
                     time.sleep(1.0)  # let the cell reach its wait
                     os.killpg(w.pid, signal.SIGKILL)
@@ -285,7 +285,7 @@ def test_worker_dying_mid_join_fails_the_cell_with_its_log(tmp_path):
     assert cell.status == "failed"
     assert "died" in cell.reason and "log" in cell.reason
     assert time.monotonic() - started < 50  # well before the 60 s join timeout
-    assert not celery_workers._registry
+    assert not celery_workers.running()
 
 
 def _tagged(tag):

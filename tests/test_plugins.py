@@ -96,22 +96,57 @@ def test_no_scenario_names_a_transport():
     assert found.stdout == "", found.stdout
 
 
-def test_scenarios_keep_no_module_state():
-    """No global statement, no module-level mutable container or cache under
-    bench/scenarios/ (a registry object is the one shared thing)."""
-    for path in (ROOT / "bench" / "scenarios").glob("*.py"):
-        tree = ast.parse(path.read_text())
-        assert not any(isinstance(n, ast.Global) for n in ast.walk(tree)), path
-        for node in tree.body:
-            if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(
-                    node.value, (ast.Dict, ast.List, ast.Set, ast.Call)):
-                target = node.targets[0] if isinstance(node, ast.Assign) else node.target
-                name = getattr(target, "id", "")
-                call = node.value.func.id if isinstance(node.value, ast.Call) and \
-                    isinstance(node.value.func, ast.Name) else ""
-                # Constants are upper case; calls that build constants are fine.
-                assert name.isupper() or call in ("Sizing", "Registry", "frozenset") or \
-                    name in ("register", "names", "get"), (path.name, name)
+# Module state the no-module-state rule allows, each with why. The bench/locust and
+# transports/fifo.py entries are a gap: those files belong to other work this round.
+STATE_ALLOWED = {
+    ("bench/celery_app.py", "app"): "Celery's `-A bench.celery_app` entry point needs one",
+    ("bench/tasks/spans.py", "_records"): "a worker process's record file, opened after fork",
+    ("bench/tasks/tick.py", "_records"): "a worker process's record file, opened after fork",
+    ("bench/locust/openloop.py", "*"): "gap: Locust plugin state, owned elsewhere this round",
+    ("bench/locust/system.py", "*"): "gap: the Locust client singleton, owned elsewhere",
+    ("bench/locust/users.py", "*"): "gap: `_said`, owned elsewhere this round",
+    ("transports/fifo.py", "*"): "gap: inbox registries, owned elsewhere this round",
+}
+# Calls that build no state: loggers, constants, the scenario registry.
+STATELESS_CALLS = ("Sizing", "Registry", "frozenset", "getLogger", "get_logger")
+
+
+def _module_state(path):
+    """(name, line) of each global statement and module-level mutable container or cache."""
+    tree = ast.parse(path.read_text())
+    found = [("global", n.lineno) for n in ast.walk(tree) if isinstance(n, ast.Global)]
+    for node in tree.body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(
+                node.value, (ast.Dict, ast.List, ast.Set, ast.Call)):
+            target = node.targets[0] if isinstance(node, ast.Assign) else node.target
+            name = getattr(target, "id", "")
+            func = node.value.func if isinstance(node.value, ast.Call) else None
+            call = getattr(func, "id", None) or getattr(func, "attr", "")
+            # Constants are upper case; calls that build constants are fine.
+            if not (name.isupper() or call in STATELESS_CALLS or
+                    name in ("register", "names", "get", "__all__")):
+                found.append((name, node.lineno))
+    return found
+
+
+def test_no_module_state_in_bench_or_transports():
+    """No global statement, no module-level mutable container or cache under bench/ or
+    transports/ (a registry object is the one shared thing), but for STATE_ALLOWED."""
+    bad = []
+    for base in ("bench", "transports"):
+        for path in sorted((ROOT / base).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            bad += [f"{rel}:{line} {name}" for name, line in _module_state(path)
+                    if (rel, name) not in STATE_ALLOWED and (rel, "*") not in STATE_ALLOWED]
+    assert not bad, bad
+
+
+def test_the_module_state_rule_sees_state(tmp_path):
+    """The rule above can fail: a cache, a global statement and a set are each found."""
+    module = tmp_path / "m.py"
+    module.write_text("import logging\nlog = logging.getLogger(__name__)\nLIMIT = 3\n"
+                      "_cache = {}\n_seen = set()\n\ndef f():\n    global _n\n    _n = 1\n")
+    assert sorted(name for name, _ in _module_state(module)) == ["_cache", "_seen", "global"]
 
 
 def test_the_runner_imports_scenarios_without_importlib():

@@ -19,7 +19,7 @@ from support import celery_children, cells, run_cell, scenario
 
 
 def assert_no_worker_left():
-    assert not celery_workers._registry
+    assert not celery_workers.running()
     assert celery_children() == []
 
 

@@ -88,7 +88,7 @@ def broker(sockdir):
 @pytest.fixture
 def nothing_left():
     yield
-    assert not celery_workers._registry
+    assert not celery_workers.running()
     assert celery_children() == []
 
 

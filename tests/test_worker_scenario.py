@@ -26,7 +26,7 @@ def run(tmp_path, **kw):
 
 
 def assert_no_worker_left():
-    assert not celery_workers._registry
+    assert not celery_workers.running()
     assert celery_children() == []
 
 

@@ -65,7 +65,7 @@ def test_worker_runs_tasks_and_leaves_no_process(redis_url, queue):
         assert "ready" in w.log_tail(50)
     assert not w.alive()
     assert gone(procs)
-    assert w.pid not in celery_workers._registry
+    assert w not in celery_workers.running()
 
 
 def test_worker_stopped_when_the_block_raises(queue, tmp_path):
@@ -87,7 +87,7 @@ def test_never_ready_fails_quickly_with_log_tail():
     assert time.monotonic() - started < 30  # generous: 2 s + the stop
     assert "not ready after 2s" in str(err.value)
     assert "Cannot connect" in str(err.value)  # the log tail says why
-    assert not celery_workers._registry
+    assert not celery_workers.running()
 
 
 def test_worker_that_dies_at_start_reports_its_exit_and_log():

@@ -37,7 +37,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .. import backends, brokers, celery_workers, config, joins
+from .. import backends, brokers, celery_workers, children, config, joins
 from ..brokers import BrokerEnv
 from ..celery_app import make_app
 from ..drivers.target import Target
@@ -53,8 +53,8 @@ STOP_S = 2.0     # warm-shutdown grace for our workers before SIGKILL (they are 
 READY_S = 60.0
 
 # Locust owns SIGTERM in this process (its handler fires `quitting`, where the OwnerSystem stops
-# the workers); bench.celery_workers must not replace it with its own Python-level handler.
-celery_workers._sigterm_installed = True
+# the workers); bench.children must not replace it with its own Python-level handler.
+children.OWNER.signals_taken = True
 
 
 class OwnerSystem:

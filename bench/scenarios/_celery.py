@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import ResultSet
 
-from .. import brokers
+from .. import brokers, children
 from ..celery_workers import WorkerError, one_line
 
 # A wait polls in slices this long, so a dead worker fails the cell within it.
@@ -88,11 +88,7 @@ def stop_quickly(procs, grace: float = 1.0) -> None:
     Nothing is in flight once a cell has its results, and a worker on a polling
     transport takes seconds to finish a warm shutdown.
     """
-    for w in procs:
-        w.terminate()
-    deadline = time.monotonic() + grace
-    for w in procs:
-        w.stop(timeout=max(0.0, deadline - time.monotonic()))
+    children.stop_together(procs, grace)
 
 
 def wait(app, results, procs, deadline: float, what: str, interval: float = 0.05) -> list:

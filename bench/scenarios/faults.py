@@ -76,7 +76,6 @@ injects N times and adds the counts up.
 from __future__ import annotations
 
 import os
-import signal
 import threading
 import time
 import uuid
@@ -87,7 +86,7 @@ from pathlib import Path
 import numpy as np
 from kombu import Queue
 
-from .. import brokers, celery_workers, config, injection, pacing, recorder
+from .. import brokers, celery_workers, children, config, injection, pacing, recorder
 from ..cleanup import delete_queues
 from ..celery_app import make_app
 from ..tasks import spans as work
@@ -388,7 +387,7 @@ class Faults(Scenario):
         if fault == "worker-kill":
             t = now()
             try:
-                os.killpg(w.pid, signal.SIGKILL)   # the worker and its pool children
+                children.kill_group(w.pid, missing_ok=False)   # with its pool children
             except ProcessLookupError:
                 raise injection.FaultError("the worker was gone before the fault") from None
             w.stop(0.0)                            # reap it

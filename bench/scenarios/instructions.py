@@ -154,8 +154,8 @@ def run_plain(argv, env, timeout: float, folder: Path) -> None:
     """The probe without valgrind (compiles bytecode, fails fast with its stderr)."""
     err_path = folder / "plain.err"
     with open(err_path, "w") as err:
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        proc = children.spawn(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=err)
         try:
             _wait([proc], timeout, "the probe")
         finally:
@@ -178,10 +178,10 @@ def count_pair(valgrind: str, argvs: list[list[str]], env: dict, timeout: float,
             files.append(fh)
             outs.append(out)
             errs.append(err_path)
-            procs.append(subprocess.Popen(
+            procs.append(children.spawn(
                 [valgrind, "--tool=callgrind", f"--callgrind-out-file={out}", *argv],
                 cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=fh, start_new_session=True))
+                stderr=fh))
         _wait(procs, timeout, "callgrind")
     finally:
         _stop(procs)
