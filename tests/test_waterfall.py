@@ -74,3 +74,19 @@ def test_the_gate_names_a_stage():
         (v,) = gate.evaluate(rule, run)
         verdicts[check] = v.status
     assert list(verdicts.values()) == ["PASS", "FAIL"], verdicts
+
+
+def test_report_draws_the_stages_stacked_per_cell():
+    from bench.exporters.html import html as render
+
+    cells = []
+    for transport in ("unix", "redis"):
+        rec = Recorder()
+        m = waterfall.record(rec, points())
+        cells.append(results.Cell("worker", {"transport": transport, "rate": 10.0}, "ok",
+                                  metrics=m))
+    page = render(results.Run({}, cells))
+    at = page.index("Where a task")
+    chart = page[page.rindex("<svg", 0, at):at]
+    for stage in ("publish", "broker", "worker", "pool", "run", "store"):
+        assert f">{stage}<" in chart, stage
