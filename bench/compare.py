@@ -136,10 +136,12 @@ def higher_is_better(metric: str) -> bool | None:
 
 
 def default_metrics(cell: results.Cell) -> list[str]:
-    """Throughputs and each histogram's p50 and p99."""
+    """Throughputs and each histogram's p50 and p99 (waterfall stages only when named:
+    ``--metric waterfall.broker.p99``)."""
     names = [m for m in cell.metrics if higher_is_better(m) is True]
     for hist in cell.histograms:
-        names += [f"{hist}.{s}" for s in DEFAULT_HIST_STATS]
+        if not hist.startswith("waterfall."):
+            names += [f"{hist}.{s}" for s in DEFAULT_HIST_STATS]
     return names
 
 

@@ -10,6 +10,7 @@ from kombu import Connection
 
 from bench import brokers, celery_workers, config, runner
 from bench.scenarios import worker as scenario
+from bench.scenarios import worker_rig
 from support import celery_children, cells, counting_starts
 
 pytestmark = pytest.mark.timeout(300)
@@ -119,7 +120,7 @@ def queue_gone(transport: str, name: str) -> bool:
 def test_server_transport(tmp_path, need, monkeypatch, transport):
     need(transport)
     queues = []
-    real = scenario._open
+    real = worker_rig.open_rig
 
     def recording_open(params, opts):
         rig = real(params, opts)
@@ -148,7 +149,7 @@ def test_ratio_to_a_baseline_measured_in_the_same_run(tmp_path, need):
 
 def test_a_worker_that_dies_fails_its_cell_with_its_log(tmp_path, monkeypatch):
     """The pool children are killed mid-cell: a failed cell saying why, nothing left."""
-    real = scenario._start_worker
+    real = worker_rig.start_worker
 
     def start_then_kill(rig, params, opts):
         real(rig, params, opts)
@@ -164,11 +165,11 @@ def test_a_worker_that_dies_fails_its_cell_with_its_log(tmp_path, monkeypatch):
 
 def test_first_runs_and_backlog():
     rows = np.array([[1, 0, 10, 11], [1, 1, 20, 21], [1, 1, 30, 31], [1, 5, 40, 41]])
-    ran, duplicates = scenario._first_runs(rows, 3)
+    ran, duplicates = worker_rig.first_runs(rows, 3)
     assert ran[:, 1].tolist() == [0, 1] and duplicates == 1  # index 5 is not ours
     sent = np.arange(100, dtype=np.int64)           # one sent per ns
     starts = np.arange(50, 100, dtype=np.int64) + 0  # starts lag far behind sends
-    assert scenario._min_backlog(sent, starts) > 40
+    assert worker_rig.min_backlog(sent, starts) > 40
 
 
 # --------------------------------------------------------------------------- rates
@@ -208,4 +209,35 @@ def test_max_rate_search_reports_its_steps(tmp_path):
     assert {s["phase"] for s in m["steps"]} >= {"climb", "confirm"} or \
         m["max_sustainable_rate_per_s"] == 0
     assert all(set(s) >= {"rate", "achieved", "latency_us", "ok", "why"} for s in m["steps"])
+    assert_no_worker_left()
+
+
+@pytest.mark.parametrize("transport,pool", [
+    ("unix", "prefork"), ("unix", "solo"), ("fifo", "prefork"), ("redis", "prefork"),
+    ("amqp", "prefork"), ("filesystem", "prefork")])
+def test_waterfall_stages_add_up(tmp_path, need, transport, pool):
+    """Every task of a latency cell has every stage (real worker, Celery's hooks), each
+    stage is a histogram of every task, and per task the stages as recorded add up to
+    intended send -> result in hand within 1%; the means in the JSON add up too."""
+    from bench import results, waterfall
+
+    if transport in brokers.servers():
+        need(transport)
+    run_ = run(tmp_path, transports=(transport,), rate=50.0, duration=1.0, warmup=0.2,
+               only=(("pool", pool), ("mode", "latency")))
+    (c,) = run_.cells
+    check_latency(c)
+    m, h = c.metrics, c.histograms
+    assert m["waterfall_tasks"] == m["sent"] and m["waterfall_out_of_order"] == 0
+    assert m["waterfall_sum_error"] <= waterfall.SUM_TOLERANCE
+    assert "CLOCK_MONOTONIC" in m["waterfall_clock"]
+    for stage in (*waterfall.STAGES, "total"):
+        assert h[f"waterfall.{stage}"]["count"] == m["sent"], stage
+    means = sum(results.decode(h[f"waterfall.{s}"]).get_mean_value() for s in waterfall.STAGES)
+    total = results.decode(h["waterfall.total"]).get_mean_value()
+    assert abs(means - total) <= waterfall.SUM_TOLERANCE * total
+    # The queue wait split in four: intended send -> task_prerun, as publish_to_start has
+    # it up to the tick's own first reading (just after task_prerun).
+    to_start = sum(m[f"waterfall.{s}.mean_us"] for s in waterfall.TO_START)
+    assert to_start <= results.decode(h["publish_to_start"]).get_mean_value() * 1.01 + 5
     assert_no_worker_left()

@@ -208,6 +208,18 @@ def _sweeps(page: Page, cells) -> None:
             page.chart(fig, f"Percentiles of each rate's cell; {note}.")
 
 
+def _waterfalls(page: Page, cells) -> None:
+    from . import waterfall_chart
+
+    shown = waterfall_chart.cells_with_waterfall(cells)
+    if not shown:
+        return
+    with charts.style():
+        fig = charts.new_figure(8, waterfall_chart.height(len(shown)))
+        waterfall_chart.draw(fig, shown, charts.varying_keys(shown))
+        page.chart(fig, waterfall_chart.caption())
+
+
 def _timeseries(page: Page, cells) -> None:
     kinds = [k for k in charts.hist_kinds(cells) if charts.cells_with_intervals(cells, k)]
     if not kinds:
@@ -324,6 +336,7 @@ def html(run: results.Run, title: str = "celery-bench report") -> str:
         _rate_charts(page, scenario, cells)
         _spectra(page, cells)
         _sweeps(page, cells)
+        _waterfalls(page, cells)
         _timeseries(page, cells)
         page.add("</section>")
     _environment(page, run.environment)

@@ -50,25 +50,14 @@ What the cells show, and why (Celery 5.7, Kombu 5.7):
 """
 from __future__ import annotations
 
-import gc
-import os
-import shutil
-import tempfile
-import time
-import uuid
-from contextlib import ExitStack
-from dataclasses import dataclass
 from itertools import count
-from pathlib import Path
 
 import numpy as np
-from kombu.utils.uuid import uuid as task_id
 
-from .. import brokers, celery_workers, maxrate, pacing, recorder
-from ..cleanup import delete_queues
-from ..celery_app import make_app
-from ..tasks import tick
+from .. import brokers, maxrate, pacing, recorder, waterfall, worker_stamps
 from . import Outcome, Scenario, Skip, _celery, register
+from . import worker_rig
+from .worker_rig import TASK
 
 DESCRIPTION = (
     "A real Celery worker (solo, and prefork -c 2; Celery's defaults: prefetch x4, early "
@@ -85,7 +74,6 @@ DESCRIPTION = (
     "10,000 tasks (hence ~250-500 tasks/s; 7-8k/s between pauses), fifo+solo stops "
     "reading once a backlog builds (its throughput cell fails).")
 
-TASK = tick.TASK
 MODES = ("throughput", "latency")
 POOLS = ("solo", "prefork")
 QUICK_POOLS = ("prefork",)
@@ -97,14 +85,12 @@ WARMUP_FRACTION = 0.1      # prefilled: warm-up tasks queued ahead of the measur
 WARMUP_LATENCY_S = 0.2     # paced warm-up before a latency stream (--warmup)
 WARMUP_FED = 50            # tasks, paced, before a fed throughput run
 STALL_S = 1.0              # a pause this long between two task starts is a stall
-IDLE_LIMIT_S = 15.0        # no task for this long (Celery's longest poll is 10 s): stop waiting
 # Rate steps (--rate-sweep, --max-rate): seconds held, warm-up first, and how long after the
 # last send a step waits for its tasks to start (longer means the rate was not sustained).
 STEP_S, STEP_S_QUICK = 5.0, 2.0
 STEP_WARM_S, STEP_WARM_S_QUICK = 1.0, 0.5
 STEP_WAIT_S = 3.0
 START_RATE = 100.0         # where the max-rate search starts climbing
-POLL_S = 0.01
 
 SUMMARY = [
     ("tasks_per_s", "tasks/s"),
@@ -118,275 +104,31 @@ SUMMARY = [
 ]
 
 
-# --------------------------------------------------------------------------- tick files
-class _Ticks:
-    """The records ``bench.worker.tick`` appends to ``<folder>/<pid>.bin``, read as they come."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self._offsets: dict[str, int] = {}
-        self._by_run: dict[int, list] = {}
-
-    def poll(self) -> None:
-        size = tick.RECORD.size
-        for entry in os.scandir(self.folder):
-            if not entry.name.endswith(".bin"):
-                continue
-            offset = self._offsets.get(entry.name, 0)
-            whole = (entry.stat().st_size - offset) // size * size
-            if whole <= 0:
-                continue
-            with open(entry.path, "rb") as fh:
-                fh.seek(offset)
-                data = fh.read(whole)
-            self._offsets[entry.name] = offset + len(data)
-            rows = np.frombuffer(data, dtype="<i8").reshape(-1, 4)
-            for run in np.unique(rows[:, 0]).tolist():
-                self._by_run.setdefault(run, []).append(rows[rows[:, 0] == run])
-
-    def count(self, run: int) -> int:
-        return sum(len(r) for r in self._by_run.get(run, ()))
-
-    def records(self, run: int) -> np.ndarray:
-        """(run, index, start_ns, end_ns) rows of ``run``, in arrival order."""
-        parts = self._by_run.get(run)
-        return np.concatenate(parts) if parts else np.empty((0, 4), dtype=np.int64)
-
-    def forget(self, run: int) -> None:
-        self._by_run.pop(run, None)
-
-
-# --------------------------------------------------------------------------- the worker
-@dataclass
-class _Rig(_celery.WorkerSetup):
-    env: object = None
-    app: object = None
-    queue: str = ""
-    ticks: _Ticks = None
-    warm: bool = False
-    clean: bool = True      # nothing of an earlier run is still queued or running
-
-    def alive(self) -> bool:
-        return bool(self.procs) and self.clean and super().alive()
-
-
-def _rig_key(params) -> tuple:
-    return (params["transport"], params["pool"], int(params["concurrency"]))
-
-
-def _open(params, opts) -> _Rig:
-    """A broker environment, a unique queue and the app; no worker yet."""
-    tag = uuid.uuid4().hex[:12]
-    queue = f"bench.worker.{tag}"
-    stack = ExitStack()
-    try:
-        folder = Path(opts.workdir or tempfile.gettempdir()) / f"worker-{tag}"
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        stack.callback(shutil.rmtree, folder, True)
-        ticks = folder / "ticks"
-        ticks.mkdir(mode=0o700)
-        env = stack.enter_context(brokers.broker(params["transport"], folder))
-        app = make_app(env.url, None, env.transport_options, task_default_queue=queue,
-                       task_ignore_result=True)
-        stack.callback(app.close)
-        stack.callback(delete_queues, env, [queue])
-    except BaseException:
-        stack.close()
-        raise
-    return _Rig(_rig_key(params), stack, env=env, app=app, queue=queue, ticks=_Ticks(ticks))
-
-
-def _start_worker(rig: _Rig, params, opts) -> None:
-    env = rig.env
-    with _celery.worker_failures():
-        proc = rig.stack.enter_context(celery_workers.worker(
-            env.url, transport_options=env.transport_options,
-            conf={"task_default_queue": rig.queue, "task_ignore_result": True},
-            pool=params["pool"], concurrency=int(params["concurrency"]), queues=[rig.queue],
-            env={tick.DIR_ENV: str(rig.ticks.folder)}, loglevel="WARNING",
-            ready_timeout=opts.timeout))
-    rig.stack.callback(_celery.stop_quickly, [proc])
-    rig.procs = [proc]
-
-
-# --------------------------------------------------------------------------- publishing
-class _PublishStopped(Exception):
-    def __init__(self, published: int, error: Exception):
-        super().__init__(f"{type(error).__name__}: {error}")
-        self.published, self.error = published, error
-
-
-def _messages(app, run: int, n: int) -> list[tuple]:
-    """Celery's own messages (as ``send_task`` builds them), built ahead of publishing."""
-    build = app.amqp.as_task_v2
-    return [build(task_id(), TASK, args=(run, i), ignore_result=True)[:3] for i in range(n)]
-
-
-def _publish(rig: _Rig, messages, sent=None) -> float:
-    """Publish ``messages`` back to back; returns the rate (messages/s)."""
-    app, queue = rig.app, rig.queue
-    with app.producer_or_acquire() as producer:
-        producer.maybe_declare(app.amqp.queues[queue])
-        publish, now = producer.publish, recorder.now_ns
-        t0 = now()
-        for i, (headers, properties, body) in enumerate(messages):
-            if sent is not None:
-                sent[i] = now()
-            try:
-                publish(body, exchange="", routing_key=queue, serializer="json",
-                        headers=headers, delivery_mode=2, **properties)
-            except Exception as exc:
-                raise _PublishStopped(i, exc) from None
-        elapsed = now() - t0
-    return len(messages) / (elapsed / 1e9) if elapsed else 0.0
-
-
-def _paced(rig: _Rig, run: int, n: int, rate: float, ts=None) -> float:
-    """``send_task`` on an open-loop schedule; returns the seconds it took."""
-    app, queue = rig.app, rig.queue
-    pacer = pacing.Pacer(rate)
-    now = recorder.now_ns
-    with app.producer_or_acquire() as producer:
-        send = app.send_task
-        t0 = pacer.start()
-        for i in range(n):
-            due = pacer.wait(i)
-            if ts is not None:
-                ts.intended[i] = due
-                ts.sent[i] = now()
-            send(TASK, args=(run, i), queue=queue, producer=producer, ignore_result=True)
-        elapsed = now() - t0
-    if ts is not None:
-        ts.count = n
-    return elapsed / 1e9
-
-
-def _paced_prebuilt(rig: _Rig, messages, rate: float, ts) -> float:
-    """Publish Celery's prebuilt messages on an open-loop schedule (intended and actual
-    send times into ``ts``); returns the seconds it took. Cheaper per message than
-    ``send_task``, so the worker, not the sender, is what a high rate finds the limit of."""
-    app, queue = rig.app, rig.queue
-    pacer = pacing.Pacer(rate)
-    now = recorder.now_ns
-    intended, sent = ts.intended, ts.sent
-    # The messages built ahead are many objects: out of the collector's sight, so a full
-    # collection of them cannot stall this (harness) sender and pass for the worker's latency.
-    gc.freeze()
-    try:
-        return _paced_publish(app, queue, messages, pacer, now, intended, sent, ts)
-    finally:
-        gc.unfreeze()
-
-
-def _paced_publish(app, queue, messages, pacer, now, intended, sent, ts) -> float:
-    with app.producer_or_acquire() as producer:
-        producer.maybe_declare(app.amqp.queues[queue])
-        publish = producer.publish
-        t0 = pacer.start()
-        for i, (headers, properties, body) in enumerate(messages):
-            intended[i] = pacer.wait(i)
-            sent[i] = now()
-            publish(body, exchange="", routing_key=queue, serializer="json",
-                    headers=headers, delivery_mode=2, **properties)
-        elapsed = now() - t0
-    ts.count = len(messages)
-    return elapsed / 1e9
-
-
-def _purge(rig: _Rig, run: int) -> tuple[int, int]:
-    """Empty the queue after a step the worker could not keep up with, and let what it
-    had prefetched finish, so the next step starts from an empty queue. Returns (tasks
-    purged, tasks of ``run`` that ran meanwhile): every task is accounted for."""
-    try:
-        with rig.app.connection_for_write() as conn:
-            purged = conn.default_channel.queue_purge(rig.queue) or 0
-    except Exception:  # a transport that cannot purge from here (fifo): the worker drains it
-        purged = 0
-    last, quiet_since = -1, time.monotonic()
-    deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline:
-        rig.ticks.poll()
-        got = rig.ticks.count(run)
-        if got != last:
-            last, quiet_since = got, time.monotonic()
-        elif time.monotonic() - quiet_since > 0.3:
-            break  # nothing more ran for a while: what is left was purged
-        time.sleep(POLL_S)
-    ran_after = len(np.unique(rig.ticks.records(run)[:, 1]))  # since _collect let go
-    rig.ticks.forget(run)
-    return purged, ran_after
-
-
-# --------------------------------------------------------------------------- waiting
-def _collect(rig: _Rig, run: int, n: int, opts, what: str,
-             wait_s: float | None = None) -> tuple[np.ndarray, str | None]:
-    """Rows of ``run`` once its ``n`` tasks all ran, or what is there and why not.
-
-    Stops waiting when no task ran for IDLE_LIMIT_S (longer than any pause Celery
-    takes by itself) or after ``wait_s`` (default ``opts.timeout``); a dead worker
-    fails the cell. A rate step passes ``wait_s`` and purges what is left itself.
-    """
-    limit = opts.timeout if wait_s is None else min(wait_s, opts.timeout)
-    deadline = time.monotonic() + limit
-    idle_limit = min(IDLE_LIMIT_S, limit)
-    seen, changed = -1, time.monotonic()
-    while True:
-        rig.ticks.poll()
-        got = rig.ticks.count(run)
-        now = time.monotonic()
-        if got >= n and len(np.unique(rig.ticks.records(run)[:, 1])) >= n:
-            rows = rig.ticks.records(run)
-            rig.ticks.forget(run)
-            return rows, None
-        if got != seen:
-            seen, changed = got, now
-        _celery.check_alive(rig.procs)
-        if now >= deadline or now - changed >= idle_limit:
-            rows = rig.ticks.records(run)
-            rig.ticks.forget(run)
-            rig.clean = wait_s is not None   # a rate step purges its leftovers
-            done = len(np.unique(rows[:, 1]))
-            return rows, (f"{n - done} of {n} {what} had not run after "
-                          f"{limit if now >= deadline else idle_limit:g} s"
-                          f"{'' if now >= deadline else ' without a task running'}")
-        time.sleep(POLL_S)
-
-
-def _require_all(rig, run, n, opts, what) -> None:
-    """Warm-up tasks must all run before anything is measured."""
-    _, why = _collect(rig, run, n, opts, what)
-    if why:
-        raise TimeoutError(why)
-
-
-def _first_runs(rows: np.ndarray, n: int) -> tuple[np.ndarray, int]:
-    """One row per task index in [0, n) (its first run) and the count of extra runs."""
-    rows = rows[(rows[:, 1] >= 0) & (rows[:, 1] < n)]
-    order = np.argsort(rows[:, 2], kind="stable")
-    rows = rows[order]
-    _, first = np.unique(rows[:, 1], return_index=True)
-    return rows[np.sort(first)], len(rows) - len(first)
-
-
-def _counts(n: int, ran: np.ndarray, duplicates: int) -> dict:
-    return {"sent": n, "received": len(ran), "lost": n - len(ran), "duplicates": duplicates}
-
-
-def _min_backlog(sent: np.ndarray, starts: np.ndarray) -> int:
-    """Fewest tasks published but not yet started at a task start while publishing
-    (past the first tenth: the backlog builds up from nothing).
-
-    At or below the prefetch window the worker may have waited for the publisher.
-    """
-    first = len(starts) // 10
-    during = starts[first:]
-    during = during[during <= sent.max()]
-    if not len(during):
-        return 0
-    started_before = np.arange(first, first + len(during))
-    backlog = np.searchsorted(np.sort(sent), during, side="right") - started_before
-    return int(backlog.min())
-
+# --------------------------------------------------------------------------- waterfall
+def _waterfall(rec: recorder.Recorder, ts: recorder.Timestamps, ran: np.ndarray,
+               stamp_rows: np.ndarray, first: int) -> dict:
+    """The stage waterfall (:mod:`bench.waterfall`) of the tasks from index ``first`` on
+    that have every stamp: the harness's send times (``ts``), the tick rows (``ran``: the
+    body's end) and :mod:`bench.worker_stamps`' rows (the worker's main process and pool
+    child, each with when the harness read it)."""
+    total = ts.count
+    cols = {name: np.full(total, -1, dtype=np.int64) for name in waterfall.POINTS}
+    cols["intended"][:] = ts.column("intended")
+    cols["returned"][:] = ts.column("returned")
+    cols["finished"][ran[:, 1]] = ran[:, 3]
+    for kind, names in ((worker_stamps.CHILD, ("started", "stored", None, "in_hand")),
+                        (worker_stamps.MAIN, ("taken", "handed", None, None))):
+        rows = stamp_rows[stamp_rows[:, 0] == kind]
+        rows = rows[(rows[:, 2] >= 0) & (rows[:, 2] < total)]
+        # a redelivered task's first record counts, as its first run does (first_runs)
+        _, first_row = np.unique(rows[:, 2], return_index=True)
+        rows = rows[first_row]
+        for col, name in zip((3, 4, 5, 6), names):
+            if name:
+                cols[name][rows[:, 2]] = rows[:, col]
+    have = np.all([v >= 0 for v in cols.values()], axis=0)
+    have[:first] = False
+    return waterfall.record(rec, {k: v[have] for k, v in cols.items()})
 
 
 # --------------------------------------------------------------------------- the scenario
@@ -453,17 +195,17 @@ class Worker(Scenario):
     def close(self) -> None:
         self.kept.close()
 
-    def _running_rig(self, params) -> _Rig:
+    def _running_rig(self, params) -> worker_rig.MeasuredWorker:
         """The kept worker when it fits this cell, else a new one."""
         def open_rig():
-            rig = _open(params, self.opts)
+            rig = worker_rig.open_rig(params, self.opts)
             try:
-                _start_worker(rig, params, self.opts)
+                worker_rig.start_worker(rig, params, self.opts)
             except BaseException:
                 rig.close()
                 raise
             return rig
-        return self.kept.get(_rig_key(params), open_rig)
+        return self.kept.get(worker_rig.rig_key(params), open_rig)
 
     # ----------------------------------------------------------------------- throughput
     def _throughput(self, params) -> Outcome:
@@ -475,14 +217,14 @@ class Worker(Scenario):
             rig = self._running_rig(params)
             if not rig.warm:
                 warm = next(self._runs)
-                _paced(rig, warm, WARMUP_FED, RATE)
-                _require_all(rig, warm, WARMUP_FED, opts, "warm-up tasks")
+                worker_rig.paced(rig, warm, WARMUP_FED, RATE)
+                worker_rig.require_all(rig, warm, WARMUP_FED, opts, "warm-up tasks")
                 rig.warm = True
-            messages = _messages(rig.app, run, n)
+            messages = worker_rig.build_messages(rig.app, run, n)
             sent = np.zeros(n, dtype=np.int64)
             try:
-                publish_rate = _publish(rig, messages, sent)
-            except _PublishStopped as exc:
+                publish_rate = worker_rig.publish_all(rig, messages, sent)
+            except worker_rig.PublishStopped as exc:
                 rig.clean = False
                 rig.ticks.poll()
                 raise RuntimeError(
@@ -492,18 +234,18 @@ class Worker(Scenario):
         else:
             # The backlog must be in place before a worker reads the queue: a fresh one.
             self.kept.close()
-            rig = self.kept.rig = _open(params, opts)
+            rig = self.kept.rig = worker_rig.open_rig(params, opts)
             warm_n = max(100, int(n * WARMUP_FRACTION))
             warm = next(self._runs)
-            _publish(rig, _messages(rig.app, warm, warm_n))
-            publish_rate = _publish(rig, _messages(rig.app, run, n))
+            worker_rig.publish_all(rig, worker_rig.build_messages(rig.app, warm, warm_n))
+            publish_rate = worker_rig.publish_all(rig, worker_rig.build_messages(rig.app, run, n))
             sent = None
-            _start_worker(rig, params, opts)
-            _require_all(rig, warm, warm_n, opts, "warm-up tasks")
+            worker_rig.start_worker(rig, params, opts)
+            worker_rig.require_all(rig, warm, warm_n, opts, "warm-up tasks")
             rig.warm = True
-        rows, why = _collect(rig, run, n, opts, "tasks")
-        ran, duplicates = _first_runs(rows, n)
-        metrics = {"load": "fed" if fed else "prefilled", **_counts(n, ran, duplicates),
+        rows, why = worker_rig.collect(rig, run, n, opts, "tasks")
+        ran, duplicates = worker_rig.first_runs(rows, n)
+        metrics = {"load": "fed" if fed else "prefilled", **worker_rig.counts(n, ran, duplicates),
                    "publish_per_s": publish_rate}
         rec = recorder.Recorder()
         notes = [why] if why else []
@@ -529,7 +271,7 @@ class Worker(Scenario):
                 notes.append(f"{len(stalls)} pause(s) >= {STALL_S:g} s between tasks, "
                              f"{stall_s:.1f} s in all (see the scenario's description)")
             if sent is not None:
-                metrics["min_backlog"] = _min_backlog(sent, starts)
+                metrics["min_backlog"] = worker_rig.min_backlog(sent, starts)
             self._ratios(metrics, params)
         return Outcome(metrics, rec.histograms, notes)
 
@@ -566,16 +308,18 @@ class Worker(Scenario):
         n = max(1, round(rate * seconds))
         total = n_warm + n
         run = next(self._runs)
-        messages = _messages(rig.app, run, total)
-        ts = recorder.Timestamps(total, ("intended", "sent"))
-        _paced_prebuilt(rig, messages, rate, ts)
+        messages = worker_rig.build_messages(rig.app, run, total)
+        ts = recorder.Timestamps(total, ("intended", "sent", "returned"))
+        worker_rig.paced_prebuilt(rig, messages, rate, ts)
         del messages
-        rows, why = _collect(rig, run, total, opts, "tasks", wait_s=max(STEP_WAIT_S, seconds))
+        rows, why = worker_rig.collect(rig, run, total, opts, "tasks",
+                                       wait_s=max(STEP_WAIT_S, seconds), stamps=True)
         waited_until = recorder.now_ns()
-        ran, duplicates = _first_runs(rows, total)
+        ran, duplicates = worker_rig.first_runs(rows, total)
         purged = ran_after = 0
         if len(ran) < total:
-            purged, ran_after = _purge(rig, run)
+            purged, ran_after = worker_rig.purge(rig, run)
+        stamp_rows = worker_rig.take_stamps(rig, run, len(ran))
         rig.warm = True
         intended, sent = ts.column("intended"), ts.column("sent")
         start = np.full(total, np.inf)
@@ -588,6 +332,7 @@ class Worker(Scenario):
         rec.add("from_send", (start[m][started] - sent[m][started]) / 1000.0,
                 at_ns=intended[m][started])
         rec.add("schedule_lag", (sent[m] - intended[m]) / 1000.0, at_ns=intended[m])
+        stages = _waterfall(rec, ts, ran, stamp_rows, n_warm)
         elapsed = (int(sent[-1]) - int(intended[n_warm])) / 1e9 + 1 / rate
         growth = pacing.backlog_growth(sent, start, int(intended[n_warm + n // 2]),
                                        int(sent[-1]))
@@ -599,8 +344,12 @@ class Worker(Scenario):
                    # a task neither run, nor purged, nor run after the purge: gone
                    "lost": max(0, pending - purged - ran_after), "duplicates": duplicates,
                    **pacing.achieved(rate, n, elapsed), "backlog_growth_per_s": growth,
-                   "sustainable": step.ok, "slo": slo.text}
+                   "sustainable": step.ok, "slo": slo.text, **stages}
         notes = [why] if why else []
+        left_out = int(started.sum()) - stages.get("waterfall_tasks", 0)
+        if left_out:
+            notes.append(f"{left_out} started tasks are not in the waterfall (a stamp missing "
+                         f"or out of order)")
         if pending:
             notes.append(f"{pending} tasks had not started {max(STEP_WAIT_S, seconds):g} s "
                          f"after the last send (counted at that wait; then purged)")

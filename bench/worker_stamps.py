@@ -1,0 +1,137 @@
+"""The worker-side stamps of the stage waterfall (:mod:`bench.waterfall`), taken with
+Celery's own hooks and appended to ``<$CELERY_BENCH_STAMP_DIR>/<pid>.bin``.
+
+Loaded into a worker through its settings (see :func:`worker_conf`): ``imports`` makes
+the worker import this module before its pool forks, so every pool child has the
+signal handlers; ``task_annotations`` sets the task's ``Strategy`` (Celery's hook for
+how the worker's main process handles a task message) to :func:`strategy`.
+
+Worker main process, one record per task (``MAIN``): *taken* (the strategy's message
+handler is called: Kombu has taken the message off the broker and handed it to
+Celery's consumer) and *handed* (Celery passes the request to the pool:
+``consumer.on_task_request``; ``task_received`` fires between the two). Pool child
+(``CHILD``): *started* (``task_prerun``), *stored* (``task_success``: fires after
+Celery's ``backend.mark_as_done``; with ``ignore_result`` nothing is stored, so it is
+the trace's own bookkeeping) and *postrun* (``task_postrun``, when the record is
+written). Every reading is ``time.perf_counter_ns()``: CLOCK_MONOTONIC, one clock
+for every process of the host. With ``$CELERY_BENCH_STAMP_DIR`` unset nothing is
+connected and the strategy is Celery's default.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import time
+
+from celery.signals import task_postrun, task_prerun, task_success
+
+STAMP_ENV = "CELERY_BENCH_STAMP_DIR"
+RECORD = struct.Struct("<qqqqqq")   # kind, run, index, a, b, c
+COLUMNS = 6
+MAIN, CHILD = 1, 2                  # kinds: (taken, handed, 0), (started, stored, postrun)
+
+_now = time.perf_counter_ns
+
+
+def worker_conf(task: str) -> dict:
+    """Celery settings that load these hooks for ``task`` (its args start (run, index))."""
+    return {"imports": [__name__],
+            "task_annotations": {task: {"Strategy": f"{__name__}:strategy"}}}
+
+
+class StampFile:
+    """This process's record file, opened on first use (a pool child opens its own)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.pid = self.fd = None
+
+    def write(self, kind: int, run: int, index: int, a: int, b: int, c: int) -> None:
+        pid = os.getpid()
+        if self.pid != pid:
+            self.fd = os.open(os.path.join(self.folder, f"{pid}.bin"),
+                              os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            self.pid = pid
+        os.write(self.fd, RECORD.pack(kind, run, index, a, b, c))
+
+
+class ChildStamps:
+    """The pool child's readings of the task it is running."""
+
+    def __init__(self, out: StampFile, task: str):
+        self.out, self.task = out, task
+        self.started = self.stored = 0
+
+    def prerun(self, sender=None, task=None, **_):
+        if getattr(task, "name", None) == self.task:
+            self.started, self.stored = _now(), 0
+
+    def success(self, sender=None, **_):
+        if getattr(sender, "name", None) == self.task:
+            self.stored = _now()
+
+    def postrun(self, sender=None, task=None, args=None, **_):
+        if getattr(task, "name", None) == self.task and args and len(args) >= 2:
+            end = _now()
+            self.out.write(CHILD, int(args[0]), int(args[1]), self.started,
+                           self.stored or end, end)
+
+
+class MainStamps:
+    """The worker main process's readings: set by the strategy, written when handed."""
+
+    def __init__(self, out: StampFile):
+        self.out = out
+        self.taken = 0
+
+    def wrap_handle(self, handle):
+        def handed(req):
+            at = _now()
+            args = req.args
+            if args and len(args) >= 2:
+                self.out.write(MAIN, int(args[0]), int(args[1]), self.taken, at, 0)
+            return handle(req)
+        return handed
+
+
+def strategy(task, app, consumer, **kwargs):
+    """Celery's default strategy for ``task``, stamping when a message arrives and when
+    its request goes to the pool. ``consumer.on_task_request`` is swapped only while the
+    default strategy binds it, so other tasks' strategies are untouched."""
+    from celery.worker.strategy import default
+
+    folder = os.environ.get(STAMP_ENV)
+    if not folder:
+        return default(task, app, consumer, **kwargs)
+    stamps = MainStamps(StampFile(folder))
+    handle = consumer.on_task_request
+    consumer.on_task_request = stamps.wrap_handle(handle)
+    try:
+        inner = default(task, app, consumer, **kwargs)
+    finally:
+        consumer.on_task_request = handle
+
+    def task_message_handler(message, body, ack, reject, callbacks, **kw):
+        stamps.taken = _now()
+        return inner(message, body, ack, reject, callbacks, **kw)
+    return task_message_handler
+
+
+class _Hooks:
+    """The child's signal handlers, connected once at import when stamping is asked for
+    (weak=False: the handlers live as long as the process)."""
+
+    def __init__(self):
+        self.child = None
+
+    def connect(self, folder: str, task: str) -> None:
+        self.child = ChildStamps(StampFile(folder), task)
+        task_prerun.connect(self.child.prerun, weak=False)
+        task_success.connect(self.child.success, weak=False)
+        task_postrun.connect(self.child.postrun, weak=False)
+
+
+HOOKS = _Hooks()
+if os.environ.get(STAMP_ENV):
+    HOOKS.connect(os.environ[STAMP_ENV], os.environ.get(STAMP_ENV + "_TASK",
+                                                        "bench.worker.tick"))

@@ -1,0 +1,92 @@
+"""The stage waterfall's arithmetic: stages in order, one histogram each, a task whose
+stamps disagree left out and counted, and the stages naming metrics for compare."""
+import numpy as np
+
+from bench import compare, results, waterfall
+from bench.recorder import Recorder
+
+
+def points(n=5, **override):
+    base = {name: np.arange(n, dtype=np.int64) * 1_000_000 + i * 100_000
+            for i, name in enumerate(waterfall.POINTS)}
+    base.update({k: np.asarray(v, dtype=np.int64) for k, v in override.items()})
+    return base
+
+
+def test_stages_run_point_to_point_and_add_up():
+    per, total = waterfall.stages(points())
+    assert list(per) == list(waterfall.STAGES)
+    assert all((v == 100_000).all() for v in per.values())
+    assert (total == 700_000).all()
+
+
+def test_a_worker_faster_than_the_publish_call_never_makes_a_stage_run_back():
+    p = points(1)
+    p["returned"] = p["taken"] + 50_000       # the publish call returned after the worker took it
+    per, total = waterfall.stages(p)
+    assert per["broker"][0] == 0 and per["publish"][0] == 200_000
+    assert sum(v[0] for v in per.values()) == total[0]
+
+
+def test_out_of_order_task_is_left_out_and_counted():
+    p = points(4)
+    p["started"][2] = p["handed"][2] - 1      # a child stamp before its hand-over
+    rec = Recorder()
+    m = waterfall.record(rec, p)
+    assert m["waterfall_tasks"] == 3 and m["waterfall_out_of_order"] == 1
+    assert all(rec.histograms[f"waterfall.{s}"].hist.get_total_count() == 3
+               for s in (*waterfall.STAGES, "total"))
+    assert m["waterfall_sum_error"] <= waterfall.SUM_TOLERANCE
+    assert m["waterfall.pool.mean_us"] == 100.0
+
+
+def test_sum_error_sees_a_gap():
+    assert waterfall.sum_error({"a": [50.0], "b": [40.0]}, [100.0]) == 0.1
+
+
+def test_a_stage_is_a_metric_compare_reads_and_not_a_default_one():
+    rec = Recorder()
+    m = waterfall.record(rec, points())
+    cell = results.Cell("worker", {"transport": "unix"}, "ok",
+                        histograms={k: results.summarize(r.hist) for k, r in
+                                    rec.histograms.items()}, metrics=m)
+    assert compare.metric_value(cell, "waterfall.broker.p50") == 100
+    assert compare.metric_value(cell, "waterfall.broker.mean_us") == 100.0
+    assert compare.higher_is_better("waterfall.broker.p99") is False
+    assert compare.higher_is_better("waterfall.broker.mean_us") is False
+    assert not any(name.startswith("waterfall.") for name in compare.default_metrics(cell))
+
+
+def test_the_gate_names_a_stage():
+    from bench import gate
+
+    rec = Recorder()
+    m = waterfall.record(rec, points())
+    hists = {k: results.summarize(r.hist) for k, r in rec.histograms.items()}
+    cell = results.Cell("worker", {"transport": "unix"}, "ok", metrics=m, histograms=hists,
+                        repeats=[{"round": i, "metrics": m, "histograms": hists}
+                                 for i in range(5)])
+    run = results.Run({}, [cell])
+    verdicts = {}
+    for check in ("worker[transport=unix] waterfall.broker.p99 <= 150",
+                  "worker[transport=unix] waterfall.broker.p99 <= 50"):
+        rule = gate.Rule(check, check, **gate.parse_check(check))
+        (v,) = gate.evaluate(rule, run)
+        verdicts[check] = v.status
+    assert list(verdicts.values()) == ["PASS", "FAIL"], verdicts
+
+
+def test_report_draws_the_stages_stacked_per_cell():
+    from bench.exporters.html import html as render
+
+    cells = []
+    for transport in ("unix", "redis"):
+        rec = Recorder()
+        m = waterfall.record(rec, points())
+        cells.append(results.Cell("worker", {"transport": transport, "rate": 10.0}, "ok",
+                                  metrics=m))
+    page = render(results.Run({}, cells))
+    at = page.index("Where a task")
+    chart = page[page.rindex("<svg", 0, at):at]
+    for stage in ("publish", "broker", "worker", "pool", "run", "store"):
+        assert f">{stage}<" in chart, stage
