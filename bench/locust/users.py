@@ -52,7 +52,7 @@ from .. import backends, joins
 from ..drivers import celery as celery_driver
 from ..drivers import kombu as kombu_driver
 from ..tasks.roundtrip import BOOT_ID
-from . import arguments, openloop, system
+from . import arguments, clocks, openloop, system
 
 log = logging.getLogger("celery-bench.locust")
 now_ns = time.perf_counter_ns
@@ -203,16 +203,24 @@ def _stamps(value) -> dict | None:
     return None
 
 
-def _on_our_clock(stamps: dict, t0: int, wall0: int) -> tuple[str, int, int]:
+def _on_our_clock(stamps: dict, t0: int, wall0: int,
+                  offsets: dict | None = None) -> tuple[str, int, int]:
     """(clock, task start, task end) in this process's perf_counter_ns terms.
 
     Same boot: CLOCK_MONOTONIC readings compare as they are. Another host: the worker's
     wall-clock readings, moved onto our monotonic axis through the wall clock we read at
-    the publish start; the offset between the two hosts' clocks stays in them."""
+    the publish start; the offset between the two hosts' clocks stays in them, unless the
+    master measured both hosts' ``offsets`` (bench.locust.clocks): then ``realtime corrected``."""
     if stamps.get("boot_id") == BOOT_ID or "start_wall_ns" not in stamps:
         return "monotonic", stamps["start_ns"], stamps["end_ns"]
-    start = t0 + (stamps["start_wall_ns"] - wall0)
-    return "realtime", start, start + (stamps["end_ns"] - stamps["start_ns"])
+    theirs = clocks.to_master_ns(stamps["start_wall_ns"], stamps.get("boot_id"), offsets or {})
+    ours = clocks.to_master_ns(wall0, BOOT_ID, offsets or {})
+    clock = "realtime"
+    if theirs is not None and ours is not None:
+        clock, start = "realtime corrected", t0 + (theirs - ours)
+    else:
+        start = t0 + (stamps["start_wall_ns"] - wall0)
+    return clock, start, start + (stamps["end_ns"] - stamps["start_ns"])
 
 
 class _TaskUser(CeleryBenchUser):
@@ -244,6 +252,9 @@ class _TaskUser(CeleryBenchUser):
             fix = "a result backend that does not poll" if backends.polls(backend, "join") \
                 else "--join-method join"
         return {"polled": f"{stage}: polled every {self.interval:g} s; --interval or {fix}"}
+
+    def _offsets(self) -> dict:
+        return getattr(self.environment, clocks.ENV_ATTR, None) or {}
 
     def _no_stamps(self, parts: str):
         if not self.warned:
@@ -286,7 +297,7 @@ class TaskRoundTrip(_TaskUser):
         t2 = now_ns()
         stamps = _stamps(value)
         if stamps is not None:
-            clock, start, end = _on_our_clock(stamps, t0, wall0)
+            clock, start, end = _on_our_clock(stamps, t0, wall0, self._offsets())
             late = {"from_start": False, "clock": clock}
             parts += [("queue wait", start - t0, {"clock": clock}),
                       ("run", stamps["end_ns"] - stamps["start_ns"], late),
@@ -343,8 +354,8 @@ class GroupJoin(_TaskUser):
         stamps = [_stamps(v) for v in values]
         parts = []
         if values and all(s is not None for s in stamps):
-            ends = [_on_our_clock(s, t0, wall0) for s in stamps]
-            clock = "realtime" if any(c == "realtime" for c, _, _ in ends) else "monotonic"
+            ends = [_on_our_clock(s, t0, wall0, self._offsets()) for s in stamps]
+            clock = next((c for c, _, _ in ends if c != "monotonic"), "monotonic")
             parts.append(("lag", t2 - max(e for _, _, e in ends),
                           {"from_start": False, "clock": clock, **self.polled}))
         else:
