@@ -7,27 +7,18 @@ import pytest
 from bench import runner
 
 
-def test_an_interrupt_while_probing_services_leaves_a_results_file(monkeypatch, tmp_path):
+@pytest.mark.parametrize("stage", ["services_environment", "plan"])
+def test_an_interrupt_while_probing_or_planning_leaves_a_results_file(monkeypatch, tmp_path,
+                                                                       stage):
+    """Probing the services, or planning (which imports every scenario: seconds on a
+    loaded host): either way the file exists and says the run was interrupted."""
     out = tmp_path / "r.json"
 
-    def interrupted():
-        assert out.exists()   # written before the probes start
+    def interrupted(*args):
+        if stage == "services_environment":
+            assert out.exists()   # written before the probes start
         raise KeyboardInterrupt
-    monkeypatch.setattr(runner, "services_environment", interrupted)
-    opts = runner.RunOptions(scenarios=("publish",), quick=True, out=str(out),
-                             workdir=tmp_path)
-    with pytest.raises(KeyboardInterrupt):
-        runner.run(opts)
-    data = json.loads(out.read_text())
-    assert data["environment"]["interrupted"] is True and data["cells"] == []
-
-
-def test_an_interrupt_while_planning_leaves_a_results_file(monkeypatch, tmp_path):
-    out = tmp_path / "r.json"
-
-    def interrupted(opts):
-        raise KeyboardInterrupt   # planning imports every scenario: seconds on a loaded host
-    monkeypatch.setattr(runner, "plan", interrupted)
+    monkeypatch.setattr(runner, stage, interrupted)
     opts = runner.RunOptions(scenarios=("publish",), quick=True, out=str(out),
                              workdir=tmp_path)
     with pytest.raises(KeyboardInterrupt):
