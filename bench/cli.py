@@ -175,6 +175,35 @@ def run(scenarios, quick, transports, only, repeat, duration, messages, rate, wa
 
     Exits 1 when a cell failed or lost messages (unless its transport declares that loss
     as a known behaviour), naming them."""
+    started = time.time()
+    try:
+        _run(scenarios, quick, transports, only, repeat, duration, messages, rate, warmup,
+             timeout, serializers, payload_bytes, app, task, pool, concurrency, task_seconds,
+             out, quiet, rate_sweep, max_rate, slo, html, instructions, restart_cmd,
+             start_cmd, variants, started)
+    except KeyboardInterrupt:
+        # Before the runner wrote it (importing the scenarios takes seconds on a loaded
+        # host), the file still says the run was interrupted: it exists from the first moment.
+        written = Path(out).exists() and Path(out).stat().st_mtime >= started - 1
+        if not written:
+            from . import results
+
+            early = results.Run(results.environment())
+            early.environment["interrupted"] = True
+            try:
+                results.dump(early, out)
+                written = True
+            except OSError:
+                pass
+        click.echo(f"interrupted: results so far written to {out}" if written else
+                   f"interrupted: {out} could not be written", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def _run(scenarios, quick, transports, only, repeat, duration, messages, rate, warmup,
+         timeout, serializers, payload_bytes, app, task, pool, concurrency, task_seconds,
+         out, quiet, rate_sweep, max_rate, slo, html, instructions, restart_cmd, start_cmd,
+         variants, started):
     from . import brokers, report, runner
     from . import scenarios as registry
 
@@ -219,16 +248,9 @@ def run(scenarios, quick, transports, only, repeat, duration, messages, rate, wa
             raise config.UsageError("no cell matches the filters given (--only/--transport)")
         progress.start(total, rounds=opts.rounds())
 
-    started = time.time()
-    try:
-        with progress:
-            result = measure(opts, on_cell=progress.cell_done, on_start=on_start,
-                             on_cell_start=progress.cell_started)
-    except KeyboardInterrupt:
-        written = Path(out).exists() and Path(out).stat().st_mtime >= started - 1
-        click.echo(f"interrupted: results so far written to {out}" if written else
-                   "interrupted before anything was measured: nothing written", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+    with progress:
+        result = measure(opts, on_cell=progress.cell_done, on_start=on_start,
+                         on_cell_start=progress.cell_started)
     report.print_run(result)
     click.echo(f"results written to {out}")
     if html:

@@ -243,6 +243,14 @@ def measure_once(scenario: scenarios.Scenario, state: CellRun, round_: int) -> N
         "loadavg_1m": round(load, 2) if load is not None else None, "cpu_steal": steal})
 
 
+def _dump_interrupted(run_: results.Run, opts: RunOptions) -> None:
+    """The results file of a run interrupted before its first cell: no cells, said so."""
+    run_.environment["options"] = opts.to_dict()
+    run_.environment["interrupted"] = True
+    if opts.out:
+        results.dump(run_, opts.out)
+
+
 def run(opts: RunOptions, on_cell: Callable | None = None, on_start: Callable | None = None,
         on_cell_start: Callable | None = None, run_: results.Run | None = None) -> results.Run:
     """Run every selected cell, round by round; write ``opts.out`` after each. Returns the run.
@@ -252,8 +260,12 @@ def run(opts: RunOptions, on_cell: Callable | None = None, on_start: Callable | 
     On KeyboardInterrupt the results so far are written (``interrupted: true``) and the
     interrupt is re-raised (the caller exits 130); every scenario is closed on the way.
     """
-    check_named_transports(opts)
-    planned = plan(opts)   # may still refuse the options: no file for a usage error
+    try:
+        check_named_transports(opts)
+        planned = plan(opts)   # may still refuse the options: no file for a usage error
+    except KeyboardInterrupt:  # planning imports every scenario: seconds on a loaded host
+        _dump_interrupted(run_ or results.Run(results.environment()), opts)
+        raise
     early = run_ or results.Run(results.environment())
     early.environment["options"] = opts.to_dict()
     if opts.out:

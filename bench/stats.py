@@ -46,7 +46,14 @@ import math
 import statistics
 from dataclasses import dataclass
 
-from scipy import stats as _st
+
+def _st():
+    """scipy.stats, imported on first use: it takes seconds on a loaded host, and every
+    ``celery-bench`` command imports this module before it can write its results file."""
+    from scipy import stats
+
+    return stats
+
 
 MIN_N = 3
 CONFIDENCE = 0.95
@@ -104,7 +111,7 @@ def _positive(values) -> list[float]:
 def _t_bounds(mean: float, se: float, df: float, confidence: float) -> tuple[float, float]:
     if se == 0:
         return mean, mean
-    half = _st.t.ppf(0.5 + confidence / 2, df) * se
+    half = _st().t.ppf(0.5 + confidence / 2, df) * se
     return mean - half, mean + half
 
 
@@ -112,7 +119,7 @@ def _t_p(mean: float, se: float, df: float) -> float:
     """Two-sided p of ``mean`` against 0."""
     if se == 0:
         return 1.0 if mean == 0 else 0.0
-    return float(2 * _st.t.sf(abs(mean) / se, df))
+    return float(2 * _st().t.sf(abs(mean) / se, df))
 
 
 def _hull(point: float, lo_log: float, hi_log: float) -> tuple[float, float]:
@@ -184,7 +191,7 @@ def mann_whitney_p(base: list[float], new: list[float]) -> float | None:
     """
     if min(len(base), len(new)) < 2:
         return None
-    return float(_st.mannwhitneyu(new, base, alternative="two-sided").pvalue)
+    return float(_st().mannwhitneyu(new, base, alternative="two-sided").pvalue)
 
 
 def min_mann_whitney_p(nb: int, nn: int) -> float:

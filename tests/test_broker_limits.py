@@ -281,6 +281,44 @@ def test_every_returned_publish_is_in_the_queue_or_counted_in_the_error(start, l
     assert set(got) <= set(range(returned))
 
 
+@pytest.mark.parametrize("write_buffer", [False, True])
+def test_a_publish_cell_the_transport_gave_up_on_is_lost_with_the_number(start, tmp_path,
+                                                                          write_buffer):
+    """The publish scenario's loss accounting: a unix publisher blocked past
+    publish_timeout (an unconsumed queue at its limit) ends the cell's publishing; the
+    cell counts the refused publish and any the transport says it did not deliver as
+    lost (not a failed cell, not ok), and says why in a note."""
+    from bench import results, runner
+    from bench.drivers import kombu as kombu_driver
+    from bench.drivers.target import Target
+    from bench.scenarios import publish
+
+    # 20 kB messages: the queue's 50 plus the sockets' ~2 MB fill well inside one of the
+    # cell's 1,000-message chunks, before its in-process consumer drains.
+    b = start(max_queue_messages=50)
+    topts = {"publish_timeout": 0.5, "write_buffer": write_buffer}
+    target = Target(lambda: Connection(b.url, transport_options=dict(topts)),
+                    {"url": b.url, "transport_options": topts}, cross_process=False)
+    driver = kombu_driver.Publisher(target, qname(), "held", "json", {"data": "x" * 20_000},
+                                    WAIT_S)
+    opts = runner.RunOptions(quick=True, workdir=tmp_path, messages=40_000, warmup=0.0,
+                             timeout=WAIT_S, repeat=1)
+    outcome = publish._measure(driver, False, opts, tmp_path)
+    m = outcome.metrics
+    assert 50 < m["sent"] < 1000
+    assert m["received"] + m["lost"] == m["sent"]
+    # The refused publish, plus what the transport counted undelivered: nothing unsaid.
+    assert m["lost"] == 1 + m["undelivered"]
+    assert m["received"] == m["sent"] - 1 - m["undelivered"]
+    assert "the transport gave up" in outcome.notes[1] and "PublishBlockedError" in \
+        outcome.notes[1]
+    cell = results.aggregate("publish", {"transport": "unix"},
+                             [{"metrics": outcome.metrics, "histograms": outcome.histograms,
+                               "notes": outcome.notes}])
+    assert cell.status == "lost"
+    assert f"lost {m['lost']} of {m['sent']}" in cell.reason
+
+
 # -- frames -----------------------------------------------------------------------------
 
 def test_an_oversized_frame_costs_only_its_sender(start):

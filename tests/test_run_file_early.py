@@ -7,16 +7,40 @@ import pytest
 from bench import runner
 
 
-def test_an_interrupt_while_probing_services_leaves_a_results_file(monkeypatch, tmp_path):
+@pytest.mark.parametrize("stage", ["services_environment", "plan"])
+def test_an_interrupt_while_probing_or_planning_leaves_a_results_file(monkeypatch, tmp_path,
+                                                                       stage):
+    """Probing the services, or planning (which imports every scenario: seconds on a
+    loaded host): either way the file exists and says the run was interrupted."""
     out = tmp_path / "r.json"
 
-    def interrupted():
-        assert out.exists()   # written before the probes start
+    def interrupted(*args):
+        if stage == "services_environment":
+            assert out.exists()   # written before the probes start
         raise KeyboardInterrupt
-    monkeypatch.setattr(runner, "services_environment", interrupted)
+    monkeypatch.setattr(runner, stage, interrupted)
     opts = runner.RunOptions(scenarios=("publish",), quick=True, out=str(out),
                              workdir=tmp_path)
     with pytest.raises(KeyboardInterrupt):
         runner.run(opts)
     data = json.loads(out.read_text())
     assert data["environment"]["interrupted"] is True and data["cells"] == []
+
+
+def test_an_interrupt_before_the_runner_starts_leaves_a_results_file(monkeypatch, tmp_path,
+                                                                     capsys):
+    """Ctrl-C while `celery-bench run` is still importing and checking (before the runner
+    wrote anything): exit 130, and the file exists and says it was interrupted."""
+    from bench import cli
+
+    out = tmp_path / "r.json"
+
+    def interrupted(path, what):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "_check_writable", interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["run", "publish", "--quick", "--out", str(out)])
+    assert exit_.value.code == cli.EXIT_INTERRUPTED
+    data = json.loads(out.read_text())
+    assert data["environment"]["interrupted"] is True and data["cells"] == []
+    assert f"results so far written to {out}" in capsys.readouterr().err

@@ -106,29 +106,56 @@ now_ns = recorder.now_ns
 def _closed_loop(send, start, end, first: int, stop: int, deadline: int) -> int:
     """Publish as fast as possible; only timestamps into preallocated buffers."""
     now = now_ns
-    for i in range(first, stop):
-        t = now()
-        send(i, t)
-        e = now()
-        start[i] = t
-        end[i] = e
-        if e > deadline:
-            return i + 1
+    i = first
+    try:
+        for i in range(first, stop):
+            t = now()
+            send(i, t)
+            e = now()
+            start[i] = t
+            end[i] = e
+            if e > deadline:
+                return i + 1
+    except Exception as exc:
+        exc.returned = i   # the publishes before this one returned (see _GaveUp)
+        raise
     return stop
 
 
 def _paced_loop(send, intended, start, end, pacer, first: int, stop: int) -> int:
     """Publish on the pacer's schedule; the intended time is kept beside the actual one."""
     now, wait = now_ns, pacer.wait
-    for i in range(first, stop):
-        due = wait(i)
-        t = now()
-        send(i, t)
-        e = now()
-        intended[i] = due
-        start[i] = t
-        end[i] = e
+    i = first
+    try:
+        for i in range(first, stop):
+            due = wait(i)
+            t = now()
+            send(i, t)
+            e = now()
+            intended[i] = due
+            start[i] = t
+            end[i] = e
+    except Exception as exc:
+        exc.returned = i
+        raise
     return stop
+
+
+class _GaveUp(Exception):
+    """The transport gave up publishing (back-pressure outlasted its timeout, or the
+    broker hung up): ``error`` carries ``undelivered``, how many publishes that had
+    returned it lost; ``returned`` publishes had returned in all. Not a failed cell:
+    what the consumer did not get is counted as lost."""
+
+    def __init__(self, error, returned: int):
+        super().__init__(str(error))
+        self.error, self.returned = error, returned
+
+
+def _gave_up(exc) -> bool:
+    """A transport's publish error that counts what it lost (``undelivered``, as
+    transports.unix's do): publishing stops there and the loss is measured."""
+    return isinstance(getattr(exc, "undelivered", None), int) and hasattr(exc, "returned")
 
 
 # --------------------------------------------------------------------------- one cell
@@ -173,40 +200,54 @@ def _publish(driver, ts, n: int, budget_ns, pacer, drain_chunk,
     unit) measured within milliseconds of each other, so a CPU slowed for a moment (a
     neighbour, the cache, the clock) slows both sides alike.
     """
-    sent = busy = 0
-    pairs = []
     cpu0 = time.thread_time_ns()
     calibrate = calibrate and pacer is None
-    with driver.sending() as send:
-        if pacer is not None:
-            pacer.start()
-        while sent < n:
-            stop = min(n, sent + CHUNK) if drain_chunk else n
-            if calibrate:
-                stop = min(stop, sent + CAL_CHUNK)
-            first = sent
-            c0, k0 = now_ns(), time.thread_time_ns()
+    try:
+        return _publish_all(driver, ts, n, budget_ns, pacer, drain_chunk, calibrate, cpu0)
+    except Exception as exc:
+        if not _gave_up(exc):
+            raise
+        raise _GaveUp(exc, exc.returned) from None
+
+
+def _publish_all(driver, ts, n, budget_ns, pacer, drain_chunk, calibrate, cpu0):
+    sent = busy = 0
+    pairs = []
+    try:
+        with driver.sending() as send:
             if pacer is not None:
-                sent = _paced_loop(send, ts.intended, ts.start, ts.end, pacer, sent, stop)
-            else:
-                deadline = c0 + budget_ns - busy if budget_ns else 1 << 62
-                sent = _closed_loop(send, ts.start, ts.end, sent, stop, deadline)
-            busy += now_ns() - c0
-            if calibrate and sent > first:
-                k1 = time.thread_time_ns()
-                calibration_driver.burst(CAL_UNITS)
-                k2 = time.thread_time_ns()
-                cpu0 += k2 - k1     # the yardstick is not publishing
-                pairs.append(((k1 - k0) / (sent - first), (k2 - k1) / CAL_UNITS))
-            if budget_ns and pacer is None and busy >= budget_ns:
-                break
-            if drain_chunk and sent < n:
-                d0, w0 = time.thread_time_ns(), now_ns()
-                drain_chunk(sent)   # outside the timed sections
-                cpu0 += time.thread_time_ns() - d0
+                pacer.start()
+            while sent < n:
+                stop = min(n, sent + CHUNK) if drain_chunk else n
+                if calibrate:
+                    stop = min(stop, sent + CAL_CHUNK)
+                first = sent
+                c0, k0 = now_ns(), time.thread_time_ns()
                 if pacer is not None:
-                    pacer.shift(now_ns() - w0)  # our pause is not the system's lateness
-        exit_start = now_ns()
+                    sent = _paced_loop(send, ts.intended, ts.start, ts.end, pacer, sent, stop)
+                else:
+                    deadline = c0 + budget_ns - busy if budget_ns else 1 << 62
+                    sent = _closed_loop(send, ts.start, ts.end, sent, stop, deadline)
+                busy += now_ns() - c0
+                if calibrate and sent > first:
+                    k1 = time.thread_time_ns()
+                    calibration_driver.burst(CAL_UNITS)
+                    k2 = time.thread_time_ns()
+                    cpu0 += k2 - k1     # the yardstick is not publishing
+                    pairs.append(((k1 - k0) / (sent - first), (k2 - k1) / CAL_UNITS))
+                if budget_ns and pacer is None and busy >= budget_ns:
+                    break
+                if drain_chunk and sent < n:
+                    d0, w0 = time.thread_time_ns(), now_ns()
+                    drain_chunk(sent)   # outside the timed sections
+                    cpu0 += time.thread_time_ns() - d0
+                    if pacer is not None:
+                        pacer.shift(now_ns() - w0)  # our pause is not the system's lateness
+            exit_start = now_ns()
+    except Exception as exc:
+        if not hasattr(exc, "returned"):
+            exc.returned = sent   # raised by the batch's flush on exit, or between chunks
+        raise
     busy += now_ns() - exit_start   # a batch flushes on exit: that is publishing too
     return sent, busy, time.thread_time_ns() - cpu0, pairs
 
@@ -247,6 +288,7 @@ def _measure(driver, cross_process: bool, opts, workdir: Path, rate: float | Non
     consumer = None
     notes = []
     warm_note = None
+    gave_up = None
     try:
         if cross_process:
             consumer = ConsumerProcess(driver.consumer_spec(), n, workdir, opts.timeout)
@@ -272,8 +314,16 @@ def _measure(driver, cross_process: bool, opts, workdir: Path, rate: float | Non
         drain_chunk = None if cross_process else drain_upto
 
         # The calibration loop is its own yardstick; every other closed-loop cell is paired.
-        sent, busy_ns, cpu_ns, pairs = _publish(driver, ts, n, budget_ns, pacer, drain_chunk,
-                                                calibrate=driver.api != "calibration")
+        p0 = time.monotonic_ns()
+        try:
+            sent, busy_ns, cpu_ns, pairs = _publish(driver, ts, n, budget_ns, pacer,
+                                                    drain_chunk,
+                                                    calibrate=driver.api != "calibration")
+        except _GaveUp as stop:
+            # The publishes that returned count as sent: what the consumer does not get
+            # of them is lost (the transport's own count of those is in `undelivered`).
+            sent, busy_ns, cpu_ns, pairs = stop.returned, time.monotonic_ns() - p0, None, []
+            gave_up = stop
         t0 = time.monotonic()
         if consumer is not None:
             got = consumer.finish(sent)
@@ -289,22 +339,35 @@ def _measure(driver, cross_process: bool, opts, workdir: Path, rate: float | Non
 
     histograms, basis = _histograms(ts, sent, got, rate)
     busy_s = busy_ns / 1e9
-    lost = sent - got.received
+    # A publish the transport refused (it gave up on it) was asked for and not delivered:
+    # it is sent and lost, beside the returned ones the consumer never got.
+    attempted = sent + (gave_up is not None)
+    lost = attempted - got.received
     metrics = {
         "throughput_per_s": sent / busy_s if busy_s > 0 else 0.0,
-        "sent": sent, "received": got.received, "lost": lost,
+        "sent": attempted, "received": got.received, "lost": lost,
         "duplicates": got.duplicates, "foreign": got.foreign, "consumer_errors": got.errors,
         "elapsed_s": round(busy_s, 6),
         # Closed loop only: with --rate the pacer's spin-wait would count as publishing.
-        "cpu_us_per_msg": cpu_ns / 1000.0 / sent if sent and not rate else None,
+        "cpu_us_per_msg": (cpu_ns / 1000.0 / sent if sent and not rate and cpu_ns is not None
+                           else None),
         # CPU per message in units of the calibration work done beside it (median of the
         # chunk pairs): the machine's speed factored out, for rules against a baseline.
         "cpu_vs_calibration": statistics.median(p / c for p, c in pairs) if pairs else None,
         "drain_s": round(drain_s, 3), "warmup_sent": warm_sent,
         "consumer": "concurrent process" if cross_process else "in-process after publishing",
     }
+    if gave_up is not None:
+        undelivered = gave_up.error.undelivered
+        metrics["undelivered"] = undelivered
+        first = (str(gave_up.error).splitlines() or [""])[0][:300]
+        notes.insert(0, f"the transport gave up after {sent} publishes returned"
+                        + (f", {undelivered} of them undelivered by its own count"
+                           if undelivered else "")
+                        + f"; the publish it refused is counted lost: "
+                          f"{type(gave_up.error).__name__}: {first}")
     if lost:
-        notes.insert(0, f"lost {lost} of {sent}")
+        notes.insert(0, f"lost {lost} of {attempted}")
     if warm_note:
         notes.append(warm_note)
     if got.stray:
