@@ -179,7 +179,17 @@ def summary_columns(scenario: str, cells) -> list:
     ones: throughputs, trouble counts, and each histogram's p50 and p99."""
     from .scenarios import summary as summary_of
 
-    return summary_of(scenario) or generic_columns(cells)
+    out = list(summary_of(scenario) or generic_columns(cells))
+    if any("max_sustainable_rate_per_s" in c.metrics for c in cells):
+        # a max-rate search's answer is a bracket, and how long it was held to confirm it
+        out = [col for col in out if col[0] != "max_sustainable_rate_per_s"] + \
+            [col for col in MAX_RATE_COLUMNS if col not in out]
+    return out
+
+
+MAX_RATE_COLUMNS = [("max_sustainable_rate_per_s", "sustained/s"),
+                    ("not_sustained_per_s", "not sustained/s"),
+                    ("confirm_hold_s", "confirm s")]
 
 
 def generic_columns(cells) -> list:
