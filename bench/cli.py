@@ -168,9 +168,12 @@ def cli():
               help="Measure every cell once per variant per round, counterbalanced (A B, "
                    "B A, ...): SPEC is here, git:REV, pip:REQ,REQ, python:PATH, "
                    "conf:KEY=VALUE,... or env:KEY=VALUE,... (docs/ab.md). Twice at least.")
+@click.option("--verbose", "-v", is_flag=True,
+              help="Tables: each percentile's 95%% interval in a column of its own.")
 def run(scenarios, quick, transports, only, repeat, duration, messages, rate, warmup, timeout,
         serializers, payload_bytes, app, task, pool, concurrency, task_seconds, out, quiet,
-        rate_sweep, max_rate, slo, html, instructions, restart_cmd, start_cmd, variants=()):
+        rate_sweep, max_rate, slo, html, instructions, restart_cmd, start_cmd, variants=(),
+        verbose=False):
     """Run SCENARIOS (default: all of them) and write a results file.
 
     Exits 1 when a cell failed or lost messages (unless its transport declares that loss
@@ -180,7 +183,7 @@ def run(scenarios, quick, transports, only, repeat, duration, messages, rate, wa
         _run(scenarios, quick, transports, only, repeat, duration, messages, rate, warmup,
              timeout, serializers, payload_bytes, app, task, pool, concurrency, task_seconds,
              out, quiet, rate_sweep, max_rate, slo, html, instructions, restart_cmd,
-             start_cmd, variants, started)
+             start_cmd, variants, started, verbose)
     except KeyboardInterrupt:
         # Before the runner wrote it (importing the scenarios takes seconds on a loaded
         # host), the file still says the run was interrupted: it exists from the first moment.
@@ -203,7 +206,7 @@ def run(scenarios, quick, transports, only, repeat, duration, messages, rate, wa
 def _run(scenarios, quick, transports, only, repeat, duration, messages, rate, warmup,
          timeout, serializers, payload_bytes, app, task, pool, concurrency, task_seconds,
          out, quiet, rate_sweep, max_rate, slo, html, instructions, restart_cmd, start_cmd,
-         variants, started):
+         variants, started, verbose=False):
     from . import brokers, report, runner
     from . import scenarios as registry
 
@@ -251,7 +254,7 @@ def _run(scenarios, quick, transports, only, repeat, duration, messages, rate, w
     with progress:
         result = measure(opts, on_cell=progress.cell_done, on_start=on_start,
                          on_cell_start=progress.cell_started)
-    report.print_run(result)
+    report.print_run(result, verbose=verbose)
     click.echo(f"results written to {out}")
     if html:
         from .exporters import write_html
@@ -378,11 +381,13 @@ def broker(args):
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
 @click.option("--width", type=click.IntRange(40, 10_000), default=100, show_default=True,
               help="Split tables wider than this many columns (figures are never cut).")
-def show(path, width):
+@click.option("--verbose", "-v", is_flag=True,
+              help="Each percentile's 95%% interval in a column of its own.")
+def show(path, width, verbose):
     """Print the tables of a results file."""
     from . import report, results
 
-    report.print_run(_load(path, results), width=width)
+    report.print_run(_load(path, results), width=width, verbose=verbose)
 
 
 def _load(path, results):

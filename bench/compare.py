@@ -28,7 +28,7 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
-from . import config, results, stats
+from . import config, percentiles, results, stats
 from .report import fmt
 
 NOISE_ACROSS_RUNS = 0.30   # whole runs drift 1.3x (and more) between runs on a shared machine
@@ -264,11 +264,46 @@ def compare_cells(base: results.Cell, new: results.Cell, metrics=None,
         metrics = [m for m in default_metrics(base) if m in default_metrics(new)]
     out = []
     for m in metrics:
+        few = _too_few(base, m, "base") or _too_few(new, m, "new")
+        if few:
+            # the too-few side shows no number ("-"), the detail says why
+            out.append(Comparison(m, None if _too_few(base, m, "base") else metric_value(base, m),
+                                  None if _too_few(new, m, "new") else metric_value(new, m),
+                                  unit_of(base, m) or unit_of(new, m), words="not compared",
+                                  detail=few))
+            continue
         reps = paired_values(base, new, m) if paired else \
             (repeat_values(base, m), repeat_values(new, m))
-        out.append(judge(m, metric_value(base, m), metric_value(new, m), *reps, noise,
-                         unit_of(base, m) or unit_of(new, m), paired))
+        c = judge(m, metric_value(base, m), metric_value(new, m), *reps, noise,
+                  unit_of(base, m) or unit_of(new, m), paired)
+        c.detail = "; ".join(filter(None, (c.detail, _percentile_words(base, new, m))))
+        out.append(c)
     return out
+
+
+def _percentile(cell: results.Cell, metric: str) -> percentiles.Percentile | None:
+    stat = percentiles.stat_name(metric)
+    hist = metric.rpartition(".")[0]
+    if not stat or hist not in cell.histograms:
+        return None
+    return percentiles.of_summary(cell.histograms[hist], stat)
+
+
+def _too_few(cell: results.Cell, metric: str, side: str) -> str:
+    """"too few samples (n=30) in base" for a percentile its samples cannot support."""
+    p = _percentile(cell, metric)
+    if p is None or p.value is None or p.enough:
+        return ""
+    return f"{p.too_few} in {side}"
+
+
+def _percentile_words(base: results.Cell, new: results.Cell, metric: str) -> str:
+    """Each side's sample count and 95% order-statistic interval of a percentile."""
+    b, n = _percentile(base, metric), _percentile(new, metric)
+    if b is None or n is None or not (b.enough and n.enough):
+        return ""
+    return (f"95% intervals {fmt(b.lo)}-{fmt(b.hi)} (n={b.n:,}) -> "
+            f"{fmt(n.lo)}-{fmt(n.hi)} (n={n.n:,})")
 
 
 # --------------------------------------------------------------------------- two runs

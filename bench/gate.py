@@ -26,7 +26,11 @@ interval (:func:`bench.stats.paired_ratio_interval`) is set against the bound. P
 when the whole interval is on the right side, FAIL only when it is wholly on the
 wrong side, otherwise INCONCLUSIVE: the gate then re-measures just those cells with
 more rounds (``--budget`` seconds), and a rule still inconclusive after that is a
-warning saying so, not a failure. Fewer than 3 rounds make no interval. A rule with
+warning saying so, not a failure. Fewer than 3 rounds make no interval. A rule on a
+percentile alone (``SIDE OP NUMBER``, ``SIDE OP baseline``) is judged on the
+percentile's own order-statistic interval over every sample of the cell
+(:mod:`bench.percentiles`); a percentile with too few samples for that interval (in
+the cell, or in any round of a ratio) is INCONCLUSIVE, so it never passes. A rule with
 ``exact = true`` (counts, instruction counts, properties of the code rather than
 timings) is judged on its value.
 
@@ -57,7 +61,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import config, results, stats
+from . import config, percentiles, results, stats
 from .compare import Selector, _repeat_value, metric_value, parse_selector, unit_of
 from .report import fmt
 
@@ -355,6 +359,15 @@ def side(rule: Rule, num: results.Cell, run: results.Run, which: str = "run") ->
     if value is None:
         raise NotMeasured(f"{num.key} has no metric {metric!r} in the {which}")
     shown = f"{num.key} {metric} {fmt(value)}{unit_of(num, metric)}"
+    pct = percentiles.stat_name(metric)
+    if rule.denominator is None and pct:
+        p = percentiles.of_summary(num.histograms.get(metric.rpartition(".")[0]), pct)
+        if p is not None and (not rule.exact or not p.enough):
+            if not p.enough:
+                shown = f"{num.key} {metric} {p.too_few}"
+            method = f"order statistics of {p.n:,} samples" if p.enough else p.too_few
+            interval = stats.Interval(p.value, p.lo, p.hi, p.n, method)
+            return Side(value, interval, shown, (num.key,))
     if rule.denominator is None:
         rounds = [v for _, v in _per_round(num, metric) if v is not None]
         interval = None if rule.exact else _interval(rounds, [1.0] * len(rounds))
@@ -375,10 +388,26 @@ def side(rule: Rule, num: results.Cell, run: results.Run, which: str = "run") ->
         pairs = stats.pair_indices([r for r, _ in a], [r for r, _ in b])
         both = [(a[i][1], b[j][1]) for i, j in pairs if a[i][1] is not None and b[j][1]]
         interval = _interval([x for x, _ in both], [y for _, y in both])
+        few = _too_few_round(num, metric) or _too_few_round(den, den_metric)
+        if few:
+            interval = stats.Interval(interval.point, None, None, interval.n, few)
     value = value / den_value
     if interval is not None and interval.point is not None:
         value = interval.point   # the median per-round ratio: inside its own interval
     return Side(value, interval, shown, (num.key, den.key))
+
+
+def _too_few_round(cell: results.Cell, metric: str) -> str:
+    """"too few samples (n=30) in round 2" when a round's percentile cannot be bounded."""
+    pct = percentiles.stat_name(metric)
+    if not pct:
+        return ""
+    for i, rep in enumerate(cell.repeats):
+        p = percentiles.of_summary(rep.get("histograms", {}).get(metric.rpartition(".")[0]),
+                                   pct)
+        if p is not None and p.value is not None and not p.enough:
+            return f"{p.too_few} in {cell.key} round {rep.get('round', i)}"
+    return ""
 
 
 def _interval(num: list, den: list) -> stats.Interval:
@@ -415,8 +444,12 @@ def _num(x: float) -> str:
 def _interval_text(interval: stats.Interval | None) -> str:
     if interval is None:
         return ""
+    if interval.method.startswith("too few samples"):
+        return f" ({interval.method}: undecided)"
     if not interval.bounded:
         return f" ({interval.n} round{'s' if interval.n != 1 else ''}: not enough for an interval)"
+    if interval.method.startswith("order statistics"):
+        return f" (95% interval {_num(interval.lo)}-{_num(interval.hi)}, {interval.method})"
     return f" (95% interval {_num(interval.lo)}-{_num(interval.hi)}, {interval.n} rounds)"
 
 
@@ -434,6 +467,8 @@ def _judge(rule: Rule, num: results.Cell, run: results.Run,
     s = side(rule, num, run)
     exact = s.interval is None or rule.op in ("==", "!=")
     interval = None if exact else s.interval
+    if s.interval is not None and s.interval.method.startswith("too few samples"):
+        interval = s.interval     # undecided, whatever the rule: it never passes
     if rule.kind == "between":
         status = _decide(interval, s.value, lambda x: x >= rule.low, lambda x: x <= rule.high)
         words = {"PASS": "is between", "FAIL": "is outside",

@@ -19,6 +19,17 @@ above what was achievable (#329, #336). So:
 - the answer is never above what was achieved: the reported rate is the asked rate of
   a step that achieved >= 98% of it.
 
+The latency test is decided by the SLO percentile's 95% interval when the step carries
+one (``n``, ``lo_us``, ``hi_us``; :mod:`bench.percentiles`): a step passes when the upper
+bound is within the SLO and fails when the lower bound is beyond it; otherwise (the interval
+spans the SLO, or too few samples) it is *undecided* and held again, twice as long, until it
+decides or its rate's hold budget (``HOLD_BUDGET`` step lengths) is spent; still undecided, it
+counts as not shown sustained, and never as shown not sustained. A step's length follows the
+rate (``step_seconds``): at least ``SAMPLES_FACTOR`` times the samples the percentile needs
+(p99: 368), so a decided step has enough samples. The answer is a bracket: the highest rate
+shown sustained (and confirmed by a hold ``CONFIRM_FACTOR`` times a step), and the lowest rate
+shown not sustained above it.
+
 Everything is driven through ``measure(rate, seconds, phase) -> Step`` so the search
 is tested with a fake system (tests/test_maxrate.py).
 """
@@ -29,6 +40,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+from . import percentiles
+
 ACHIEVED_MIN = 0.98         # of the rate asked
 BACKLOG_GROWTH_MAX = 0.02   # tasks or messages per second, as a fraction of the rate asked
 BACKLOG_GROWTH_FLOOR = 1.0  # per second: below this a slope is one message in flight
@@ -37,6 +50,10 @@ CONFIRM_FACTOR = 2.0        # a confirmation holds the rate this many times a st
 MAX_STEPS = 18
 CONFIRMS = 6                # holds of a candidate rate at most, after the search
 FLOOR_HALVINGS = 4          # how far below START the search looks before giving up
+SAMPLES_FACTOR = 2.0        # a step holds this many times the samples its percentile needs
+MAX_STEP_S = 60.0           # ... but no step is longer than this (at very low rates)
+HOLD_BUDGET = 4.0           # an undecided rate is held up to this many step lengths in all
+PROBES = 3                  # rates above an undecided end tried for the bracket's upper end
 
 
 class SpecError(ValueError):
@@ -101,9 +118,13 @@ class Step:
     latency_us: float | None          # the SLO percentile, from the intended send time
     backlog_growth: float | None      # per second over the step's second half (None: n/a)
     seconds: float = 0.0
-    phase: str = ""                   # climb | retry | bisect | floor | confirm
+    phase: str = ""                   # climb | retry | bisect | floor | confirm | hold | probe
     ok: bool = False
     why: str = ""
+    n: int | None = None              # samples behind latency_us (None: no interval known)
+    lo_us: float | None = None        # the SLO percentile's 95% interval (None: too few)
+    hi_us: float | None = None
+    decided: bool = True              # False: the interval spans the SLO, or too few samples
 
 
 def judge(step: Step, slo: SLO) -> Step:
@@ -114,13 +135,34 @@ def judge(step: Step, slo: SLO) -> Step:
     if step.backlog_growth is not None and \
             step.backlog_growth > max(BACKLOG_GROWTH_MAX * step.rate, BACKLOG_GROWTH_FLOOR):
         whys.append(f"backlog grew {step.backlog_growth:,.0f}/s")
+    undecided = ""
+    name = f"p{slo.percentile:g}"
     if step.latency_us is None:
         whys.append("no latency measured")
+    elif step.n is not None and (step.lo_us is None or step.hi_us is None):
+        undecided = f"{name} {percentiles.too_few_text(step.n)}"
+    elif step.n is not None:
+        if step.lo_us > slo.limit_us:
+            whys.append(f"{name} {step.lo_us / 1000:,.2f}-{step.hi_us / 1000:,.2f} ms "
+                        f"over {slo.limit_us / 1000:,.1f} ms (n={step.n:,})")
+        elif step.hi_us > slo.limit_us:
+            undecided = (f"{name} {step.lo_us / 1000:,.2f}-{step.hi_us / 1000:,.2f} ms spans "
+                         f"{slo.limit_us / 1000:,.1f} ms (n={step.n:,})")
     elif step.latency_us > slo.limit_us:
-        whys.append(f"p{slo.percentile:g} {step.latency_us / 1000:,.1f} ms over "
+        whys.append(f"{name} {step.latency_us / 1000:,.1f} ms over "
                     f"{slo.limit_us / 1000:,.1f} ms")
-    step.ok, step.why = not whys, "; ".join(whys)
+    # Any other failure decides the step; only the latency can leave it undecided.
+    step.decided = bool(whys) or not undecided
+    step.ok = not whys and not undecided
+    step.why = "; ".join(whys) if whys else (f"undecided: {undecided}" if undecided else "")
     return step
+
+
+def step_seconds(rate: float, seconds: float, slo: SLO) -> float:
+    """How long a step at ``rate`` is held: ``seconds`` at least, and long enough for
+    ``SAMPLES_FACTOR`` times the samples the SLO percentile needs, up to ``MAX_STEP_S``."""
+    need = SAMPLES_FACTOR * percentiles.min_samples(min(slo.percentile, 99.99)) / rate
+    return max(seconds, min(need, MAX_STEP_S))
 
 
 @dataclass
@@ -128,11 +170,30 @@ class Result:
     rate: float                       # the maximum sustainable rate (0: not even the floor)
     steps: list = field(default_factory=list)
     why: str = ""
+    not_sustained: float | None = None   # the lowest rate above it shown not sustained
+    confirm_s: float | None = None       # how long the answer was held to confirm it
+
+    @property
+    def bracket(self) -> str:
+        """"sustained 400/s, not 566/s" (the answer lies between)."""
+        high = f"not {self.not_sustained:,.0f}/s" if self.not_sustained is not None else \
+            "no higher rate shown not sustained"
+        return f"sustained {self.rate:,.0f}/s, {high}"
 
     def metrics(self, slo: SLO) -> dict:
-        return {"max_sustainable_rate_per_s": self.rate, "slo": slo.text,
+        return {"max_sustainable_rate_per_s": self.rate,
+                "not_sustained_per_s": self.not_sustained, "confirm_hold_s": self.confirm_s,
+                "bracket": self.bracket, "slo": slo.text,
                 "search_steps": len(self.steps), "search_why": self.why,
+                "undecided_steps": sum(not s.decided for s in self.steps),
                 "steps": [asdict(s) for s in self.steps]}
+
+
+def _bracket(result: Result) -> Result:
+    """Fill ``not_sustained``: the lowest rate above the answer a decided step failed at."""
+    above = [s.rate for s in result.steps if s.decided and not s.ok and s.rate > result.rate]
+    result.not_sustained = min(above) if above else None
+    return result
 
 
 def search(measure: Callable[[float, float, str], Step], slo: SLO, start: float,
@@ -141,16 +202,26 @@ def search(measure: Callable[[float, float, str], Step], slo: SLO, start: float,
     """The highest rate ``measure`` sustains, and every step it took to say so."""
     steps: list[Step] = []
 
-    def held(rate: float, phase: str, hold: float = seconds) -> bool:
-        step = judge(measure(rate, hold, phase), slo)
-        step.phase, step.seconds = phase, hold
-        steps.append(step)
-        return step.ok
+    def held(rate: float, phase: str, factor: float = 1.0) -> bool:
+        hold = step_seconds(rate, seconds, slo) * factor
+        budget = hold * HOLD_BUDGET
+        spent = 0.0
+        while True:
+            step = judge(measure(rate, hold, phase), slo)
+            step.phase, step.seconds = phase, hold
+            steps.append(step)
+            spent += hold
+            # undecided: hold it again, twice as long, while the rate's budget allows
+            if step.decided or spent + 2 * hold > budget or len(steps) >= max_steps + CONFIRMS:
+                return step.ok
+            hold, phase = 2 * hold, "hold"
 
     def passes(rate: float, phase: str) -> bool:
         # A failure is measured once more before it counts: one noisy second must not
         # end the climb, and two passes are never required (that would favour noise up).
-        return held(rate, phase) or (len(steps) < max_steps and held(rate, "retry"))
+        # An undecided rate already spent its hold budget: no retry on top.
+        return held(rate, phase) or (len(steps) < max_steps and steps[-1].decided
+                                     and held(rate, "retry"))
 
     good, bad, rate = None, None, float(start)
     while len(steps) < max_steps:                     # climb: double while it passes
@@ -174,7 +245,7 @@ def search(measure: Callable[[float, float, str], Step], slo: SLO, start: float,
         else:
             bad = floor
     if good is None:
-        return Result(0.0, steps, f"not sustained even at {floor:,.3g}/s")
+        return _bracket(Result(0.0, steps, f"not sustained even at {floor:,.3g}/s"))
     while bad is not None and bad / good > resolution and len(steps) < max_steps:
         mid = math.sqrt(good * bad)                   # bisect in log space: only narrows
         if passes(mid, "bisect"):
@@ -188,8 +259,19 @@ def search(measure: Callable[[float, float, str], Step], slo: SLO, start: float,
     candidates = [good, good / resolution, good / resolution ** 2] + \
         [r for r in passed if r < good / resolution ** 2]
     for rate in candidates[:CONFIRMS]:
-        if held(rate, "confirm", seconds * CONFIRM_FACTOR):
+        if held(rate, "confirm", CONFIRM_FACTOR):
             why = "" if bad is not None else \
                 f"the ladder stopped at {steps[-1].rate:,.0f}/s before finding a limit"
-            return Result(rate, steps, why)
-    return Result(0.0, steps, "no rate was sustained when held again")
+            result = Result(rate, steps, why, confirm_s=steps[-1].seconds)
+            # The climb may have stopped at an undecided rate: the bracket's upper end must
+            # be a rate shown not sustained, so probe above it (doubling, a few times).
+            probe = bad
+            for _ in range(PROBES):
+                if probe is None or _bracket(result).not_sustained is not None:
+                    break
+                probe *= 2
+                if ceiling is not None and probe > ceiling:
+                    break
+                held(probe, "probe")
+            return _bracket(result)
+    return _bracket(Result(0.0, steps, "no rate was sustained when held again"))

@@ -17,6 +17,9 @@ How a table stays readable (and within :data:`WIDTH` columns in a terminal):
   unit word, if any, is replaced;
 * with 2 repeats or more a value carries its spread, ``47,365 ±3%``: every
   repeat lies within 3% of the median shown;
+* a percentile its sample count cannot support (:mod:`bench.percentiles`) reads
+  "too few samples (n=30)", never a number; ``verbose`` adds, after each percentile
+  column, its 95% interval (``p99 ms 95%``: ``1.10-1.40``);
 * when a table is still too wide, columns whose value is the same in every row
   are said once under it, then the figures are split over several tables that
   repeat the param columns. A figure is never cut.
@@ -33,7 +36,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from . import results
+from . import percentiles, results
 
 __all__ = ["Console", "fmt", "column_value", "varying_params", "summary_columns",
            "plan_tables", "print_run", "cell_line", "metric_unit", "spec_unit"]
@@ -77,13 +80,25 @@ def fmt_figure(value) -> str:
 
 
 def column_value(cell: results.Cell, spec: str):
-    """``spec`` is a metric name or ``hist.pXX`` / ``hist.max`` / ``hist.count``."""
+    """``spec`` is a metric name or ``hist.pXX`` / ``hist.max`` / ``hist.count``; a
+    percentile too few samples support is the words "too few samples (n=30)"."""
     if spec in cell.metrics:
         return cell.metrics[spec]
     name, _, stat = spec.rpartition(".")
     if name and name in cell.histograms:
+        p = percentile_of(cell, spec)
+        if p is not None and p.value is not None and not p.enough:
+            return p.too_few
         return cell.histograms[name].get(stat)
     return None
+
+
+def percentile_of(cell: results.Cell, spec: str) -> percentiles.Percentile | None:
+    """The recorded percentile ``hist.pXX`` of ``cell`` with its interval, or None."""
+    name, _, stat = spec.rpartition(".")
+    if not name or name not in cell.histograms or stat not in percentiles.NAMES:
+        return None
+    return percentiles.of_summary(cell.histograms[name], stat)
 
 
 def spread_fraction(cell: results.Cell, spec: str) -> float | None:
@@ -164,7 +179,17 @@ def summary_columns(scenario: str, cells) -> list:
     ones: throughputs, trouble counts, and each histogram's p50 and p99."""
     from .scenarios import summary as summary_of
 
-    return summary_of(scenario) or generic_columns(cells)
+    out = list(summary_of(scenario) or generic_columns(cells))
+    if any("max_sustainable_rate_per_s" in c.metrics for c in cells):
+        # a max-rate search's answer is a bracket, and how long it was held to confirm it
+        out = [col for col in out if col[0] != "max_sustainable_rate_per_s"] + \
+            [col for col in MAX_RATE_COLUMNS if col not in out]
+    return out
+
+
+MAX_RATE_COLUMNS = [("max_sustainable_rate_per_s", "sustained/s"),
+                    ("not_sustained_per_s", "not sustained/s"),
+                    ("confirm_hold_s", "confirm s")]
 
 
 def generic_columns(cells) -> list:
@@ -194,8 +219,14 @@ class Column:
     header: str                  # with the unit shown, e.g. "p99 ms"
     scale: float = 1.0           # shown = raw * scale
     unit: str = ""
+    interval: bool = False       # this column shows the percentile's 95% interval
 
     def value(self, cell: results.Cell):
+        if self.interval:
+            p = percentile_of(cell, self.spec)
+            if p is None or not p.enough:
+                return None
+            return f"{fmt_figure(p.lo * self.scale)}-{fmt_figure(p.hi * self.scale)}"
         v = column_value(cell, self.spec)
         if _is_number(v) and self.scale != 1.0:
             return v * self.scale
@@ -204,7 +235,18 @@ class Column:
     def text(self, cell: results.Cell, with_spread: bool = True) -> tuple[str, str]:
         """(figure, spread) as shown."""
         return fmt_figure(self.value(cell)), \
-            spread_text(spread_fraction(cell, self.spec)) if with_spread else ""
+            spread_text(spread_fraction(cell, self.spec)) \
+            if with_spread and not self.interval else ""
+
+
+def with_intervals(columns: list) -> list:
+    """``columns`` with, after each percentile column, its 95% interval column."""
+    out = []
+    for c in columns:
+        out.append(c)
+        if percentiles.stat_name(c.spec) and not c.interval:
+            out.append(Column(c.spec, f"{c.header} 95%", c.scale, c.unit, interval=True))
+    return out
 
 
 def make_column(spec: str, header: str, cells) -> Column:
@@ -369,15 +411,24 @@ def _width(console: Console, table: Table) -> int:
     return Measurement.get(console, console.options.update_width(10_000), table).maximum
 
 
-def terminal_plans(scenario: str, cells, console: Console, width: int = WIDTH) -> list:
+def terminal_plans(scenario: str, cells, console: Console, width: int = WIDTH,
+                   verbose: bool = False) -> list:
     """:func:`plan_tables`, with a table too wide for ``width`` split by exact column sets
-    (memory publish cells, which have no e2e columns, apart from the others)."""
+    (memory publish cells, which have no e2e columns, apart from the others); ``verbose``:
+    each percentile followed by its interval column."""
     out = []
-    for plan in plan_tables(scenario, cells):
+    plans = plan_tables(scenario, cells)
+    if verbose:
+        for plan in plans:
+            plan.columns = with_intervals(plan.columns)
+    for plan in plans:
         if not any(_width(console, _rich_table(plan, plan.columns, {}, plan.title,
                                                plan.caption, stack)) <= width
                    for stack in (False, True)):
             finer = plan_tables(scenario, plan.cells, exact=True, title=plan.title)
+            if verbose:
+                for f in finer:
+                    f.columns = with_intervals(f.columns)
             if len(finer) > 1:
                 out += finer
                 continue
@@ -422,7 +473,8 @@ def terminal_tables(plan: TablePlan, notes: dict, console: Console,
             for i, chunk in enumerate(chunks)]
 
 
-def print_run(run: results.Run, console: Console | None = None, width: int = WIDTH) -> None:
+def print_run(run: results.Run, console: Console | None = None, width: int = WIDTH,
+              verbose: bool = False) -> None:
     from .exporters.speedups import calibration_cells, result_cells
 
     console = console or Console()
@@ -432,7 +484,7 @@ def print_run(run: results.Run, console: Console | None = None, width: int = WID
         by_scenario.setdefault(c.scenario, []).append(c)
     for name, cells in by_scenario.items():
         notes: dict[str, int] = {}
-        for plan in terminal_plans(name, cells, console, width):
+        for plan in terminal_plans(name, cells, console, width, verbose):
             for table in terminal_tables(plan, notes, console, width):
                 # Never truncate a figure: render at the table's natural width (a narrow
                 # terminal wraps the lines; a pipe or CI log gets them whole).

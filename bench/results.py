@@ -13,7 +13,13 @@ A run is ``{"schema", "environment", "cells"}``. Each cell::
                   "metrics": {...}, "histograms": {name: summary without hdr},
                   "notes": [...]}],
      "histograms": {name: {"unit", "count", "p50", "p90", "p99", "p999",
+                           "ci": {"p50": [lo, hi] | null, ...},
                            "max", "overflow", "hdr"}}}   # merged over repeats
+
+``ci`` (schema 2) is each percentile's distribution-free 95% interval from order
+statistics (:mod:`bench.percentiles`), null when ``count`` is too few samples for that
+percentile: readers show it as "too few samples (n=30)", never as a number. Schema 1
+files (no ``ci``) are still read; their intervals come from ``hdr``.
 
 A cell is ``lost`` when messages or tasks it published did not all arrive (its
 ``lost`` metric is above 0): never ``ok``. Repeats are rounds: with ``--repeat N``
@@ -41,11 +47,13 @@ from pathlib import Path
 
 from hdrh.histogram import HdrHistogram
 
+from . import percentiles
 from .config import mask_secrets
 
-SCHEMA = "celery-bench/1"
+SCHEMA = "celery-bench/2"
+READABLE = ("celery-bench/1", SCHEMA)   # 1: no percentile intervals (``ci``)
 STATUSES = ("ok", "skipped", "failed", "lost")
-PERCENTILES = {"p50": 50.0, "p90": 90.0, "p99": 99.0, "p999": 99.9}
+PERCENTILES = percentiles.NAMES
 
 
 # --------------------------------------------------------------------------- histograms
@@ -58,8 +66,10 @@ def summarize(hist: HdrHistogram, unit: str = "us", overflow: int = 0,
     ``[{"start_s", "end_s", "hdr"}]`` (Unix seconds) for HdrHistogram's log format.
     """
     out = {"unit": unit, "count": hist.get_total_count()}
-    for name, pct in PERCENTILES.items():
-        out[name] = hist.get_value_at_percentile(pct) if out["count"] else None
+    estimates = percentiles.estimate(hist, PERCENTILES)
+    for name, e in estimates.items():
+        out[name] = e.value
+    out["ci"] = percentiles.to_json(estimates)
     out["max"] = hist.get_max_value() if out["count"] else None
     out["overflow"] = int(overflow)
     if invalid:
@@ -289,7 +299,7 @@ def validate(data) -> None:
     the readers (show, compare, gate, report, Locust) rely on, down to each ``hdr``."""
     if not isinstance(data, dict):
         raise SchemaError("a results file holds a JSON object")
-    if data.get("schema") != SCHEMA:
+    if data.get("schema") not in READABLE:
         raise SchemaError(f"schema is {data.get('schema')!r}, expected {SCHEMA!r}")
     for key, kind in (("environment", dict), ("cells", list)):
         if key not in data:
@@ -363,6 +373,12 @@ def _histogram(h, where: str, with_hdr: bool) -> None:
         v = h.get(key)
         if v is not None and (not isinstance(v, _NUMBERS) or isinstance(v, bool)):
             raise SchemaError(f"{where}: {key!r} is {v!r}, not a number")
+    ci = h.get("ci", {})
+    _expect(ci, dict, f"{where}: 'ci'")
+    for key, bounds in ci.items():
+        if bounds is not None and not (isinstance(bounds, list) and len(bounds) == 2 and all(
+                isinstance(b, _NUMBERS) and not isinstance(b, bool) for b in bounds)):
+            raise SchemaError(f"{where}: 'ci' {key!r} is {bounds!r}, not [low, high] or null")
     if with_hdr:
         _expect(h["hdr"], str, f"{where}: 'hdr'")
         _hdr(h["hdr"], f"{where}: 'hdr'")

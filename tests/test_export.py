@@ -54,7 +54,10 @@ def test_hgrm_is_hdrhistograms_own_percentile_distribution(tmp_path):
             import io
             own = io.BytesIO()
             HdrHistogram.dump(summary["hdr"].encode(), own, 1000)
-            mine = [l for l in text.splitlines() if "StdDeviation" not in l]
+            # ... then one interval comment per recorded percentile (bench.percentiles)
+            mine = [l for l in text.splitlines() if "StdDeviation" not in l
+                    and not l.startswith("#[p")]
+            assert sum(l.startswith("#[p") for l in text.splitlines()) == 4
             theirs = [l for l in own.getvalue().decode().splitlines()
                       if "StdDeviation" not in l]
             assert mine == theirs

@@ -5,7 +5,9 @@ import random
 
 import pytest
 
-from bench import maxrate
+import numpy as np
+
+from bench import maxrate, percentiles
 
 
 def fake(capacity: float, base_us: float = 1000.0, noise: float = 0.0, seed: int = 0,
@@ -83,3 +85,89 @@ def test_no_oscillation_the_bracket_only_narrows():
 def test_a_ceiling_stops_the_climb():
     got = maxrate.search(fake(1e9), SLO, start=100, seconds=1, ceiling=1000)
     assert got.rate <= 1000 and all(s.rate <= 1000 * 1.01 for s in got.steps)
+
+
+# ------------------------------------------------------------ decided by intervals
+def sampled(capacity: float, base_us: float = 1000.0, seed: int = 0, calls: list | None = None,
+            jitter: float = 0.0):
+    """A simulated queue that returns what a real step measures: rate x seconds latency
+    samples (lognormal around base/(1-load)), the SLO percentile with its order-statistic
+    interval. No clock: ``seconds`` only sets how many samples the step gets."""
+    rng = np.random.default_rng(seed)
+
+    def measure(rate, seconds, phase):
+        n = max(1, int(round(rate * seconds)))
+        if calls is not None:
+            calls.append((rate, seconds, phase, n))
+        cap = capacity * (math.exp(rng.normal(0, jitter)) if jitter else 1.0)
+        load = rate / cap
+        if load >= 1:
+            return maxrate.Step(rate, cap, 1e7, rate - cap, n=n, lo_us=1e7, hi_us=1e7)
+        values = rng.lognormal(math.log(base_us / (1 - load)), 0.5, n)
+        # the median of a lognormal is exp(mu); its p99 is exp(mu + 2.326 * 0.5) = 3.2x
+        bounds = percentiles.interval_of_values(values, SLO.percentile)
+        lo, hi = bounds if bounds else (None, None)
+        return maxrate.Step(rate, rate, float(np.percentile(values, 99)), 0.0, n=n,
+                            lo_us=lo, hi_us=hi)
+    return measure
+
+
+def test_a_step_is_decided_by_the_interval():
+    ok = maxrate.judge(maxrate.Step(100, 100, 9000, 0, n=1000, lo_us=8000, hi_us=9500), SLO)
+    assert ok.ok and ok.decided
+    bad = maxrate.judge(maxrate.Step(100, 100, 12000, 0, n=1000, lo_us=10500, hi_us=14000), SLO)
+    assert not bad.ok and bad.decided and "over" in bad.why
+    spans = maxrate.judge(maxrate.Step(100, 100, 9900, 0, n=1000, lo_us=9000, hi_us=11000), SLO)
+    assert not spans.ok and not spans.decided and "spans" in spans.why
+    few = maxrate.judge(maxrate.Step(10, 10, 5000, 0, n=30), SLO)
+    assert not few.ok and not few.decided and "too few samples (n=30)" in few.why
+    # a rate not achieved decides the step, whatever the interval
+    slow = maxrate.judge(maxrate.Step(100, 50, 9900, 0, n=30), SLO)
+    assert slow.decided and not slow.ok
+
+
+def test_step_length_follows_the_rate_so_a_decided_step_has_enough_samples():
+    calls = []
+    got = maxrate.search(sampled(40, calls=calls), SLO, start=10, seconds=1)
+    need = percentiles.min_samples(SLO.percentile)
+    for rate, seconds, phase, n in calls:
+        # twice the samples p99 needs, unless that would take longer than MAX_STEP_S
+        # (at 10/s: 736 samples would be 73.6 s, so 60 s and 600 samples, still enough)
+        assert n >= min(maxrate.SAMPLES_FACTOR * need, rate * maxrate.MAX_STEP_S) - 1
+        assert n >= need
+    assert max(s for r, s, _, _ in calls if r == 10) == maxrate.MAX_STEP_S
+    assert got.rate > 0 and got.not_sustained is not None and got.not_sustained > got.rate
+
+
+def test_an_undecided_step_is_held_longer_within_its_budget():
+    calls = []
+
+    def spanning(rate, seconds, phase):      # the interval always spans the SLO
+        calls.append((rate, seconds, phase))
+        return maxrate.Step(rate, rate, 10_000, 0.0, n=int(rate * seconds),
+                            lo_us=9_000, hi_us=11_000)
+    got = maxrate.search(spanning, SLO, start=1000, seconds=1)
+    first = [c for c in calls if c[0] == 1000]
+    assert [p for _, _, p in first] == ["climb", "hold"]         # held again, twice as long
+    assert first[1][1] == 2 * first[0][1]
+    assert sum(s for _, s, _ in first) <= maxrate.HOLD_BUDGET * first[0][1]
+    # never shown sustained, never shown not sustained: no answer, no upper bracket
+    assert got.rate == 0 and got.not_sustained is None
+    assert all(not s.decided for s in got.steps)
+
+
+def test_the_bracket_is_repeatable_and_brackets_the_true_knee():
+    # base 1 ms, p99 = 3.2 x median: p99 <= 10 ms while 3.2 / (1 - load) <= 10, load <= 0.68
+    knee = 0.68 * 500
+    answers = []
+    for seed in range(20):
+        got = maxrate.search(sampled(500, seed=seed, jitter=0.03), SLO, start=20, seconds=1)
+        answer = [s for s in got.steps if s.rate == got.rate and s.phase in ("confirm", "hold")]
+        assert answer and answer[-1].ok                  # the answer was held again
+        assert got.confirm_s >= maxrate.CONFIRM_FACTOR * 1
+        assert got.rate <= knee * 1.1 and got.not_sustained >= knee / 1.1
+        answers.append(got.rate)
+        m = got.metrics(SLO)
+        assert m["not_sustained_per_s"] == got.not_sustained and m["bracket"].startswith(
+            "sustained ")
+    assert max(answers) / min(answers) <= 1.2        # run to run within 20%

@@ -8,6 +8,10 @@ One file per histogram, in a folder: an ``.hgrm`` holds one distribution and has
 field for a name, so the cell and histogram go in the file name,
 ``<cell key>.<histogram>.hgrm`` (sanitised); the plotter takes several files and shows
 each as a curve named by its file.
+
+After the footer, one ``#[pNN ...]`` comment line per recorded percentile gives its sample
+count and distribution-free 95% interval (:mod:`bench.percentiles`), or "too few samples
+(n=30)"; readers of the format skip ``#`` lines.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import io
 import re
 from pathlib import Path
 
-from .. import results
+from .. import percentiles, results
 
 TO_MS = {"ns": 1e6, "us": 1e3, "ms": 1.0, "s": 1e-3}    # value / ratio = milliseconds
 
@@ -41,7 +45,18 @@ def distribution(summary: dict) -> str:
     # the ratio like every other value): the footer line again, in hdrh's own format.
     line = "#[Mean    = %12.{0}f, StdDeviation   = %12.{0}f]".format(hist.significant_figures) \
         % (hist.get_mean_value() / ratio, hist.get_stddev() / ratio)
-    return re.sub(r"^#\[Mean .*$", lambda _: line, text, count=1, flags=re.M)
+    text = re.sub(r"^#\[Mean .*$", lambda _: line, text, count=1, flags=re.M)
+    return text + "".join(_interval_line(summary, name, ratio) + "\n"
+                          for name in percentiles.NAMES)
+
+
+def _interval_line(summary: dict, name: str, ratio: float) -> str:
+    p = percentiles.of_summary(summary, name)
+    label = f"p{p.pct:g}"
+    if not p.enough:
+        return f"#[{label} = {p.too_few}]"
+    return (f"#[{label} = {p.value / ratio:.3f} ms, 95% interval {p.lo / ratio:.3f}-"
+            f"{p.hi / ratio:.3f} ms, n={p.n} (order statistics)]")
 
 
 def hgrm(run: results.Run, folder, hist_names=None) -> list[Path]:

@@ -20,7 +20,8 @@ from html import escape
 from pathlib import Path
 
 from .. import results
-from ..report import fmt, plan_tables, spread_fraction, spread_text, summary_columns
+from ..report import (fmt, fmt_figure, percentile_of, plan_tables, spread_fraction, spread_text,
+                      summary_columns)
 from . import charts, speedups, variants
 
 CSS = """
@@ -98,6 +99,17 @@ def _description(scenario: str) -> str:
         return ""
 
 
+def _interval_tip(cell, col) -> str:
+    """A percentile cell's tooltip: its 95% interval and sample count (or too few)."""
+    p = percentile_of(cell, col.spec)
+    if p is None or p.value is None:
+        return ""
+    if not p.enough:
+        return f' title="{escape(p.too_few)}"'
+    lo, hi = fmt_figure(p.lo * col.scale), fmt_figure(p.hi * col.scale)
+    return f' title="95% interval {escape(lo)}-{escape(hi)} {escape(col.unit)}, n={p.n:,}"'
+
+
 def _tables(page: Page, scenario: str, cells) -> None:
     notes: dict[str, int] = {}
     ratios = speedups.ratios(scenario, cells)
@@ -113,9 +125,10 @@ def _tables(page: Page, scenario: str, cells) -> None:
         rows = []
         for c in plan.cells:
             tds = "".join(f"<td>{escape(fmt(c.params.get(k)))}</td>" for k in plan.params)
-            for figure, spread in plan.row(c):
+            for col, (figure, spread) in zip(plan.columns, plan.row(c)):
                 extra = f'<span class="spread">{escape(spread)}</span>' if spread else ""
-                tds += f'<td class="num">{escape(figure)}{extra}</td>'
+                tip = _interval_tip(c, col)
+                tds += f'<td class="num"{tip}>{escape(figure)}{extra}</td>'
             tds += "".join(f'<td class="num ratio">{escape(r.text(c))}</td>' for r in shown)
             status = escape(c.status)
             if c.reason:

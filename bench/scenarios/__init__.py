@@ -100,7 +100,7 @@ class Scenario:
         (:func:`bench.maxrate.search`: the latency percentile read from ``histogram``, the
         rate achieved and backlog growth from the outcome's metrics), reported with the
         confirmation's figures and histograms and every step tried."""
-        from .. import maxrate
+        from .. import maxrate, percentiles
 
         last: dict = {}
 
@@ -109,16 +109,18 @@ class Scenario:
             last.clear()
             last[rate] = outcome
             m = outcome.metrics
-            return maxrate.Step(rate, m["rate_achieved_per_s"],
-                                outcome.histograms[histogram].hist.get_value_at_percentile(
-                                    slo.percentile), m.get("backlog_growth_per_s"))
+            # the SLO percentile with its order-statistic interval: the step is decided by it
+            p = percentiles.estimate(outcome.histograms[histogram].hist,
+                                     {"slo": slo.percentile})["slo"]
+            return maxrate.Step(rate, m["rate_achieved_per_s"], p.value,
+                                m.get("backlog_growth_per_s"), n=p.n, lo_us=p.lo, hi_us=p.hi)
 
         result = maxrate.search(measure, slo, start=start, seconds=seconds)
         held = last.get(result.rate)
         metrics = dict(held.metrics) if held else {}
         metrics.update(result.metrics(slo))
-        notes = [f"max sustainable {result.rate:,.0f} {unit} with {slo.text} (confirmed by "
-                 f"holding it {seconds * maxrate.CONFIRM_FACTOR:g} s)"]
+        notes = [f"max sustainable {result.rate:,.0f} {unit} with {slo.text}: "
+                 f"{result.bracket} (confirmed by holding it {result.confirm_s or 0:g} s)"]
         if result.why:
             notes.append(result.why)
         return Outcome(metrics, held.histograms if held else {}, notes)
