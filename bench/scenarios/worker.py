@@ -50,11 +50,10 @@ What the cells show, and why (Celery 5.7, Kombu 5.7):
 """
 from __future__ import annotations
 
+import os
 from itertools import count
 
 import numpy as np
-
-import os
 
 from .. import brokers, maxrate, pacing, placement, recorder, waterfall, worker_stamps
 from . import Outcome, Scenario, Skip, _celery, register
