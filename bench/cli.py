@@ -164,6 +164,10 @@ def cli():
 @click.option("--start-cmd", metavar="CMD",
               help="faults: shell command run after --restart-cmd to bring the broker back "
                    "when --restart-cmd only stops it, e.g. 'rabbitmqctl start_app'.")
+@click.option("--cpus", metavar="ROLE=CPUS,...",
+              help="Pin the publisher, the harness's broker, the worker's main process and "
+                   "its pool children (roles publisher, broker, worker, pool), e.g. "
+                   "'publisher=0,worker=1,pool=1' (docs/latency.md: placement).")
 @click.option("--variant", "variants", multiple=True, metavar="NAME=SPEC",
               help="Measure every cell once per variant per round, counterbalanced (A B, "
                    "B A, ...): SPEC is here, git:REV, pip:REQ,REQ, python:PATH, "
@@ -172,8 +176,8 @@ def cli():
               help="Tables: each percentile's 95%% interval in a column of its own.")
 def run(scenarios, quick, transports, only, repeat, duration, messages, rate, warmup, timeout,
         serializers, payload_bytes, app, task, pool, concurrency, task_seconds, out, quiet,
-        rate_sweep, max_rate, slo, html, instructions, restart_cmd, start_cmd, variants=(),
-        verbose=False):
+        rate_sweep, max_rate, slo, html, instructions, restart_cmd, start_cmd, cpus=None,
+        variants=(), verbose=False):
     """Run SCENARIOS (default: all of them) and write a results file.
 
     Exits 1 when a cell failed or lost messages (unless its transport declares that loss
@@ -183,7 +187,7 @@ def run(scenarios, quick, transports, only, repeat, duration, messages, rate, wa
         _run(scenarios, quick, transports, only, repeat, duration, messages, rate, warmup,
              timeout, serializers, payload_bytes, app, task, pool, concurrency, task_seconds,
              out, quiet, rate_sweep, max_rate, slo, html, instructions, restart_cmd,
-             start_cmd, variants, started, verbose)
+             start_cmd, variants, started, verbose, cpus)
     except KeyboardInterrupt:
         # Before the runner wrote it (importing the scenarios takes seconds on a loaded
         # host), the file still says the run was interrupted: it exists from the first moment.
@@ -206,7 +210,7 @@ def run(scenarios, quick, transports, only, repeat, duration, messages, rate, wa
 def _run(scenarios, quick, transports, only, repeat, duration, messages, rate, warmup,
          timeout, serializers, payload_bytes, app, task, pool, concurrency, task_seconds,
          out, quiet, rate_sweep, max_rate, slo, html, instructions, restart_cmd, start_cmd,
-         variants, started, verbose=False):
+         variants, started, verbose=False, cpus=None):
     from . import brokers, report, runner
     from . import scenarios as registry
 
@@ -221,7 +225,7 @@ def _run(scenarios, quick, transports, only, repeat, duration, messages, rate, w
         pool=pool, concurrency=concurrency, task_seconds=task_seconds, app=app, task=task,
         payload_bytes=payload_bytes, serializers=tuple(serializers), out=out, quiet=quiet,
         instructions=instructions, rate_sweep=_sweep(rate_sweep), max_rate=max_rate,
-        slo=_slo(slo), restart_cmd=restart_cmd, start_cmd=start_cmd)
+        slo=_slo(slo), restart_cmd=restart_cmd, start_cmd=start_cmd, cpus=_cpus(cpus))
     if instructions:
         registry.get(runner.INSTRUCTIONS)
     if rate_sweep or max_rate:
@@ -291,6 +295,18 @@ def _sweep(text):
         return parse_sweep(text)
     except SpecError as exc:
         raise config.UsageError(f"--rate-sweep {exc}") from None
+
+
+def _cpus(text):
+    from .placement import parse_cpus
+
+    if text is None:
+        return None
+    try:
+        parse_cpus(text)
+    except ValueError as exc:
+        raise config.UsageError(f"--cpus {exc}") from None
+    return text
 
 
 def _slo(text):

@@ -61,6 +61,7 @@ class RunOptions:
     slo: str | None = None          # --slo: what a sustainable rate keeps (bench.maxrate)
     restart_cmd: str | None = None  # --restart-cmd: restarts a broker the harness did not start
     start_cmd: str | None = None    # --start-cmd: brings it back when --restart-cmd only stops it
+    cpus: str | None = None         # --cpus ROLE=CPUS,...: pinning (bench.placement)
     workdir: Path | None = None
 
     def names(self) -> tuple:

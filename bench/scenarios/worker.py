@@ -50,11 +50,12 @@ What the cells show, and why (Celery 5.7, Kombu 5.7):
 """
 from __future__ import annotations
 
+import os
 from itertools import count
 
 import numpy as np
 
-from .. import brokers, maxrate, pacing, recorder, waterfall, worker_stamps
+from .. import brokers, maxrate, pacing, placement, recorder, waterfall, worker_stamps
 from . import Outcome, Scenario, Skip, _celery, register
 from . import worker_rig
 from .worker_rig import TASK
@@ -145,6 +146,10 @@ class Worker(Scenario):
         self._runs = count(1)       # run ids tag each batch of tasks in the tick files
         # Throughput per (round, transport, pool, concurrency, tasks): x_<server>.
         self._rates: dict[tuple, float] = {}
+        # --cpus: this (publishing) process is pinned now, the others as they start.
+        self.placement = placement.Placement(
+            placement.parse_cpus(opts.cpus) if getattr(opts, "cpus", None) else {})
+        self.placement.pin("publisher", [os.getpid()])
 
     def _transports(self) -> list[str]:
         opts = self.opts
@@ -200,7 +205,9 @@ class Worker(Scenario):
         def open_rig():
             rig = worker_rig.open_rig(params, self.opts)
             try:
+                self.placement.pin_broker(str(rig.ticks.folder.parent))
                 worker_rig.start_worker(rig, params, self.opts)
+                self.placement.pin_worker(rig.procs[0].pid)
             except BaseException:
                 rig.close()
                 raise
@@ -235,12 +242,14 @@ class Worker(Scenario):
             # The backlog must be in place before a worker reads the queue: a fresh one.
             self.kept.close()
             rig = self.kept.rig = worker_rig.open_rig(params, opts)
+            self.placement.pin_broker(str(rig.ticks.folder.parent))
             warm_n = max(100, int(n * WARMUP_FRACTION))
             warm = next(self._runs)
             worker_rig.publish_all(rig, worker_rig.build_messages(rig.app, warm, warm_n))
             publish_rate = worker_rig.publish_all(rig, worker_rig.build_messages(rig.app, run, n))
             sent = None
             worker_rig.start_worker(rig, params, opts)
+            self.placement.pin_worker(rig.procs[0].pid)
             worker_rig.require_all(rig, warm, warm_n, opts, "warm-up tasks")
             rig.warm = True
         rows, why = worker_rig.collect(rig, run, n, opts, "tasks")
@@ -376,6 +385,7 @@ class Worker(Scenario):
         reason = _celery.unusable(params["transport"])
         if reason:
             raise Skip(reason)
+        before = placement.CpuSample()
         try:
             if mode == "throughput":
                 out = self._throughput(params)
@@ -386,6 +396,10 @@ class Worker(Scenario):
         except BaseException:
             self.kept.close()  # a failed or interrupted cell leaves no worker behind
             raise
+        # Where it ran and how busy the (shared) machine was meanwhile: per cell, per round.
+        out.metrics.update(placement.CpuSample().since(before))
+        out.metrics["placement"] = self.placement.record(
+            bool(brokers.info(params["transport"]).service))
         if self.kept.rig is not None and not self.kept.rig.clean:
             self.kept.close()
         return out
