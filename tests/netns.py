@@ -24,6 +24,7 @@ import atexit
 import os
 import re
 import secrets
+import select
 import shutil
 import signal
 import subprocess
@@ -62,6 +63,12 @@ def _private_tmp_script() -> str:
 
 class HostsUnavailable(Exception):
     """This machine cannot build the rig (not root, no iproute2, no namespaces)."""
+
+
+def _ready_line(proc: subprocess.Popen, timeout: float) -> str:
+    """The first line ``proc`` prints, or '' if none comes within ``timeout`` seconds."""
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    return proc.stdout.readline().strip() if ready else ""
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -195,9 +202,10 @@ class Hosts:
                 ["ip", "netns", "exec", ns, "unshare", "-m", "--propagation", "private",
                  "sh", "-c", _private_tmp_script()],
                 stdout=subprocess.PIPE, text=True, start_new_session=True)
-            line = host.holder.stdout.readline().strip()
+            line = _ready_line(host.holder, TIMEOUT)
             if line != "ready":
-                raise HostsUnavailable(f"host {role}: private /tmp could not be mounted")
+                raise HostsUnavailable(f"host {role}: private /tmp could not be mounted "
+                                     f"(holder said {line!r} in {TIMEOUT:g} s)")
 
     def __getitem__(self, role: str) -> Host:
         return self.hosts[role]

@@ -229,11 +229,14 @@ def test_a_worker_on_another_host_is_told_what_it_cannot_reach(tmp_path):
             if p.poll() is None:
                 p.kill()
                 p.wait(10)
-    text = worker_log.read_text()
-    assert codes == [0, 0], master_log.read_text()[-2000:] + text[-2000:]
-    assert "Traceback" not in text
-    assert text.count("this Locust worker is on another host than the master, and the "
-                      "broker (unix) lives in a folder of the master's host") == 1, text[-2000:]
+    text, master = worker_log.read_text(), master_log.read_text()
+    # the master refuses before any user spawns: one line, exit 2 (the worker just quits)
+    assert codes == [2, 0], master[-2000:] + text[-2000:]
+    assert "Traceback" not in text + master
+    lines = [x for x in master.splitlines() if "run on another host than the master, and the "
+             "broker (unix) lives in a folder of the master's host" in x]
+    assert len(lines) == 1 and "use --transport redis or amqp" in lines[0], master[-2000:]
+    assert '"sent_to_master": 0' in text
 
 
 # --------------------------------------------------------------------------- your app

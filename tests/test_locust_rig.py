@@ -283,4 +283,30 @@ def test_a_generator_clock_50_ms_ahead_is_measured_and_corrected(rig, tmp_path):
     # uncorrected, a task sent from gen1 and run on gen2 reads 50 ms too early (negative,
     # left out as invalid), one from gen2 run on gen1 50 ms too late
     assert wait.metrics["invalid"] == 0 and wait.metrics["requests"] > 0
-    assert wait.histograms["latency"]["p99"] < 40_000, wait.histograms["latency"]
+
+
+def test_a_holder_that_never_says_ready_times_out_and_leaves_nothing(can_rig, monkeypatch):
+    """The /tmp holder's 'ready' is waited for with a timeout; the half-built rig is removed."""
+    monkeypatch.setattr(netns, "TIMEOUT", 1.0)
+    monkeypatch.setattr(netns, "_private_tmp_script", lambda: "exec sleep infinity")
+    before = set(netns._namespaces())
+    with pytest.raises(netns.HostsUnavailable, match="private /tmp"):
+        netns.Hosts(["stuck"])
+    assert set(netns._namespaces()) == before
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    assert f"cb{os.getpid()}b" not in links
+
+
+def test_a_one_host_transport_with_remote_generators_is_refused_before_load(rig, tmp_path):
+    """unix lives in a folder on the master's host: generators on other hosts (their own boot
+    ids) get no load; the master says so in one line and exits 2."""
+    gen_env = {g: {"CELERY_BENCH_BOOT_ID": f"rig-{g}"} for g in ("gen1", "gen2")}
+    codes, logs = _locust_on_rig(rig, tmp_path, seconds=20, gen_env=gen_env,
+                                 master_args=("--transport", "unix", "--workers", 1))
+    text = _joined(logs)
+    assert codes["master"] == 2, (codes, text)
+    lines = [x for x in logs["master"].splitlines() if "on another host than the master" in x]
+    assert len(lines) == 1 and "--transport redis or amqp" in lines[0], text
+    assert "Traceback" not in logs["master"], text
+    assert _recorded(logs, ("gen1", "gen2")) == {}, text      # no generator made a request
+    assert (tmp_path / "r.json").read_text() == ""           # nothing was measured
