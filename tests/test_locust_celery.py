@@ -206,7 +206,7 @@ def test_master_and_two_workers_merge_exactly(tmp_path):
     assert not any(alive(pid) for pid in worker_pids(texts[0]))
 
 
-def test_a_worker_on_another_host_is_told_what_it_cannot_reach(tmp_path):
+def test_a_generator_on_another_host_is_refused_with_what_it_cannot_reach(tmp_path):
     port = free_port()
     master_log, worker_log = tmp_path / "master.log", tmp_path / "worker.log"
     procs = []
@@ -229,11 +229,12 @@ def test_a_worker_on_another_host_is_told_what_it_cannot_reach(tmp_path):
             if p.poll() is None:
                 p.kill()
                 p.wait(10)
-    text = worker_log.read_text()
-    assert codes == [0, 0], master_log.read_text()[-2000:] + text[-2000:]
-    assert "Traceback" not in text
-    assert text.count("this Locust worker is on another host than the master, and the "
-                      "broker (unix) lives in a folder of the master's host") == 1, text[-2000:]
+    text, master = worker_log.read_text(), master_log.read_text()
+    # the master refuses before any user spawns: exit 2, one line saying what to use instead
+    assert codes == [2, 0], master[-2000:] + text[-2000:]
+    assert "Traceback" not in text + master
+    assert master.count("run on another host than the master, and the broker (unix) lives "
+                        "in a folder of the master's host") == 1, master[-2000:]
 
 
 # --------------------------------------------------------------------------- your app
