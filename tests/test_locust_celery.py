@@ -206,7 +206,7 @@ def test_master_and_two_workers_merge_exactly(tmp_path):
     assert not any(alive(pid) for pid in worker_pids(texts[0]))
 
 
-def test_a_worker_on_another_host_is_told_what_it_cannot_reach(tmp_path):
+def test_a_generator_on_another_host_is_refused_with_what_it_cannot_reach(tmp_path):
     port = free_port()
     master_log, worker_log = tmp_path / "master.log", tmp_path / "worker.log"
     procs = []

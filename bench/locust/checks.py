@@ -3,8 +3,9 @@
 Judged by the master (or the single process) when Locust quits, from the exact
 figures: each operation's p99 from its HdrHistogram (in open loop, from the
 intended start: the latency a user at that arrival rate sees), and failed
-operations / operations, each publish, round trip or join counted once (Locust's
-own fail ratio counts every request row, and a round trip reports five). A failed
+operations / operations, each publish, round trip or join counted once (by its
+primary request, as Locust's own statistics count it; its stages are rows of the
+Book only). A failed
 check sets Locust's exit code to 3, as locust-plugins does; a run that measured
 nothing fails a check rather than passing it.
 """

@@ -53,15 +53,15 @@ def ticked(environment) -> list[str]:
     """The user classes the class picker starts ticked: those named on the command line or
     in locust.conf (all when none is), less those the chosen transport cannot run."""
     from .. import brokers, config
-    from . import options
+    from . import arguments
 
     names = [c.__name__ for c in environment.user_classes] or \
         sorted(environment.available_user_classes or ())
     classes = environment.available_user_classes or {}
-    if options.get(environment, "app", ""):
+    if arguments.get(environment, "app", ""):
         return names
     try:
-        in_process = not brokers.info(options.get(environment, "transport", "unix")) \
+        in_process = not brokers.info(arguments.get(environment, "transport", "unix")) \
             .cross_process
     except (config.UsageError, ImportError):
         return names
