@@ -93,6 +93,42 @@ class Scenario:
     def close(self) -> None:
         """Stop whatever the scenario kept across cells. Idempotent."""
 
+    # -- a cell's rate: read here only
+    def rate_cells(self, cell: dict) -> list[dict]:
+        """``cell`` as the rate cells --max-rate and --rate-sweep ask for: one search
+        (``rate=max`` with the run's ``slo``) and one held step per swept rate."""
+        from .. import maxrate
+
+        out = [{**cell, "rate": "max", "slo": self.opts.slo or maxrate.DEFAULT_SLO}] \
+            if self.opts.max_rate else []
+        return out + [{**cell, "rate": r} for r in self.opts.rate_sweep]
+
+    def cell_slo(self, params: dict):
+        """What a sustainable rate keeps in this cell: its own ``slo`` (a search cell),
+        else the run's --slo, else :data:`bench.maxrate.DEFAULT_SLO`."""
+        from .. import maxrate
+
+        return maxrate.SLO.parse(params.get("slo") or self.opts.slo or maxrate.DEFAULT_SLO)
+
+    def by_rate(self, params: dict, search, held, unrated) -> Outcome:
+        """The one dispatch on a cell's ``rate`` param: ``"max"`` is ``search(params)``
+        (the highest sustainable rate), a number ``held(rate)`` (one step of a sweep),
+        ``"-"`` or none ``unrated()`` (the scenario's own cell)."""
+        rate = params.get("rate", "-")
+        if rate == "max":
+            return search(params)
+        if rate not in ("-", None):
+            return held(float(rate))
+        return unrated()
+
+    def search_rate(self, params: dict, step, seconds: float, start: float,
+                    histogram: str = "from_intended", unit: str = "msg/s") -> Outcome:
+        """:meth:`max_rate` for a search cell: ``step(rate, hold, slo) -> Outcome``, held
+        ``seconds`` a step, climbing from the run's --rate or ``start``."""
+        slo = self.cell_slo(params)
+        return self.max_rate(lambda rate, hold: step(rate, hold, slo), slo,
+                             self.opts.rate or start, seconds, histogram, unit)
+
     # -- shared helpers
     def max_rate(self, once, slo, start: float, seconds: float, histogram: str,
                  unit: str = "msg/s") -> Outcome:

@@ -347,9 +347,7 @@ class Consume(Scenario):
                     continue
             except ImportError:
                 pass
-            if opts.max_rate:
-                rated.append({**c, "rate": "max", "slo": opts.slo or maxrate.DEFAULT_SLO})
-            rated += [{**c, "rate": r} for r in opts.rate_sweep]
+            rated += self.rate_cells(c)
         return rated
 
     def _ratio(self, metrics: dict, params) -> None:
@@ -366,21 +364,15 @@ class Consume(Scenario):
             metrics[f"x_{reference}"] = rate / self._reference_rates[key]
 
     def run_cell(self, params) -> Outcome:
-        rate = params.get("rate", "-")
-        if rate == "max":
-            return self._max_rate(params)
-        if rate not in ("-", None):
-            return self._once(params, float(rate), self.opts.duration or STEP_S)
-        return self._once(params, None, None)
+        step_s = self.opts.duration or STEP_S
+        return self.by_rate(
+            params,
+            search=lambda p: self.search_rate(
+                p, lambda rate, hold, slo: self._once(p, rate, hold, slo), step_s, START_RATE),
+            held=lambda rate: self._once(params, rate, step_s, self.cell_slo(params)),
+            unrated=lambda: self._once(params, None, None, None))   # closed loop
 
-    def _max_rate(self, params) -> Outcome:
-        """The highest rate a consumer here drains within the SLO (bench.maxrate)."""
-        slo = maxrate.SLO.parse(params["slo"])
-        return self.max_rate(lambda rate, hold: self._once(params, rate, hold, slo), slo,
-                             self.opts.rate or START_RATE, self.opts.duration or STEP_S,
-                             "from_intended")
-
-    def _once(self, params, rate, seconds, slo=None) -> Outcome:
+    def _once(self, params, rate, seconds, slo) -> Outcome:
         name = params["transport"]
         info = brokers.info(name)  # the runner skips a transport that does not load here
         if params["ack"] not in ("yes", "no"):
@@ -394,7 +386,6 @@ class Consume(Scenario):
             driver = kombu_driver.Publisher(target, unique_name(self.name), "held",
                                             params["serializer"], payload, self.opts.timeout)
             if rate:
-                slo = slo or maxrate.SLO.parse(self.opts.slo or maxrate.DEFAULT_SLO)
                 return _measure_paced(driver, target, max(1, round(rate * seconds)),
                                       params["ack"] == "yes", rate, seconds, self.opts,
                                       workdir, slo)

@@ -278,7 +278,8 @@ def _histograms(ts, sent: int, got: Received, rate) -> tuple[dict, str]:
 
 def _measure(driver, cross_process: bool, opts, workdir: Path, rate: float | None = None,
              duration: float | None = None, slo: maxrate.SLO | None = None) -> Outcome:
-    """One repeat of a cell: closed loop, or open loop at ``rate`` for ``duration`` s."""
+    """One repeat of a cell: closed loop, or open loop at ``rate`` for ``duration`` s
+    (``slo``: what the rate must keep, :meth:`Scenario.cell_slo`; needed with ``rate``)."""
     sizing = _sizing(opts)
     n, budget_ns = _plan(opts, sizing, rate, duration)
     warm_s = sizing.warmup if opts.warmup is None else opts.warmup
@@ -390,7 +391,6 @@ def _measure(driver, cross_process: bool, opts, workdir: Path, rate: float | Non
             done[seen] = ts.column("start")[seen] + got.e2e_ns[:sent][seen]
             metrics["backlog_growth_per_s"] = pacing.backlog_growth(
                 intended, done, int(intended[sent // 2]), int(ts.column("end")[-1]))
-        slo = slo or maxrate.SLO.parse(opts.slo or maxrate.DEFAULT_SLO)
         step = maxrate.judge(maxrate.Step(
             rate, rate_metrics["rate_achieved_per_s"],
             histograms["from_intended"].hist.get_value_at_percentile(slo.percentile),
@@ -472,14 +472,7 @@ class Publish(Scenario):
         opts = self.opts
         if not (opts.rate_sweep or opts.max_rate):
             return cells
-        out = []
-        for c in cells:
-            if c["api"] == "calibration":
-                continue
-            if opts.max_rate:
-                out.append({**c, "rate": "max", "slo": opts.slo or maxrate.DEFAULT_SLO})
-            out += [{**c, "rate": r} for r in opts.rate_sweep]
-        return out
+        return [r for c in cells if c["api"] != "calibration" for r in self.rate_cells(c)]
 
     def requires(self, params) -> set:
         if params["api"] in ("queue", "calibration") or params["transport"] == APP_TRANSPORT:
@@ -510,21 +503,16 @@ class Publish(Scenario):
         return Target.from_env(env, info)
 
     def run_cell(self, params) -> Outcome:
-        rate = params.get("rate", "-")
-        if rate == "max":
-            return self._max_rate(params)
-        if rate not in ("-", None):
-            return self._once(params, float(rate), self.opts.duration or STEP_S)
-        return self._once(params, self.opts.rate, None)
+        step_s = self.opts.duration or STEP_S
+        slo = self.cell_slo(params)
+        return self.by_rate(
+            params,
+            search=lambda p: self.search_rate(
+                p, lambda rate, hold, slo: self._once(p, rate, hold, slo), step_s, START_RATE),
+            held=lambda rate: self._once(params, rate, step_s, slo),
+            unrated=lambda: self._once(params, self.opts.rate, None, slo))   # --rate, if any
 
-    def _max_rate(self, params) -> Outcome:
-        """The highest rate this publisher sustains within the SLO (bench.maxrate)."""
-        slo = maxrate.SLO.parse(params["slo"])
-        return self.max_rate(lambda rate, hold: self._once(params, rate, hold, slo), slo,
-                             self.opts.rate or START_RATE, self.opts.duration or STEP_S,
-                             "from_intended")
-
-    def _once(self, params, rate, duration, slo=None) -> Outcome:
+    def _once(self, params, rate, duration, slo) -> Outcome:
         opts = self.opts
         payload = make_payload(int(params["payload_bytes"]))
         with self.cell_folder() as workdir, ExitStack() as stack:

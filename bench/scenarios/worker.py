@@ -389,10 +389,9 @@ class Worker(Scenario):
         try:
             if mode == "throughput":
                 out = self._throughput(params)
-            elif params["rate"] == "max":
-                out = self._max_rate(params)
             else:
-                out = self._latency(params)
+                out = self.by_rate(params, self._max_rate, lambda rate: self._latency(params),
+                                   lambda: self._latency(params))
         except BaseException:
             self.kept.close()  # a failed or interrupted cell leaves no worker behind
             raise
