@@ -17,6 +17,7 @@ Issue 15's proof, measured on this machine (docs/ab.md records the figures):
 
     .venv/bin/python tools/ab_sensitivity.py slow --runs 10 --rounds 12
     .venv/bin/python tools/ab_sensitivity.py aa --runs 10
+    .venv/bin/python tools/ab_sensitivity.py tally     # both again under other noise bands
 
 Prints one line per run and a summary; the results files stay in --dir.
 """
@@ -114,10 +115,13 @@ def bench(*args, env=None) -> subprocess.CompletedProcess:
                           env=dict(os.environ, **(env or {})))
 
 
-def rows(path: Path, metrics=None) -> list[tuple[str, compare.Comparison]]:
+def rows(path: Path, metrics=None, noise=None) -> list[tuple[str, compare.Comparison]]:
     """(cell key, comparison) of every ``--by variant`` row of the run."""
     out = []
-    for group in compare.compare_within(results.load(path), "variant", metrics=metrics):
+    run = results.load(path)
+    if not any("variant" in c.params for c in run.cells):
+        return out    # a run still starting, or one that measured nothing
+    for group in compare.compare_within(run, "variant", metrics=metrics, noise=noise):
         for _value, comparisons, _note in group.rows:
             out += [(group.scenario, c) for c in comparisons]
     return out
@@ -189,9 +193,77 @@ def aa(args) -> int:
     return 0
 
 
+def median_interval(ratios: list[float], confidence: float = 0.95):
+    """Distribution-free interval of the median per-round ratio (the sign test's order
+    statistics): one outlier round cannot widen it, as it widens a t-interval."""
+    from scipy.stats import binom
+
+    xs, n = sorted(ratios), len(ratios)
+    k = int(binom.ppf((1 - confidence) / 2, n, 0.5))   # P(X < k) <= alpha/2
+    while k > 0 and binom.cdf(k - 1, n, 0.5) > (1 - confidence) / 2:
+        k -= 1
+    if k < 1:
+        return None
+    return xs[k - 1], xs[n - k]
+
+
+def median_verdicts(path: Path, metrics=None, noise: float = compare.NOISE_WITHIN_RUN):
+    """Per (cell, metric): +1 above the band, -1 below, 0 neither, by :func:`median_interval`
+    (every default metric when ``metrics`` is None)."""
+    run = results.load(path)
+    out = []
+    if not any("variant" in c.params for c in run.cells):
+        return out
+    for group in compare.compare_within(run, "variant", metrics=metrics):
+        by_variant = {str(c.params["variant"]): c for c in run.cells
+                      if results.cell_key(c.scenario, {k: v for k, v in c.params.items()
+                                                       if k != "variant"}) ==
+                      results.cell_key(group.scenario, group.shared)}
+        ref = by_variant.get(group.reference)
+        for value, comps, _note in group.rows:
+            for c in comps or []:
+                base, new = compare.paired_values(ref, by_variant[value], c.metric)
+                ratios = [n / b for b, n in zip(base, new) if b > 0 and n > 0]
+                bounds = median_interval(ratios) if len(ratios) >= 6 else None
+                if bounds is None:
+                    continue
+                lo, hi = bounds
+                out.append((c.metric, 1 if lo > 1 + noise else -1 if hi < 1 / (1 + noise) else 0))
+    return out
+
+
+def tally(args) -> int:
+    """The runs in --dir judged again under other noise bands (0: p < 0.05 alone), to see
+    what limits the verdicts: the interval's width or the band it must clear."""
+    for noise in (None, 0.025, 0.0):
+        band = "default ±5%" if noise is None else f"±{noise:.1%}"
+        slow_runs = sorted(args.dir.glob("slow-*.json"))
+        hits = {"throughput_per_s": 0, "cpu_us_per_msg": 0}
+        for path in slow_runs:
+            for _k, c in rows(path, list(hits), noise):
+                hits[c.metric] += bool(c.significant and c.direction in ("slower", "higher"))
+        aa_runs = sorted(args.dir.glob("aa-*.json"))
+        judged = [c for path in aa_runs for _k, c in rows(path, noise=noise)
+                  if c.significant is not None]
+        same = sum(1 for c in judged if c.significant is False)
+        print(f"{band}: slow {len(slow_runs)} runs: throughput slower in "
+              f"{hits['throughput_per_s']}, CPU/msg higher in {hits['cpu_us_per_msg']}; "
+              f"A/A {len(aa_runs)} runs: {same}/{len(judged)} rows no significant difference")
+    hits = {"throughput_per_s": 0, "cpu_us_per_msg": 0}
+    for path in sorted(args.dir.glob("slow-*.json")):
+        for metric, sign in median_verdicts(path, list(hits)):
+            hits[metric] += (sign < 0) if metric == "throughput_per_s" else (sign > 0)
+    aa_signs = [sign for path in sorted(args.dir.glob("aa-*.json"))
+                for _m, sign in median_verdicts(path)]
+    print(f"median of per-round ratios, sign-test 95% interval, ±5%: throughput slower in "
+          f"{hits['throughput_per_s']}, CPU/msg higher in {hits['cpu_us_per_msg']}; A/A "
+          f"{aa_signs.count(0)}/{len(aa_signs)} rows within")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=("slow", "aa"))
+    parser.add_argument("what", choices=("slow", "aa", "tally"))
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=None,
                         help="paired rounds per run (slow: 12; aa: the gate's 5)")
@@ -205,7 +277,7 @@ def main() -> int:
     args.dir.mkdir(parents=True, exist_ok=True)
     if args.rounds is None:
         args.rounds = 12 if args.what == "slow" else 5
-    return slow(args) if args.what == "slow" else aa(args)
+    return {"slow": slow, "aa": aa, "tally": tally}[args.what](args)
 
 
 if __name__ == "__main__":
