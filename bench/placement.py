@@ -5,8 +5,10 @@ Roles: ``publisher`` (this, the measuring process), ``broker`` (a broker process
 harness started: the unix broker; Redis and RabbitMQ are shared services and are never
 pinned), ``worker`` (the Celery worker's main process) and ``pool`` (its pool
 children). CPUS is ``0``, ``0-1`` or ``0+2`` (CPUs this process may use). Pinning is
-``os.sched_setaffinity``. :class:`CpuSample` reads ``/proc/stat`` and ``/proc/loadavg``
-so each cell (each round) records the machine's busy and steal share while it ran.
+``os.sched_setaffinity``. :class:`CpuSample` reads ``/proc/stat`` so each cell (each
+round) records how busy the whole machine was while it ran (``cpu_busy_pct``: every
+process's share, others' jobs included), beside the 1-min load and steal share the
+runner records for every repeat (``loadavg_1m``, ``cpu_steal``).
 """
 from __future__ import annotations
 
@@ -123,7 +125,7 @@ class Placement:
 
 class CpuSample:
     """``/proc/stat``'s all-CPU counters at one moment; ``since(earlier)`` gives the busy
-    and steal shares (percent of all CPU time) between the two, and the 1-min load."""
+    share (percent of all CPU time, steal excluded) between the two."""
 
     def __init__(self):
         with open("/proc/stat") as fh:
@@ -135,11 +137,7 @@ class CpuSample:
 
     def since(self, earlier: "CpuSample") -> dict:
         span = self.total - earlier.total
-        with open("/proc/loadavg") as fh:
-            load = float(fh.read().split()[0])
         if span <= 0:
-            return {"load_1m": load}
+            return {}
         return {"cpu_busy_pct": 100.0 * (span - (self.idle - earlier.idle)
-                                         - (self.steal - earlier.steal)) / span,
-                "cpu_steal_pct": 100.0 * (self.steal - earlier.steal) / span,
-                "load_1m": load}
+                                         - (self.steal - earlier.steal)) / span}

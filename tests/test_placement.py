@@ -1,5 +1,5 @@
 """--cpus: what it accepts, what it refuses (one line each), pinning this process, and
-the machine's busy/steal share between two /proc/stat readings."""
+the machine's busy share between two /proc/stat readings."""
 import os
 
 import pytest
@@ -42,6 +42,6 @@ def test_cpu_sample_shares():
     a = placement.CpuSample()
     sum(range(200_000))
     out = placement.CpuSample().since(a)
-    assert "load_1m" in out
-    if "cpu_busy_pct" in out:
-        assert 0 <= out["cpu_busy_pct"] <= 100 and 0 <= out["cpu_steal_pct"] <= 100
+    assert set(out) <= {"cpu_busy_pct"}
+    if out:
+        assert 0 <= out["cpu_busy_pct"] <= 100

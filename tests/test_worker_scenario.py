@@ -126,7 +126,7 @@ def test_server_transport(tmp_path, need, monkeypatch, transport):
         rig = real(params, opts)
         queues.append(rig.queue)
         return rig
-    monkeypatch.setattr(scenario, "_open", recording_open)
+    monkeypatch.setattr(worker_rig, "open_rig", recording_open)
     run_ = run(tmp_path, transports=(transport,), messages=TASKS,
                only=(("pool", "prefork"), ("mode", "throughput")))
     (c,) = run_.cells
@@ -154,7 +154,7 @@ def test_a_worker_that_dies_fails_its_cell_with_its_log(tmp_path, monkeypatch):
     def start_then_kill(rig, params, opts):
         real(rig, params, opts)
         rig.procs[0].stop(timeout=0)  # SIGTERM then SIGKILL: the worker is gone
-    monkeypatch.setattr(scenario, "_start_worker", start_then_kill)
+    monkeypatch.setattr(worker_rig, "start_worker", start_then_kill)
     run_ = run(tmp_path, transports=("unix",), messages=TASKS,
                only=(("pool", "solo"), ("mode", "throughput")))
     (c,) = run_.cells
@@ -240,4 +240,33 @@ def test_waterfall_stages_add_up(tmp_path, need, transport, pool):
     # it up to the tick's own first reading (just after task_prerun).
     to_start = sum(m[f"waterfall.{s}.mean_us"] for s in waterfall.TO_START)
     assert to_start <= results.decode(h["publish_to_start"]).get_mean_value() * 1.01 + 5
+    assert_no_worker_left()
+
+
+def test_cpus_pins_the_worker_and_its_pool(tmp_path, monkeypatch):
+    """--cpus worker=C,pool=C: the worker's main process and every pool child are pinned
+    (os.sched_setaffinity on their pids), and the cell says where each role ran and how
+    busy the machine was."""
+    import os
+
+    from bench import placement
+
+    cpu = min(os.sched_getaffinity(0))
+    pinned = []
+    real = os.sched_setaffinity
+
+    def spy(pid, cpus):
+        pinned.append((pid, tuple(cpus)))
+        return real(pid, cpus)
+
+    monkeypatch.setattr(placement.os, "sched_setaffinity", spy)
+    run_ = run(tmp_path, transports=("unix",), rate=50.0, duration=0.5, warmup=0.1,
+               cpus=f"worker={cpu},pool={cpu}", only=(("pool", "prefork"), ("mode", "latency")))
+    (c,) = run_.cells
+    check_latency(c)
+    assert f"worker={cpu}" in c.metrics["placement"] and f"pool={cpu}" in c.metrics["placement"]
+    assert "publisher=any" in c.metrics["placement"]
+    assert len(pinned) == 3 and {cpus for _, cpus in pinned} == {(cpu,)}  # main + 2 children
+    assert "cpu_busy_pct" in c.metrics
+    assert all(r["loadavg_1m"] is not None for r in c.repeats)   # the runner's, per round
     assert_no_worker_left()
