@@ -7,6 +7,7 @@ Skipped with the reason where Chromium or playwright is missing, except with CI=
 import json
 import re
 import signal
+import socket
 import subprocess
 import time
 
@@ -28,6 +29,7 @@ def test_web_ui_tab_page_and_bad_choice(tmp_path, browser):  # noqa: F811
                                 env=locust_env())
     try:
         wait_for(log, "Starting web interface", proc=proc)
+        _listening(port, proc)                 # Locust logs that line before it binds
         url = f"http://127.0.0.1:{port}/"
         visit = browser.open(url, screenshot=tmp_path / "form.png")
         page = visit.page
@@ -100,6 +102,18 @@ def test_web_ui_tab_page_and_bad_choice(tmp_path, browser):  # noqa: F811
     assert not any(alive(p) for p in pids), PIDS.pattern
 
 
+def _listening(port, proc, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"Locust's web UI is not listening on {port}") from None
+            time.sleep(0.1)
+
+
 def _same_counts(page, port) -> None:
     """The tab's data (Locust's /stats/requests poll) and the page's stats.json read the same
     snapshot: fetched between two reads of one snapshot, the tab has its counts exactly."""
@@ -131,6 +145,7 @@ def test_class_picker_ticks_what_was_named_and_the_transport_runs(tmp_path, brow
                                 env=locust_env())
     try:
         wait_for(log, "Starting web interface", proc=proc)
+        _listening(port, proc)                 # Locust logs that line before it binds
         visit = browser.open(f"http://127.0.0.1:{port}/")
         page = visit.page
         page.wait_for_selector("form input[name=userCount]", timeout=30_000)
