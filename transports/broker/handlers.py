@@ -12,7 +12,8 @@ from ..protocol import (
     STATUS_OK, STATUS_PRECONDITION, TAG_FLAG, U8, U16, U32, ProtocolError, unpack_strs,
 )
 from .model import (
-    MAX_NAME, MSG_OVERHEAD, _MEMORY, Client, Consumer, Exchange, _ResourceLimit,
+    MAX_NAME, MSG_OVERHEAD, _MEMORY, Client, Consumer, Exchange, TopicPattern, _ResourceLimit,
+    is_wildcard,
 )
 
 
@@ -313,6 +314,16 @@ class Handlers:
         elif (exname, key) not in q.bindings:
             if self._name_error(client, chid, reqid, key):
                 return
+            wild = ex.type == b"topic" and key not in ex.patterns and is_wildcard(key)
+            if wild and len(ex.patterns) >= self.limits.max_topic_wildcards:
+                # Each is matched on every publish with a new key: bounded work per publish.
+                self._error(client, chid, reqid, STATUS_PRECONDITION,
+                            f"PRECONDITION_FAILED - exchange "
+                            f"{exname.decode(errors='replace')!r} has {len(ex.patterns)} "
+                            f"wildcard bindings (max_topic_wildcards="
+                            f"{self.limits.max_topic_wildcards}); bind without '*'/'#', or "
+                            "raise the broker's --max-topic-wildcards")
+                return
             try:
                 self._new_object("binding")
             except _ResourceLimit as exc:
@@ -320,6 +331,8 @@ class Handlers:
                 return
             q.bindings.add((exname, key))
             ex.bindings.setdefault(key, []).append(q)
+            if wild:
+                ex.patterns[key] = TopicPattern(key)
             self._forget_routes()
         self._reply(client, chid, reqid)
 

@@ -23,7 +23,8 @@ from ..protocol import (
 )
 from .model import (
     DEFAULT_COALESCE_S, FLUSH_CHUNK, HIGH_WATER, MAX_ACCEPT_PAUSE_S, READ_SIZE, REPLY_WATER,
-    SMALL_FRAME, SOCKET_BUFFER, TICK_S, TRIM_AFTER, _EMFILE, _HANG_UP, _IMMEDIATE, _RPC_OPS,
+    ROUTE_WORK_PER_TURN, SMALL_FRAME, SOCKET_BUFFER, TICK_S, TRIM_AFTER, _EMFILE, _HANG_UP,
+    _IMMEDIATE, _RPC_OPS,
     Client, Exchange, Limits, Queue, Routing, _unsent, log,
 )
 from .flow import FlowControl
@@ -62,6 +63,8 @@ class Broker(FlowControl, Handlers, Routing):
         self._cached_routes = 0          # entries in every Exchange.cache
         self._dirty_queues: set = set()
         self._dirty_clients: set = set()
+        self._unfinished: set = set()    # clients whose whole frames wait for the next turn
+        self.route_work = 0              # topic patterns matched this turn (Routing._route)
         self._blocked: set = set()       # clients whose held-back publish waits for room
         self._memory_waiters: set = set()  # clients whose big frame waits for max_memory
         self._freed = False              # room may have appeared this turn
@@ -152,17 +155,21 @@ class Broker(FlowControl, Handlers, Routing):
         monotonic = time.monotonic
         try:
             while not self._stopping:
-                for key, mask in select(TICK_S):
+                self.route_work = 0
+                for key, mask in select(0 if self._unfinished else TICK_S):
                     data = key.data
                     if data.__class__ is Client:
                         if data.closed:
                             continue
                         if mask & selectors.EVENT_WRITE:
                             self._flush(data)
-                        if mask & selectors.EVENT_READ and data.reading and not data.closed:
+                        if (mask & selectors.EVENT_READ and data.reading and not data.closed
+                                and data not in self._unfinished):  # read once caught up
                             self._on_readable(data)
                     else:
                         data(key.fileobj, mask)
+                if self._unfinished:
+                    self._continue_input()
                 self._now = now = monotonic()
                 self._settle()
                 if now >= self._next_tick:
@@ -396,6 +403,13 @@ class Broker(FlowControl, Handlers, Routing):
                         return
                     continue
                 handler(client, frame)
+                if self.route_work >= ROUTE_WORK_PER_TURN and i < len(frames):
+                    # Bounded work per turn: the rest waits for the next one, after the
+                    # other clients had theirs (a ping never waits behind a stream of
+                    # publishes each matched against every wildcard binding).
+                    reader.push_back(frames[i:])
+                    self._unfinished.add(client)
+                    return
             if client.reading:
                 self._reserve_next(client)
         except (FrameError, ProtocolError, struct.error, IndexError, UnicodeDecodeError,
@@ -405,6 +419,12 @@ class Broker(FlowControl, Handlers, Routing):
         except Exception:  # a bug must cost one client, never the broker
             log.exception("error handling %s; disconnecting it", client.name)
             self._drop(client, None)
+
+    def _continue_input(self):
+        clients, self._unfinished = self._unfinished, set()
+        for client in clients:
+            if not client.closed and client.reading:
+                self._take_input(client)
 
     def _update_events(self, client: Client):
         events = (selectors.EVENT_READ if client.reading else 0) | (

@@ -44,6 +44,11 @@ PIECE = 64
 FLUSH_CHUNK = 256 * 1024
 SOCKET_BUFFER = 1024 * 1024
 ROUTE_CACHE_MAX = 65536
+# Topic patterns matched per loop turn (a publish with a new key on a topic exchange
+# costs one per wildcard binding) before a client's remaining frames wait for the next
+# turn: 13-170 us each on a shared 2 vCPU host (2026-12-07), so a turn stays within
+# a few milliseconds (docs/transports.md).
+ROUTE_WORK_PER_TURN = 32
 ROUTE_KEY_CACHED = 255   # longer routing keys are routed but not cached
 MAX_NAME = 255           # AMQP's shortstr: queue, exchange and binding key names
 # What a held message costs beyond its payload (bytes object, tuple, deque slot or
@@ -83,6 +88,7 @@ class Limits:
     max_memory: int = 192 * 1024 * 1024           # every message held (big frames: + 1/4)
     max_connections: int = 256
     max_objects: int = 20_000                     # queues+exchanges+bindings+channels+consumers
+    max_topic_wildcards: int = 32                 # distinct '*'/'#' keys per topic exchange
     handshake_timeout: float = 5.0                # seconds to send a HELLO
     idle_timeout: float = 0.0                     # seconds without a frame; 0 = never
     frame_timeout: float = 10.0                   # seconds a big frame's reservation may
@@ -101,7 +107,7 @@ class Limits:
             raise ValueError(f"max_memory={self.max_memory} must be at least twice "
                              f"max_frame ({self.max_frame})")
         for name in ("max_queue_messages", "max_queue_bytes", "max_connections", "max_objects",
-                     "handshake_timeout", "send_timeout", "backlog"):
+                     "max_topic_wildcards", "handshake_timeout", "send_timeout", "backlog"):
             if not getattr(self, name):
                 raise ValueError(f"broker setting {name} must be > 0")
 
@@ -153,6 +159,11 @@ class TopicPattern:
         return bool(reach >> self.n & 1)
 
 
+def is_wildcard(key: bytes) -> bool:
+    """Whether binding ``key`` has a '*' or '#' word (else it matches only itself)."""
+    return any(w == b"*" or w == b"#" for w in key.split(b"."))
+
+
 def topic_matches(pattern: list[bytes], words: list[bytes]) -> bool:
     """Whether routing key ``words`` match binding ``pattern`` (AMQP's topic rules)."""
     return TopicPattern(b".".join(pattern)).matches(words)
@@ -190,7 +201,7 @@ class Exchange:
         self.name = name
         self.type = type
         self.bindings: dict = {}         # binding key -> [Queue]
-        self.patterns: dict = {}         # binding key -> TopicPattern (topic exchanges)
+        self.patterns: dict = {}         # wildcard binding key -> TopicPattern (topic only)
         self.cache: dict = {}            # routing key -> tuple of Queue (Broker._route)
 
 
@@ -370,15 +381,18 @@ class Routing:
                     seen[id(q)] = q
             found = tuple(seen.values())
         elif exchange.type == b"topic":
+            # A key without wildcards matches only itself: one look-up. Only the wildcard
+            # bindings (at most max_topic_wildcards per exchange) are matched one by one.
             words = rk.split(b".")
             seen = {}
-            patterns = exchange.patterns
-            for bkey, queues in exchange.bindings.items():
-                pattern = patterns.get(bkey)
-                if pattern is None:
-                    pattern = patterns[bkey] = TopicPattern(bkey)
+            bindings = exchange.bindings
+            if rk not in exchange.patterns:
+                for q in bindings.get(rk, ()):
+                    seen[id(q)] = q
+            self.route_work += len(exchange.patterns)
+            for bkey, pattern in exchange.patterns.items():
                 if pattern.matches(words):
-                    for q in queues:
+                    for q in bindings[bkey]:
                         seen[id(q)] = q
             found = tuple(seen.values())
         else:
