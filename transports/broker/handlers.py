@@ -53,6 +53,8 @@ class Handlers:
             self._drop(client, f"refused: {text.decode()}")
             return False
         client.greeted = True
+        if len(frame) >= 15:   # the client asks for heartbeats every N seconds (0 = none)
+            (client.heartbeat,) = U16.unpack_from(frame, 13)
         self._reply(client, chid, reqid, STATUS_OK,
                     HELLO_OK.pack(os.getpid(), self.limits.max_frame))
         return True
@@ -392,6 +394,9 @@ class Handlers:
         if ch is not None:
             self._requeue_unacked(ch)
         self._reply(client, chid, reqid)
+
+    def _on_heartbeat(self, client: Client, frame):
+        pass   # reading it is the point: client.last_in moved (Broker._housekeeping)
 
     def _on_ping(self, client: Client, frame):
         _, chid, reqid = RPC_HEAD.unpack_from(frame, 0)

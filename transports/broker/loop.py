@@ -20,6 +20,7 @@ from ..protocol import (
     OP_ACK, OP_CANCEL, OP_CHANNEL_CLOSE, OP_CONSUME, OP_EXCHANGE_DECLARE, OP_EXCHANGE_DELETE,
     OP_GET, OP_PING, OP_PUBLISH, OP_PUBLISH_CONFIRM, OP_QOS, OP_QUEUE_BIND, OP_QUEUE_DECLARE,
     OP_QUEUE_DELETE, OP_QUEUE_PURGE, OP_QUEUE_UNBIND, OP_RECOVER, OP_REJECT, ProtocolError,
+    OP_HEARTBEAT, HEAD, U32,
 )
 from .model import (
     DEFAULT_COALESCE_S, FLUSH_CHUNK, HIGH_WATER, MAX_ACCEPT_PAUSE_S, READ_SIZE, REPLY_WATER,
@@ -29,6 +30,9 @@ from .model import (
 )
 from .flow import FlowControl
 from .handlers import Handlers
+
+
+_HEARTBEAT = U32.pack(HEAD.size) + HEAD.pack(OP_HEARTBEAT, 0)
 
 
 def _libc_trim():
@@ -88,6 +92,7 @@ class Broker(FlowControl, Handlers, Routing):
             OP_QUEUE_UNBIND: self._on_queue_unbind, OP_QUEUE_PURGE: self._on_queue_purge,
             OP_QUEUE_DELETE: self._on_queue_delete, OP_GET: self._on_get,
             OP_RECOVER: self._on_recover, OP_PING: self._on_ping,
+            OP_HEARTBEAT: self._on_heartbeat,
         }
         self._client_seq = 0
         self._busy = False
@@ -245,6 +250,11 @@ class Broker(FlowControl, Handlers, Routing):
         limits = self.limits
         paused = []
         for client in list(self.clients.values()):
+            if client.heartbeat and now - client.hb_sent >= client.heartbeat / 2:
+                client.hb_sent = now   # so a client notices a hung broker
+                client.out.append(_HEARTBEAT)
+                client.outlen += len(_HEARTBEAT)
+                self._dirty_clients.add(client)
             if not client.greeted:
                 if now - client.since > limits.handshake_timeout:
                     self._drop(client, f"no HELLO within {limits.handshake_timeout:g}s; "
@@ -261,6 +271,13 @@ class Broker(FlowControl, Handlers, Routing):
                                    "closing it, the frame is dropped")
             elif not client.reading:
                 paused.append(client)
+            elif client.heartbeat and now - client.last_in > 2 * client.heartbeat:
+                # Stopped (SIGSTOP), hung or gone without closing: like py-amqp's
+                # heartbeat_check, two missed heartbeats and its messages go to others.
+                self._drop(client, f"sent nothing for {now - client.last_in:.1f}s, 2 "
+                                   f"heartbeats of {client.heartbeat}s; disconnecting it, its "
+                                   "unacknowledged messages go back to their queues")
+                continue
             elif (limits.idle_timeout and now - client.last_in > limits.idle_timeout
                   and not client.out):
                 self._drop(client, f"idle for {limits.idle_timeout:g}s (idle_timeout); "

@@ -13,11 +13,11 @@ from dataclasses import asdict, dataclass, fields
 from ..framing import FrameReader
 from ..protocol import (
     DEFAULT_MAX_FRAME, DELIVER_BODY_HEAD, DELIVER_HEAD, OP_ACK, OP_CONSUME, OP_DELIVER,
-    OP_EXCHANGE_DECLARE, OP_EXCHANGE_DELETE, OP_GET, OP_PING, OP_QOS, OP_QUEUE_BIND,
+    OP_EXCHANGE_DECLARE, OP_EXCHANGE_DELETE, OP_GET, OP_HEARTBEAT, OP_PING, OP_QOS,
+    OP_QUEUE_BIND,
     OP_QUEUE_DECLARE, OP_QUEUE_DELETE, OP_QUEUE_PURGE, OP_QUEUE_UNBIND, OP_RECOVER, OP_REJECT,
     ProtocolError,
 )
-
 
 log = logging.getLogger("transports.broker")
 
@@ -67,7 +67,7 @@ DEFAULT_COALESCE_S = 200e-6
 
 # Frames that run even while a client's other frames are held back: they only free
 # resources (credit, unacked messages), and holding them could deadlock a consumer.
-_IMMEDIATE = frozenset((OP_ACK, OP_REJECT, OP_QOS))
+_IMMEDIATE = frozenset((OP_ACK, OP_REJECT, OP_QOS, OP_HEARTBEAT))
 _RPC_OPS = frozenset((OP_CONSUME, OP_EXCHANGE_DECLARE, OP_EXCHANGE_DELETE, OP_QUEUE_DECLARE,
                       OP_QUEUE_BIND, OP_QUEUE_UNBIND, OP_QUEUE_PURGE, OP_QUEUE_DELETE, OP_GET,
                       OP_RECOVER, OP_PING))
@@ -228,7 +228,7 @@ class Client:
     __slots__ = ("sock", "fd", "reader", "channels", "out", "outlen", "events", "reading",
                  "throttled", "greeted", "closed", "name", "parked", "parked_bytes",
                  "parked_pub", "rsv_reader", "rsv_parked", "held_out", "blocked", "flow_sent",
-                 "waiting_memory", "since", "last_in", "stalled_at")
+                 "waiting_memory", "since", "last_in", "stalled_at", "heartbeat", "hb_sent")
 
     def __init__(self, sock, name, now, max_frame):
         self.sock = sock
@@ -255,6 +255,8 @@ class Client:
         self.since = now
         self.last_in = now
         self.stalled_at = 0.0            # output pending without progress since (0 = none)
+        self.heartbeat = 0               # seconds the client asked for in its HELLO (0 = off)
+        self.hb_sent = now               # when the broker last sent it a HEARTBEAT
 
 
 def _unsent(client: Client) -> int:
