@@ -30,7 +30,6 @@ from functools import lru_cache
 
 import numpy as np
 from hdrh.histogram import HdrHistogram
-from scipy.stats import binom
 
 CONFIDENCE = 0.95
 # The percentiles the results file records: name -> percent.
@@ -46,6 +45,8 @@ def ranks(n: int, pct: float, confidence: float = CONFIDENCE) -> tuple[int, int]
     p, tail = pct / 100.0, (1.0 - confidence) / 2.0
     if p >= 1.0:
         return None                      # p100 (the maximum) has no upper bound from a sample
+    from scipy.stats import binom   # on first use: seconds to import on a loaded host
+
     lo = int(binom.ppf(tail, n, p))
     hi = int(binom.ppf(1.0 - tail, n, p)) + 1
     if lo < 1 or hi > n:

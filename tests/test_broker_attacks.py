@@ -14,6 +14,7 @@ import socket
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -434,20 +435,10 @@ def _recv_exactly(sock, n) -> bytes:
 
 
 @pytest.mark.timeout(120)
-def test_hash_bindings_and_a_64k_key_never_stall_a_concurrent_ping(start):
-    """25 topic bindings of 126 '#' each, then publishes with 65,533-byte keys (a raw
-    client: ours refuses such a key) and with ever-new 255-byte keys: a ping on another
-    connection answers within 50 ms throughout (a bounded-work guarantee, generous)."""
-    b = start()
-    name = qname("topic")
-    exchange = Exchange(name, type="topic")
-    pattern = ".".join(["#"] * 126)
-    with Connection(b.url) as conn:
-        for k in range(25):
-            Queue(f"{name}-{k}", exchange, routing_key=pattern)(conn.default_channel).declare()
-        with pytest.raises(conn.channel_errors, match="at most 255 bytes"):
-            Producer(conn).publish("x", exchange=exchange, routing_key="w." * 200)
-    pinger = connect_raw(b.path)
+@contextmanager
+def ping_probe(path):
+    """A raw connection pinging every 2 ms in a thread; yields [worst round trip, s]."""
+    pinger = connect_raw(path)
     pinger.sendall(hello())
     _recv_exactly(pinger, 20)
     worst, stop = [0.0], threading.Event()
@@ -464,6 +455,27 @@ def test_hash_bindings_and_a_64k_key_never_stall_a_concurrent_ping(start):
     thread = threading.Thread(target=ping, daemon=True)
     thread.start()
     try:
+        yield worst
+    finally:
+        stop.set()
+        thread.join(WAIT_S)
+        pinger.close()
+
+
+def test_hash_bindings_and_a_64k_key_never_stall_a_concurrent_ping(start):
+    """25 topic bindings of 126 '#' each, then publishes with 65,533-byte keys (a raw
+    client: ours refuses such a key) and with ever-new 255-byte keys: a ping on another
+    connection answers within 50 ms throughout (a bounded-work guarantee, generous)."""
+    b = start()
+    name = qname("topic")
+    exchange = Exchange(name, type="topic")
+    pattern = ".".join(["#"] * 126)
+    with Connection(b.url) as conn:
+        for k in range(25):
+            Queue(f"{name}-{k}", exchange, routing_key=pattern)(conn.default_channel).declare()
+        with pytest.raises(conn.channel_errors, match="at most 255 bytes"):
+            Producer(conn).publish("x", exchange=exchange, routing_key="w." * 200)
+    with ping_probe(b.path) as worst:
         attacker = connect_raw(b.path)
         attacker.sendall(hello())
         _recv_exactly(attacker, 20)
@@ -481,8 +493,43 @@ def test_hash_bindings_and_a_64k_key_never_stall_a_concurrent_ping(start):
                 producer.publish("x", exchange=exchange,
                                  routing_key=(f"{i}." + "w." * 127)[:255])
             conn.default_channel.basic_qos(0, 1, False)  # a round trip: all routed
-    finally:
-        stop.set()
-        thread.join(WAIT_S)
+    assert b.alive()
+    assert worst[0] < 0.050, f"a ping waited {worst[0] * 1000:.1f} ms"
+
+
+def test_topic_matching_per_publish_is_bounded_whatever_the_bindings(start):
+    """The whole wildcard budget of a topic exchange (max_topic_wildcards distinct keys
+    of the costliest shape, '#.w' x 62 then a word no key has: matched to the last word)
+    beside thousands of literal bindings: publishes with ever-new 255-byte keys keep a
+    concurrent ping within 50 ms (literal keys are one look-up, not matched one by one).
+    One more wildcard binding is refused, naming the limit; a literal one is still taken
+    and routes."""
+    b = start()
+    limit = unix_broker.Limits().max_topic_wildcards
+    name = qname("topic")
+    exchange = Exchange(name, type="topic")
+    costly = ".".join(["#", "w"] * 62)
+    with Connection(b.url) as conn:
+        ch = conn.default_channel
+        for k in range(limit):
+            Queue(f"{name}-{k}", exchange, routing_key=f"{costly}.#.z{k}")(ch).declare()
+        literal = Queue(f"{name}-literal", exchange, routing_key="plain.key")
+        literal(ch).declare()
+        for k in range(3000):
+            ch.queue_bind(literal.name, exchange=name, routing_key=f"plain.{k}")
+        with pytest.raises(conn.channel_errors, match="max_topic_wildcards"):
+            ch.queue_bind(literal.name, exchange=name, routing_key="more.#")
+        ch.queue_bind(literal.name, exchange=name, routing_key="plain.extra")
+    with ping_probe(b.path) as worst:
+        with Connection(b.url) as conn:
+            producer = Producer(conn)
+            for i in range(200):   # each key new: no cached route
+                producer.publish("x", exchange=exchange,
+                                 routing_key=(f"{i}." + "w." * 127)[:255])
+            producer.publish("y", exchange=exchange, routing_key="plain.extra")
+            conn.default_channel.basic_qos(0, 1, False)  # a round trip: all routed
+            ch = conn.default_channel
+            assert ch.queue_declare(literal.name, passive=True).message_count == 1
+            assert ch.queue_declare(f"{name}-0", passive=True).message_count == 0
     assert b.alive()
     assert worst[0] < 0.050, f"a ping waited {worst[0] * 1000:.1f} ms"

@@ -480,3 +480,84 @@ def test_memory_comes_back_after_a_purge(start):
         assert peak > 60 * MiB
         assert bound.purge() == 60_000
         wait_until(lambda: rss(b) - base < 16 * MiB, what="the purged memory to come back")
+
+
+# -- heartbeats ---------------------------------------------------------------------------
+
+_STOPPED_CONSUMER = r"""
+import sys, time
+from kombu import Connection, Consumer, Exchange, Queue
+import transports
+url, name = sys.argv[1], sys.argv[2]
+q = Queue(name, Exchange(name, "direct"), routing_key=name)
+got = []
+with Connection(url, heartbeat=1) as conn:
+    with Consumer(conn, [q], callbacks=[lambda b, m: got.append(b)], prefetch_count=10):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                conn.drain_events(timeout=0.1)
+            except TimeoutError:
+                pass
+            conn.heartbeat_check()
+            if len(got) == 10:
+                print("holding 10", flush=True)
+                got.append(None)
+"""
+
+
+def test_a_stopped_consumers_unacked_messages_reach_another_within_the_heartbeat_bound(
+        start):
+    """A consumer that asked for 1 s heartbeats holds 10 unacked messages, then is
+    SIGSTOPped: its socket stays open, but two missed heartbeats later the broker drops
+    it and another consumer gets the 10, redelivered (py-amqp's heartbeat semantics)."""
+    import signal
+    import subprocess
+    import sys
+
+    b = start()
+    q = direct()
+    with Connection(b.url) as conn:
+        producer = Producer(conn)
+        for i in range(10):
+            producer.publish({"i": i}, exchange=q.exchange, routing_key=q.routing_key,
+                             declare=[q] if not i else [])
+    child = subprocess.Popen([sys.executable, "-c", _STOPPED_CONSUMER, b.url, q.name],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "holding 10"
+        os.kill(child.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        got = []
+        with Connection(b.url) as conn:
+            with Consumer(conn, [q], callbacks=[lambda body, m: (got.append(
+                    (body["i"], m.delivery_info["redelivered"])), m.ack())]):
+                # The bound: 2 heartbeats (2 s) + the broker's 0.25 s tick, generously.
+                drain_until(conn, lambda: len(got) == 10, timeout=2 * 1 + 3.0)
+        assert sorted(got) == [(i, True) for i in range(10)]
+        assert time.monotonic() - stopped < 5.0
+        wait_until(lambda: "2 heartbeats of 1s" in b.log_tail(), what="the broker's log line")
+    finally:
+        os.kill(child.pid, signal.SIGCONT)
+        child.kill()
+        child.wait(WAIT_S)
+
+
+def test_a_client_notices_a_stopped_broker_within_two_heartbeats(start):
+    """The broker SIGSTOPped: heartbeat_check raises a connection error once two
+    heartbeat intervals passed with nothing from it."""
+    import signal
+
+    b = start()
+    with Connection(b.url, heartbeat=1) as conn:
+        conn.connect()
+        conn.default_channel.basic_qos(0, 1, False)
+        os.kill(b.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(conn.connection_errors, match="no heartbeat from the broker"):
+                deadline = time.monotonic() + WAIT_S
+                while time.monotonic() < deadline:
+                    conn.heartbeat_check()
+                    time.sleep(0.1)
+        finally:
+            os.kill(b.pid, signal.SIGCONT)

@@ -31,16 +31,29 @@ def test_an_interrupt_before_the_runner_starts_leaves_a_results_file(monkeypatch
                                                                      capsys):
     """Ctrl-C while `celery-bench run` is still importing and checking (before the runner
     wrote anything): exit 130, and the file exists and says it was interrupted."""
-    from bench import cli
+    from bench import cli, cli_params
 
     out = tmp_path / "r.json"
 
-    def interrupted(path, what):
+    def interrupted(path, what, folder=False):
         raise KeyboardInterrupt
-    monkeypatch.setattr(cli, "_check_writable", interrupted)
+    monkeypatch.setattr(cli_params, "check_writable", interrupted)
     with pytest.raises(SystemExit) as exit_:
         cli.main(["run", "publish", "--quick", "--out", str(out)])
     assert exit_.value.code == cli.EXIT_INTERRUPTED
     data = json.loads(out.read_text())
     assert data["environment"]["interrupted"] is True and data["cells"] == []
     assert f"results so far written to {out}" in capsys.readouterr().err
+
+
+def test_the_command_starts_without_importing_scipy():
+    """scipy.stats takes seconds to import on a loaded host, and a Ctrl-C before
+    `celery-bench run` is imported cannot leave a results file: it is imported on use."""
+    import subprocess
+    import sys
+
+    probe = subprocess.run([sys.executable, "-c", "import sys, bench.cli; "
+                            "print(sorted(m for m in sys.modules if m.startswith('scipy')))"],
+                           capture_output=True, text=True, timeout=60)
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.strip() == "[]"

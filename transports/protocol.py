@@ -11,7 +11,7 @@ Both sides import this module and nothing of each other. Every frame is
       CHANNEL_CLOSE
     client -> broker, answered by REPLY with the same reqid:
       op channel reqid:u32 args   (strings are u16 length + UTF-8)
-      HELLO            "CBUX" version:u16          -> pid:u32 max_frame:u32
+      HELLO            "CBUX" version:u16 [heartbeat:u16 s] -> pid:u32 max_frame:u32
       PUBLISH_CONFIRM  exlen:u16 exchange rklen:u16 routing_key message
                        -> answered once the broker holds the message
       QUEUE_DECLARE    flags:u8 name [max_messages:u32 max_bytes:u64]  (0 = broker default)
@@ -20,6 +20,8 @@ Both sides import this module and nothing of each other. Every frame is
       DELIVER  consumer_id:u32 tag:u64 redelivered:u8 message
       FLOW     blocked:u8 text        (channel 0: why publishing is held back, or that it
                                        no longer is; the client reads it while blocked)
+    either way, no reply: HEARTBEAT (only after a HELLO that asked for heartbeats: each
+      side sends one every heartbeat/2 s; silent for 2 x heartbeat = gone)
 
 ``message`` is ``framing.encode_message`` output, carried untouched.
 """
@@ -52,6 +54,7 @@ OP_RECOVER = 16
 OP_CHANNEL_CLOSE = 17
 OP_PING = 18
 OP_PUBLISH_CONFIRM = 19
+OP_HEARTBEAT = 20
 # broker -> client
 OP_REPLY = 100
 OP_DELIVER = 101

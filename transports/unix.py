@@ -109,7 +109,7 @@ class Transport(WireClient, virtual.Transport):
         asynchronous=True,
         batch_publish=True,
         exchange_type=frozenset(["direct", "topic", "fanout"]),
-        heartbeats=False,
+        heartbeats=True,
     )
 
     connection_errors = virtual.Transport.connection_errors + (OSError,)
@@ -123,6 +123,8 @@ class Transport(WireClient, virtual.Transport):
         self.publish_timeout = float(opts.get("publish_timeout", DEFAULT_PUBLISH_TIMEOUT))
         self.confirm_publish = bool(opts.get("confirm_publish", False))
         self.read_size = int(opts.get("read_size", DEFAULT_READ_SIZE))
+        # Connection(heartbeat=N): both sides send one every N/2 s (heartbeat_check).
+        self.heartbeat = float(getattr(client, "heartbeat", 0) or 0)
         self.write_buffer = bool(opts.get("write_buffer", False)) and not self.confirm_publish
         self.write_buffer_size = int(opts.get("write_buffer_size", DEFAULT_WRITE_BUFFER_SIZE))
         self.write_buffer_interval = float(

@@ -50,6 +50,8 @@ _HEAD_LEN = proto.U32.unpack_from
 _OP_DELIVER = proto.OP_DELIVER
 _OP_REPLY = proto.OP_REPLY
 _OP_FLOW = proto.OP_FLOW
+_OP_HEARTBEAT = proto.OP_HEARTBEAT
+_HEARTBEAT = proto.U32.pack(proto.HEAD.size) + proto.HEAD.pack(proto.OP_HEARTBEAT, 0)
 _POLLIN = select.POLLIN | select.POLLERR | select.POLLHUP
 _POLLOUT = select.POLLOUT | select.POLLERR | select.POLLHUP
 
@@ -89,6 +91,23 @@ class WireClient:
 
     _loop = None
     _wake_w = None
+    heartbeat = 0.0          # seconds between heartbeats asked of the broker (0 = off)
+    _last_recv = _hb_sent = 0.0
+
+    def heartbeat_check(self, connection=None, rate=2):
+        """As py-amqp's: send a heartbeat when due, and report a broker silent for two
+        heartbeat intervals as a lost connection (it is hung, stopped or gone)."""
+        if not self.heartbeat or self._sock is None:
+            return
+        now = monotonic()
+        if now - self._last_recv > 2 * self.heartbeat:
+            self._read(0)   # what may be waiting unread
+            if monotonic() - self._last_recv > 2 * self.heartbeat:
+                self._broken(f"no heartbeat from the broker for "
+                             f"{now - self._last_recv:.1f}s (heartbeat={self.heartbeat:g}s)")
+        if now - self._hb_sent >= self.heartbeat / 2:
+            self._hb_sent = now
+            self._send_now(_HEARTBEAT)
 
     def _connect(self):
         timeout = self.client.connect_timeout or self.rpc_timeout
@@ -119,6 +138,9 @@ class WireClient:
         # answer is checked when it arrives, before anything that follows it.
         self._hello = next(self._reqids)
         body = proto.MAGIC + _U16(proto.PROTOCOL_VERSION)
+        if self.heartbeat:   # ask the broker to expect (and send) heartbeats
+            body += _U16(max(1, min(0xFFFF, int(self.heartbeat + 0.5))))
+        self._last_recv = self._hb_sent = monotonic()
         self._write(_U32(7 + len(body)) + _RPC_HEAD(proto.OP_HELLO, 0, self._hello) + body)
 
     def _open_socket(self, timeout: float) -> socket.socket:
@@ -384,6 +406,7 @@ class WireClient:
             self._broken("the broker closed the connection"
                          + (f" ({self._flow})" if self._flow else ""))
         reader = self._reader
+        self._last_recv = monotonic()
         reader.feed(data)
         pending = self._pending
         try:
@@ -400,6 +423,8 @@ class WireClient:
                     self._on_hello(frame)
                 else:
                     self._replies[reqid] = frame
+            elif op == _OP_HEARTBEAT:
+                pass   # the broker is alive: _last_recv moved
             elif op == _OP_FLOW and len(frame) >= 4:
                 self._flow = bytes(frame[4:]).decode("utf-8", "replace") if frame[3] else ""
             else:

@@ -12,7 +12,8 @@ from ..protocol import (
     STATUS_OK, STATUS_PRECONDITION, TAG_FLAG, U8, U16, U32, ProtocolError, unpack_strs,
 )
 from .model import (
-    MAX_NAME, MSG_OVERHEAD, _MEMORY, Client, Consumer, Exchange, _ResourceLimit,
+    MAX_NAME, MSG_OVERHEAD, _MEMORY, Client, Consumer, Exchange, TopicPattern, _ResourceLimit,
+    is_wildcard,
 )
 
 
@@ -52,6 +53,8 @@ class Handlers:
             self._drop(client, f"refused: {text.decode()}")
             return False
         client.greeted = True
+        if len(frame) >= 15:   # the client asks for heartbeats every N seconds (0 = none)
+            (client.heartbeat,) = U16.unpack_from(frame, 13)
         self._reply(client, chid, reqid, STATUS_OK,
                     HELLO_OK.pack(os.getpid(), self.limits.max_frame))
         return True
@@ -313,6 +316,16 @@ class Handlers:
         elif (exname, key) not in q.bindings:
             if self._name_error(client, chid, reqid, key):
                 return
+            wild = ex.type == b"topic" and key not in ex.patterns and is_wildcard(key)
+            if wild and len(ex.patterns) >= self.limits.max_topic_wildcards:
+                # Each is matched on every publish with a new key: bounded work per publish.
+                self._error(client, chid, reqid, STATUS_PRECONDITION,
+                            f"PRECONDITION_FAILED - exchange "
+                            f"{exname.decode(errors='replace')!r} has {len(ex.patterns)} "
+                            f"wildcard bindings (max_topic_wildcards="
+                            f"{self.limits.max_topic_wildcards}); bind without '*'/'#', or "
+                            "raise the broker's --max-topic-wildcards")
+                return
             try:
                 self._new_object("binding")
             except _ResourceLimit as exc:
@@ -320,6 +333,8 @@ class Handlers:
                 return
             q.bindings.add((exname, key))
             ex.bindings.setdefault(key, []).append(q)
+            if wild:
+                ex.patterns[key] = TopicPattern(key)
             self._forget_routes()
         self._reply(client, chid, reqid)
 
@@ -379,6 +394,9 @@ class Handlers:
         if ch is not None:
             self._requeue_unacked(ch)
         self._reply(client, chid, reqid)
+
+    def _on_heartbeat(self, client: Client, frame):
+        pass   # reading it is the point: client.last_in moved (Broker._housekeeping)
 
     def _on_ping(self, client: Client, frame):
         _, chid, reqid = RPC_HEAD.unpack_from(frame, 0)

@@ -170,6 +170,8 @@ def _cli(argv=None, prog: str = "python -m transports.broker") -> int:
         "max_memory": "bytes of messages held in all before every publisher waits",
         "max_connections": "connections served at once; more wait in the listen backlog",
         "max_objects": "queues + exchanges + bindings + channels + consumers",
+        "max_topic_wildcards": "bindings with '*' or '#' per topic exchange (each is matched "
+                               "on every publish with a new routing key)",
         "handshake_timeout": "seconds a new connection has to send its HELLO",
         "idle_timeout": "close a connection silent this long, seconds (0 = never)",
         "frame_timeout": "close a connection whose half-sent big frame (holding its share of "

@@ -20,14 +20,19 @@ from ..protocol import (
     OP_ACK, OP_CANCEL, OP_CHANNEL_CLOSE, OP_CONSUME, OP_EXCHANGE_DECLARE, OP_EXCHANGE_DELETE,
     OP_GET, OP_PING, OP_PUBLISH, OP_PUBLISH_CONFIRM, OP_QOS, OP_QUEUE_BIND, OP_QUEUE_DECLARE,
     OP_QUEUE_DELETE, OP_QUEUE_PURGE, OP_QUEUE_UNBIND, OP_RECOVER, OP_REJECT, ProtocolError,
+    OP_HEARTBEAT, HEAD, U32,
 )
 from .model import (
     DEFAULT_COALESCE_S, FLUSH_CHUNK, HIGH_WATER, MAX_ACCEPT_PAUSE_S, READ_SIZE, REPLY_WATER,
-    SMALL_FRAME, SOCKET_BUFFER, TICK_S, TRIM_AFTER, _EMFILE, _HANG_UP, _IMMEDIATE, _RPC_OPS,
+    ROUTE_WORK_PER_TURN, SMALL_FRAME, SOCKET_BUFFER, TICK_S, TRIM_AFTER, _EMFILE, _HANG_UP,
+    _IMMEDIATE, _RPC_OPS,
     Client, Exchange, Limits, Queue, Routing, _unsent, log,
 )
 from .flow import FlowControl
 from .handlers import Handlers
+
+
+_HEARTBEAT = U32.pack(HEAD.size) + HEAD.pack(OP_HEARTBEAT, 0)
 
 
 def _libc_trim():
@@ -62,6 +67,8 @@ class Broker(FlowControl, Handlers, Routing):
         self._cached_routes = 0          # entries in every Exchange.cache
         self._dirty_queues: set = set()
         self._dirty_clients: set = set()
+        self._unfinished: set = set()    # clients whose whole frames wait for the next turn
+        self.route_work = 0              # topic patterns matched this turn (Routing._route)
         self._blocked: set = set()       # clients whose held-back publish waits for room
         self._memory_waiters: set = set()  # clients whose big frame waits for max_memory
         self._freed = False              # room may have appeared this turn
@@ -85,6 +92,7 @@ class Broker(FlowControl, Handlers, Routing):
             OP_QUEUE_UNBIND: self._on_queue_unbind, OP_QUEUE_PURGE: self._on_queue_purge,
             OP_QUEUE_DELETE: self._on_queue_delete, OP_GET: self._on_get,
             OP_RECOVER: self._on_recover, OP_PING: self._on_ping,
+            OP_HEARTBEAT: self._on_heartbeat,
         }
         self._client_seq = 0
         self._busy = False
@@ -152,17 +160,21 @@ class Broker(FlowControl, Handlers, Routing):
         monotonic = time.monotonic
         try:
             while not self._stopping:
-                for key, mask in select(TICK_S):
+                self.route_work = 0
+                for key, mask in select(0 if self._unfinished else TICK_S):
                     data = key.data
                     if data.__class__ is Client:
                         if data.closed:
                             continue
                         if mask & selectors.EVENT_WRITE:
                             self._flush(data)
-                        if mask & selectors.EVENT_READ and data.reading and not data.closed:
+                        if (mask & selectors.EVENT_READ and data.reading and not data.closed
+                                and data not in self._unfinished):  # read once caught up
                             self._on_readable(data)
                     else:
                         data(key.fileobj, mask)
+                if self._unfinished:
+                    self._continue_input()
                 self._now = now = monotonic()
                 self._settle()
                 if now >= self._next_tick:
@@ -238,6 +250,11 @@ class Broker(FlowControl, Handlers, Routing):
         limits = self.limits
         paused = []
         for client in list(self.clients.values()):
+            if client.heartbeat and now - client.hb_sent >= client.heartbeat / 2:
+                client.hb_sent = now   # so a client notices a hung broker
+                client.out.append(_HEARTBEAT)
+                client.outlen += len(_HEARTBEAT)
+                self._dirty_clients.add(client)
             if not client.greeted:
                 if now - client.since > limits.handshake_timeout:
                     self._drop(client, f"no HELLO within {limits.handshake_timeout:g}s; "
@@ -254,6 +271,13 @@ class Broker(FlowControl, Handlers, Routing):
                                    "closing it, the frame is dropped")
             elif not client.reading:
                 paused.append(client)
+            elif client.heartbeat and now - client.last_in > 2 * client.heartbeat:
+                # Stopped (SIGSTOP), hung or gone without closing: like py-amqp's
+                # heartbeat_check, two missed heartbeats and its messages go to others.
+                self._drop(client, f"sent nothing for {now - client.last_in:.1f}s, 2 "
+                                   f"heartbeats of {client.heartbeat}s; disconnecting it, its "
+                                   "unacknowledged messages go back to their queues")
+                continue
             elif (limits.idle_timeout and now - client.last_in > limits.idle_timeout
                   and not client.out):
                 self._drop(client, f"idle for {limits.idle_timeout:g}s (idle_timeout); "
@@ -396,6 +420,13 @@ class Broker(FlowControl, Handlers, Routing):
                         return
                     continue
                 handler(client, frame)
+                if self.route_work >= ROUTE_WORK_PER_TURN and i < len(frames):
+                    # Bounded work per turn: the rest waits for the next one, after the
+                    # other clients had theirs (a ping never waits behind a stream of
+                    # publishes each matched against every wildcard binding).
+                    reader.push_back(frames[i:])
+                    self._unfinished.add(client)
+                    return
             if client.reading:
                 self._reserve_next(client)
         except (FrameError, ProtocolError, struct.error, IndexError, UnicodeDecodeError,
@@ -405,6 +436,12 @@ class Broker(FlowControl, Handlers, Routing):
         except Exception:  # a bug must cost one client, never the broker
             log.exception("error handling %s; disconnecting it", client.name)
             self._drop(client, None)
+
+    def _continue_input(self):
+        clients, self._unfinished = self._unfinished, set()
+        for client in clients:
+            if not client.closed and client.reading:
+                self._take_input(client)
 
     def _update_events(self, client: Client):
         events = (selectors.EVENT_READ if client.reading else 0) | (

@@ -13,11 +13,11 @@ from dataclasses import asdict, dataclass, fields
 from ..framing import FrameReader
 from ..protocol import (
     DEFAULT_MAX_FRAME, DELIVER_BODY_HEAD, DELIVER_HEAD, OP_ACK, OP_CONSUME, OP_DELIVER,
-    OP_EXCHANGE_DECLARE, OP_EXCHANGE_DELETE, OP_GET, OP_PING, OP_QOS, OP_QUEUE_BIND,
+    OP_EXCHANGE_DECLARE, OP_EXCHANGE_DELETE, OP_GET, OP_HEARTBEAT, OP_PING, OP_QOS,
+    OP_QUEUE_BIND,
     OP_QUEUE_DECLARE, OP_QUEUE_DELETE, OP_QUEUE_PURGE, OP_QUEUE_UNBIND, OP_RECOVER, OP_REJECT,
     ProtocolError,
 )
-
 
 log = logging.getLogger("transports.broker")
 
@@ -44,6 +44,11 @@ PIECE = 64
 FLUSH_CHUNK = 256 * 1024
 SOCKET_BUFFER = 1024 * 1024
 ROUTE_CACHE_MAX = 65536
+# Topic patterns matched per loop turn (a publish with a new key on a topic exchange
+# costs one per wildcard binding) before a client's remaining frames wait for the next
+# turn: 13-170 us each on a shared 2 vCPU host (2026-12-07), so a turn stays within
+# a few milliseconds (docs/transports.md).
+ROUTE_WORK_PER_TURN = 32
 ROUTE_KEY_CACHED = 255   # longer routing keys are routed but not cached
 MAX_NAME = 255           # AMQP's shortstr: queue, exchange and binding key names
 # What a held message costs beyond its payload (bytes object, tuple, deque slot or
@@ -62,7 +67,7 @@ DEFAULT_COALESCE_S = 200e-6
 
 # Frames that run even while a client's other frames are held back: they only free
 # resources (credit, unacked messages), and holding them could deadlock a consumer.
-_IMMEDIATE = frozenset((OP_ACK, OP_REJECT, OP_QOS))
+_IMMEDIATE = frozenset((OP_ACK, OP_REJECT, OP_QOS, OP_HEARTBEAT))
 _RPC_OPS = frozenset((OP_CONSUME, OP_EXCHANGE_DECLARE, OP_EXCHANGE_DELETE, OP_QUEUE_DECLARE,
                       OP_QUEUE_BIND, OP_QUEUE_UNBIND, OP_QUEUE_PURGE, OP_QUEUE_DELETE, OP_GET,
                       OP_RECOVER, OP_PING))
@@ -83,6 +88,7 @@ class Limits:
     max_memory: int = 192 * 1024 * 1024           # every message held (big frames: + 1/4)
     max_connections: int = 256
     max_objects: int = 20_000                     # queues+exchanges+bindings+channels+consumers
+    max_topic_wildcards: int = 32                 # distinct '*'/'#' keys per topic exchange
     handshake_timeout: float = 5.0                # seconds to send a HELLO
     idle_timeout: float = 0.0                     # seconds without a frame; 0 = never
     frame_timeout: float = 10.0                   # seconds a big frame's reservation may
@@ -101,7 +107,7 @@ class Limits:
             raise ValueError(f"max_memory={self.max_memory} must be at least twice "
                              f"max_frame ({self.max_frame})")
         for name in ("max_queue_messages", "max_queue_bytes", "max_connections", "max_objects",
-                     "handshake_timeout", "send_timeout", "backlog"):
+                     "max_topic_wildcards", "handshake_timeout", "send_timeout", "backlog"):
             if not getattr(self, name):
                 raise ValueError(f"broker setting {name} must be > 0")
 
@@ -153,6 +159,11 @@ class TopicPattern:
         return bool(reach >> self.n & 1)
 
 
+def is_wildcard(key: bytes) -> bool:
+    """Whether binding ``key`` has a '*' or '#' word (else it matches only itself)."""
+    return any(w == b"*" or w == b"#" for w in key.split(b"."))
+
+
 def topic_matches(pattern: list[bytes], words: list[bytes]) -> bool:
     """Whether routing key ``words`` match binding ``pattern`` (AMQP's topic rules)."""
     return TopicPattern(b".".join(pattern)).matches(words)
@@ -190,7 +201,7 @@ class Exchange:
         self.name = name
         self.type = type
         self.bindings: dict = {}         # binding key -> [Queue]
-        self.patterns: dict = {}         # binding key -> TopicPattern (topic exchanges)
+        self.patterns: dict = {}         # wildcard binding key -> TopicPattern (topic only)
         self.cache: dict = {}            # routing key -> tuple of Queue (Broker._route)
 
 
@@ -217,7 +228,7 @@ class Client:
     __slots__ = ("sock", "fd", "reader", "channels", "out", "outlen", "events", "reading",
                  "throttled", "greeted", "closed", "name", "parked", "parked_bytes",
                  "parked_pub", "rsv_reader", "rsv_parked", "held_out", "blocked", "flow_sent",
-                 "waiting_memory", "since", "last_in", "stalled_at")
+                 "waiting_memory", "since", "last_in", "stalled_at", "heartbeat", "hb_sent")
 
     def __init__(self, sock, name, now, max_frame):
         self.sock = sock
@@ -244,6 +255,8 @@ class Client:
         self.since = now
         self.last_in = now
         self.stalled_at = 0.0            # output pending without progress since (0 = none)
+        self.heartbeat = 0               # seconds the client asked for in its HELLO (0 = off)
+        self.hb_sent = now               # when the broker last sent it a HEARTBEAT
 
 
 def _unsent(client: Client) -> int:
@@ -370,15 +383,18 @@ class Routing:
                     seen[id(q)] = q
             found = tuple(seen.values())
         elif exchange.type == b"topic":
+            # A key without wildcards matches only itself: one look-up. Only the wildcard
+            # bindings (at most max_topic_wildcards per exchange) are matched one by one.
             words = rk.split(b".")
             seen = {}
-            patterns = exchange.patterns
-            for bkey, queues in exchange.bindings.items():
-                pattern = patterns.get(bkey)
-                if pattern is None:
-                    pattern = patterns[bkey] = TopicPattern(bkey)
+            bindings = exchange.bindings
+            if rk not in exchange.patterns:
+                for q in bindings.get(rk, ()):
+                    seen[id(q)] = q
+            self.route_work += len(exchange.patterns)
+            for bkey, pattern in exchange.patterns.items():
                 if pattern.matches(words):
-                    for q in queues:
+                    for q in bindings[bkey]:
                         seen[id(q)] = q
             found = tuple(seen.values())
         else:
