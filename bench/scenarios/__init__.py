@@ -155,8 +155,10 @@ class Scenario:
         held = last.get(result.rate)
         metrics = dict(held.metrics) if held else {}
         metrics.update(result.metrics(slo))
+        held_for = f" (confirmed by holding it {result.confirm_s:g} s)" \
+            if result.confirm_s else ""
         notes = [f"max sustainable {result.rate:,.0f} {unit} with {slo.text}: "
-                 f"{result.bracket} (confirmed by holding it {result.confirm_s or 0:g} s)"]
+                 f"{result.bracket}{held_for}"]
         if result.why:
             notes.append(result.why)
         return Outcome(metrics, held.histograms if held else {}, notes)
