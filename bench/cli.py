@@ -103,20 +103,15 @@ def cli():
                    "conf:KEY=VALUE,... or env:KEY=VALUE,... (docs/ab.md). Twice at least.")
 @click.option("--verbose", "-v", is_flag=True,
               help="Tables: each percentile's 95% interval in a column of its own.")
-def run(scenarios, quick, transports, only, repeat, duration, messages, rate, warmup, timeout,
-        serializers, payload_bytes, app, task, pool, concurrency, task_seconds, out, quiet,
-        rate_sweep, max_rate, slo, html, instructions, restart_cmd, start_cmd, cpus=None,
-        variants=(), verbose=False):
+def run(html, variants=(), verbose=False, **given):
     """Run SCENARIOS (default: all of them) and write a results file.
 
     Exits 1 when a cell failed or lost messages (unless its transport declares that loss
     as a known behaviour), naming them."""
     started = time.time()
+    out = given["out"]
     try:
-        _run(scenarios, quick, transports, only, repeat, duration, messages, rate, warmup,
-             timeout, serializers, payload_bytes, app, task, pool, concurrency, task_seconds,
-             out, quiet, rate_sweep, max_rate, slo, html, instructions, restart_cmd,
-             start_cmd, variants, started, verbose, cpus)
+        _run(html, variants, verbose, started, given)
     except KeyboardInterrupt:
         # Before the runner wrote it (importing the scenarios takes seconds on a loaded
         # host), the file still says the run was interrupted: it exists from the first moment.
@@ -136,37 +131,33 @@ def run(scenarios, quick, transports, only, repeat, duration, messages, rate, wa
         sys.exit(EXIT_INTERRUPTED)
 
 
-def _run(scenarios, quick, transports, only, repeat, duration, messages, rate, warmup,
-         timeout, serializers, payload_bytes, app, task, pool, concurrency, task_seconds,
-         out, quiet, rate_sweep, max_rate, slo, html, instructions, restart_cmd, start_cmd,
-         variants, started, verbose=False, cpus=None):
+def _run(html, variants, verbose, started, given):
     from . import brokers, report, runner
     from . import scenarios as registry
 
-    for name in transports:
+    for name in given["transports"]:
         brokers.info(name)  # validates the name: one line, exit 2
-    for name in scenarios:
+    for name in given["scenarios"]:
         registry.get(name)  # one line, exit 2
-    opts = runner.RunOptions(
-        scenarios=tuple(scenarios), quick=quick,
-        transports=tuple(transports), only=runner.parse_only(only), repeat=repeat,
-        duration=duration, rate=rate, messages=messages, warmup=warmup, timeout=timeout,
-        pool=pool, concurrency=concurrency, task_seconds=task_seconds, app=app, task=task,
-        payload_bytes=payload_bytes, serializers=tuple(serializers), out=out, quiet=quiet,
-        instructions=instructions, rate_sweep=cli_params.sweep(rate_sweep), max_rate=max_rate,
-        slo=cli_params.slo(slo), restart_cmd=restart_cmd, start_cmd=start_cmd,
-        cpus=cli_params.cpus(cpus))
-    if instructions:
+    # Every other option of `run` is a RunOptions field of the same name (test_cli checks).
+    opts = runner.RunOptions(**{
+        **given, "scenarios": tuple(given["scenarios"]),
+        "transports": tuple(given["transports"]), "only": runner.parse_only(given["only"]),
+        "serializers": tuple(given["serializers"]),
+        "rate_sweep": cli_params.sweep(given["rate_sweep"]), "slo": cli_params.slo(given["slo"]),
+        "cpus": cli_params.cpus(given["cpus"])})
+    if opts.instructions:
         registry.get(runner.INSTRUCTIONS)
-    if rate_sweep or max_rate:
-        flag = "--rate-sweep" if rate_sweep else "--max-rate"
-        unrated = [n for n in scenarios if not registry.get(n).rated]
+    if opts.rate_sweep or opts.max_rate:
+        flag = "--rate-sweep" if opts.rate_sweep else "--max-rate"
+        unrated = [n for n in opts.scenarios if not registry.get(n).rated]
         if unrated:
             rated = [n for n in registry.names() if registry.get(n).rated]
             raise config.UsageError(f"{flag}: scenario {unrated[0]!r} has no rate cells; "
                                     f"use it with {', '.join(rated)}")
-    if task and not app:
+    if opts.task and not opts.app:
         raise config.UsageError("--task needs --app MODULE:APP (the app that defines it)")
+    out = opts.out
     cli_params.check_writable(out, "--out")
     if variants:
         from .variants import run as variant_run
@@ -178,7 +169,7 @@ def _run(scenarios, quick, transports, only, repeat, duration, messages, rate, w
 
     from .progress import Progress
 
-    progress = Progress(quiet=quiet)
+    progress = Progress(quiet=opts.quiet)
 
     def on_start(total):
         if not total:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from . import cli_params, config
+from . import cli_params, config, gate_spec
 
 
 @click.command()
@@ -154,7 +154,7 @@ def gate(path, spec, baseline, missing, write_baseline, budget, across_versions,
         return
     if not path:
         raise config.UsageError("gate needs RESULTS (a results file), or --against REV")
-    spec_ = gates.load_spec(spec or gates.default_spec_path())
+    spec_ = gate_spec.load_spec(spec or gate_spec.default_spec_path())
     if summary_path and summary_path != "-":
         cli_params.check_writable(summary_path, "--summary")
     run_ = cli_params.load(path, results)

@@ -152,3 +152,17 @@ def test_report_formats(cli_run, tmp_path):
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     _one_line_error(cli_run("report", "r.json", "--format", "png", "--hist", "nope"),
                     "no recorded histogram")
+
+
+def test_every_run_option_is_a_run_options_field():
+    """`run`'s options reach RunOptions by name (one declaration each beside its click
+    option): a new option without a field, or a field without an option, fails here."""
+    import dataclasses
+
+    from bench.cli import run
+    from bench.runner import RunOptions
+
+    options = {p.name for p in run.params} - {"html", "variants", "redis_url", "amqp_url",
+                                              "postgres_url"}
+    fields = {f.name for f in dataclasses.fields(RunOptions)} - {"workdir"}
+    assert options == fields

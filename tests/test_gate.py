@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import gate, results
+from bench import gate, gate_spec, results
 
 from factory import cell, write
 
@@ -34,7 +34,7 @@ def _run(per_call=600.0, held=1000.0, p99_us=100.0, redis="skipped"):
 def _spec(tmp_path, body, name="gates.toml"):
     path = tmp_path / name
     path.write_text(textwrap.dedent(body))
-    return gate.load_spec(path)
+    return gate_spec.load_spec(path)
 
 
 RATIO = """
@@ -169,7 +169,7 @@ def test_baseline_rules_with_tolerance(tmp_path):
     ("publish[a=b] x ~ 1", "cannot read"),
 ])
 def test_bad_checks(tmp_path, check, words):
-    with pytest.raises(gate.SpecError) as err:
+    with pytest.raises(gate_spec.SpecError) as err:
         _spec(tmp_path, f'[[gate]]\ncheck = "{check}"\n')
     assert words in str(err.value) and "rule 1" in str(err.value)
     assert "\n" not in str(err.value)
@@ -185,7 +185,7 @@ def test_bad_checks(tmp_path, check, words):
     ("[[gate]]\ncheck = \"a[] x >= 1\"\nexact = 1\n", "exact must be true or false"),
 ])
 def test_bad_spec_files(tmp_path, body, words):
-    with pytest.raises(gate.SpecError) as err:
+    with pytest.raises(gate_spec.SpecError) as err:
         _spec(tmp_path, body)
     assert words in str(err.value)
 
@@ -193,13 +193,13 @@ def test_bad_spec_files(tmp_path, body, words):
 def test_json_spec(tmp_path):
     path = tmp_path / "gates.json"
     path.write_text('{"gate": [{"check": "publish[api=queue] throughput_per_s >= 1000"}]}')
-    spec = gate.load_spec(path)
+    spec = gate_spec.load_spec(path)
     run = results.load(write(tmp_path / "run.json", *_run()))
     assert [v.status for v in gate.run_gates(spec, run)] == ["PASS"]
 
 
 def test_committed_spec_parses():
-    spec = gate.load_spec(ROOT / "results" / "baselines" / "gates.toml")
+    spec = gate_spec.load_spec(ROOT / "results" / "baselines" / "gates.toml")
     assert spec.rules and all(r.check for r in spec.rules)
 
 

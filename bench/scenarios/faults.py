@@ -51,23 +51,8 @@ when a worker starts; a cell may carry ``visibility_timeout`` (seconds) to see
 them come back.
 
 ``lost`` > 0 makes the cell ``lost``: the fault's doing (early ack, a broker
-without persistence, a pipe), counted, never hidden. What the cells show here
-(Celery 5.7, Kombu 5.7; README "What happens to my tasks when something dies"):
-
-- early ack + worker-kill loses the running tasks on every transport; acks_late
-  gets them back at once on amqp and unix, and on redis only after the
-  visibility timeout (pending, ``returns_after_s`` 3,600).
-- redis loses a task published within a few ms of the kill even with acks_late:
-  Redis serves a BRPOP to a client that died until it sees the disconnect, and
-  Kombu records a message as unacked only after BRPOP returned.
-- fifo: what the killed worker had read is lost; a warm shutdown lets the queue go,
-  so publishes during it are refused (NoConsumerError), but what is in the worker's
-  pipe at SIGTERM is lost: ~1 task for this scenario's paced publisher, the pipe's
-  contents (~1,000 tasks at 1 MiB) for a backlogged stream (docs/transports.md).
-- a connection lost with acks_late tasks in flight crashes the worker on redis
-  (Kombu's ``restore_unacked`` on close: AttributeError ``hostname``); on unix it
-  is a connection error Celery logs and reconnects from; acks_late tasks that
-  finish after a connection drop run twice on amqp, redis and unix.
+without persistence, a pipe), counted, never hidden. What the cells show (Celery 5.7,
+Kombu 5.7, with machine and date): docs/faults.md.
 
 One injection per cell: with ``--quick`` and no ``--repeat`` the runner's three
 interleaved rounds are skipped (no ratios between cells to pair); ``--repeat N``
@@ -75,8 +60,6 @@ injects N times and adds the counts up.
 """
 from __future__ import annotations
 
-import os
-import threading
 import time
 import uuid
 from contextlib import ExitStack
@@ -86,11 +69,13 @@ from pathlib import Path
 import numpy as np
 from kombu import Queue
 
-from .. import brokers, celery_workers, children, config, injection, pacing, recorder
+from .. import brokers, celery_workers, children, config, injection, recorder
 from ..cleanup import delete_queues
 from ..celery_app import make_app
 from ..tasks import spans as work
 from . import Outcome, Scenario, Skip, _celery, register
+from ._fault_account import account
+from ._fault_stream import Publisher, Runs, task_index
 
 FAULTS = ("worker-kill", "warm-shutdown", "broker-restart", "connection-drop")
 WORKER_FAULTS = ("worker-kill", "warm-shutdown")
@@ -144,84 +129,8 @@ def _cell(transport: str, acks_late: bool, fault: str) -> dict:
 def _owned_restart(transport: str) -> bool:
     """Does the harness start this transport's broker itself (so it may restart it)? The
     embedded ones (their environment says how, ``BrokerEnv.restart``), and those this
-    scenario runs on a private server (:func:`bench.faults.private_server`)."""
+    scenario runs on a private server (:func:`bench.injection.private_server`)."""
     return injection.runs_privately(transport) or brokers.info(transport).service is None
-
-
-# --------------------------------------------------------------------------- records
-class _Runs:
-    """What ``bench.faults.work`` wrote: ``<folder>/<gen>/<pid>.bin``, one folder per worker."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-
-    def read(self) -> np.ndarray:
-        """Rows (gen, index, start_ns, end_ns); end_ns 0 = started, not finished."""
-        size = work.RECORD.size
-        parts = []
-        for gen_dir in sorted(self.folder.iterdir()) if self.folder.exists() else ():
-            if not gen_dir.is_dir():
-                continue
-            gen = int(gen_dir.name)
-            for entry in os.scandir(gen_dir):
-                if not entry.name.endswith(".bin"):
-                    continue
-                with open(entry.path, "rb") as fh:
-                    data = fh.read()
-                data = data[:len(data) // size * size]
-                if not data:
-                    continue
-                rows = np.frombuffer(data, dtype="<i8").reshape(-1, 3)
-                parts.append(np.column_stack([np.full(len(rows), gen, dtype=np.int64), rows]))
-        return np.concatenate(parts) if parts else np.empty((0, 4), dtype=np.int64)
-
-
-# --------------------------------------------------------------------------- publisher
-class _Publisher(threading.Thread):
-    """``send_task`` on an open-loop schedule, in a thread, before, during and after the
-    fault. Records each task's intended time and when its call started and returned,
-    whether it raised, and the first error of each kind."""
-
-    def __init__(self, app, queue: str, tag: str, n: int, rate: float, task_s: float):
-        super().__init__(name="faults-publisher", daemon=True)
-        self.app, self.queue, self.tag = app, queue, tag
-        self.n, self.rate, self.task_s = n, rate, task_s
-        self.pacer = pacing.Pacer(rate)
-        self.intended = np.zeros(n, dtype=np.int64)
-        self.called = np.zeros(n, dtype=np.int64)
-        self.returned = np.zeros(n, dtype=np.int64)
-        self.ok = np.zeros(n, dtype=bool)
-        self.attempted = 0
-        self.errors: dict[str, tuple[int, str]] = {}   # kind -> (count, first message)
-        self._halt = threading.Event()
-
-    def start_at(self, t0: int) -> None:
-        self.pacer.start(t0)
-        self.start()
-
-    def run(self) -> None:
-        now = recorder.now_ns
-        send = self.app.send_task
-        for i in range(self.n):
-            if self._halt.is_set():
-                break
-            self.intended[i] = self.pacer.wait(i)
-            self.called[i] = now()
-            try:
-                send(TASK, args=(i, self.task_s), queue=self.queue, task_id=f"{self.tag}.{i}",
-                     ignore_result=True)
-                self.ok[i] = True
-            except Exception as exc:  # the publisher's errors are what the cell reports
-                kind = type(exc).__name__
-                count, first = self.errors.get(kind, (0, f"{kind}: {exc}"))
-                self.errors[kind] = (count + 1, first)
-            self.returned[i] = now()
-            self.attempted = i + 1
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._halt.set()
-        if self.is_alive():
-            self.join(timeout)
 
 
 # --------------------------------------------------------------------------- one cell's rig
@@ -236,7 +145,7 @@ class _FaultCell:
     queue: str = ""
     tag: str = ""
     conf: dict = field(default_factory=dict)
-    runs: _Runs = None
+    runs: Runs = None
     procs: dict = field(default_factory=dict)   # gen -> Worker
     live: object = None                          # the worker that should be running
     exits: list = field(default_factory=list)    # workers that exited by themselves
@@ -244,12 +153,6 @@ class _FaultCell:
     @property
     def transport(self) -> str:
         return self.params["transport"]
-
-
-def _task_index(task_id) -> int | None:
-    """Our tasks' ids are ``<tag>.<index>``; None for anything else (warm-up, strangers)."""
-    head, _, tail = str(task_id).rpartition(".")
-    return int(tail) if head and tail.isdigit() else None
 
 
 @register
@@ -345,7 +248,7 @@ class Faults(Scenario):
         rig.app = make_app(rig.env.url, None, rig.env.transport_options, **rig.conf)
         stack.callback(rig.app.close)
         stack.callback(delete_queues, rig.env, [rig.queue])
-        rig.runs = _Runs(folder / "runs")
+        rig.runs = Runs(folder / "runs")
         rig.runs.folder.mkdir(mode=0o700)
         return rig
 
@@ -478,7 +381,7 @@ class Faults(Scenario):
             return
         self._start_worker(rig, max(rig.procs) + 1)
 
-    def _recovered(self, rig: _FaultCell, pub: _Publisher, rows, t_fault: int) -> int | None:
+    def _recovered(self, rig: _FaultCell, pub: Publisher, rows, t_fault: int) -> int | None:
         """When a worker first started a task it received after the fault (ns), or None:
         a replacement worker's first task (worker faults), else the first start of a task
         published after the fault."""
@@ -490,7 +393,7 @@ class Faults(Scenario):
             after = rows[np.isin(rows[:, 1], fresh) & (rows[:, 2] >= t_fault)]
         return int(after[:, 2].min()) if len(after) else None
 
-    def _publish_through(self, rig: _FaultCell, pub: _Publisher, t_fault: int,
+    def _publish_through(self, rig: _FaultCell, pub: Publisher, t_fault: int,
                          stream_end: int) -> None:
         """Keep publishing to the end of the stream, and past it until a task received
         after the fault has run for TAIL_S (at most MAX_AFTER_S after the fault)."""
@@ -507,7 +410,7 @@ class Faults(Scenario):
             time.sleep(POLL_S)
         pub.stop()
 
-    def _observe(self, rig: _FaultCell, pub: _Publisher, invisible_due: float | None) -> str:
+    def _observe(self, rig: _FaultCell, pub: Publisher, invisible_due: float | None) -> str:
         """After the stream: wait until every published task ran, or nothing runs any more
         and nothing ready is queued (or the window is over). Returns why it stopped."""
         opts = self.opts
@@ -547,7 +450,7 @@ class Faults(Scenario):
         """Task indices the broker still holds, by where (``queued``, ``invisible``), and
         when a private server's invisible ones become visible again (``visible_at``)."""
         if rig.server is not None:
-            return rig.server.held(rig.queue, self._visibility_timeout(rig), _task_index)
+            return rig.server.held(rig.queue, self._visibility_timeout(rig), task_index)
         out = {"queued": set(), "invisible": set(), "visible_at": {}}
         transport = rig.transport
         if "ack" not in brokers.info(transport).capabilities:
@@ -560,7 +463,7 @@ class Faults(Scenario):
                     message = queue.get(no_ack=True)
                     if message is None:
                         break
-                    idx = _task_index((message.headers or {}).get("id"))
+                    idx = task_index((message.headers or {}).get("id"))
                     if idx is not None:
                         out["queued"].add(idx)
         except Exception:   # the queue is gone (a broker restart without persistence)
@@ -591,7 +494,7 @@ class Faults(Scenario):
                            f"restart; give --restart-cmd (and --start-cmd) to restart it")
             first = self._start_worker(rig, 1)
             self._warm_up(rig, first)
-            pub = _Publisher(rig.app, rig.queue, rig.tag, cap, rate, task_s)
+            pub = Publisher(rig.app, rig.queue, rig.tag, cap, rate, task_s)
             stack.callback(pub.stop)
             t0 = recorder.now_ns()
             stream_end = t0 + int(stream_s * 1e9)
@@ -616,107 +519,9 @@ class Faults(Scenario):
                 _celery.stop_quickly([rig.live], STOP_S)
             rows = rig.runs.read()
             left = self._leftovers(rig)
-            return self._account(rig, pub, rows, left, t_fault, wall_fault, info, why)
-
-    # ----------------------------------------------------------------------- accounting
-    def _account(self, rig: _FaultCell, pub: _Publisher, rows, left, t_fault: int,
-                 wall_fault: float, info: dict, why: str) -> Outcome:
-        params, fault = rig.params, rig.params["fault"]
-        attempted = pub.attempted
-        ok = pub.ok[:attempted]
-        rows = rows[(rows[:, 1] >= 0) & (rows[:, 1] < attempted)]
-        done = rows[rows[:, 3] > 0]
-        completions = np.bincount(done[:, 1], minlength=attempted)
-        starts = np.bincount(rows[:, 1], minlength=attempted)
-        held = left["queued"] | left["invisible"]
-        sent_idx = np.flatnonzero(ok)
-        not_run = [i for i in sent_idx if completions[i] == 0]
-        pending = [i for i in not_run if i in held]
-        invisible = [i for i in not_run if i in left["invisible"]]
-        lost = [i for i in not_run if i not in held]
-        interrupted = [i for i in not_run if starts[i] > 0]
-        ran = int((completions[sent_idx] > 0).sum())
-        duplicates = int((completions[sent_idx] - 1).clip(min=0).sum())
-        held_after_run = [i for i in sent_idx if completions[i] > 0 and i in held]
-        unconfirmed = [i for i in np.flatnonzero(~ok) if completions[i] > 0]
-        # Tasks in a worker's hands at the fault: started before it, not finished before it.
-        at_fault = rows[(rows[:, 0] == 1) & (rows[:, 2] < t_fault)]
-        finished_before = set(done[(done[:, 0] == 1) & (done[:, 3] <= t_fault)][:, 1].tolist())
-        running_at_fault = len(set(at_fault[:, 1].tolist()) - finished_before)
-
-        back = self._recovered(rig, pub, rows, t_fault)
-        recovery_s = (back - t_fault) / 1e9 if back is not None else None
-
-        lag = (pub.called[:attempted] - pub.intended[:attempted]) / 1e9
-        errors = sum(c for c, _ in pub.errors.values())
-        metrics = {
-            "sent": int(len(sent_idx)), "received": ran, "lost": len(lost),
-            "duplicates": duplicates, "pending": len(pending),
-            "pending_invisible": len(invisible), "interrupted": len(interrupted),
-            "running_at_fault": running_at_fault, "recovery_s": recovery_s,
-            "publish_errors": int(errors), "ran_unconfirmed": len(unconfirmed),
-            "publish_lag_max_s": float(lag.max()) if attempted else None,
-            "publish_call_max_s": float((pub.returned[:attempted] - pub.called[:attempted])
-                                        .max() / 1e9) if attempted else None,
-            "fault_at_s": round((t_fault - pub.intended[0]) / 1e9, 3) if attempted else None,
-            "worker_exits": len(rig.exits),
-            **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in info.items()},
-        }
-        notes = [self._what_happened(fault, info)]
-        visible_at = left["visible_at"]
-        if rig.server is not None:
-            vt = self._visibility_timeout(rig)
-            back = [visible_at[i] - wall_fault for i in invisible if i in visible_at]
-            metrics["returns_after_s"] = round(max(back), 1) if back else None
-            if back:
-                notes.append(
-                    f"{len(invisible)} task(s) invisible in redis's unacked hash (pending): "
-                    f"visible again {max(back):,.0f} s after the fault (visibility_timeout "
-                    f"{vt:g} s from their delivery), then restored at the next sweep (~100 s "
-                    f"apart) or when a worker starts")
-        if held_after_run:
-            metrics["held_after_run"] = len(held_after_run)
-            again = [visible_at[i] - wall_fault for i in held_after_run if i in visible_at]
-            when = (f" (redis: {max(again):,.0f} s after the fault, when they become visible)"
-                    if again else "")
-            notes.append(f"{len(held_after_run)} task(s) ran but the broker still holds them "
-                         f"(their ack was lost): they will run again{when}")
-        if lost:
-            cut = sum(1 for i in lost if starts[i] > 0)
-            rel = (pub.called[lost] - t_fault) / 1e9
-            notes.append(f"lost {len(lost)}: ran nowhere and not held by the broker "
-                         f"({cut} of them started and were cut short; published "
-                         f"{rel.min():+.2f} s to {rel.max():+.2f} s from the fault)")
-            declared = brokers.declared(rig.transport)
-            if fault == "warm-shutdown" and declared and declared.shutdown_loss:
-                notes.append(f"{rig.transport}: {declared.shutdown_loss}")
-        if unconfirmed:
-            notes.append(f"{len(unconfirmed)} task(s) whose send_task raised ran anyway")
-        for kind, (count, first) in pub.errors.items():
-            notes.append(f"publisher: {count} x {celery_workers.one_line(first)[:200]}")
-        if pub.is_alive():
-            notes.append("the publisher was still inside a send_task call when the cell "
-                         "ended (blocked on the broker)")
-        if recovery_s is None:
-            notes.append("no task received after the fault ran within the window")
-        for line in rig.exits:
-            notes.append(f"{line}; started again, as a supervisor would")
-        notes.append(f"stopped watching: {why}")
-        return Outcome(metrics, {}, notes)
-
-    @staticmethod
-    def _what_happened(fault: str, info: dict) -> str:
-        if fault == "worker-kill":
-            return (f"SIGKILL to the worker's process group; replacement ready "
-                    f"{info.get('replacement_ready_s', 0):.1f} s after")
-        if fault == "warm-shutdown":
-            how = "cut with SIGKILL" if info.get("shutdown_killed") else "exited by itself"
-            return (f"SIGTERM: warm shutdown in {info.get('shutdown_s', 0):.2f} s ({how}); "
-                    f"replacement ready {info.get('replacement_ready_s', 0):.1f} s after")
-        if fault == "broker-restart":
-            return f"broker stopped and started again in {info.get('down_s', 0):.2f} s"
-        return f"{info.get('connections_dropped', 0)} worker connection(s) to the broker dropped"
-
+            return account(rig, pub, rows, left, t_fault, wall_fault, info, why,
+                           self._recovered(rig, pub, rows, t_fault),
+                           self._visibility_timeout(rig) if rig.server is not None else None)
 
 def _last_error(log: str) -> str:
     """The line of a worker's log that says why it stopped (or its last line)."""

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .. import config, gate as gates, results, runner, scenarios
+from .. import config, gate as gates, gate_spec, results, runner, scenarios
 from . import run as variant_run
 
 AB_SPEC = Path(__file__).resolve().parents[2] / "results" / "baselines" / "gates-ab.toml"
@@ -28,7 +28,7 @@ def variants(rev: str, head: str = "here") -> list:
     return variant_run.prepare_all([f"base=git:{rev}", f"head={head}"])
 
 
-def selections(spec: gates.Spec) -> dict[str, list[dict]]:
+def selections(spec: gate_spec.Spec) -> dict[str, list[dict]]:
     """Per scenario, each rule's params (``variant`` aside): one --only filter per rule (a
     union of them all would cross one rule's values with another's)."""
     out: dict[str, list[dict]] = {}
@@ -49,7 +49,7 @@ def _options(name: str, params: dict, rounds: int, timeout: float) -> runner.Run
                              repeat=rounds, duration=DURATION_S, timeout=timeout, quiet=True)
 
 
-def cells_to_measure(spec: gates.Spec, rounds: int, timeout: float) -> dict[str, list]:
+def cells_to_measure(spec: gate_spec.Spec, rounds: int, timeout: float) -> dict[str, list]:
     """Per scenario, the quick cells some rule's selector keeps (each once)."""
     out: dict[str, list] = {}
     for name, filters in selections(spec).items():
@@ -63,7 +63,7 @@ def cells_to_measure(spec: gates.Spec, rounds: int, timeout: float) -> dict[str,
     return out
 
 
-def measure(spec: gates.Spec, chosen: list, out: str, rounds: int = ROUNDS,
+def measure(spec: gate_spec.Spec, chosen: list, out: str, rounds: int = ROUNDS,
             timeout: float = 120.0) -> results.Run:
     """Every cell the spec's rules name, once per variant per round, in one results file."""
     run_ = results.Run(results.environment(runner.services_environment()))
@@ -120,7 +120,7 @@ def _remeasure(run_, wanted, keyed, first, rounds, chosen, timeout, workdir) -> 
 def against(rev: str, out: str, spec_path: str | None, budget: float, missing: str | None,
             echo, rounds: int = ROUNDS, timeout: float = 120.0, head: str = "here") -> list:
     """Measure, judge, re-measure within ``budget`` seconds; the verdicts."""
-    spec = gates.load_spec(spec_path or AB_SPEC)
+    spec = gate_spec.load_spec(spec_path or AB_SPEC)
     if not selections(spec):
         raise config.UsageError(f"{spec.path}: no rule names a cell; gate --against measures "
                                 f"the cells its rules name (e.g. publish[...,variant=head])")
