@@ -251,3 +251,22 @@ def test_the_report_shows_each_variant_pair_as_a_table_and_a_chart():
     assert "no significant difference" in c_part and "data-ab-C-0" in c_part
     plain = results.Run({}, [_variant_cell("A", base)])
     assert "as a ratio of variant" not in html(plain)   # a run without variants: nothing
+
+
+def test_the_sensitivity_tally_counts_a_called_slowdown_and_a_quiet_aa(tmp_path):
+    """tools/ab_sensitivity.py tally: a run whose B is 20% slower counts as called, an A/A
+    run's rows as no significant difference."""
+    from bench import results
+
+    base = [1000.0, 1040.0, 980.0, 1010.0, 1025.0, 995.0, 1005.0, 1015.0]
+    results.dump(results.Run({}, [_variant_cell("A", base),
+                                  _variant_cell("B", [0.8 * r for r in base])]),
+                 str(tmp_path / "slow-0.json"))
+    results.dump(results.Run({}, [_variant_cell("base", base), _variant_cell(
+        "head", [r * (1.01 if i % 2 else 0.99) for i, r in enumerate(base)])]),
+        str(tmp_path / "aa-0.json"))
+    res = subprocess.run([sys.executable, str(ROOT / "tools" / "ab_sensitivity.py"), "tally",
+                          "--dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    first = res.stdout.splitlines()[0]
+    assert "throughput slower in 1" in first and "1/1 rows no significant difference" in first
