@@ -162,7 +162,7 @@ def test_every_run_option_is_a_run_options_field():
     from bench.cli import run
     from bench.runner import RunOptions
 
-    options = {p.name for p in run.params} - {"html", "variants", "redis_url", "amqp_url",
-                                              "postgres_url"}
+    options = {p.name for p in run.params} - {"html", "variants", "verbose", "redis_url",
+                                              "amqp_url", "postgres_url"}
     fields = {f.name for f in dataclasses.fields(RunOptions)} - {"workdir"}
     assert options == fields

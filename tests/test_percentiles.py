@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import optimize, stats as st
 
-from bench import compare, gate, percentiles, recorder, report, results
+from bench import compare, gate, gate_spec, percentiles, recorder, report, results
 from bench.exporters.hgrm import distribution
 from tests import factory
 
@@ -157,7 +157,7 @@ def test_compare_does_not_compare_a_too_few_percentile():
 
 def _verdict(tmp_path, run, check):
     (tmp_path / "g.toml").write_text(f'[[gate]]\nname = "tail"\ncheck = "{check}"\n')
-    spec = gate.load_spec(tmp_path / "g.toml")
+    spec = gate_spec.load_spec(tmp_path / "g.toml")
     return gate.run_gates(spec, run)[0]
 
 

@@ -58,7 +58,7 @@ def test_a_stage_is_a_metric_compare_reads_and_not_a_default_one():
 
 
 def test_the_gate_names_a_stage():
-    from bench import gate
+    from bench import gate, gate_spec
 
     rec = Recorder()
     m = waterfall.record(rec, points(400))   # enough samples for a p99 the gate trusts
@@ -70,7 +70,7 @@ def test_the_gate_names_a_stage():
     verdicts = {}
     for check in ("worker[transport=unix] waterfall.broker.p99 <= 150",
                   "worker[transport=unix] waterfall.broker.p99 <= 50"):
-        rule = gate.Rule(check, check, **gate.parse_check(check))
+        rule = gate_spec.Rule(check, check, **gate_spec.parse_check(check))
         (v,) = gate.evaluate(rule, run)
         verdicts[check] = v.status
     assert list(verdicts.values()) == ["PASS", "FAIL"], verdicts
