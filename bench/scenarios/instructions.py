@@ -235,7 +235,7 @@ class Instructions(Scenario):
         size = SIZES.get(target)
         if size is None:
             raise ProbeFailed(f"unknown target {target!r}; choose from {', '.join(SIZES)}")
-        ser = params["serializer"] if params["serializer"] != "-" else probe.SERIALIZER
+        ser = params["serializer"] if params["serializer"] != "-" else callgrind_child.SERIALIZER
         payload = int(params["payload_bytes"])
         n1, n2 = size.n1, size.n1 + size.messages
         env = child_env()
