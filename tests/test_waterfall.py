@@ -61,7 +61,7 @@ def test_the_gate_names_a_stage():
     from bench import gate
 
     rec = Recorder()
-    m = waterfall.record(rec, points())
+    m = waterfall.record(rec, points(400))   # a p99 the gate decides needs 368 samples
     hists = {k: results.summarize(r.hist) for k, r in rec.histograms.items()}
     cell = results.Cell("worker", {"transport": "unix"}, "ok", metrics=m, histograms=hists,
                         repeats=[{"round": i, "metrics": m, "histograms": hists}
