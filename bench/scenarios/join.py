@@ -60,8 +60,8 @@ QUICK_GROUP = 10
 # Joins per repeat (after the warm-up), and the seconds after which a cell stops
 # adding joins once it has MIN_JOINS.
 JOINS = {1: 30, 10: 20, 100: 8, 1000: 3}
-QUICK_JOINS = 4
-MIN_JOINS = 3
+QUICK_JOINS = 8      # a p50 needs 6 samples for its 95% interval (bench.percentiles)
+MIN_JOINS = 6        # ... so a cell stops adding joins only once its p50 can say how sure it is
 BUDGET_S, QUICK_BUDGET_S = 8.0, 2.0
 WARMUP_GROUP = 10
 STOP_GRACE_S = 1.0   # an idle worker on a polling transport needs seconds for a warm shutdown
