@@ -367,6 +367,79 @@ def test_stalled_big_frames_free_their_reservation_after_frame_timeout(start):
             sock.close()
 
 
+def test_a_stalled_big_frame_holds_one_share_and_a_full_size_one_still_fits(start):
+    """One connection stops half-way through an 8 MiB frame: it holds its share of the
+    big-frame reservation (one frame, for good: frame_timeout off). With max_memory
+    16 MiB a quarter would be 4 MiB, less than one frame; the pool is at least two
+    frames, so another client's 6 MiB publish is read and confirmed (before, a frame
+    over max_memory/4 could never be reserved: it waited forever)."""
+    b = start(max_memory=16 * MiB, frame_timeout=0)
+    stalled = raw(b.path)
+    stalled.sendall(proto.U32.pack(8 * MiB - 1) + b"\x02\x00\x01\x00\x00\x00\x01q" + b"z" * MiB)
+    try:
+        q = direct()
+        opts = {"confirm_publish": True, "publish_timeout": WAIT_S}
+        with Connection(b.url, transport_options=opts) as conn:
+            Producer(conn).publish(b"b" * (6 * MiB), exchange=q.exchange,
+                                   routing_key=q.routing_key, declare=[q],
+                                   content_type="application/data", content_encoding="binary")
+            assert q(conn.default_channel).queue_declare(passive=True).message_count == 1
+    finally:
+        stalled.close()
+
+
+@pytest.mark.parametrize("share", [4 * MiB, 64 * MiB], ids=["own-share", "control-no-share"])
+def test_a_consumer_hoarding_unacked_messages_cannot_stop_another_client(start, share):
+    """A consumer that never acks (no prefetch limit) is sent messages only up to its
+    share, max_client_unacked_bytes (4 MiB), not up to the broker-wide max_memory
+    (32 MiB) that stops every publisher: its queue then fills and only its own
+    publisher waits, while another client's 1 MiB publish and consume go through. The
+    control, a share larger than max_memory: the hoarder takes everything, the memory
+    limit is reached and the other client's publish is blocked too."""
+    b = start(max_memory=32 * MiB, max_queue_bytes=8 * MiB, max_client_unacked_bytes=share)
+    hoard, other = direct(), direct()
+    held, ready, stop = [], threading.Event(), threading.Event()
+
+    def hoarder():
+        with Connection(b.url) as conn:
+            with Consumer(conn, [hoard], callbacks=[lambda body, m: held.append(m)]):
+                ready.set()
+                while not stop.is_set():
+                    drain_quietly(conn, 0.1)
+    thread = threading.Thread(target=hoarder, daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(WAIT_S)
+        opts = {"publish_timeout": 2.0, "confirm_publish": True}
+        with Connection(b.url, transport_options=opts) as prod:
+            _, exc = publish_until_blocked(prod, hoard, 10_000, body_pad=64 * 1024)
+        body = b"o" * MiB
+        with Connection(b.url, transport_options=opts) as conn:
+            def publish():
+                Producer(conn).publish(body, exchange=other.exchange,
+                                       routing_key=other.routing_key, declare=[other],
+                                       content_type="application/data",
+                                       content_encoding="binary")
+            if share < 32 * MiB:
+                assert f"queue '{hoard.name}' is full" in str(exc)
+                publish()
+                got = []
+                with Consumer(conn, [other], callbacks=[lambda b_, m: (got.append(b_),
+                                                                       m.ack())]):
+                    drain_until(conn, lambda: got)
+                assert got == [body]
+                # ~65.6 KiB each: the share, plus the one that crossed it.
+                assert len(held) <= share // (64 * 1024) + 1
+            else:
+                assert "memory limit" in str(exc)
+                with pytest.raises(unix.PublishBlockedError, match="memory limit"):
+                    publish()
+    finally:
+        stop.set()
+        thread.join(WAIT_S)
+    assert b.alive()
+
+
 def test_big_frames_in_flight_are_bounded(start):
     """Many connections each half-way through an 8 MiB frame: the broker reads at most
     max_memory/4 of them at once; small messages of others still flow."""

@@ -178,9 +178,21 @@ def _cli(argv=None, prog: str = "python -m transports.broker") -> int:
                          "max_memory) gets no byte this long, seconds (0 = never)",
         "send_timeout": "disconnect a client that takes none of its output this long, seconds",
         "backlog": "listen backlog",
+        "max_client_unacked": "unacknowledged messages one connection holds before its "
+                              "deliveries pause (its share, not the whole max_memory)",
+        "max_client_unacked_bytes": "bytes of unacknowledged messages one connection holds "
+                                    "before its deliveries pause",
+        "max_client_output": "unsent output of one connection before its deliveries pause, "
+                             "bytes",
     }
+    def size(text):   # argparse prints this message, not "invalid _size value"
+        try:
+            return _size(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
     for f in fields(Limits):
-        kind = float if f.type == "float" else _size
+        kind = float if f.type == "float" else size
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind,
                             default=getattr(default, f.name),
                             help=f"{helps[f.name]} (default %(default)s)")

@@ -23,7 +23,7 @@ from ..protocol import (
     OP_HEARTBEAT, HEAD, U32,
 )
 from .model import (
-    DEFAULT_COALESCE_S, FLUSH_CHUNK, HIGH_WATER, MAX_ACCEPT_PAUSE_S, READ_SIZE, REPLY_WATER,
+    DEFAULT_COALESCE_S, FLUSH_CHUNK, MAX_ACCEPT_PAUSE_S, READ_SIZE, REPLY_WATER,
     ROUTE_WORK_PER_TURN, SMALL_FRAME, SOCKET_BUFFER, TICK_S, TRIM_AFTER, _EMFILE, _HANG_UP,
     _IMMEDIATE, _RPC_OPS,
     Client, Exchange, Limits, Queue, Routing, _unsent, log,
@@ -63,7 +63,7 @@ class Broker(FlowControl, Handlers, Routing):
         self.clients: dict[int, Client] = {}
         self.held = 0                    # cost of every message held (<= max_memory)
         self.reserved = 0                # big frames being read or held back
-        self.max_reserved = limits.max_memory // 4
+        self.max_reserved = limits.max_reserved
         self._cached_routes = 0          # entries in every Exchange.cache
         self._dirty_queues: set = set()
         self._dirty_clients: set = set()
@@ -505,7 +505,7 @@ class Broker(FlowControl, Handlers, Routing):
                 self._freed = True
         if bool(out) != bool(client.events & selectors.EVENT_WRITE):
             self._update_events(client)
-        if client.throttled and _unsent(client) < HIGH_WATER:
+        if client.throttled and _unsent(client) < self.limits.max_client_output:
             client.throttled = False
             for ch in client.channels.values():
                 for c in ch.consumers.values():
