@@ -40,6 +40,7 @@ class EarlyFile:
 
     def __init__(self, path: str, argv: list[str]):
         self.path = path
+        self.made: list[str] = []
         try:
             with open(path, "rb") as fh:
                 self.previous: bytes | None = fh.read()
@@ -60,6 +61,10 @@ class EarlyFile:
         (bench.cli then says so, in one line)."""
         folder = os.path.dirname(os.path.abspath(self.path))
         tmp = os.path.join(folder, f".tmp-{os.getpid()}-early.json")  # no tempfile: 30 ms
+        missing = folder
+        while not os.path.exists(missing):   # the folders this creates, removed on restore
+            self.made.append(missing)
+            missing = os.path.dirname(missing)
         try:
             os.makedirs(folder, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -68,6 +73,10 @@ class EarlyFile:
             os.replace(tmp, self.path)
             return True
         except OSError:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
             return False
 
     def still_ours(self) -> bool:
@@ -84,6 +93,8 @@ class EarlyFile:
         if self.previous is None:
             try:
                 os.unlink(self.path)
+                for folder in self.made:   # deepest first
+                    os.rmdir(folder)
             except OSError:
                 pass
         else:

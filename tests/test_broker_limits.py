@@ -440,6 +440,27 @@ def test_a_consumer_hoarding_unacked_messages_cannot_stop_another_client(start, 
     assert b.alive()
 
 
+@pytest.mark.parametrize("flags, words", [
+    (["--max-client-unacked", "0"], ["--max-client-unacked", "> 0"]),
+    (["--max-client-unacked-bytes", "lots"], ["--max-client-unacked-bytes", "not a size"]),
+    (["--max-client-output", "100M", "--max-memory", "64M"], ["--max-client-output",
+                                                               "--max-memory"]),
+])
+def test_bad_per_connection_limits_are_one_line_and_exit_2(sockdir, flags, words):
+    """``python -m transports.broker`` (celery-bench broker: tests/test_bad_inputs.py):
+    one line naming the option, exit 2, nothing served."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "transports.broker",
+                           f"unix://{sockdir}/b.sock", *flags],
+                          capture_output=True, text=True, timeout=WAIT_S)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and all(w in lines[0] for w in words), done.stderr
+    assert not (sockdir / "b.sock").exists()
+
+
 def test_big_frames_in_flight_are_bounded(start):
     """Many connections each half-way through an 8 MiB frame: the broker reads at most
     max_memory/4 of them at once; small messages of others still flow."""

@@ -109,9 +109,10 @@ def test_a_usage_error_leaves_an_earlier_results_file_as_it_was(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert out.read_text() == '{"earlier": "run"}\n'
-    fresh = tmp_path / "fresh.json"
+    fresh = tmp_path / "new" / "dir" / "fresh.json"
     done = subprocess.run(cmd[:-1] + [str(fresh)], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and not fresh.exists()
+    assert done.returncode == 2 and not (tmp_path / "new").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]   # no temporary left
 
 
 def test_the_entry_points_constants_match_the_commands():
