@@ -367,6 +367,32 @@ def test_stalled_big_frames_free_their_reservation_after_frame_timeout(start):
             sock.close()
 
 
+def test_a_trickling_big_frame_loses_its_reservation_after_frame_timeout(start):
+    """A connection sends an 8 MiB length prefix and 1 KiB, then one byte every 0.2 s:
+    never silent for frame_timeout (1 s), yet not a frame that will arrive. The bound
+    counts from the reservation, so it is closed all the same (10 s: generous)."""
+    b = start(frame_timeout=1.0)
+    sock = raw(b.path)
+    sock.sendall(proto.U32.pack(8 * MiB - 1) + b"\x02\x00\x01\x00\x00\x00\x01q" + b"z" * 1024)
+    stop = threading.Event()
+
+    def trickle():
+        while not stop.wait(0.2):
+            try:
+                sock.send(b"z")
+            except OSError:
+                return
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    try:
+        assert closed_by_peer(sock, timeout=10.0)
+        wait_until(lambda: "(frame_timeout)" in b.log_tail(), what="the broker's log line")
+    finally:
+        stop.set()
+        thread.join(WAIT_S)
+        sock.close()
+
+
 def test_a_stalled_big_frame_holds_one_share_and_a_full_size_one_still_fits(start):
     """One connection stops half-way through an 8 MiB frame: it holds its share of the
     big-frame reservation (one frame, for good: frame_timeout off). With max_memory

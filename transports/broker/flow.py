@@ -38,6 +38,7 @@ class FlowControl:
                 and client.rsv_parked + n <= self.limits.max_frame):
             self.reserved += n
             client.rsv_reader = n
+            client.rsv_since = self._now
             if client.waiting_memory:
                 client.waiting_memory = False
                 self._memory_waiters.discard(client)

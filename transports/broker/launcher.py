@@ -180,8 +180,9 @@ def _cli(argv=None, prog: str = "python -m transports.broker") -> int:
                                "on every publish with a new routing key)",
         "handshake_timeout": "seconds a new connection has to send its HELLO",
         "idle_timeout": "close a connection silent this long, seconds (0 = never)",
-        "frame_timeout": "close a connection whose half-sent big frame (holding its share of "
-                         "max_memory) gets no byte this long, seconds (0 = never)",
+        "frame_timeout": "close a connection whose big frame (holding its share of "
+                         "max_memory) is not all there this long after it began, seconds "
+                         "(0 = never)",
         "send_timeout": "disconnect a client that takes none of its output this long, seconds",
         "backlog": "listen backlog",
         "max_client_unacked": "unacknowledged messages one connection holds before its "

@@ -278,11 +278,12 @@ class Broker(FlowControl, Handlers, Routing):
                                    f"{limits.send_timeout:g}s (send_timeout); disconnecting "
                                    "it, its unacknowledged messages go back to their queues")
             elif (client.rsv_reader and limits.frame_timeout
-                  and now - client.last_in > limits.frame_timeout):
-                # Its reservation would keep every other big publish waiting for nothing.
-                self._drop(client, f"sent part of a {client.rsv_reader}-byte frame, then "
-                                   f"nothing for {limits.frame_timeout:g}s (frame_timeout); "
-                                   "closing it, the frame is dropped")
+                  and now - client.rsv_since > limits.frame_timeout):
+                # Its reservation would keep every other big publish waiting for nothing;
+                # counted from the reservation, not the last byte, so a trickle ends too.
+                self._drop(client, f"sent part of a {client.rsv_reader}-byte frame, not "
+                                   f"all of it within {limits.frame_timeout:g}s "
+                                   "(frame_timeout); closing it, the frame is dropped")
             elif not client.reading:
                 paused.append(client)
             elif client.heartbeat and now - client.last_in > 2 * client.heartbeat:

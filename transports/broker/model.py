@@ -89,8 +89,8 @@ class Limits:
     max_topic_wildcards: int = 32                 # distinct '*'/'#' keys per topic exchange
     handshake_timeout: float = 5.0                # seconds to send a HELLO
     idle_timeout: float = 0.0                     # seconds without a frame; 0 = never
-    frame_timeout: float = 10.0                   # seconds a big frame's reservation may
-                                                  # wait for its next byte; 0 = never
+    frame_timeout: float = 10.0                   # seconds a big frame may take once its
+                                                  # memory is reserved; 0 = never
     send_timeout: float = 30.0                    # seconds output may wait with no progress
     backlog: int = 512                            # listen(2) backlog
     # One connection's share (so it cannot starve the others of the broker-wide ones):
@@ -251,7 +251,7 @@ class Client:
                  "throttled", "greeted", "closed", "name", "parked", "parked_bytes",
                  "parked_pub", "rsv_reader", "rsv_parked", "held_out", "blocked", "flow_sent",
                  "waiting_memory", "since", "last_in", "stalled_at", "heartbeat", "hb_sent",
-                 "unacked", "unacked_bytes", "hoarding")
+                 "unacked", "unacked_bytes", "hoarding", "rsv_since")
 
     def __init__(self, sock, name, now, max_frame):
         self.sock = sock
@@ -270,6 +270,7 @@ class Client:
         self.parked_bytes = 0
         self.parked_pub = 0              # publishes among them
         self.rsv_reader = 0              # memory reserved for the big frame being read
+        self.rsv_since = 0.0             # ... since (frame_timeout)
         self.rsv_parked = 0              # ... and for big frames held back
         self.held_out = 0                # cost of no_ack messages in `out` (still counted)
         self.blocked = None              # the Queue (or _MEMORY) a held publish waits for
