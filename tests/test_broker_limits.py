@@ -422,7 +422,9 @@ def test_a_consumer_hoarding_unacked_messages_cannot_stop_another_client(start, 
     publisher waits, while another client's 1 MiB publish and consume go through. The
     control, a share larger than max_memory: the hoarder takes everything, the memory
     limit is reached and the other client's publish is blocked too."""
-    b = start(max_memory=32 * MiB, max_queue_bytes=8 * MiB, max_client_unacked_bytes=share)
+    # Share + a full queue (4 + 24 MiB) stay under max_memory; in the control the hoarder
+    # only has to keep up with a third of the publishing for the memory limit to come first.
+    b = start(max_memory=32 * MiB, max_queue_bytes=24 * MiB, max_client_unacked_bytes=share)
     hoard, other = direct(), direct()
     held, ready, stop = [], threading.Event(), threading.Event()
 
