@@ -489,6 +489,67 @@ def test_bad_per_connection_limits_are_one_line_and_exit_2(sockdir, flags, words
     assert not (sockdir / "b.sock").exists()
 
 
+def test_a_connections_unacked_count_follows_acks_rejects_gets_and_recover(sockdir):
+    """The per-connection share is kept as two counters beside the channels' unacked
+    maps (the dispatch loop reads them per message): after deliveries, single and
+    multiple acks, rejects with and without requeue, basic_get and recover on two
+    channels, each connection's counters equal what its channels hold; a share of 5
+    messages stops deliveries at 5 and the next ack lets one more through."""
+    broker = unix_broker.Broker(str(sockdir / "in.sock"),
+                                limits=unix_broker.Limits(max_client_unacked=5))
+    broker.listen()
+    loop = threading.Thread(target=broker.serve_forever, kwargs={"install_signals": False},
+                            daemon=True)
+    loop.start()
+
+    def settled(conn):   # a round trip: the broker ran everything sent before it
+        conn.default_channel.basic_qos(0, 0, False)
+
+    def counters_match():
+        for client in list(broker.clients.values()):
+            held = [e for ch in client.channels.values() for e in ch.unacked.values()]
+            assert client.unacked == len(held)
+            assert client.unacked_bytes == sum(len(p) + unix_broker.model.MSG_OVERHEAD
+                                               for _, p in held)
+    try:
+        q = direct()
+        got = []
+        with Connection(f"unix://{broker.path}") as conn:
+            producer = Producer(conn)
+            for i in range(20):
+                producer.publish({"i": i}, exchange=q.exchange, routing_key=q.routing_key,
+                                 declare=[q] if not i else [])
+            with Consumer(conn, [q], callbacks=[lambda body, m: got.append(m)]):
+                drain_until(conn, lambda: len(got) == 5)
+                drain_quietly(conn, 0.3)
+                assert len(got) == 5          # the share, not the 20 ready
+                settled(conn)
+                counters_match()
+                got[0].ack()
+                drain_until(conn, lambda: len(got) == 6)
+                got[1].reject(requeue=True)
+                got[2].reject(requeue=False)
+                drain_until(conn, lambda: len(got) == 8)
+                got[7].channel.basic_ack(got[7].delivery_tag, multiple=True)
+                drain_until(conn, lambda: len(got) == 13)
+                settled(conn)
+                counters_match()
+            other = conn.channel()
+            message = other.basic_get(q.name, no_ack=False)
+            assert message is not None
+            settled(conn)
+            counters_match()
+            other.basic_recover(requeue=True)
+            settled(conn)
+            counters_match()
+            other.close()
+            settled(conn)
+            counters_match()
+    finally:
+        broker.stop()
+        loop.join(WAIT_S)
+
+
 def test_big_frames_in_flight_are_bounded(start):
     """Many connections each half-way through an 8 MiB frame: the broker reads at most
     max_memory/4 of them at once; small messages of others still flow."""
