@@ -453,6 +453,7 @@ class Routing:
         limits = self.limits
         high_water = limits.max_client_output
         max_unacked, max_unacked_bytes = limits.max_client_unacked, limits.max_client_unacked_bytes
+        overhead = MSG_OVERHEAD
         n = len(consumers)
         idle = 0
         i = q.rr
@@ -482,6 +483,13 @@ class Routing:
             out = client.out
             outlen = client.outlen
             cost = outlen + len(out) * PIECE   # what _unsent() would say, kept up to date
+            # Its share, kept in locals (this loop runs per message): what it may still
+            # take, in messages (the budget) and bytes; written back once below.
+            first_tag = ch.next_tag
+            spent = 0
+            room = max_unacked_bytes - client.unacked_bytes
+            if not c.no_ack:
+                budget = min(budget, max_unacked - client.unacked)
             while msgs and budget:
                 budget -= 1
                 payload, redelivered = msgs.popleft()
@@ -494,11 +502,8 @@ class Routing:
                 else:
                     ch.next_tag = tag = ch.next_tag + 1
                     ch.unacked[tag] = (q, payload)
-                    client.unacked += 1
-                    client.unacked_bytes += size + MSG_OVERHEAD
-                    if (client.unacked >= max_unacked
-                            or client.unacked_bytes >= max_unacked_bytes):
-                        client.hoarding = True
+                    spent += size + overhead
+                    if spent >= room:
                         budget = 0
                 out.append(DELIVER_HEAD.pack(DELIVER_BODY_HEAD + size, OP_DELIVER,
                                              ch.id, c.cid, tag, redelivered))
@@ -511,6 +516,11 @@ class Routing:
                 if ch.prefetch and not c.no_ack and len(ch.unacked) >= ch.prefetch:
                     break
             client.outlen = outlen
+            if spent:
+                client.unacked += ch.next_tag - first_tag
+                client.unacked_bytes += spent
+                if client.unacked >= max_unacked or client.unacked_bytes >= max_unacked_bytes:
+                    client.hoarding = True
             self._dirty_clients.add(client)
         q.rr = i % n if n else 0
         if taken:
