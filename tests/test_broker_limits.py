@@ -281,6 +281,25 @@ def test_every_returned_publish_is_in_the_queue_or_counted_in_the_error(start, l
     assert set(got) <= set(range(returned))
 
 
+def test_the_write_buffer_timer_giving_up_still_says_why(start):
+    """write_buffer mode, publishes paced so the timer thread does every flush: it may
+    not read the connection (the caller's thread does), so when its write blocks at the
+    memory limit it looks at the broker's FLOW notice without taking it. The error the
+    next publish raises names max_memory, not only the generic 'took no data'."""
+    b = start(max_frame=MiB, max_memory=8 * MiB)
+    q = direct()
+    opts = {"publish_timeout": 0.5, "write_buffer": True}
+    with Connection(b.url, transport_options=opts) as conn:
+        producer = Producer(conn)
+        producer.maybe_declare(q)
+        with pytest.raises(unix.PublishBlockedError) as exc:
+            for i in range(2000):   # 32 KiB each: 8 MiB + the sockets' ~2 MB in ~320
+                producer.publish({"i": i, "pad": "x" * 32_000}, exchange=q.exchange,
+                                 routing_key=q.routing_key)
+                time.sleep(0.01)    # under write_buffer_size: the timer flushes each
+    assert "max_memory" in str(exc.value), str(exc.value)
+
+
 @pytest.mark.parametrize("write_buffer", [False, True])
 def test_a_publish_cell_the_transport_gave_up_on_is_lost_with_the_number(start, tmp_path,
                                                                           write_buffer):
