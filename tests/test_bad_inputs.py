@@ -504,6 +504,12 @@ CASES = [
      None, ["--max-queue-msgs"]),
     ("broker-bad-limit", ["broker", "unix:///tmp/x.sock", "--max-memory", "lots"], None,
      None, ["--max-memory"]),
+    ("broker-client-share-0", ["broker", "unix:///tmp/x.sock", "--max-client-unacked", "0"],
+     None, None, ["--max-client-unacked", "> 0"]),
+    ("broker-client-bytes-bad", ["broker", "unix:///tmp/x.sock", "--max-client-unacked-bytes",
+                                 "-1"], None, None, ["--max-client-unacked-bytes"]),
+    ("broker-client-output-small", ["broker", "unix:///tmp/x.sock", "--max-client-output",
+                                    "1k"], None, None, ["--max-client-output", "4 KiB"]),
 ]
 
 

@@ -462,11 +462,29 @@ def ping_probe(path):
         pinger.close()
 
 
+# The bounded-work guarantee is checked as CPU time: the broker records the most CPU
+# one loop turn took (--measure-turns), and a ping waits for at most the turn under
+# way. A ping's wall time through a scheduler at load ~12 on 2 vCPU also counts the
+# time the broker was not running at all (it flaked at 50 ms); it is only checked
+# for a freeze of seconds, as the 12.3 s one of issue 21.
+TURN_CPU_MS = 50.0
+PING_WALL_S = 2.0
+
+
+def longest_turn_ms(b) -> float:
+    """The most CPU time one loop turn of ``b`` took, from its log once stopped."""
+    b.stop()
+    found = re.findall(r"longest loop turn: ([0-9.]+) ms of CPU", b.log_path.read_text())
+    assert found, b.log_tail()
+    return float(found[-1])
+
+
 def test_hash_bindings_and_a_64k_key_never_stall_a_concurrent_ping(start):
     """25 topic bindings of 126 '#' each, then publishes with 65,533-byte keys (a raw
-    client: ours refuses such a key) and with ever-new 255-byte keys: a ping on another
-    connection answers within 50 ms throughout (a bounded-work guarantee, generous)."""
-    b = start()
+    client: ours refuses such a key) and with ever-new 255-byte keys: no loop turn of
+    the broker takes 50 ms of CPU (a bounded-work guarantee, generous), and a ping on
+    another connection is answered throughout."""
+    b = start(measure_turns=True)
     name = qname("topic")
     exchange = Exchange(name, type="topic")
     pattern = ".".join(["#"] * 126)
@@ -494,17 +512,19 @@ def test_hash_bindings_and_a_64k_key_never_stall_a_concurrent_ping(start):
                                  routing_key=(f"{i}." + "w." * 127)[:255])
             conn.default_channel.basic_qos(0, 1, False)  # a round trip: all routed
     assert b.alive()
-    assert worst[0] < 0.050, f"a ping waited {worst[0] * 1000:.1f} ms"
+    assert worst[0] < PING_WALL_S, f"a ping waited {worst[0]:.2f} s"
+    turn = longest_turn_ms(b)
+    assert turn < TURN_CPU_MS, f"one loop turn took {turn:.1f} ms of CPU"
 
 
 def test_topic_matching_per_publish_is_bounded_whatever_the_bindings(start):
     """The whole wildcard budget of a topic exchange (max_topic_wildcards distinct keys
     of the costliest shape, '#.w' x 62 then a word no key has: matched to the last word)
-    beside thousands of literal bindings: publishes with ever-new 255-byte keys keep a
-    concurrent ping within 50 ms (literal keys are one look-up, not matched one by one).
-    One more wildcard binding is refused, naming the limit; a literal one is still taken
-    and routes."""
-    b = start()
+    beside thousands of literal bindings: publishes with ever-new 255-byte keys take no
+    loop turn of 50 ms of CPU and a concurrent ping is answered throughout (literal keys
+    are one look-up, not matched one by one). One more wildcard binding is refused,
+    naming the limit; a literal one is still taken and routes."""
+    b = start(measure_turns=True)
     limit = unix_broker.Limits().max_topic_wildcards
     name = qname("topic")
     exchange = Exchange(name, type="topic")
@@ -532,4 +552,6 @@ def test_topic_matching_per_publish_is_bounded_whatever_the_bindings(start):
             assert ch.queue_declare(literal.name, passive=True).message_count == 1
             assert ch.queue_declare(f"{name}-0", passive=True).message_count == 0
     assert b.alive()
-    assert worst[0] < 0.050, f"a ping waited {worst[0] * 1000:.1f} ms"
+    assert worst[0] < PING_WALL_S, f"a ping waited {worst[0]:.2f} s"
+    turn = longest_turn_ms(b)
+    assert turn < TURN_CPU_MS, f"one loop turn took {turn:.1f} ms of CPU"

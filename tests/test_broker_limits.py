@@ -281,6 +281,25 @@ def test_every_returned_publish_is_in_the_queue_or_counted_in_the_error(start, l
     assert set(got) <= set(range(returned))
 
 
+def test_the_write_buffer_timer_giving_up_still_says_why(start):
+    """write_buffer mode, publishes paced so the timer thread does every flush: it may
+    not read the connection (the caller's thread does), so when its write blocks at the
+    memory limit it looks at the broker's FLOW notice without taking it. The error the
+    next publish raises names max_memory, not only the generic 'took no data'."""
+    b = start(max_frame=MiB, max_memory=8 * MiB)
+    q = direct()
+    opts = {"publish_timeout": 0.5, "write_buffer": True}
+    with Connection(b.url, transport_options=opts) as conn:
+        producer = Producer(conn)
+        producer.maybe_declare(q)
+        with pytest.raises(unix.PublishBlockedError) as exc:
+            for i in range(2000):   # 32 KiB each: 8 MiB + the sockets' ~2 MB in ~320
+                producer.publish({"i": i, "pad": "x" * 32_000}, exchange=q.exchange,
+                                 routing_key=q.routing_key)
+                time.sleep(0.01)    # under write_buffer_size: the timer flushes each
+    assert "max_memory" in str(exc.value), str(exc.value)
+
+
 @pytest.mark.parametrize("write_buffer", [False, True])
 def test_a_publish_cell_the_transport_gave_up_on_is_lost_with_the_number(start, tmp_path,
                                                                           write_buffer):
@@ -365,6 +384,189 @@ def test_stalled_big_frames_free_their_reservation_after_frame_timeout(start):
     finally:
         for sock in stalled:
             sock.close()
+
+
+def test_a_trickling_big_frame_loses_its_reservation_after_frame_timeout(start):
+    """A connection sends an 8 MiB length prefix and 1 KiB, then one byte every 0.2 s:
+    never silent for frame_timeout (1 s), yet not a frame that will arrive. The bound
+    counts from the reservation, so it is closed all the same (10 s: generous)."""
+    b = start(frame_timeout=1.0)
+    sock = raw(b.path)
+    sock.sendall(proto.U32.pack(8 * MiB - 1) + b"\x02\x00\x01\x00\x00\x00\x01q" + b"z" * 1024)
+    stop = threading.Event()
+
+    def trickle():
+        while not stop.wait(0.2):
+            try:
+                sock.send(b"z")
+            except OSError:
+                return
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    try:
+        assert closed_by_peer(sock, timeout=10.0)
+        wait_until(lambda: "(frame_timeout)" in b.log_tail(), what="the broker's log line")
+    finally:
+        stop.set()
+        thread.join(WAIT_S)
+        sock.close()
+
+
+def test_a_stalled_big_frame_holds_one_share_and_a_full_size_one_still_fits(start):
+    """One connection stops half-way through an 8 MiB frame: it holds its share of the
+    big-frame reservation (one frame, for good: frame_timeout off). With max_memory
+    16 MiB a quarter would be 4 MiB, less than one frame; the pool is at least two
+    frames, so another client's 6 MiB publish is read and confirmed (before, a frame
+    over max_memory/4 could never be reserved: it waited forever)."""
+    b = start(max_memory=16 * MiB, frame_timeout=0)
+    stalled = raw(b.path)
+    stalled.sendall(proto.U32.pack(8 * MiB - 1) + b"\x02\x00\x01\x00\x00\x00\x01q" + b"z" * MiB)
+    try:
+        q = direct()
+        opts = {"confirm_publish": True, "publish_timeout": WAIT_S}
+        with Connection(b.url, transport_options=opts) as conn:
+            Producer(conn).publish(b"b" * (6 * MiB), exchange=q.exchange,
+                                   routing_key=q.routing_key, declare=[q],
+                                   content_type="application/data", content_encoding="binary")
+            assert q(conn.default_channel).queue_declare(passive=True).message_count == 1
+    finally:
+        stalled.close()
+
+
+@pytest.mark.parametrize("share", [4 * MiB, 64 * MiB], ids=["own-share", "control-no-share"])
+def test_a_consumer_hoarding_unacked_messages_cannot_stop_another_client(start, share):
+    """A consumer that never acks (no prefetch limit) is sent messages only up to its
+    share, max_client_unacked_bytes (4 MiB), not up to the broker-wide max_memory
+    (32 MiB) that stops every publisher: its queue then fills and only its own
+    publisher waits, while another client's 1 MiB publish and consume go through. The
+    control, a share larger than max_memory: the hoarder takes everything, the memory
+    limit is reached and the other client's publish is blocked too."""
+    # Share + a full queue (4 + 24 MiB) stay under max_memory; in the control the hoarder
+    # only has to keep up with a third of the publishing for the memory limit to come first.
+    b = start(max_memory=32 * MiB, max_queue_bytes=24 * MiB, max_client_unacked_bytes=share)
+    hoard, other = direct(), direct()
+    held, ready, stop = [], threading.Event(), threading.Event()
+
+    def hoarder():
+        with Connection(b.url) as conn:
+            with Consumer(conn, [hoard], callbacks=[lambda body, m: held.append(m)]):
+                ready.set()
+                while not stop.is_set():
+                    drain_quietly(conn, 0.1)
+    thread = threading.Thread(target=hoarder, daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(WAIT_S)
+        opts = {"publish_timeout": 2.0, "confirm_publish": True}
+        with Connection(b.url, transport_options=opts) as prod:
+            _, exc = publish_until_blocked(prod, hoard, 10_000, body_pad=64 * 1024)
+        body = b"o" * MiB
+        with Connection(b.url, transport_options=opts) as conn:
+            def publish():
+                Producer(conn).publish(body, exchange=other.exchange,
+                                       routing_key=other.routing_key, declare=[other],
+                                       content_type="application/data",
+                                       content_encoding="binary")
+            if share < 32 * MiB:
+                assert f"queue '{hoard.name}' is full" in str(exc)
+                publish()
+                got = []
+                with Consumer(conn, [other], callbacks=[lambda b_, m: (got.append(b_),
+                                                                       m.ack())]):
+                    drain_until(conn, lambda: got)
+                assert got == [body]
+                # ~65.6 KiB each: the share, plus the one that crossed it.
+                assert len(held) <= share // (64 * 1024) + 1
+            else:
+                assert "memory limit" in str(exc)
+                with pytest.raises(unix.PublishBlockedError, match="memory limit"):
+                    publish()
+    finally:
+        stop.set()
+        thread.join(WAIT_S)
+    assert b.alive()
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--max-client-unacked", "0"], ["--max-client-unacked", "> 0"]),
+    (["--max-client-unacked-bytes", "lots"], ["--max-client-unacked-bytes", "not a size"]),
+    (["--max-client-output", "100M", "--max-memory", "64M"], ["--max-client-output",
+                                                               "--max-memory"]),
+])
+def test_bad_per_connection_limits_are_one_line_and_exit_2(sockdir, flags, words):
+    """``python -m transports.broker`` (celery-bench broker: tests/test_bad_inputs.py):
+    one line naming the option, exit 2, nothing served."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "transports.broker",
+                           f"unix://{sockdir}/b.sock", *flags],
+                          capture_output=True, text=True, timeout=WAIT_S)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and all(w in lines[0] for w in words), done.stderr
+    assert not (sockdir / "b.sock").exists()
+
+
+def test_a_connections_unacked_count_follows_acks_rejects_gets_and_recover(sockdir):
+    """The per-connection share is kept as two counters beside the channels' unacked
+    maps (the dispatch loop reads them per message): after deliveries, single and
+    multiple acks, rejects with and without requeue, basic_get and recover on two
+    channels, each connection's counters equal what its channels hold; a share of 5
+    messages stops deliveries at 5 and the next ack lets one more through."""
+    broker = unix_broker.Broker(str(sockdir / "in.sock"),
+                                limits=unix_broker.Limits(max_client_unacked=5))
+    broker.listen()
+    loop = threading.Thread(target=broker.serve_forever, kwargs={"install_signals": False},
+                            daemon=True)
+    loop.start()
+
+    def settled(conn):   # a round trip: the broker ran everything sent before it
+        conn.default_channel.basic_qos(0, 0, False)
+
+    def counters_match():
+        for client in list(broker.clients.values()):
+            held = [e for ch in client.channels.values() for e in ch.unacked.values()]
+            assert client.unacked == len(held)
+            assert client.unacked_bytes == sum(len(p) + unix_broker.model.MSG_OVERHEAD
+                                               for _, p in held)
+    try:
+        q = direct()
+        got = []
+        with Connection(f"unix://{broker.path}") as conn:
+            producer = Producer(conn)
+            for i in range(20):
+                producer.publish({"i": i}, exchange=q.exchange, routing_key=q.routing_key,
+                                 declare=[q] if not i else [])
+            with Consumer(conn, [q], callbacks=[lambda body, m: got.append(m)]):
+                drain_until(conn, lambda: len(got) == 5)
+                drain_quietly(conn, 0.3)
+                assert len(got) == 5          # the share, not the 20 ready
+                settled(conn)
+                counters_match()
+                got[0].ack()
+                drain_until(conn, lambda: len(got) == 6)
+                got[1].reject(requeue=True)
+                got[2].reject(requeue=False)
+                drain_until(conn, lambda: len(got) == 8)
+                got[7].channel.basic_ack(got[7].delivery_tag, multiple=True)
+                drain_until(conn, lambda: len(got) == 13)
+                settled(conn)
+                counters_match()
+            other = conn.channel()
+            message = other.basic_get(q.name, no_ack=False)
+            assert message is not None
+            settled(conn)
+            counters_match()
+            other.basic_recover(requeue=True)
+            settled(conn)
+            counters_match()
+            other.close()
+            settled(conn)
+            counters_match()
+    finally:
+        broker.stop()
+        loop.join(WAIT_S)
 
 
 def test_big_frames_in_flight_are_bounded(start):

@@ -11,7 +11,7 @@ from kombu import Producer
 from bench.drivers import celery as celery_driver
 from bench.drivers import kombu as kombu_driver
 from bench.drivers.consumer import Tally
-from test_publish import cell, options
+from test_publish import cell, options, transport_ready
 from support import run_cell
 
 
@@ -47,16 +47,30 @@ def test_tally_counts_what_it_cannot_read_as_foreign():
     assert t.counts() == {"received": 1, "duplicates": 0, "warmup": 0, "stray": 0, "foreign": 2}
 
 
-@pytest.mark.parametrize("transport", ["memory", "redis", "unix"])
+@pytest.mark.parametrize("transport", ["memory", "filesystem", "redis", "amqp", "unix", "fifo"])
 @pytest.mark.parametrize("api", ["kombu", "celery"])
 def test_a_foreign_message_is_counted_and_the_cell_is_ok(api, transport, need, monkeypatch,
                                                          tmp_path):
-    if transport == "redis":
-        need("redis")
+    """Every transport the publish cells run on (bench.brokers.names())."""
+    transport_ready(transport, need)
     driver_cls = kombu_driver.Publisher if api == "kombu" else celery_driver.Publisher
     _inject_one_foreign(monkeypatch, driver_cls)
     params = cell() if api == "kombu" else cell("celery", "default", "apply_async")
     c = run_cell("publish", dict(params, transport=transport), options(tmp_path))
-    assert c.status == "ok", (c.status, c.reason)
-    assert c.metrics["foreign"] == 1 and c.metrics["lost"] == 0
+    if transport == "filesystem" and c.status == "lost":
+        # Kombu's own race (a file taken before it is written), declared by the
+        # transport and seen as receive errors: never the foreign message's doing.
+        assert "filesystem" in c.exempt and c.metrics["lost"] <= c.metrics["consumer_errors"]
+    else:
+        assert c.status == "ok", (c.status, c.reason)
+        assert c.metrics["lost"] == 0
+    assert c.metrics["foreign"] == 1
     assert "1 foreign messages" in c.reason
+
+
+def test_every_publish_transport_is_covered():
+    from bench import brokers
+
+    params = test_a_foreign_message_is_counted_and_the_cell_is_ok.pytestmark
+    covered = next(m.args[1] for m in params if m.args[0] == "transport")
+    assert sorted(covered) == sorted(brokers.names())

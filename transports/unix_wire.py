@@ -207,14 +207,36 @@ class WireClient:
                 pass
         raise exc
 
-    def _blocked(self, what: str):
+    def _blocked(self, what: str, may_read: bool = True):
         """Back-pressure outlasted publish_timeout: say why, close, raise."""
-        why = self._flow or ("the broker took no data (it stopped reading this connection: "
-                             "a queue full, its memory limit reached, or the broker stopped)")
+        why = self._flow or (not may_read and self._peek_flow()) or (
+            "the broker took no data (it stopped reading this connection: a queue full, "
+            "its memory limit reached, or the broker stopped)")
         self._broken(f"{what} blocked for {self.publish_timeout:g}s (publish_timeout): {why}; "
                      "consume the queue or raise the limit (broker --max-queue-messages, "
                      "--max-queue-bytes, --max-memory; queue arguments x-max-length, "
                      "x-max-length-bytes)", PublishBlockedError)
+
+    def _peek_flow(self) -> str:
+        """The broker's FLOW notice among what it sent and nobody read yet, looked at and
+        not taken (the write_buffer timer may not read: the caller's thread does); ''
+        when there is none, or the input does not start at a frame."""
+        if self._reader.pending:
+            return ""
+        try:
+            data = self._sock.recv(1 << 16, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except OSError:
+            return ""
+        pos, text = 0, ""
+        while pos + 4 <= len(data):
+            (n,) = proto.U32.unpack_from(data, pos)
+            frame = data[pos + 4:pos + 4 + n]
+            if len(frame) < n:
+                break
+            if n >= 4 and frame[0] == _OP_FLOW:
+                text = frame[4:].decode("utf-8", "replace") if frame[3] else ""
+            pos += 4 + n
+        return text
 
     def _check_frame_size(self, size: int):
         """Refuse a frame over the broker's max_frame before sending any of it."""
@@ -275,7 +297,7 @@ class WireClient:
                 remaining = deadline - monotonic()
                 if remaining <= 0:
                     self._unsent = len(view)
-                    self._blocked("a write")
+                    self._blocked("a write", may_read)
                 events = poller.poll(_ms(remaining))
                 if not events:
                     continue

@@ -32,9 +32,13 @@ class FlowControl:
             return
         if n > self.limits.max_frame:
             return  # the reader refuses it on the next read
-        if self.reserved + n <= self.max_reserved:
+        # One connection's share: one frame's worth (a held-back big frame and the next
+        # one being read would be two), so one connection never holds more than half.
+        if (self.reserved + n <= self.max_reserved
+                and client.rsv_parked + n <= self.limits.max_frame):
             self.reserved += n
             client.rsv_reader = n
+            client.rsv_since = self._now
             if client.waiting_memory:
                 client.waiting_memory = False
                 self._memory_waiters.discard(client)
@@ -106,6 +110,8 @@ class FlowControl:
         if not parked and client.flow_sent:
             self._flow(client, False, b"")
         if not client.reading:
+            if client.waiting_memory:
+                self._reserve_next(client)  # its held-back frame may have held its share
             self._set_reading(client)
             if client.reading:
                 self._take_input(client)  # what waited in the reader's buffer

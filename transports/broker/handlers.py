@@ -124,15 +124,16 @@ class Handlers:
             return
         unacked = ch.unacked
         if multiple:
-            freed = 0
-            for t in [t for t in unacked if t <= tag]:
-                freed += len(unacked.pop(t)[1]) + MSG_OVERHEAD
-            self.held -= freed
+            tags = [t for t in unacked if t <= tag]
+            freed = sum(len(unacked.pop(t)[1]) for t in tags) + len(tags) * MSG_OVERHEAD
+            count = len(tags)
         else:
             entry = unacked.pop(tag, None)
             if entry is None:
                 return
-            self.held -= len(entry[1]) + MSG_OVERHEAD
+            freed, count = len(entry[1]) + MSG_OVERHEAD, 1
+        self.held -= freed
+        self._settle_unacked(client, count, freed)
         self._freed = True
         if ch.prefetch:
             for c in ch.consumers.values():
@@ -148,6 +149,7 @@ class Handlers:
         if entry is None:
             return
         queue, payload = entry
+        self._settle_unacked(client, 1, len(payload) + MSG_OVERHEAD)
         if requeue and not queue.deleted:
             # Past the queue's limit if need be: a message already held is never dropped.
             queue.messages.appendleft((payload, True))
@@ -378,6 +380,8 @@ class Handlers:
             ch = self._channel(client, chid)
             ch.next_tag = tag = ch.next_tag + 1
             ch.unacked[tag] = (q, payload)
+            client.unacked += 1   # counted in its share; a get is never held back by it
+            client.unacked_bytes += size + MSG_OVERHEAD
         else:
             client.held_out += size + MSG_OVERHEAD
         # Header and payload as two pieces: the payload is not copied.

@@ -32,9 +32,11 @@ def _size(text: str) -> int:
 
 
 def serve(path: str, *, watch_parent: bool = False, install_signals: bool = True,
-          coalesce: float = DEFAULT_COALESCE_S, limits: Limits | None = None) -> None:
+          coalesce: float = DEFAULT_COALESCE_S, limits: Limits | None = None,
+          measure_turns: bool = False) -> None:
     """Serve the socket at ``path`` until SIGINT/SIGTERM (or the parent exits)."""
-    broker = Broker(path, watch_parent=watch_parent, coalesce=coalesce, limits=limits)
+    broker = Broker(path, watch_parent=watch_parent, coalesce=coalesce, limits=limits,
+                    measure_turns=measure_turns)
     try:
         broker.listen()
     except OSError as exc:  # e.g. a directory we may not write: the user's to fix
@@ -45,7 +47,7 @@ def serve(path: str, *, watch_parent: bool = False, install_signals: bool = True
 
 
 def main(url: str, *, watch_parent: bool = False, coalesce: float = DEFAULT_COALESCE_S,
-         **settings) -> int:
+         measure_turns: bool = False, **settings) -> int:
     """``celery-bench broker unix:///abs/path.sock``: run in the foreground.
 
     ``settings`` are :class:`Limits` fields. Raises ValueError with a one-line reason for
@@ -55,7 +57,7 @@ def main(url: str, *, watch_parent: bool = False, coalesce: float = DEFAULT_COAL
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     serve(socket_path_from_url(url), watch_parent=watch_parent, coalesce=coalesce,
-          limits=limits)
+          limits=limits, measure_turns=measure_turns)
     return 0
 
 
@@ -97,7 +99,8 @@ class BrokerProcess:
 
 
 def start(path: str, *, timeout: float = 10.0, log_path: Path | None = None,
-          coalesce: float = DEFAULT_COALESCE_S, preexec_fn=None, **settings) -> BrokerProcess:
+          coalesce: float = DEFAULT_COALESCE_S, preexec_fn=None, measure_turns: bool = False,
+          **settings) -> BrokerProcess:
     """Start ``python -m transports.broker unix://PATH`` and wait until the socket accepts.
 
     ``settings`` are :class:`Limits` fields (``max_queue_messages=1000``...). The broker
@@ -113,7 +116,8 @@ def start(path: str, *, timeout: float = 10.0, log_path: Path | None = None,
         # Own session: a terminal Ctrl-C reaches the harness, which stops us in order.
         proc = subprocess.Popen(
             [sys.executable, "-m", "transports.broker", f"unix://{path}", "--watch-parent",
-             "--coalesce-us", f"{coalesce * 1e6:g}", *limits.flags()],
+             "--coalesce-us", f"{coalesce * 1e6:g}", *limits.flags(),
+             *(["--measure-turns"] if measure_turns else [])],
             stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, env=env,
             start_new_session=True, preexec_fn=preexec_fn)
     finally:
@@ -160,6 +164,8 @@ def _cli(argv=None, prog: str = "python -m transports.broker") -> int:
     parser.add_argument("url", help="unix:///abs/path/broker.sock")
     parser.add_argument("--watch-parent", action="store_true",
                         help="exit when the process that started this one goes away")
+    parser.add_argument("--measure-turns", action="store_true",
+                        help="log the most CPU time one loop turn took, at exit")
     parser.add_argument("--coalesce-us", type=float, default=DEFAULT_COALESCE_S * 1e6,
                         help="pause after a busy turn, microseconds (default %(default)g; 0 = off)")
     default = Limits()
@@ -174,13 +180,26 @@ def _cli(argv=None, prog: str = "python -m transports.broker") -> int:
                                "on every publish with a new routing key)",
         "handshake_timeout": "seconds a new connection has to send its HELLO",
         "idle_timeout": "close a connection silent this long, seconds (0 = never)",
-        "frame_timeout": "close a connection whose half-sent big frame (holding its share of "
-                         "max_memory) gets no byte this long, seconds (0 = never)",
+        "frame_timeout": "close a connection whose big frame (holding its share of "
+                         "max_memory) is not all there this long after it began, seconds "
+                         "(0 = never)",
         "send_timeout": "disconnect a client that takes none of its output this long, seconds",
         "backlog": "listen backlog",
+        "max_client_unacked": "unacknowledged messages one connection holds before its "
+                              "deliveries pause (its share, not the whole max_memory)",
+        "max_client_unacked_bytes": "bytes of unacknowledged messages one connection holds "
+                                    "before its deliveries pause",
+        "max_client_output": "unsent output of one connection before its deliveries pause, "
+                             "bytes",
     }
+    def size(text):   # argparse prints this message, not "invalid _size value"
+        try:
+            return _size(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
     for f in fields(Limits):
-        kind = float if f.type == "float" else _size
+        kind = float if f.type == "float" else size
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind,
                             default=getattr(default, f.name),
                             help=f"{helps[f.name]} (default %(default)s)")
@@ -190,7 +209,7 @@ def _cli(argv=None, prog: str = "python -m transports.broker") -> int:
     settings = {f.name: getattr(args, f.name) for f in fields(Limits)}
     try:
         return main(args.url, watch_parent=args.watch_parent, coalesce=args.coalesce_us / 1e6,
-                    **settings)
+                    measure_turns=args.measure_turns, **settings)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

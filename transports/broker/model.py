@@ -35,8 +35,6 @@ REMAINS_SLACK_DIV = 8
 REMAINS_SLACK_MIN = 8 * 1024 * 1024  # one connection's socket holds up to ~2 MB of them
 # A client's requests wait while this much of its output is unsent (it is not reading).
 REPLY_WATER = 64 * 1024
-# Stop pushing deliveries to a client whose unsent output passes this; resume when it drains.
-HIGH_WATER = 256 * 1024
 # What a buffered piece costs beyond its bytes (a small bytes object, a deque slot):
 # counted against the limits above, or thousands of 11-byte pings cost 5x their size.
 PIECE = 64
@@ -91,25 +89,44 @@ class Limits:
     max_topic_wildcards: int = 32                 # distinct '*'/'#' keys per topic exchange
     handshake_timeout: float = 5.0                # seconds to send a HELLO
     idle_timeout: float = 0.0                     # seconds without a frame; 0 = never
-    frame_timeout: float = 10.0                   # seconds a big frame's reservation may
-                                                  # wait for its next byte; 0 = never
+    frame_timeout: float = 10.0                   # seconds a big frame may take once its
+                                                  # memory is reserved; 0 = never
     send_timeout: float = 30.0                    # seconds output may wait with no progress
     backlog: int = 512                            # listen(2) backlog
+    # One connection's share (so it cannot starve the others of the broker-wide ones):
+    max_client_unacked: int = 100_000             # unacked messages; then no deliveries
+    max_client_unacked_bytes: int = 48 * 1024 * 1024  # ... their bytes (+ MSG_OVERHEAD)
+    max_client_output: int = 256 * 1024           # unsent output; then no deliveries
 
     def __post_init__(self):
+        # Each message names the setting and its option (--max-frame...): the same on
+        # python -m transports.broker and celery-bench broker.
         for f in fields(self):
             value = getattr(self, f.name)
             if not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"broker setting {f.name}={value!r}: expected a number >= 0")
+                raise ValueError(f"{_setting(f.name)}={value!r}: expected a number >= 0")
         if not 1024 <= self.max_frame <= 64 * 1024 * 1024:
-            raise ValueError(f"max_frame={self.max_frame}: between 1 KiB and 64 MiB")
+            raise ValueError(f"{_setting('max_frame')}={self.max_frame}: between 1 KiB and "
+                             "64 MiB")
         if self.max_memory < 2 * self.max_frame:
-            raise ValueError(f"max_memory={self.max_memory} must be at least twice "
-                             f"max_frame ({self.max_frame})")
+            raise ValueError(f"{_setting('max_memory')}={self.max_memory} must be at least "
+                             f"twice {_setting('max_frame')} ({self.max_frame})")
+        if not 4096 <= self.max_client_output <= self.max_memory // 4:
+            raise ValueError(f"{_setting('max_client_output')}={self.max_client_output}: "
+                             f"between 4 KiB and a quarter of {_setting('max_memory')} "
+                             f"({self.max_memory // 4})")
         for name in ("max_queue_messages", "max_queue_bytes", "max_connections", "max_objects",
-                     "max_topic_wildcards", "handshake_timeout", "send_timeout", "backlog"):
+                     "max_topic_wildcards", "handshake_timeout", "send_timeout", "backlog",
+                     "max_client_unacked", "max_client_unacked_bytes"):
             if not getattr(self, name):
-                raise ValueError(f"broker setting {name} must be > 0")
+                raise ValueError(f"{_setting(name)} must be > 0")
+
+    @property
+    def max_reserved(self) -> int:
+        """Big-frame bytes reserved for all connections: a quarter of max_memory, and at
+        least two frames, since one connection may hold one (so one cannot hold it all,
+        and a max_frame frame always fits)."""
+        return max(self.max_memory // 4, 2 * self.max_frame)
 
     def flags(self) -> list[str]:
         """The ``python -m transports.broker`` options that give these limits."""
@@ -118,6 +135,11 @@ class Limits:
             if value != getattr(Limits, name):
                 out += [f"--{name.replace('_', '-')}", repr(value)]
         return out
+
+
+def _setting(name: str) -> str:
+    """``max_frame (--max-frame)``: a setting as Python and both command lines name it."""
+    return f"{name} (--{name.replace('_', '-')})"
 
 
 # -- topic matching (AMQP semantics: '*' is one word, '#' zero or more) ----------
@@ -228,7 +250,8 @@ class Client:
     __slots__ = ("sock", "fd", "reader", "channels", "out", "outlen", "events", "reading",
                  "throttled", "greeted", "closed", "name", "parked", "parked_bytes",
                  "parked_pub", "rsv_reader", "rsv_parked", "held_out", "blocked", "flow_sent",
-                 "waiting_memory", "since", "last_in", "stalled_at", "heartbeat", "hb_sent")
+                 "waiting_memory", "since", "last_in", "stalled_at", "heartbeat", "hb_sent",
+                 "unacked", "unacked_bytes", "hoarding", "rsv_since")
 
     def __init__(self, sock, name, now, max_frame):
         self.sock = sock
@@ -239,7 +262,7 @@ class Client:
         self.outlen = 0
         self.events = 0                  # selector events registered (0 = not registered)
         self.reading = True              # False while the broker is holding this client back
-        self.throttled = False           # a dispatch stopped at HIGH_WATER
+        self.throttled = False           # a dispatch stopped at max_client_output
         self.greeted = False
         self.closed = False
         self.name = name
@@ -247,6 +270,7 @@ class Client:
         self.parked_bytes = 0
         self.parked_pub = 0              # publishes among them
         self.rsv_reader = 0              # memory reserved for the big frame being read
+        self.rsv_since = 0.0             # ... since (frame_timeout)
         self.rsv_parked = 0              # ... and for big frames held back
         self.held_out = 0                # cost of no_ack messages in `out` (still counted)
         self.blocked = None              # the Queue (or _MEMORY) a held publish waits for
@@ -257,6 +281,9 @@ class Client:
         self.stalled_at = 0.0            # output pending without progress since (0 = none)
         self.heartbeat = 0               # seconds the client asked for in its HELLO (0 = off)
         self.hb_sent = now               # when the broker last sent it a HEARTBEAT
+        self.unacked = 0                 # messages delivered to it, not yet acked (all
+        self.unacked_bytes = 0           # channels) and their cost: its share of max_memory
+        self.hoarding = False            # a dispatch stopped at max_client_unacked(_bytes)
 
 
 def _unsent(client: Client) -> int:
@@ -306,6 +333,8 @@ class Routing:
         unacked = ch.unacked
         if not unacked:
             return
+        self._settle_unacked(ch.client, len(unacked),
+                             sum(len(p) for _, p in unacked.values()) + len(unacked) * MSG_OVERHEAD)
         # Newest first onto the head, so the queue keeps the original order.
         for queue, payload in reversed(list(unacked.values())):
             if not queue.deleted:
@@ -316,6 +345,18 @@ class Routing:
                 self.held -= len(payload) + MSG_OVERHEAD
         unacked.clear()
         self._freed = True
+
+    def _settle_unacked(self, client: Client, count: int, cost: int):
+        """``count`` of the client's unacked messages (``cost`` bytes) are acked, rejected
+        or requeued: below its share again, its consumers get deliveries again."""
+        client.unacked -= count
+        client.unacked_bytes -= cost
+        if client.hoarding and (client.unacked < self.limits.max_client_unacked and
+                                client.unacked_bytes < self.limits.max_client_unacked_bytes):
+            client.hoarding = False
+            for ch in client.channels.values():
+                for c in ch.consumers.values():
+                    self._dirty_queues.add(c.queue)
 
     def _remove_consumer(self, consumer: Consumer):
         q = consumer.queue
@@ -409,6 +450,10 @@ class Routing:
     def _dispatch(self, q: Queue):
         """Push ready messages of ``q`` to its consumers that have credit, round robin."""
         msgs, consumers = q.messages, q.consumers
+        limits = self.limits
+        high_water = limits.max_client_output
+        max_unacked, max_unacked_bytes = limits.max_client_unacked, limits.max_client_unacked_bytes
+        overhead = MSG_OVERHEAD
         n = len(consumers)
         idle = 0
         i = q.rr
@@ -418,8 +463,15 @@ class Routing:
             i += 1
             ch = c.channel
             client = ch.client
-            if _unsent(client) >= HIGH_WATER:
+            if _unsent(client) >= high_water:
                 client.throttled = True
+                idle += 1
+                continue
+            if not c.no_ack and (client.unacked >= max_unacked
+                                 or client.unacked_bytes >= max_unacked_bytes):
+                # Its share of max_memory: a consumer that never acks stops here, not
+                # at the broker-wide limit that would stop every publisher.
+                client.hoarding = True
                 idle += 1
                 continue
             if not c.no_ack and ch.prefetch and len(ch.unacked) >= ch.prefetch:
@@ -431,6 +483,13 @@ class Routing:
             out = client.out
             outlen = client.outlen
             cost = outlen + len(out) * PIECE   # what _unsent() would say, kept up to date
+            # Its share, kept in locals (this loop runs per message): what it may still
+            # take, in messages (the budget) and bytes; written back once below.
+            first_tag = ch.next_tag
+            spent = 0
+            room = max_unacked_bytes - client.unacked_bytes
+            if not c.no_ack:
+                budget = min(budget, max_unacked - client.unacked)
             while msgs and budget:
                 budget -= 1
                 payload, redelivered = msgs.popleft()
@@ -443,17 +502,25 @@ class Routing:
                 else:
                     ch.next_tag = tag = ch.next_tag + 1
                     ch.unacked[tag] = (q, payload)
+                    spent += size + overhead
+                    if spent >= room:
+                        budget = 0
                 out.append(DELIVER_HEAD.pack(DELIVER_BODY_HEAD + size, OP_DELIVER,
                                              ch.id, c.cid, tag, redelivered))
                 out.append(payload)
                 outlen += DELIVER_HEAD.size + size
                 cost += DELIVER_HEAD.size + size + 2 * PIECE
-                if cost >= HIGH_WATER:
+                if cost >= high_water:
                     client.throttled = True
                     break
                 if ch.prefetch and not c.no_ack and len(ch.unacked) >= ch.prefetch:
                     break
             client.outlen = outlen
+            if spent:
+                client.unacked += ch.next_tag - first_tag
+                client.unacked_bytes += spent
+                if client.unacked >= max_unacked or client.unacked_bytes >= max_unacked_bytes:
+                    client.hoarding = True
             self._dirty_clients.add(client)
         q.rr = i % n if n else 0
         if taken:
