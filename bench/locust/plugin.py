@@ -237,6 +237,7 @@ class Plugin:
         try:
             system.check_reachable(wiring)
             self.host_workers.ensure(wiring, environment.runner.client_id)
+            self.host_workers.watch_master(environment.runner)
         except (celery_workers.WorkerError, system.Unreachable) as exc:
             log.error("celery-bench: cannot start this host's Celery workers: %s", exc)
 
