@@ -54,7 +54,7 @@ def cells(tmp_path) -> dict:
 
 
 STAGES = ("enqueue", "queue wait", "run", "result", "lag", "queue wait same-host",
-          "queue wait cross-host")
+          "queue wait cross-host", "queue wait cross-host monotonic")
 
 
 def check_counts(tmp_path, may_read_negative=()) -> dict:

@@ -198,22 +198,42 @@ def _spawned(tmp_path, procs, timeout: float = 90) -> None:
 OWN_BOOT_IDS = {"gen1": {"CELERY_BENCH_BOOT_ID": "rig-gen1"},
                 "gen2": {"CELERY_BENCH_BOOT_ID": "rig-gen2"}}
 SAME, CROSS = "queue wait same-host", "queue wait cross-host"
+ONE_CLOCK = "queue wait cross-host monotonic"
+POPULATIONS_MS = 3.0   # two samples of ~2,000 tasks: their medians' noise is ~0.5 ms here
 
 
-def _same_vs_cross_host(ours) -> tuple[dict, dict]:
-    """The round trip's queue wait for tasks run on the sender's host (one monotonic clock)
-    and on the other generator's host (corrected wall clocks): each present, labelled with
-    its clock, together every queue wait, none negative; their latency summaries."""
+def _few_negative(ours) -> None:
+    """The result stage (a task's end on the worker to the result in the sender's hand) is
+    timed on two clocks when they are on two hosts, and is short (~3 ms): an offset error near
+    its length can make a reading negative, left out and counted. A handful in thousands."""
+    result = next(c for (t, _), c in ours.items() if t == "result")
+    assert result.metrics["invalid"] <= result.metrics["requests"] // 200, result.metrics
+
+
+def _queue_waits(ours) -> tuple[dict, dict, dict]:
+    """The round trip's queue wait for tasks run on the sender's host (one monotonic clock),
+    for tasks run on the other generator's host (corrected wall clocks), and for those same
+    cross-host tasks on the one monotonic clock the rig's hosts really share: each present and
+    labelled with its clock, none negative; their latency summaries. The corrected cross-host
+    median is within 1 ms of the same tasks' on one clock (the same-host stage of the very same
+    tasks), and within POPULATIONS_MS of the same-host tasks' (another sample of the stage)."""
     name = next(n for (t, n) in ours if t == "total")
-    wait, same, cross = (ours[(t, name)] for t in ("queue wait", SAME, CROSS))
-    assert same.params["clock"] == "monotonic", same.params
+    wait, same, cross, one = (ours[(t, name)] for t in ("queue wait", SAME, CROSS, ONE_CLOCK))
+    assert same.params["clock"] == "monotonic" and one.params["clock"] == "monotonic"
     assert cross.params["clock"] == "realtime corrected", cross.params
     assert wait.params["clock"].startswith("per task:"), wait.params
     assert same.metrics["requests"] + cross.metrics["requests"] == wait.metrics["requests"]
+    assert one.metrics["requests"] == cross.metrics["requests"]
     assert min(same.metrics["requests"], cross.metrics["requests"]) >= 100, \
         (same.metrics, cross.metrics)
-    assert cross.metrics["invalid"] == 0 and same.metrics["invalid"] == 0
-    return same.histograms["latency"], cross.histograms["latency"]
+    assert all(c.metrics["invalid"] == 0 for c in (same, cross, one))
+    same, cross, one = (c.histograms["latency"] for c in (same, cross, one))
+    print(f"queue wait p50 (us): cross-host corrected {cross['p50']} (n={cross['count']}), the "
+          f"same tasks on one clock {one['p50']}, same-host tasks {same['p50']} "
+          f"(n={same['count']})")
+    assert abs(cross["p50"] - one["p50"]) <= 1000, (cross, one)
+    assert abs(cross["p50"] - same["p50"]) <= POPULATIONS_MS * 1000, (cross, same)
+    return same, cross, one
 
 
 def test_master_and_two_generators_on_their_own_hosts_merge_exactly(rig, tmp_path):
@@ -221,8 +241,9 @@ def test_master_and_two_generators_on_their_own_hosts_merge_exactly(rig, tmp_pat
     host; 20 s of TaskRoundTrip over redis. Each generator claims a boot id of its own (the
     rig's hosts share one kernel), so a task run on the other generator's host is timed on
     two wall clocks, corrected by the measured offsets, as on real machines; a task run on
-    the sender's own host is timed on one monotonic clock. Same queue, same workers, same
-    seconds: the two queue-wait medians agree within 1 ms."""
+    the sender's own host is timed on one monotonic clock, and so is every cross-host task a
+    second time (the rig's kernel is one). The corrected median is within 1 ms of the same
+    tasks' on one clock (_queue_waits)."""
     from test_locust import check_counts
     files = {}
 
@@ -247,7 +268,10 @@ def test_master_and_two_generators_on_their_own_hosts_merge_exactly(rig, tmp_pat
             assert other == role or not mine & theirs, (role, other, mine & theirs)
     for role in ("gen1", "gen2"):
         assert rig[role].run(["test", "-e", "/tmp/r.json"]).returncode != 0
-    ours = check_counts(tmp_path)              # merged file == Locust's own counts, exactly
+    # merged file == Locust's own counts, exactly (result, timed on two clocks, may leave a
+    # rare negative reading out: _few_negative)
+    ours = check_counts(tmp_path, may_read_negative=("result",))
+    _few_negative(ours)
     # ... and == what each generator recorded: every last report arrived (the final flush)
     assert _recorded(logs, ("gen1", "gen2")) == \
         {f"{t} {n}": c.metrics["requests"] for (t, n), c in ours.items()}, text
@@ -265,12 +289,10 @@ def test_master_and_two_generators_on_their_own_hosts_merge_exactly(rig, tmp_pat
         pids = re.search(r"Celery worker\(s\) on this host .*\(pids ([\d, ]+)\)", logs[role])
         assert pids, logs[role][-2000:]
         assert not any(alive(int(p)) for p in pids.group(1).split(","))
-    same, cross = _same_vs_cross_host(ours)
-    print(f"queue wait p50: same-host {same['p50']} us (n={same['count']}), cross-host "
-          f"corrected {cross['p50']} us (n={cross['count']}); offsets", {
-              g["boot_id"]: [(pt["offset_ms"], pt["uncertainty_ms"]) for pt in g["clock_series"]]
-              for g in gens.values()})
-    assert abs(cross["p50"] - same["p50"]) <= 1000, (same, cross)
+    _queue_waits(ours)
+    print("offsets in use (ms, +/-):", {
+        g["boot_id"]: [(pt["offset_ms"], pt["uncertainty_ms"]) for pt in g["clock_series"]]
+        for g in gens.values()})
     for g in gens.values():     # the offsets were followed all through the test
         assert len(g["clock_series"]) >= 5 and g["clock_exchanges"] >= 12 + 4 * 4, g
 
@@ -327,6 +349,7 @@ def test_a_generator_killed_mid_run_is_named_and_its_reports_kept(rig, tmp_path)
     assert sum(g["requests"] for g in gens.values()) == \
         sum(c.metrics["requests"] for c in ours.values())
     assert f"load generator(s) MISSING, no final report: {dead[0]}" in logs["master"]
+    assert "Traceback" not in logs["master"], logs["master"][-3000:]   # pings to the dead one
     for c in ours.values():
         assert c.status == "lost" and dead[0] in c.reason
     print(f"gen1's Celery workers gone {took[0]:.1f} s after its Locust worker was killed")
@@ -378,10 +401,11 @@ def test_a_generator_clock_50_ms_ahead_and_one_drifting_are_measured_and_correct
     """gen1's wall clock (its Locust worker and its Celery worker) runs 50 ms ahead, gen2's
     gains 0.1 ms a second, through a sitecustomize on each one's PYTHONPATH; each generator
     claims a boot id of its own, so queue wait compares wall clocks across hosts as on real
-    machines. Every point of the offset series the master keeps is within 1 ms (and within
-    its own uncertainty) of the truth, gen2's series follows its drift, and the corrected
-    cross-host queue wait agrees with the same-host one within 1 ms: uncorrected, a task sent
-    from gen1 and run on gen2 would read 50 ms too early (negative), the reverse 50 ms late."""
+    machines. Every estimate the master put in use is within its own uncertainty of the
+    truth, and within 1 ms for gen1 (1.5 ms for gen2, drifting at the most PHI follows);
+    gen2's series follows its drift; the corrected cross-host queue wait agrees with the
+    same tasks' on one clock within 1 ms: uncorrected, a task sent from gen1 and run on gen2
+    would read 50 ms too early (negative), the reverse 50 ms late."""
     from test_locust import check_counts, locust_env
     shift = "/tmp/shift"
     t0 = time.time_ns()
@@ -398,12 +422,8 @@ def test_a_generator_clock_50_ms_ahead_and_one_drifting_are_measured_and_correct
                                  master_args=("--workers-per-host", 1))
     text = _joined(logs)
     assert all(c == 0 for c in codes.values()), (codes, text)
-    # The result stage (a worker's task end to the result in the sender's hand) is timed on
-    # two clocks too, and is short (~3 ms): an offset error near its length can make a
-    # reading negative, left out and counted (a handful in thousands here).
     ours = check_counts(tmp_path, may_read_negative=("result",))
-    result = next(c for (t, _), c in ours.items() if t == "result")
-    assert result.metrics["invalid"] <= result.metrics["requests"] // 200, result.metrics
+    _few_negative(ours)
     gens = _generators(tmp_path)
     by_boot = {g["boot_id"]: g for g in gens.values()}
     assert set(by_boot) == {"rig-gen1", "rig-gen2"}, gens
@@ -415,18 +435,19 @@ def test_a_generator_clock_50_ms_ahead_and_one_drifting_are_measured_and_correct
             # each burst's best exchange brackets the truth (always, whatever the legs took)
             burst_error = pt["burst_offset_ms"] - truth[boot](t0_s + pt["burst_t_s"])
             assert abs(burst_error) <= pt["burst_uncertainty_ms"] + 0.05, (boot, pt)
-        # the estimate in use, from each update on, is within its uncertainty and 1 ms
+        # the estimate in use, from each update on, is within its uncertainty, and within
+        # 1 ms of a steady clock (1.5 ms of one drifting at PHI, the most it follows)
         errors = [(pt["offset_ms"] - truth[boot](t0_s + pt["t_s"]), pt["uncertainty_ms"])
                   for pt in g["clock_series"]]
-        assert all(abs(e) <= 1.0 and abs(e) <= unc + 0.05 for e, unc in errors), (boot, errors)
+        bound = 1.0 if boot == "rig-gen1" else 1.5
+        assert all(abs(e) <= bound and abs(e) <= unc + 0.05 for e, unc in errors), \
+            (boot, errors)
         worst[boot] = round(max(abs(e) for e, _ in errors), 3)
     drift = by_boot["rig-gen2"]["clock_series"]
     span = drift[-1]["t_s"] - drift[0]["t_s"]
     assert drift[-1]["offset_ms"] - drift[0]["offset_ms"] >= DRIFT * 1e3 * span / 2, drift
-    same, cross = _same_vs_cross_host(ours)
-    print(f"worst offset error (ms): {worst}; queue wait p50 same-host {same['p50']} us, "
-          f"cross-host corrected {cross['p50']} us")
-    assert abs(cross["p50"] - same["p50"]) <= 1000, (same, cross)
+    print(f"worst offset error (ms): {worst}")
+    _queue_waits(ours)      # uncorrected, the cross-host tasks would read 50 ms off
 
 
 def test_a_holder_that_never_says_ready_times_out_and_leaves_nothing(can_rig, monkeypatch):

@@ -29,7 +29,9 @@ realtime``), or corrected by the master's offset estimates (``realtime corrected
 run spans hosts (the offsets name more than one), queue wait is also split by where the task
 ran: ``queue wait same-host`` (sender and worker on one host: one monotonic clock, no offset)
 and ``queue wait cross-host`` (corrected wall clocks); the two are the same stage over the
-same queue, so their difference bounds the correction's error (docs/distributed.md). A task of
+same queue, so their difference bounds the correction's error (docs/distributed.md). Hosts that
+claim two boot ids on one kernel (the multi-host rig) also give ``queue wait cross-host
+monotonic``: the cross-host tasks again, on the one monotonic clock they really share. A task of
 yours without those readings reports enqueue and total.
 
 GroupJoin: a group of ``--group-size`` tasks, waited on by ``--join-method``;
@@ -56,7 +58,7 @@ from locust.exception import StopUser
 from .. import backends, joins
 from ..drivers import celery as celery_driver
 from ..drivers import kombu as kombu_driver
-from ..tasks.roundtrip import BOOT_ID
+from ..tasks.roundtrip import BOOT_ID, CLOCK_ID
 from . import arguments, clocks, openloop, system
 
 log = logging.getLogger("celery-bench.locust")
@@ -229,6 +231,7 @@ def _on_our_clock(stamps: dict, t0: int, wall0: int,
 
 
 MIXED = "per task: monotonic on one host, realtime corrected across hosts"
+ONE_CLOCK = "queue wait cross-host monotonic"
 
 
 def _placement(stamps: dict, offsets: dict) -> str | None:
@@ -323,6 +326,9 @@ class TaskRoundTrip(_TaskUser):
                       ("result", t2 - end, {**across, **self.polled})]
             if where:
                 parts.append((f"queue wait {where}", start - t0, {"clock": clock}))
+            if where == "cross-host" and CLOCK_ID and stamps.get("clock_id") == CLOCK_ID:
+                # "hosts" on one kernel (the rig): the same task on the one monotonic clock
+                parts.append((ONE_CLOCK, stamps["start_ns"] - t0, {"clock": "monotonic"}))
         else:
             self._no_stamps("queue wait, run or result")
         self.report("total", name, t2 - t0, parts=parts, **meta, **self.polled)
