@@ -11,15 +11,15 @@ least queueing in either direction).
 At ``test_start``, before any user spawns, the master runs :data:`ROUNDS` exchanges with each
 generator (:meth:`Clocks.probe`); then, every :data:`PERIOD_S` while the test runs,
 :data:`LIVE_ROUNDS` more (:meth:`Clocks.follow`), so a clock that drifts is followed. Each
-burst's best exchange is one point of the generator's offset series in the results. The
+update is one point of the generator's offset series in the results (:class:`Point`). The
 estimate in use is, of the exchanges of the last :data:`WINDOW_S`, the one whose uncertainty
 is smallest, an exchange's uncertainty being half its round trip plus :data:`PHI` (100 ppm)
 per second of its age: an old exchange with a short round trip is kept until a fresher one is
-better, and a clock drifting up to PHI is followed within the uncertainty recorded. After each update the master sends every host's current offset
-(by boot id, the master's own 0) to the generators (:data:`TABLE`), where a stage timed across
-two hosts (queue wait: a generator's send to a Celery worker's start, each on its own wall
-clock) is moved onto the master's clock. The boot ids also say which generators are on another
-host than the master.
+better, and a clock drifting up to PHI is followed within the uncertainty recorded. After each
+update the master sends every host's current offset (by boot id, the master's own 0) to the
+generators (:data:`TABLE`), where a stage timed across two hosts (queue wait: a generator's
+send to a Celery worker's start, each on its own wall clock) is moved onto the master's clock.
+The boot ids also say which generators are on another host than the master.
 """
 from __future__ import annotations
 

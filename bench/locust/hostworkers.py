@@ -27,7 +27,7 @@ from ..celery_workers import one_line
 from .system import READY_S, STOP_S
 
 log = logging.getLogger("celery-bench.locust")
-MASTER_GONE_S = 10.0     # no heartbeat from the master this long: it is gone (it sends one a second)
+MASTER_GONE_S = 10.0     # no heartbeat from the master this long: it is gone (it sends 1 a second)
 
 
 class HostWorkers:
