@@ -29,10 +29,10 @@ realtime``), or corrected by the master's offset estimates (``realtime corrected
 run spans hosts (the offsets name more than one), queue wait is also split by where the task
 ran: ``queue wait same-host`` (sender and worker on one host: one monotonic clock, no offset)
 and ``queue wait cross-host`` (corrected wall clocks); the two are the same stage over the
-same queue, so their difference bounds the correction's error (docs/distributed.md). Hosts that
-claim two boot ids on one kernel (the multi-host rig) also give ``queue wait cross-host
-monotonic``: the cross-host tasks again, on the one monotonic clock they really share. A task of
-yours without those readings reports enqueue and total.
+same queue, so their difference shows the correction's error, plus sampling noise
+(docs/distributed.md). Hosts that claim two boot ids on one kernel (the multi-host rig) also
+give ``queue wait cross-host monotonic``: the cross-host tasks again, on the one monotonic clock
+they really share. A task of yours without those readings reports enqueue and total.
 
 GroupJoin: a group of ``--group-size`` tasks, waited on by ``--join-method``;
 ``total``: publish start to every result in hand; ``lag``: results in hand minus
