@@ -15,7 +15,7 @@ from celery.signals import worker_ready
 
 import transports  # noqa: F401  registers the unix and fifo kombu aliases
 import bench.tasks  # noqa: F401  shared tasks bind to every app built here
-from bench import plugins
+from bench import children, plugins
 
 CONF_ENV = "CELERY_BENCH_APP_CONF"
 # A conf: variant's Celery settings (bench.variants), JSON; laid over every app built in
@@ -87,5 +87,8 @@ def _write_ready_file(sender=None, **kwargs):
 
 
 plugins.load()  # a plugin transport must be known in a worker process too
+# A worker started to die with its parent (a Locust worker's --workers-per-host): the kernel's
+# SIGTERM starts a warm stop when the parent dies; this ends the group if that stop hangs.
+children.watch_parent()
 app = _app_from_env()
 app.set_current()

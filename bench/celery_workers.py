@@ -188,8 +188,11 @@ def command(*, pool="prefork", concurrency=1, queues=None, hostname=None,
 
 def start(broker_url: str, backend_url: str | None = None, *, transport_options=None,
           conf=None, pool="prefork", concurrency=1, queues=None, hostname=None,
-          extra_args=(), env=None, without=DEFAULT_WITHOUT, loglevel="INFO") -> Worker:
-    """Spawn a worker and return at once (call ``wait_ready``); prefer :func:`worker`."""
+          extra_args=(), env=None, without=DEFAULT_WITHOUT, loglevel="INFO",
+          die_with_parent=False) -> Worker:
+    """Spawn a worker and return at once (call ``wait_ready``); prefer :func:`worker`.
+    ``die_with_parent``: it stops when this process dies, SIGKILL included
+    (:func:`bench.children.spawn`)."""
     tag = uuid.uuid4().hex[:8]
     hostname = hostname or f"bench-{tag}@%h"
     log_path = _logs() / f"worker-{tag}.log"
@@ -208,7 +211,8 @@ def start(broker_url: str, backend_url: str | None = None, *, transport_options=
         try:
             # Its own group: killing the group reaches the pool children.
             proc = children.spawn(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                  stderr=subprocess.STDOUT, env=full_env, cwd=str(ROOT))
+                                  stderr=subprocess.STDOUT, env=full_env, cwd=str(ROOT),
+                                  die_with_parent=die_with_parent)
         except OSError as exc:
             raise WorkerError(f"cannot start worker ({' '.join(argv[:6])} ...): {exc}") from exc
     try:

@@ -11,6 +11,8 @@ waits on them, through :func:`stop` and :func:`kill_group`.
 from __future__ import annotations
 
 import atexit
+import ctypes
+import ctypes.util
 import os
 import shutil
 import signal
@@ -22,12 +24,61 @@ from pathlib import Path
 
 EXIT_GRACE_S = 10.0      # at exit: every registered child's warm stop, all at once
 SIGNAL_GRACE_S = 5.0     # on SIGTERM/SIGHUP: the same, shorter (someone is waiting)
+PARENT_ENV = "CELERY_BENCH_PARENT_PID"   # a child that must die with its parent: the parent
+ORPHAN_GRACE_S = 10.0    # an orphan's warm stop (SIGTERM) before it kills its own group
+WATCH_S = 0.5            # how often an orphan-to-be looks for its parent
+PR_SET_PDEATHSIG = 1
 
 
-def spawn(argv, **kwargs) -> subprocess.Popen:
-    """``Popen`` in a session of its own (``start_new_session``; its pid is its group)."""
+def _pdeathsig(parent: int, sig: int):
+    """A ``preexec_fn``: the kernel sends ``sig`` to the child when the thread that forked it
+    dies (SIGKILL included). A parent that died before the call leaves the child orphaned
+    already: it exits at once then (its ``getppid()`` is no longer ``parent``)."""
+    prctl = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).prctl
+
+    def set_it():
+        prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(sig), 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+    return set_it
+
+
+def spawn(argv, *, die_with_parent: bool = False, **kwargs) -> subprocess.Popen:
+    """``Popen`` in a session of its own (``start_new_session``; its pid is its group).
+
+    ``die_with_parent``: the child gets SIGTERM (a warm stop) when this process dies however
+    it dies (Linux ``PR_SET_PDEATHSIG``; call it from the main thread, or from a greenlet:
+    the signal follows the forking *thread*), and learns this process's pid through
+    ``$CELERY_BENCH_PARENT_PID``, so a Python child can :func:`watch_parent` to end its whole
+    group if the warm stop hangs."""
     kwargs["start_new_session"] = True
+    if die_with_parent and os.path.exists("/proc/self"):   # Linux: the prctl exists
+        env = dict(kwargs.get("env") or os.environ)
+        env[PARENT_ENV] = str(os.getpid())
+        kwargs["env"] = env
+        kwargs["preexec_fn"] = _pdeathsig(os.getpid(), signal.SIGTERM)
     return subprocess.Popen(argv, **kwargs)
+
+
+def watch_parent(grace: float = ORPHAN_GRACE_S) -> threading.Thread | None:
+    """In a child started with ``die_with_parent``: a daemon thread that notices the parent's
+    death (``getppid()`` changes) and, ``grace`` seconds after it (the warm stop the kernel's
+    SIGTERM started), SIGKILLs this process's whole group. None when not such a child."""
+    raw = os.environ.get(PARENT_ENV, "")
+    if not raw.isdigit() or os.getpgid(0) != os.getpid():
+        return None             # not spawned so, or a forked pool child: its leader watches
+
+    parent = int(raw)
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(WATCH_S)
+        time.sleep(grace)
+        os.killpg(os.getpid(), signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, name="celery-bench-parent-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def kill_group(pid: int, sig: int = signal.SIGKILL, *, missing_ok: bool = True) -> None:

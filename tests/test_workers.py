@@ -141,3 +141,66 @@ def test_owner_exit_or_sigterm_stops_its_workers(how):
     while tagged_processes(tag) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not tagged_processes(tag)
+
+
+def _sigkill_owner_and_wait(tag: str, body: str, bound: float) -> list:
+    """Run ``body`` (it prints 'ready' once its children are up), SIGKILL it (no atexit, no
+    handler runs), and return the tagged processes still alive after ``bound`` seconds."""
+    code = textwrap.dedent(f"""
+        import os, sys, time
+        os.environ["CELERY_BENCH_TEST_TAG"] = {tag!r}
+    """) + textwrap.dedent(body)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("ready"), line
+        assert len(tagged_processes(tag)) >= 2     # its children (the owner's own environ
+        # is not tagged: os.environ changes no /proc/<pid>/environ)
+        proc.kill()
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.monotonic() + bound
+    while len(tagged_processes(tag)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return tagged_processes(tag)
+
+
+def test_workers_started_to_die_with_their_owner_stop_when_it_is_sigkilled():
+    """die_with_parent: the kernel's SIGTERM (PR_SET_PDEATHSIG) warm-stops a prefork worker
+    and its pool children when the process that started it is SIGKILLed."""
+    tag = uuid.uuid4().hex
+    left = _sigkill_owner_and_wait(tag, f"""
+        from bench import celery_workers
+        w = celery_workers.start("memory://", conf={{"task_default_queue": "q-{tag}"}},
+                                 pool="prefork", concurrency=2, die_with_parent=True)
+        w.wait_ready(60)
+        print("ready", flush=True)
+        time.sleep(120)
+    """, bound=20)
+    assert not left, [p.cmdline() for p in left]
+
+
+def test_an_orphan_whose_warm_stop_hangs_kills_its_own_group():
+    """watch_parent: a child that ignores SIGTERM, with a grandchild in its group, still ends,
+    all of it, ``grace`` after its parent died."""
+    tag = uuid.uuid4().hex
+    child = ("import signal, subprocess, sys, time; from bench import children; "
+             "signal.signal(signal.SIGTERM, signal.SIG_IGN); children.watch_parent(grace=0.5); "
+             "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+             "time.sleep(120)")
+    left = _sigkill_owner_and_wait(tag, f"""
+        from bench import children
+        children.spawn([sys.executable, "-c", {child!r}], die_with_parent=True)
+        while True:
+            import psutil
+            kids = psutil.Process().children(recursive=True)
+            if sum("import time; time.sleep(120)" in k.cmdline() for k in kids) == 1:
+                break
+            time.sleep(0.05)
+        print("ready", flush=True)
+        time.sleep(120)
+    """, bound=10)
+    assert not left, [p.cmdline() for p in left]

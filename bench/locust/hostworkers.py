@@ -6,21 +6,28 @@ worker starts N ``celery worker`` processes of the bench's app on its host, wire
 options the master sends with the spawn message (:data:`system.WIRING`). One owner per
 Locust process: started at ``test_start`` (before its users spawn, so no round trip waits
 for a worker that is still booting), kept while the wiring stays the same, and stopped at
-``quitting``, which Locust fires when the run ends, on Ctrl-C/SIGTERM and when the master
-stops sending heartbeats (the master went away); ``bench.celery_workers`` also stops them at exit.
+``quitting``, which Locust fires when the run ends and on Ctrl-C/SIGTERM;
+``bench.celery_workers`` also stops them at exit. They are spawned to die with this process
+(``bench.children.spawn(die_with_parent=True)``): a Locust worker killed with SIGKILL takes its
+Celery workers with it. And when the master goes away (no heartbeat from it for
+:data:`MASTER_GONE_S`; Locust's own worker waits 60 s before it quits) they are stopped then.
 """
 from __future__ import annotations
 
 import json
 import logging
 import threading
+import time
 from contextlib import ExitStack
+
+import gevent
 
 from .. import celery_workers
 from ..celery_workers import one_line
 from .system import READY_S, STOP_S
 
 log = logging.getLogger("celery-bench.locust")
+MASTER_GONE_S = 10.0     # no heartbeat from the master this long: it is gone (it sends 1 a second)
 
 
 class HostWorkers:
@@ -31,6 +38,7 @@ class HostWorkers:
         self.stack: ExitStack | None = None
         self.procs: list = []
         self.lock = threading.Lock()   # gevent's, once Locust has patched threading
+        self.watch = None              # the greenlet that stops them when the master is gone
 
     def ensure(self, wiring: dict, node: str) -> list:
         """Start ``wiring['per_host']`` workers for ``wiring`` (none if it asks for none);
@@ -50,7 +58,7 @@ class HostWorkers:
                         transport_options=wiring["transport_options"], conf=wiring["conf"],
                         pool=wiring["pool"], concurrency=wiring["concurrency"],
                         ready_timeout=READY_S, stop_timeout=STOP_S,
-                        hostname=f"locust-{node}@%h"))
+                        hostname=f"locust-{node}@%h", die_with_parent=True))
                     self.stack = stack.pop_all()
             except celery_workers.WorkerError as exc:
                 self.procs = []
@@ -60,6 +68,22 @@ class HostWorkers:
                      n, wiring["pool"], wiring["concurrency"],
                      ", ".join(str(w.pid) for w in self.procs))
             return self.procs
+
+    def watch_master(self, runner, gone_s: float = MASTER_GONE_S) -> None:
+        """Stop this host's workers once ``runner`` (a Locust WorkerRunner) has heard no
+        heartbeat from its master for ``gone_s`` seconds; one watcher per process."""
+        if self.watch is not None and not self.watch.dead:
+            return
+
+        def watch():
+            while True:
+                gevent.sleep(1.0)
+                last = getattr(runner, "last_heartbeat_timestamp", None)
+                if self.procs and last and time.time() - last > gone_s:
+                    log.error("celery-bench: no heartbeat from the master in %g s: stopping "
+                              "this host's Celery workers", gone_s)
+                    self.close()
+        self.watch = gevent.spawn(watch)
 
     def _close(self) -> None:
         stack, self.stack = self.stack, None

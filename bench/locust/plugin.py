@@ -220,6 +220,7 @@ class Plugin:
                      "%d exchanges)", cid, est.offset_ns / 1e6, est.rtt_ns / 2e6, est.rounds)
         remote = self.clocks.remote(BOOT_ID)
         if not (remote and wiring and wiring.get("host_only")):
+            self.clocks.follow(runner, BOOT_ID)     # and on through the test
             return
         log.error("celery-bench: load generator(s) %s run on another host than the master, "
                   "and %s: use --transport redis or amqp and --backend redis or postgresql at "
@@ -237,6 +238,7 @@ class Plugin:
         try:
             system.check_reachable(wiring)
             self.host_workers.ensure(wiring, environment.runner.client_id)
+            self.host_workers.watch_master(environment.runner)
         except (celery_workers.WorkerError, system.Unreachable) as exc:
             log.error("celery-bench: cannot start this host's Celery workers: %s", exc)
 
@@ -285,6 +287,7 @@ class Plugin:
         if self.stopped is None:
             self.stopped = time.monotonic()
         if self.role == "master":
+            self.clocks.stop()
             self.generators.flush(environment.runner)
             lost = self.generators.text(environment.runner)
             if lost:
@@ -326,6 +329,7 @@ class Plugin:
             self._log_table(environment)
             self._judge(environment)
         finally:
+            self.clocks.stop()
             system.close_client(environment)
             self.rig.close()
 

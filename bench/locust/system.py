@@ -127,7 +127,7 @@ class OwnerSystem:
         self.procs = [] if not n else stack.enter_context(celery_workers.workers(
             n, env.url, backend_url, transport_options=env.transport_options, conf=conf,
             pool=pool, concurrency=concurrency, ready_timeout=READY_S, stop_timeout=STOP_S,
-            hostname=f"locust-{tag}@%h"))
+            hostname=f"locust-{tag}@%h", die_with_parent=True))
         wiring.update(backend=backend.name, backend_url=backend_url, conf=conf, queue=queue,
                       workers=n, pool=pool, concurrency=concurrency, per_host=per_host)
         wiring["host_only"] = wiring["host_only"] or _host_only("result backend", backend.name,

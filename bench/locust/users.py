@@ -25,7 +25,14 @@ task start; ``run``: task start to end; ``result``: task end to result in hand;
 wait). The worker's readings come back in the result (``bench.roundtrip``); the
 clock compared is CLOCK_MONOTONIC when the worker runs on this host (same boot id),
 else the wall clock, offset between hosts included (the rows say ``clock
-realtime``). A task of yours without those readings reports enqueue and total.
+realtime``), or corrected by the master's offset estimates (``realtime corrected``). When the
+run spans hosts (the offsets name more than one), queue wait is also split by where the task
+ran: ``queue wait same-host`` (sender and worker on one host: one monotonic clock, no offset)
+and ``queue wait cross-host`` (corrected wall clocks); the two are the same stage over the
+same queue, so their difference shows the correction's error, plus sampling noise
+(docs/distributed.md). Hosts that claim two boot ids on one kernel (the multi-host rig) also
+give ``queue wait cross-host monotonic``: the cross-host tasks again, on the one monotonic clock
+they really share. A task of yours without those readings reports enqueue and total.
 
 GroupJoin: a group of ``--group-size`` tasks, waited on by ``--join-method``;
 ``total``: publish start to every result in hand; ``lag``: results in hand minus
@@ -51,7 +58,7 @@ from locust.exception import StopUser
 from .. import backends, joins
 from ..drivers import celery as celery_driver
 from ..drivers import kombu as kombu_driver
-from ..tasks.roundtrip import BOOT_ID
+from ..tasks.roundtrip import BOOT_ID, CLOCK_ID
 from . import arguments, clocks, openloop, system
 
 log = logging.getLogger("celery-bench.locust")
@@ -223,6 +230,18 @@ def _on_our_clock(stamps: dict, t0: int, wall0: int,
     return clock, start, start + (stamps["end_ns"] - stamps["start_ns"])
 
 
+MIXED = "per task: monotonic on one host, realtime corrected across hosts"
+ONE_CLOCK = "queue wait cross-host monotonic"
+
+
+def _placement(stamps: dict, offsets: dict) -> str | None:
+    """``same-host`` or ``cross-host`` for a task's worker when the run spans hosts (the
+    master's offset table names more than one), else None."""
+    if len(offsets) < 2:
+        return None
+    return "same-host" if stamps.get("boot_id") == BOOT_ID else "cross-host"
+
+
 class _TaskUser(CeleryBenchUser):
     abstract = True
     runs_tasks = True
@@ -297,11 +316,19 @@ class TaskRoundTrip(_TaskUser):
         t2 = now_ns()
         stamps = _stamps(value)
         if stamps is not None:
-            clock, start, end = _on_our_clock(stamps, t0, wall0, self._offsets())
-            late = {"from_start": False, "clock": clock}
-            parts += [("queue wait", start - t0, {"clock": clock}),
-                      ("run", stamps["end_ns"] - stamps["start_ns"], late),
-                      ("result", t2 - end, {**late, **self.polled})]
+            offsets = self._offsets()
+            clock, start, end = _on_our_clock(stamps, t0, wall0, offsets)
+            where = _placement(stamps, offsets)
+            across = {"from_start": False, "clock": MIXED if where else clock}
+            parts += [("queue wait", start - t0, {"clock": across["clock"]}),
+                      ("run", stamps["end_ns"] - stamps["start_ns"],
+                       {"from_start": False, "clock": "monotonic"}),    # the worker's own
+                      ("result", t2 - end, {**across, **self.polled})]
+            if where:
+                parts.append((f"queue wait {where}", start - t0, {"clock": clock}))
+            if where == "cross-host" and CLOCK_ID and stamps.get("clock_id") == CLOCK_ID:
+                # "hosts" on one kernel (the rig): the same task on the one monotonic clock
+                parts.append((ONE_CLOCK, stamps["start_ns"] - t0, {"clock": "monotonic"}))
         else:
             self._no_stamps("queue wait, run or result")
         self.report("total", name, t2 - t0, parts=parts, **meta, **self.polled)

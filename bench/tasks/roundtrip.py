@@ -40,7 +40,26 @@ def _boot_id() -> str:
         return f"host:{socket.gethostname()}"
 
 
+def _clock_id() -> str:
+    """Which CLOCK_MONOTONIC this process reads, whatever boot id it claims: the kernel's boot
+    id and its time namespace's offsets (Linux 5.6+; none: no time namespaces). '' elsewhere.
+    Two processes with one clock id compare monotonic readings exactly, even when they claim
+    to be on two hosts (the multi-host rig's namespaces share one kernel)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            boot = fh.read().strip()
+    except OSError:
+        return ""
+    try:
+        with open("/proc/self/timens_offsets") as fh:
+            offsets = ",".join(fh.read().split())
+    except OSError:
+        offsets = ""
+    return f"{boot}:{offsets}"
+
+
 BOOT_ID = _boot_id()
+CLOCK_ID = _clock_id()
 HOST = socket.gethostname()
 
 
@@ -51,7 +70,8 @@ def stamps(start_ns: int, start_wall_ns: int | None = None) -> dict:
     wall_end = time.time_ns()
     wall_start = start_wall_ns if start_wall_ns is not None else wall_end - (end - start_ns)
     return {"start_ns": start_ns, "end_ns": end, "start_wall_ns": wall_start,
-            "end_wall_ns": wall_end, "boot_id": BOOT_ID, "host": HOST, "pid": os.getpid()}
+            "end_wall_ns": wall_end, "boot_id": BOOT_ID, "clock_id": CLOCK_ID, "host": HOST,
+            "pid": os.getpid()}
 
 
 @shared_task(name=TASK)
