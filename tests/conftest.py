@@ -107,6 +107,47 @@ def cli_inproc(tmp_path, monkeypatch):
     return run
 
 
+# ------------------------------------------------------------------ our unix broker
+@pytest.fixture
+def sockdir():
+    """A short private folder for sockets: sun_path holds 107 bytes, tmp_path can be longer."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="cbs-"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def start_broker(sockdir):
+    """``start_broker(**options)``: a broker subprocess (transports.broker.start) with those
+    limits and options, its socket and log in ``sockdir``; every one is stopped after."""
+    from transports import broker as unix_broker
+
+    started = []
+
+    def start(**options):
+        n = len(started)
+        b = unix_broker.start(str(sockdir / f"b{n}.sock"), log_path=sockdir / f"b{n}.log",
+                              **options)
+        started.append(b)
+        return b
+    yield start
+    for b in started:
+        b.stop()
+
+
+@pytest.fixture
+def broker(sockdir):
+    """One broker subprocess at ``sockdir/broker.sock``, stopped after."""
+    from transports import broker as unix_broker
+
+    proc = unix_broker.start(str(sockdir / "broker.sock"), log_path=sockdir / "broker.log")
+    yield proc
+    proc.stop()
+
+
 # The fast tier (``make check`` = ``pytest -m "not slow"``): no services, no browser, no
 # valgrind, no subprocess-started CLI. A test that asks for a service (its marker or
 # fixture) or for ``cli_run`` is slow by that fact; files whose every test starts
