@@ -188,3 +188,18 @@ def test_run_options_click_fields_and_record_come_from_one_table():
                                          "amqp_url", "postgres_url"}
     opts = run_options.RunOptions(quick=True, only=(("api", "kombu"),), restart_cmd="pw")
     assert run_options.RunOptions.from_dict(opts.to_dict()).only == opts.only
+
+
+def test_the_fast_tier_cannot_measure_or_start_a_child(cli_inproc):
+    """tests/conftest.py's guard: outside the slow tier a run that got past its checks
+    stops at the first cell, and no child process starts (a broken check fails at once)."""
+    import sys
+
+    from bench import children
+    from conftest import RealMeasurementInFastTier
+
+    with pytest.raises(RealMeasurementInFastTier, match="must not measure a cell"):
+        cli_inproc("run", "publish", "--only", "transport=memory", "--only", "api=kombu",
+                   "--quick", "--quiet", "--no-html", "--out", "r.json")
+    with pytest.raises(RealMeasurementInFastTier, match="must not start a child process"):
+        children.spawn([sys.executable, "-c", "pass"])
