@@ -12,7 +12,6 @@ Entries with ``cli_only=True`` are command-line only (the report, variants, serv
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import click
@@ -232,7 +231,8 @@ class RunOptions:
     @classmethod
     def from_dict(cls, d: dict) -> "RunOptions":
         """The options a results file recorded (unknown keys, from another version, ignored)."""
-        kw = {o.name: (d or {})[o.name] for o in FIELDS if o.recorded and o.name in (d or {})}
+        d = d or {}
+        kw = {o.name: d[o.name] for o in FIELDS if o.recorded and o.name in d}
         for o in FIELDS:
             if o.restore and o.recorded:
                 kw[o.name] = o.restore(kw.get(o.name))
