@@ -16,7 +16,9 @@ from typing import Callable
 
 import click
 
-from . import cli_params, config, scenarios
+# Light imports only: bench.cli imports this at start-up, before plugins and scenarios load
+# (a bad plugin is then one line from main, and Ctrl-C early still leaves a results file).
+from . import cli_params, config
 
 # --quick runs every cell in this many interleaved rounds: the fewest from which a paired
 # ratio gets an interval (bench.stats), so the gate can judge what `make bench` wrote.
@@ -216,6 +218,8 @@ class RunOptions:
 
     def names(self) -> tuple:
         """The scenarios to run: those named, else every one not opt-in."""
+        from . import scenarios
+
         names = tuple(self.scenarios) or tuple(
             n for n in scenarios.names() if not scenarios.get(n).opt_in
             and (scenarios.get(n).rated or not (self.rate_sweep or self.max_rate)))
