@@ -41,7 +41,7 @@ bench: $(STAMP)  ## run the quick default suite, write results/latest.json
 	$(BIN)/celery-bench run --quick --out results/latest.json $(ARGS)
 
 check: $(STAMP)  ## the fast tier: no services, browser, valgrind or CLI subprocesses (<60 s)
-	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+	$(BIN)/python -m pytest -m "not slow" --timeout 20 --timeout-method signal $(ARGS)
 
 test: $(STAMP)  ## run the full test suite (real Redis, RabbitMQ, PostgreSQL); CI runs this
 	$(BIN)/python -m pytest $(ARGS)

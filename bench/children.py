@@ -5,8 +5,9 @@ whatever it forked (a worker's pool, valgrind's child) and nothing from the term
 reaches it but ours. Stopping is SIGTERM, a grace period, then SIGKILL to the group.
 Children that must not outlive this process (Celery workers, private redis-servers)
 are registered with :data:`OWNER`; at exit, and on SIGTERM or SIGHUP, it stops them all
-at once. Short-lived children (callgrind runs, user commands) are stopped by whoever
-waits on them, through :func:`stop` and :func:`kill_group`.
+at once; a plain ``Popen`` (the progress ticker) joins it through :meth:`Owner.adopt`.
+Short-lived children (callgrind runs, user commands) are stopped by whoever waits on
+them, through :func:`stop` and :func:`kill_group`.
 """
 from __future__ import annotations
 
@@ -122,6 +123,22 @@ def stop_together(children, timeout: float) -> None:
             pass
 
 
+class Adopted:
+    """A plain ``Popen`` as a registered child (see :class:`Owner`): SIGTERM to its group,
+    a grace period, then SIGKILL."""
+
+    def __init__(self, owner: "Owner", proc: subprocess.Popen):
+        self.owner, self.proc, self.pid = owner, proc, proc.pid
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            kill_group(self.pid, signal.SIGTERM)
+
+    def stop(self, timeout: float) -> None:
+        stop([self.proc], timeout)
+        self.owner.release(self.pid)
+
+
 class Owner:
     """The registry of children that must not outlive this process.
 
@@ -139,10 +156,31 @@ class Owner:
         self._folders: dict[str, Path] = {}
         self.signals_taken = False   # set when another owner (Locust) handles SIGTERM
 
-    def register(self, child) -> None:
-        self.hook()
+    def register(self, child, signals: bool = True) -> None:
+        """Track ``child`` until released; ``signals``: also stop it on SIGTERM/SIGHUP."""
+        if signals:
+            self.hook()
+        else:
+            self._hook_exit()
         with self._lock:
             self._live[child.pid] = child
+
+    def adopt(self, proc: subprocess.Popen) -> subprocess.Popen:
+        """Register a plain ``Popen`` (from :func:`spawn`); :meth:`finish` ends it. Only
+        the exit hook covers it (no signal handler is installed for it): an adopted child
+        is one that exits by itself once this process's end closes its stdin."""
+        self.register(Adopted(self, proc), signals=False)
+        return proc
+
+    def finish(self, proc: subprocess.Popen, grace: float) -> None:
+        """An adopted child told to exit: wait ``grace`` seconds, then SIGTERM, a second's
+        grace and SIGKILL to its group; released either way."""
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            stop([proc], 1.0)
+        finally:
+            self.release(proc.pid)
 
     def release(self, pid: int) -> None:
         with self._lock:

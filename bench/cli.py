@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from . import cli_params, config
+from . import cli_params, config, run_options
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -28,81 +28,7 @@ def cli():
 
 
 @cli.command()
-@click.argument("scenarios", nargs=-1)
-@click.option("--quick", is_flag=True, help="The quick slice of each scenario (make bench).")
-@click.option("--transport", "transports", multiple=True, metavar="NAME",
-              help="Keep cells over this transport (repeatable). Unreachable -> exit 2.")
-@click.option("--only", multiple=True, metavar="KEY=VALUE",
-              help="Keep cells whose param KEY equals VALUE (repeatable), e.g. api=kombu.")
-@click.option("--repeat", type=click.IntRange(1, 1000),
-              help="Rounds: every cell runs once per round (ABC ABC ABC); medians and "
-                   "spread over rounds. Default 3 with --quick, else 1.")
-@click.option("--duration", type=float, callback=cli_params.positive_float("--duration", "10"),
-              help="Seconds of measurement per cell.")
-@click.option("--messages", type=click.IntRange(1, 100_000_000),
-              help="Messages per cell (instead of --duration).")
-@click.option("--rate", type=float, callback=cli_params.positive_float("--rate", "2000"),
-              help="Open loop: send at this many per second, latency from intended time.")
-@click.option("--warmup", type=float, callback=cli_params.seconds("--warmup", 3600, "1"),
-              help="Seconds of warm-up before measuring.")
-@click.option("--timeout", type=float, default=120.0, show_default=True,
-              callback=cli_params.positive_float("--timeout", "120"),
-              help="Longest single wait, seconds.")
-@click.option("--serializer", "serializers", multiple=True,
-              type=click.Choice(["json", "pickle", "msgpack", "yaml"]), callback=cli_params.serializers,
-              help="Serializers for publish/consume cells (default json; pickle only when "
-                   "named, and only that cell's consumer unpickles).")
-@click.option("--payload-bytes", type=click.IntRange(0, 64 * 1024 * 1024),
-              help="Message body size for publish cells (default 112).")
-@click.option("--app", "app", callback=cli_params.app_spec, metavar="MODULE:APP",
-              help="Point the celery cells at your own app (and its broker).")
-@click.option("--task", metavar="NAME", help="Task name the celery cells send (with --app).")
-@click.option("--pool", type=click.Choice(["prefork", "solo", "threads", "eventlet", "gevent"]),
-              help="Worker pool for worker scenarios (default: prefork; the worker "
-                   "scenario runs solo and prefork unless given).")
-@click.option("--concurrency", type=click.IntRange(1, 256), help="Worker concurrency.")
-@click.option("--task-seconds", type=float, callback=cli_params.seconds("--task-seconds", 3600, "0.01"),
-              help="Seconds each task sleeps in join cells.")
-@click.option("--redis-url", callback=cli_params.service_url("redis"), expose_value=False,
-              help=f"Redis URL (env {config.ENV_VARS['redis']}).")
-@click.option("--amqp-url", callback=cli_params.service_url("amqp"), expose_value=False,
-              help=f"RabbitMQ URL (env {config.ENV_VARS['amqp']}).")
-@click.option("--postgres-url", callback=cli_params.service_url("postgres"), expose_value=False,
-              help=f"PostgreSQL URL (env {config.ENV_VARS['postgres']}).")
-@click.option("--out", default="results/latest.json", show_default=True,
-              type=click.Path(dir_okay=False), help="Results file, rewritten after every cell.")
-@click.option("--quiet", is_flag=True, help="No progress bars: one plain line per cell.")
-@click.option("--rate-sweep", metavar="START:STOP[:STEPS]",
-              help="Open-loop rate ladder (geometric, 5 steps by default) for the rated "
-                   "scenarios (worker, publish): each step held --duration s, latency "
-                   "from the intended send time.")
-@click.option("--max-rate", is_flag=True,
-              help="Find the highest rate each rated cell sustains: >= 98% of the rate "
-                   "achieved, no growing backlog, and --slo kept; confirmed by holding it.")
-@click.option("--slo", metavar="pNN<=VALUE",
-              help="What a sustainable rate keeps, e.g. 'p99<=10ms' (the default).")
-@click.option("--html/--no-html", default=True, show_default=True,
-              help="Also write the HTML report next to --out (RESULTS.html).")
-@click.option("--instructions", is_flag=True,
-              help="Also count instructions per message of the in-process cells under "
-                   "valgrind's callgrind (deterministic where time is not).")
-@click.option("--restart-cmd", metavar="CMD",
-              help="faults: shell command that restarts (or stops) a broker the harness did "
-                   "not start (RabbitMQ, a plugin transport's server), e.g. 'rabbitmqctl "
-                   "stop_app'; without it those broker-restart cells are skipped.")
-@click.option("--start-cmd", metavar="CMD",
-              help="faults: shell command run after --restart-cmd to bring the broker back "
-                   "when --restart-cmd only stops it, e.g. 'rabbitmqctl start_app'.")
-@click.option("--cpus", metavar="ROLE=CPUS,...",
-              help="Pin the publisher, the harness's broker, the worker's main process and "
-                   "its pool children (roles publisher, broker, worker, pool), e.g. "
-                   "'publisher=0,worker=1,pool=1' (docs/latency.md: placement).")
-@click.option("--variant", "variants", multiple=True, metavar="NAME=SPEC",
-              help="Measure every cell once per variant per round, counterbalanced (A B, "
-                   "B A, ...): SPEC is here, git:REV, pip:REQ,REQ, python:PATH, "
-                   "conf:KEY=VALUE,... or env:KEY=VALUE,... (docs/ab.md). Twice at least.")
-@click.option("--verbose", "-v", is_flag=True,
-              help="Tables: each percentile's 95% interval in a column of its own.")
+@run_options.click_params   # every option of `run` is declared once, in bench/run_options.py
 def run(html, variants=(), verbose=False, **given):
     """Run SCENARIOS (default: all of them) and write a results file.
 
@@ -139,13 +65,7 @@ def _run(html, variants, verbose, started, given):
         brokers.info(name)  # validates the name: one line, exit 2
     for name in given["scenarios"]:
         registry.get(name)  # one line, exit 2
-    # Every other option of `run` is a RunOptions field of the same name (test_cli checks).
-    opts = runner.RunOptions(**{
-        **given, "scenarios": tuple(given["scenarios"]),
-        "transports": tuple(given["transports"]), "only": runner.parse_only(given["only"]),
-        "serializers": tuple(given["serializers"]),
-        "rate_sweep": cli_params.sweep(given["rate_sweep"]), "slo": cli_params.slo(given["slo"]),
-        "cpus": cli_params.cpus(given["cpus"])})
+    opts = runner.RunOptions.from_cli(given)
     if opts.instructions:
         registry.get(runner.INSTRUCTIONS)
     if opts.rate_sweep or opts.max_rate:

@@ -139,6 +139,8 @@ class Progress:
 
     def close(self) -> None:
         """Stop the ticker and clear the status line. Idempotent."""
+        from . import children
+
         ticker, self._ticker = self._ticker, None
         if ticker is not None:
             try:
@@ -146,11 +148,7 @@ class Progress:
                 ticker.stdin.close()
             except OSError:
                 pass
-            try:
-                ticker.wait(timeout=2)
-            except subprocess.TimeoutExpired:
-                ticker.kill()
-                ticker.wait()
+            children.OWNER.finish(ticker, 2.0)
         if self.live:
             self._write(CLEAR)
             self.live = False
@@ -235,12 +233,15 @@ def _columns(stream) -> int:
 
 
 def _start_ticker(stream):
-    """The ticker process writing to ``stream``'s terminal, or None."""
+    """The ticker process writing to ``stream``'s terminal, or None. Owned by
+    :data:`bench.children.OWNER`, so it cannot outlive this process."""
+    from . import children
+
     try:
         stream.flush()
-        return subprocess.Popen([sys.executable, "-I", "-S", os.path.abspath(__file__)],
-                                stdin=subprocess.PIPE, stdout=stream.fileno(),
-                                stderr=subprocess.DEVNULL, close_fds=True)
+        return children.OWNER.adopt(children.spawn(
+            [sys.executable, "-I", "-S", os.path.abspath(__file__)], stdin=subprocess.PIPE,
+            stdout=stream.fileno(), stderr=subprocess.DEVNULL, close_fds=True))
     except (OSError, ValueError, AttributeError):
         return None
 

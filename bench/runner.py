@@ -21,96 +21,13 @@ import tempfile
 import time
 import traceback
 from contextlib import closing
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from . import brokers, config, results, scenarios
-
-
-# --quick runs every cell in this many interleaved rounds: the fewest from which a paired
-# ratio gets an interval (bench.stats), so the gate can judge what `make bench` wrote.
-QUICK_ROUNDS = 3
-INSTRUCTIONS = "instructions"   # the opt-in scenario --instructions adds
-
-
-@dataclass
-class RunOptions:
-    scenarios: tuple = ()           # names; () = every registered scenario
-    quick: bool = False
-    transports: tuple = ()          # --transport: keep cells with these transports
-    only: tuple = ()                # --only KEY=VALUE pairs
-    repeat: int | None = None       # rounds; None = QUICK_ROUNDS with --quick, else 1
-    duration: float | None = None   # seconds of measurement per cell (scenario default if None)
-    rate: float | None = None       # messages per second (open loop); None = closed loop
-    messages: int | None = None     # messages per cell (overrides duration where it applies)
-    warmup: float | None = None     # seconds of warm-up (scenario default if None)
-    timeout: float = 120.0          # the longest any single wait may take
-    pool: str | None = None         # worker pool; None = each scenario's default
-    concurrency: int | None = None
-    task_seconds: float | None = None
-    app: str | None = None          # --app MODULE:APP for the celery publish cells
-    task: str | None = None         # --task NAME
-    payload_bytes: int | None = None
-    serializers: tuple = ()
-    out: str | None = None
-    quiet: bool = False
-    instructions: bool = False      # --instructions: add the callgrind cells to the run
-    rate_sweep: tuple = ()          # --rate-sweep: rates of an open-loop ladder
-    max_rate: bool = False          # --max-rate: search the highest sustainable rate
-    slo: str | None = None          # --slo: what a sustainable rate keeps (bench.maxrate)
-    restart_cmd: str | None = None  # --restart-cmd: restarts a broker the harness did not start
-    start_cmd: str | None = None    # --start-cmd: brings it back when --restart-cmd only stops it
-    cpus: str | None = None         # --cpus ROLE=CPUS,...: pinning (bench.placement)
-    workdir: Path | None = None
-
-    def names(self) -> tuple:
-        """The scenarios to run: those named, else every one not opt-in."""
-        names = tuple(self.scenarios) or tuple(
-            n for n in scenarios.names() if not scenarios.get(n).opt_in
-            and (scenarios.get(n).rated or not (self.rate_sweep or self.max_rate)))
-        if self.instructions and INSTRUCTIONS not in names:
-            names += (INSTRUCTIONS,)
-        return names
-
-    def rounds(self) -> int:
-        if self.repeat:
-            return max(1, int(self.repeat))
-        return QUICK_ROUNDS if self.quick else 1
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RunOptions":
-        """The options a results file recorded (unknown keys, from another version, ignored)."""
-        known = {f for f in cls.__dataclass_fields__ if f != "workdir"}
-        kw = {k: v for k, v in (d or {}).items() if k in known}
-        for key in ("scenarios", "transports", "serializers", "rate_sweep"):
-            kw[key] = tuple(kw.get(key) or ())
-        kw["only"] = parse_only(kw.get("only") or ())
-        kw["out"] = None
-        return cls(**kw)
-
-    def to_dict(self) -> dict:
-        """What the run was asked, for the results file (the gate re-measures from it)."""
-        d = asdict(self)
-        d.pop("workdir")
-        d["scenarios"] = list(self.names())
-        d["repeat"] = self.rounds()
-        for key in ("restart_cmd", "start_cmd"):  # a command line may carry a password
-            if d.get(key):
-                d[key] = "(given; not stored: it may hold a secret)"
-        d["only"] = [f"{k}={v}" for k, v in self.only]
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
-
-
-def parse_only(items) -> tuple:
-    pairs = []
-    for item in items or ():
-        key, sep, value = item.partition("=")
-        if not sep or not key or not value:
-            raise config.UsageError(
-                f"--only {item!r}: expected KEY=VALUE, e.g. --only api=kombu")
-        pairs.append((key.strip(), value.strip()))
-    return tuple(pairs)
+# RunOptions lives with the declarations of run's options; runner.RunOptions is its old name.
+from .run_options import INSTRUCTIONS, QUICK_ROUNDS, RunOptions, parse_only  # noqa: F401
 
 
 def matches(params: dict, opts: RunOptions) -> bool:

@@ -107,6 +107,47 @@ def cli_inproc(tmp_path, monkeypatch):
     return run
 
 
+# ------------------------------------------------------------------ our unix broker
+@pytest.fixture
+def sockdir():
+    """A short private folder for sockets: sun_path holds 107 bytes, tmp_path can be longer."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="cbs-"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def start_broker(sockdir):
+    """``start_broker(**options)``: a broker subprocess (transports.broker.start) with those
+    limits and options, its socket and log in ``sockdir``; every one is stopped after."""
+    from transports import broker as unix_broker
+
+    started = []
+
+    def start(**options):
+        n = len(started)
+        b = unix_broker.start(str(sockdir / f"b{n}.sock"), log_path=sockdir / f"b{n}.log",
+                              **options)
+        started.append(b)
+        return b
+    yield start
+    for b in started:
+        b.stop()
+
+
+@pytest.fixture
+def broker(sockdir):
+    """One broker subprocess at ``sockdir/broker.sock``, stopped after."""
+    from transports import broker as unix_broker
+
+    proc = unix_broker.start(str(sockdir / "broker.sock"), log_path=sockdir / "broker.log")
+    yield proc
+    proc.stop()
+
+
 # The fast tier (``make check`` = ``pytest -m "not slow"``): no services, no browser, no
 # valgrind, no subprocess-started CLI. A test that asks for a service (its marker or
 # fixture) or for ``cli_run`` is slow by that fact; files whose every test starts
@@ -135,3 +176,47 @@ def pytest_collection_modifyitems(config, items):
                 or SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))
                 or any(item.get_closest_marker(m) for m in SERVICE_MARKS)):
             item.add_marker(slow)
+
+
+class RealMeasurementInFastTier(BaseException):
+    """Raised in the fast tier where a cell would be measured or a child process started.
+
+    A unit broken so that a bad value passes its check would otherwise go on to measure
+    for real (minutes a test, and a SIGTERM only ends the test it lands in). A
+    BaseException, so neither the runner's per-cell ``except Exception`` nor the CLI's
+    handlers turn it into a failed cell or an exit code: the test fails at once, naming it.
+    """
+
+
+TICKER = str(ROOT / "bench" / "progress.py")   # the status line's helper: measures nothing
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_cannot_measure(request, monkeypatch):
+    """In the fast tier nothing measures: ``runner.measure_once`` (every cell of a run, a
+    gate's re-measure, ``run_cell``) and ``children.spawn`` (workers, brokers, measuring
+    and callgrind children; all but the progress ticker) raise
+    :class:`RealMeasurementInFastTier`. The full tier (``slow``) is left as it is."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    from bench import children, runner
+
+    def refuse(what):
+        def guard(*args, **kwargs):
+            raise RealMeasurementInFastTier(
+                f"{request.node.nodeid}: the fast tier (make check) must not {what}; a "
+                f"check that should have refused the input let it through (or mark the "
+                f"test slow)")
+        return guard
+
+    spawn, refuse_spawn = children.spawn, refuse("start a child process")
+
+    def guarded_spawn(argv, **kwargs):
+        if isinstance(argv, (list, tuple)) and TICKER in map(str, argv):
+            return spawn(argv, **kwargs)
+        return refuse_spawn(argv, **kwargs)
+
+    monkeypatch.setattr(runner, "measure_once", refuse("measure a cell"))
+    monkeypatch.setattr(children, "spawn", guarded_spawn)
+    yield

@@ -9,13 +9,10 @@ import os
 import random
 import re
 import resource
-import shutil
 import socket
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import psutil
 import pytest
@@ -30,28 +27,6 @@ from support import child, drain_quietly, drain_until, qname, wait_until
 WAIT_S = 30.0  # generous bound for what takes milliseconds
 MiB = 1024 * 1024
 SLACK = 48 * MiB  # Python, buffers of the attacking connections, queues they made
-
-
-@pytest.fixture
-def sockdir():
-    folder = Path(tempfile.mkdtemp(prefix="cba-"))
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-@pytest.fixture
-def start(sockdir):
-    started = []
-
-    def _start(**kwargs):
-        n = len(started)
-        b = unix_broker.start(str(sockdir / f"b{n}.sock"), log_path=sockdir / f"b{n}.log",
-                              **kwargs)
-        started.append(b)
-        return b
-    yield _start
-    for b in started:
-        b.stop()
 
 
 def rss(b) -> int:
@@ -149,9 +124,9 @@ def random_frame(rng: random.Random) -> bytes:
 
 
 @pytest.mark.timeout(300)
-def test_fuzz_from_many_connections(start):
+def test_fuzz_from_many_connections(start_broker):
     seed = int(os.environ.get("FUZZ_SEED", "20261130"))
-    b = start(handshake_timeout=1.0)
+    b = start_broker(handshake_timeout=1.0)
     base = rss(b)
     good = GoodClient(b.url)
     stop = threading.Event()
@@ -205,8 +180,8 @@ def test_fuzz_from_many_connections(start):
     assert "Traceback" not in b.log_tail(10_000), f"seed {seed}: a handler bug"
 
 
-def test_a_refused_hello_runs_nothing_behind_it(start):
-    b = start()
+def test_a_refused_hello_runs_nothing_behind_it(start_broker):
+    b = start_broker()
     name = qname("after-hello")
     sock = connect_raw(b.path)
     # One write: a HELLO of an unknown version, then a declare and a publish.
@@ -230,8 +205,8 @@ def test_a_refused_hello_runs_nothing_behind_it(start):
             Queue(name)(conn.default_channel).queue_declare(passive=True)
 
 
-def test_silent_connections_are_closed_greeted_idle_ones_are_not(start):
-    b = start(handshake_timeout=0.5)
+def test_silent_connections_are_closed_greeted_idle_ones_are_not(start_broker):
+    b = start_broker(handshake_timeout=0.5)
     silent = connect_raw(b.path)
     greeted = connect_raw(b.path)
     greeted.sendall(hello())
@@ -247,8 +222,8 @@ def test_silent_connections_are_closed_greeted_idle_ones_are_not(start):
     wait_until(lambda: "no HELLO within 0.5s" in b.log_tail(), what="the log line")
 
 
-def test_idle_timeout_when_asked_for(start):
-    b = start(idle_timeout=0.5)
+def test_idle_timeout_when_asked_for(start_broker):
+    b = start_broker(idle_timeout=0.5)
     with Connection(b.url) as conn:
         conn.connect()
         q = Queue(qname())
@@ -260,8 +235,8 @@ def test_idle_timeout_when_asked_for(start):
 
 # -- floods -----------------------------------------------------------------------------
 
-def test_a_connection_flood_is_busy_not_missing_and_passes(start):
-    b = start(max_connections=16, backlog=4, handshake_timeout=1.0)
+def test_a_connection_flood_is_busy_not_missing_and_passes(start_broker):
+    b = start_broker(max_connections=16, backlog=4, handshake_timeout=1.0)
     flood = []
     try:
         refused_since = None
@@ -316,8 +291,8 @@ print("done", flush=True)
 
 
 @pytest.mark.timeout(300)
-def test_a_publish_flood_from_many_connections(start):
-    b = start()
+def test_a_publish_flood_from_many_connections(start_broker):
+    b = start_broker()
     q = Queue(qname("flood"), routing_key=None)
     procs_n, conns, per = 4, 16, 500
     total = procs_n * conns * per
@@ -344,11 +319,11 @@ def test_a_publish_flood_from_many_connections(start):
     good.check()
 
 
-def test_at_the_open_file_limit_accept_backs_off(start, sockdir):
+def test_at_the_open_file_limit_accept_backs_off(start_broker, sockdir):
     def low_fd_limit():
         resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
 
-    b = start(preexec_fn=low_fd_limit, handshake_timeout=WAIT_S)
+    b = start_broker(preexec_fn=low_fd_limit, handshake_timeout=WAIT_S)
     proc = psutil.Process(b.pid)
     socks = []
     try:
@@ -403,10 +378,10 @@ def test_topic_matching_agrees_with_a_reference():
 
 
 @pytest.mark.timeout(60)
-def test_a_pathological_topic_pattern_is_routed_promptly(start):
+def test_a_pathological_topic_pattern_is_routed_promptly(start_broker):
     # Backtracking took 34.5 s for nine '#' against 24 words; this is far worse for it.
     assert not unix_broker.topic_matches([b"#"] * 30 + [b"x"], [b"w"] * 200)
-    b = start()
+    b = start_broker()
     name = qname("topic")
     exchange = Exchange(name, type="topic")
     trap = Queue(f"{name}-trap", exchange, routing_key=".".join(["#"] * 9 + ["x"]))
@@ -479,12 +454,12 @@ def longest_turn_ms(b) -> float:
     return float(found[-1])
 
 
-def test_hash_bindings_and_a_64k_key_never_stall_a_concurrent_ping(start):
+def test_hash_bindings_and_a_64k_key_never_stall_a_concurrent_ping(start_broker):
     """25 topic bindings of 126 '#' each, then publishes with 65,533-byte keys (a raw
     client: ours refuses such a key) and with ever-new 255-byte keys: no loop turn of
     the broker takes 50 ms of CPU (a bounded-work guarantee, generous), and a ping on
     another connection is answered throughout."""
-    b = start(measure_turns=True)
+    b = start_broker(measure_turns=True)
     name = qname("topic")
     exchange = Exchange(name, type="topic")
     pattern = ".".join(["#"] * 126)
@@ -517,14 +492,14 @@ def test_hash_bindings_and_a_64k_key_never_stall_a_concurrent_ping(start):
     assert turn < TURN_CPU_MS, f"one loop turn took {turn:.1f} ms of CPU"
 
 
-def test_topic_matching_per_publish_is_bounded_whatever_the_bindings(start):
+def test_topic_matching_per_publish_is_bounded_whatever_the_bindings(start_broker):
     """The whole wildcard budget of a topic exchange (max_topic_wildcards distinct keys
     of the costliest shape, '#.w' x 62 then a word no key has: matched to the last word)
     beside thousands of literal bindings: publishes with ever-new 255-byte keys take no
     loop turn of 50 ms of CPU and a concurrent ping is answered throughout (literal keys
     are one look-up, not matched one by one). One more wildcard binding is refused,
     naming the limit; a literal one is still taken and routes."""
-    b = start(measure_turns=True)
+    b = start_broker(measure_turns=True)
     limit = unix_broker.Limits().max_topic_wildcards
     name = qname("topic")
     exchange = Exchange(name, type="topic")

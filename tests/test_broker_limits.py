@@ -4,12 +4,9 @@ every wait is bounded; memory is the broker's RSS as psutil reads it."""
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import psutil
 import pytest
@@ -26,30 +23,6 @@ MiB = 1024 * 1024
 # Python, the selector and per-connection buffers: what a broker may hold beyond its
 # messages in these tests (the old broker grew by hundreds of MB in each of them).
 SLACK = 32 * MiB
-
-
-@pytest.fixture
-def sockdir():
-    # Short and private: sun_path holds 107 bytes, pytest's tmp_path can be longer.
-    folder = Path(tempfile.mkdtemp(prefix="cbl-"))
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-@pytest.fixture
-def start(sockdir):
-    """``start(**limits)``: a broker subprocess with those limits, stopped after."""
-    started = []
-
-    def _start(**limits):
-        n = len(started)
-        b = unix_broker.start(str(sockdir / f"b{n}.sock"), log_path=sockdir / f"b{n}.log",
-                              **limits)
-        started.append(b)
-        return b
-    yield _start
-    for b in started:
-        b.stop()
 
 
 def rss(b) -> int:
@@ -117,10 +90,10 @@ def closed_by_peer(sock, timeout=WAIT_S) -> bool:
 # -- back-pressure --------------------------------------------------------------------
 
 @pytest.mark.parametrize("confirm", [False, True], ids=["pipelined", "confirm"])
-def test_slow_consumer_gets_backpressure_not_a_growing_broker(start, confirm):
+def test_slow_consumer_gets_backpressure_not_a_growing_broker(start_broker, confirm):
     """A consumer that never acks: the publisher blocks, then a clear error; the broker
     stays within its bound; every publish that returned is delivered once afterwards."""
-    b = start(max_queue_messages=2000, max_memory=32 * MiB)
+    b = start_broker(max_queue_messages=2000, max_memory=32 * MiB)
     q = direct()
     base = rss(b)
     with Connection(b.url) as stuck:
@@ -142,8 +115,8 @@ def test_slow_consumer_gets_backpressure_not_a_growing_broker(start, confirm):
     assert sorted(got) == list(range(returned))
 
 
-def test_queue_arguments_set_the_limit(start):
-    b = start()
+def test_queue_arguments_set_the_limit(start_broker):
+    b = start_broker()
     q = Queue(qname(), Exchange(qname(), "direct"), routing_key="k", max_length=5)
     opts = {"publish_timeout": 0.5, "confirm_publish": True}
     with Connection(b.url, transport_options=opts) as conn:
@@ -157,16 +130,16 @@ def test_queue_arguments_set_the_limit(start):
     assert "max_queue_bytes=10000" in str(exc)
 
 
-def test_transport_options_set_limits_for_declared_queues(start):
-    b = start()
+def test_transport_options_set_limits_for_declared_queues(start_broker):
+    b = start_broker()
     opts = {"publish_timeout": 0.5, "confirm_publish": True, "max_queue_messages": 3}
     with Connection(b.url, transport_options=opts) as conn:
         returned, exc = publish_until_blocked(conn, direct(), 100)
     assert returned == 3 and "max_queue_messages=3" in str(exc)
 
 
-def test_others_are_served_while_a_publisher_waits_and_it_resumes(start):
-    b = start(max_queue_messages=100)
+def test_others_are_served_while_a_publisher_waits_and_it_resumes(start_broker):
+    b = start_broker(max_queue_messages=100)
     full, other = direct(), direct()
     outcome = {}
     with Connection(b.url) as admin:
@@ -213,10 +186,10 @@ def test_others_are_served_while_a_publisher_waits_and_it_resumes(start):
     assert sorted(drain_ids(b.url, full, 100)) == list(range(1, 101))
 
 
-def test_a_connection_consuming_what_it_publishes(start):
+def test_a_connection_consuming_what_it_publishes(start_broker):
     """Deliveries still reach a held-back connection: without a prefetch limit it drains
     its own queue and goes on; with one it cannot ack while blocked (documented)."""
-    b = start(max_queue_messages=50)
+    b = start_broker(max_queue_messages=50)
     q = direct()
     got = []
     with Connection(b.url, transport_options={"publish_timeout": 5.0}) as conn:
@@ -238,8 +211,8 @@ def test_a_connection_consuming_what_it_publishes(start):
         assert "is full" in str(exc)
 
 
-def test_memory_limit_blocks_every_publisher(start):
-    b = start(max_frame=MiB, max_memory=4 * MiB)
+def test_memory_limit_blocks_every_publisher(start_broker):
+    b = start_broker(max_frame=MiB, max_memory=4 * MiB)
     base = rss(b)
     opts = {"publish_timeout": 0.5, "confirm_publish": True}
     with Connection(b.url, transport_options=opts) as conn:
@@ -255,16 +228,16 @@ def test_memory_limit_blocks_every_publisher(start):
 
 @pytest.mark.parametrize("limit", ["queue", "memory"])
 @pytest.mark.parametrize("write_buffer", [False, True])
-def test_every_returned_publish_is_in_the_queue_or_counted_in_the_error(start, limit,
+def test_every_returned_publish_is_in_the_queue_or_counted_in_the_error(start_broker, limit,
                                                                          write_buffer):
     """A flood to an unconsumed queue (its limit, or the broker's memory limit with the
     queue's raised): the client gives up on its blocked write and closes; every publish
     that had returned is then in the queue, or counted in the error as not delivered."""
     if limit == "queue":
-        b = start(max_queue_messages=5000)
+        b = start_broker(max_queue_messages=5000)
         q = direct()
     else:
-        b = start(max_frame=MiB, max_memory=8 * MiB)
+        b = start_broker(max_frame=MiB, max_memory=8 * MiB)
         name = qname()
         q = Queue(name, Exchange(name, "direct"), routing_key=name,
                   max_length=2**62, max_length_bytes=2**62)
@@ -281,12 +254,12 @@ def test_every_returned_publish_is_in_the_queue_or_counted_in_the_error(start, l
     assert set(got) <= set(range(returned))
 
 
-def test_the_write_buffer_timer_giving_up_still_says_why(start):
+def test_the_write_buffer_timer_giving_up_still_says_why(start_broker):
     """write_buffer mode, publishes paced so the timer thread does every flush: it may
     not read the connection (the caller's thread does), so when its write blocks at the
     memory limit it looks at the broker's FLOW notice without taking it. The error the
     next publish raises names max_memory, not only the generic 'took no data'."""
-    b = start(max_frame=MiB, max_memory=8 * MiB)
+    b = start_broker(max_frame=MiB, max_memory=8 * MiB)
     q = direct()
     opts = {"publish_timeout": 0.5, "write_buffer": True}
     with Connection(b.url, transport_options=opts) as conn:
@@ -301,7 +274,7 @@ def test_the_write_buffer_timer_giving_up_still_says_why(start):
 
 
 @pytest.mark.parametrize("write_buffer", [False, True])
-def test_a_publish_cell_the_transport_gave_up_on_is_lost_with_the_number(start, tmp_path,
+def test_a_publish_cell_the_transport_gave_up_on_is_lost_with_the_number(start_broker, tmp_path,
                                                                           write_buffer):
     """The publish scenario's loss accounting: a unix publisher blocked past
     publish_timeout (an unconsumed queue at its limit) ends the cell's publishing; the
@@ -314,7 +287,7 @@ def test_a_publish_cell_the_transport_gave_up_on_is_lost_with_the_number(start, 
 
     # 20 kB messages: the queue's 50 plus the sockets' ~2 MB fill well inside one of the
     # cell's 1,000-message chunks, before its in-process consumer drains.
-    b = start(max_queue_messages=50)
+    b = start_broker(max_queue_messages=50)
     topts = {"publish_timeout": 0.5, "write_buffer": write_buffer}
     target = Target(lambda: Connection(b.url, transport_options=dict(topts)),
                     {"url": b.url, "transport_options": topts}, cross_process=False)
@@ -340,8 +313,8 @@ def test_a_publish_cell_the_transport_gave_up_on_is_lost_with_the_number(start, 
 
 # -- frames -----------------------------------------------------------------------------
 
-def test_an_oversized_frame_costs_only_its_sender(start):
-    b = start(max_frame=64 * 1024)
+def test_an_oversized_frame_costs_only_its_sender(start_broker):
+    b = start_broker(max_frame=64 * 1024)
     q = direct()
     attacker = raw(b.path)
     attacker.sendall(proto.U32.pack(64 * 1024 + 1) + b"\x02")
@@ -360,11 +333,11 @@ def test_an_oversized_frame_costs_only_its_sender(start):
     assert b.alive()
 
 
-def test_stalled_big_frames_free_their_reservation_after_frame_timeout(start):
+def test_stalled_big_frames_free_their_reservation_after_frame_timeout(start_broker):
     """Six connections each send an 8 MiB length prefix and 1 MiB of body, then stop:
     together they hold the whole big-frame reservation (max_memory/4). Once frame_timeout
     passes they are closed, and another client's 1 MiB publish goes through."""
-    b = start(frame_timeout=1.0)
+    b = start_broker(frame_timeout=1.0)
     stalled = []
     head = b"\x02\x00\x01\x00\x00\x00\x01q"
     for _ in range(6):
@@ -386,11 +359,11 @@ def test_stalled_big_frames_free_their_reservation_after_frame_timeout(start):
             sock.close()
 
 
-def test_a_trickling_big_frame_loses_its_reservation_after_frame_timeout(start):
+def test_a_trickling_big_frame_loses_its_reservation_after_frame_timeout(start_broker):
     """A connection sends an 8 MiB length prefix and 1 KiB, then one byte every 0.2 s:
     never silent for frame_timeout (1 s), yet not a frame that will arrive. The bound
     counts from the reservation, so it is closed all the same (10 s: generous)."""
-    b = start(frame_timeout=1.0)
+    b = start_broker(frame_timeout=1.0)
     sock = raw(b.path)
     sock.sendall(proto.U32.pack(8 * MiB - 1) + b"\x02\x00\x01\x00\x00\x00\x01q" + b"z" * 1024)
     stop = threading.Event()
@@ -412,13 +385,13 @@ def test_a_trickling_big_frame_loses_its_reservation_after_frame_timeout(start):
         sock.close()
 
 
-def test_a_stalled_big_frame_holds_one_share_and_a_full_size_one_still_fits(start):
+def test_a_stalled_big_frame_holds_one_share_and_a_full_size_one_still_fits(start_broker):
     """One connection stops half-way through an 8 MiB frame: it holds its share of the
     big-frame reservation (one frame, for good: frame_timeout off). With max_memory
     16 MiB a quarter would be 4 MiB, less than one frame; the pool is at least two
     frames, so another client's 6 MiB publish is read and confirmed (before, a frame
     over max_memory/4 could never be reserved: it waited forever)."""
-    b = start(max_memory=16 * MiB, frame_timeout=0)
+    b = start_broker(max_memory=16 * MiB, frame_timeout=0)
     stalled = raw(b.path)
     stalled.sendall(proto.U32.pack(8 * MiB - 1) + b"\x02\x00\x01\x00\x00\x00\x01q" + b"z" * MiB)
     try:
@@ -434,7 +407,7 @@ def test_a_stalled_big_frame_holds_one_share_and_a_full_size_one_still_fits(star
 
 
 @pytest.mark.parametrize("share", [4 * MiB, 64 * MiB], ids=["own-share", "control-no-share"])
-def test_a_consumer_hoarding_unacked_messages_cannot_stop_another_client(start, share):
+def test_a_consumer_hoarding_unacked_messages_cannot_stop_another_client(start_broker, share):
     """A consumer that never acks (no prefetch limit) is sent messages only up to its
     share, max_client_unacked_bytes (4 MiB), not up to the broker-wide max_memory
     (32 MiB) that stops every publisher: its queue then fills and only its own
@@ -443,7 +416,7 @@ def test_a_consumer_hoarding_unacked_messages_cannot_stop_another_client(start, 
     limit is reached and the other client's publish is blocked too."""
     # Share + a full queue (4 + 24 MiB) stay under max_memory; in the control the hoarder
     # only has to keep up with a third of the publishing for the memory limit to come first.
-    b = start(max_memory=32 * MiB, max_queue_bytes=24 * MiB, max_client_unacked_bytes=share)
+    b = start_broker(max_memory=32 * MiB, max_queue_bytes=24 * MiB, max_client_unacked_bytes=share)
     hoard, other = direct(), direct()
     held, ready, stop = [], threading.Event(), threading.Event()
 
@@ -569,10 +542,10 @@ def test_a_connections_unacked_count_follows_acks_rejects_gets_and_recover(sockd
         loop.join(WAIT_S)
 
 
-def test_big_frames_in_flight_are_bounded(start):
+def test_big_frames_in_flight_are_bounded(start_broker):
     """Many connections each half-way through an 8 MiB frame: the broker reads at most
     max_memory/4 of them at once; small messages of others still flow."""
-    b = start(max_memory=64 * MiB)  # max_frame 8 MiB: 16 MiB of big frames in flight
+    b = start_broker(max_memory=64 * MiB)  # max_frame 8 MiB: 16 MiB of big frames in flight
     base = rss(b)
     frame_len = 8 * MiB - 1024
     attackers = []
@@ -618,8 +591,8 @@ def test_big_frames_in_flight_are_bounded(start):
 
 # -- a client that does not read --------------------------------------------------------
 
-def test_unread_replies_are_bounded_then_the_client_is_dropped(start):
-    b = start(send_timeout=1.0)
+def test_unread_replies_are_bounded_then_the_client_is_dropped(start_broker):
+    b = start_broker(send_timeout=1.0)
     base = rss(b)
     q = direct()
     with Connection(b.url) as admin:
@@ -665,8 +638,8 @@ def test_unread_replies_are_bounded_then_the_client_is_dropped(start):
 
 # -- memory given back ---------------------------------------------------------------------
 
-def test_memory_comes_back_after_a_purge(start):
-    b = start()
+def test_memory_comes_back_after_a_purge(start_broker):
+    b = start_broker()
     q = direct()
     base = rss(b)
     body = {"pad": "x" * 1000}
@@ -709,7 +682,7 @@ with Connection(url, heartbeat=1) as conn:
 
 
 def test_a_stopped_consumers_unacked_messages_reach_another_within_the_heartbeat_bound(
-        start):
+        start_broker):
     """A consumer that asked for 1 s heartbeats holds 10 unacked messages, then is
     SIGSTOPped: its socket stays open, but two missed heartbeats later the broker drops
     it and another consumer gets the 10, redelivered (py-amqp's heartbeat semantics)."""
@@ -717,7 +690,7 @@ def test_a_stopped_consumers_unacked_messages_reach_another_within_the_heartbeat
     import subprocess
     import sys
 
-    b = start()
+    b = start_broker()
     q = direct()
     with Connection(b.url) as conn:
         producer = Producer(conn)
@@ -745,12 +718,12 @@ def test_a_stopped_consumers_unacked_messages_reach_another_within_the_heartbeat
         child.wait(WAIT_S)
 
 
-def test_a_client_notices_a_stopped_broker_within_two_heartbeats(start):
+def test_a_client_notices_a_stopped_broker_within_two_heartbeats(start_broker):
     """The broker SIGSTOPped: heartbeat_check raises a connection error once two
     heartbeat intervals passed with nothing from it."""
     import signal
 
-    b = start()
+    b = start_broker()
     with Connection(b.url, heartbeat=1) as conn:
         conn.connect()
         conn.default_channel.basic_qos(0, 1, False)

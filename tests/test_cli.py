@@ -166,3 +166,40 @@ def test_every_run_option_is_a_run_options_field():
                                               "amqp_url", "postgres_url"}
     fields = {f.name for f in dataclasses.fields(RunOptions)} - {"workdir"}
     assert options == fields
+
+
+def test_run_options_click_fields_and_record_come_from_one_table():
+    """Each option of `run` is declared once (bench.run_options.OPTIONS): run's click
+    parameters, RunOptions' fields and the results' options record are that table's, in
+    its order; adding an option is one entry there."""
+    import dataclasses
+
+    from bench import run_options
+    from bench.cli import run
+
+    table = run_options.OPTIONS
+    assert len({o.name for o in table}) == len(table)
+    assert [p.name for p in run.params] == [o.name for o in table if o.decls]
+    assert [f.name for f in dataclasses.fields(run_options.RunOptions)] == \
+        [o.name for o in table if not o.cli_only]
+    assert list(run_options.RunOptions().to_dict()) == \
+        [o.name for o in table if not o.cli_only and o.recorded]
+    assert set(run_options.CLI_ONLY) == {"html", "variants", "verbose", "redis_url",
+                                         "amqp_url", "postgres_url"}
+    opts = run_options.RunOptions(quick=True, only=(("api", "kombu"),), restart_cmd="pw")
+    assert run_options.RunOptions.from_dict(opts.to_dict()).only == opts.only
+
+
+def test_the_fast_tier_cannot_measure_or_start_a_child(cli_inproc):
+    """tests/conftest.py's guard: outside the slow tier a run that got past its checks
+    stops at the first cell, and no child process starts (a broken check fails at once)."""
+    import sys
+
+    from bench import children
+    from conftest import RealMeasurementInFastTier
+
+    with pytest.raises(RealMeasurementInFastTier, match="must not measure a cell"):
+        cli_inproc("run", "publish", "--only", "transport=memory", "--only", "api=kombu",
+                   "--quick", "--quiet", "--no-html", "--out", "r.json")
+    with pytest.raises(RealMeasurementInFastTier, match="must not start a child process"):
+        children.spawn([sys.executable, "-c", "pass"])

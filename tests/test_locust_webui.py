@@ -10,6 +10,10 @@ import signal
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
 
 from bench import results
 from browser import browser  # noqa: F401  (the fixture)
@@ -19,22 +23,51 @@ from test_locust_celery import PIDS, alive, free_port, wait_for, worker_pids
 TAB = "celery-bench (us)"
 
 
-def test_web_ui_tab_page_and_bad_choice(tmp_path, browser):  # noqa: F811
-    port = free_port()
-    log = tmp_path / "locust.log"
-    cmd = locust_cmd("--web-host", "127.0.0.1", "--web-port", port, "--transport", "unix",
-                     "--pool", "solo", "--interval", "0.01", "KombuPublisher", "TaskRoundTrip")
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=fh, stderr=subprocess.STDOUT,
-                                env=locust_env())
-    try:
-        wait_for(log, "Starting web interface", proc=proc)
-        _listening(port, proc)                 # Locust logs that line before it binds
-        url = f"http://127.0.0.1:{port}/"
-        visit = browser.open(url, screenshot=tmp_path / "form.png")
-        page = visit.page
-        page.wait_for_selector("form input[name=userCount]", timeout=30_000)
+@dataclass
+class LocustUI:
+    """A Locust web UI this test started, and the browser page open on its form."""
+    port: int
+    log: Path
+    proc: subprocess.Popen | None = None
+    visit: object = None
 
+    def stop(self) -> None:
+        """SIGTERM (Locust quits, stopping the workers it started); idempotent."""
+        if self.proc is not None and self.proc.poll() is None:
+            stop_with(self.proc, signal.SIGTERM)
+
+
+@pytest.fixture
+def locust_ui(tmp_path, browser):  # noqa: F811
+    """``locust_ui(cwd, *locust args, screenshot=None)``: start Locust's web UI on a free
+    port, logging to tmp_path/locust.log, wait until it listens and open its form in the
+    browser. Stopped at the end of the test if the test did not stop it."""
+    started = []
+
+    def start(cwd, *args, screenshot=None) -> LocustUI:
+        ui = LocustUI(free_port(), tmp_path / "locust.log")
+        cmd = locust_cmd("--web-host", "127.0.0.1", "--web-port", ui.port, *args)
+        with open(ui.log, "w") as fh:
+            ui.proc = subprocess.Popen(cmd, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT,
+                                       env=locust_env())
+        started.append(ui)
+        wait_for(ui.log, "Starting web interface", proc=ui.proc)
+        _listening(ui.port, ui.proc)           # Locust logs that line before it binds
+        ui.visit = browser.open(f"http://127.0.0.1:{ui.port}/", screenshot=screenshot)
+        ui.visit.page.wait_for_selector("form input[name=userCount]", timeout=30_000)
+        return ui
+
+    yield start
+    for ui in started:
+        ui.stop()
+
+
+def test_web_ui_tab_page_and_bad_choice(tmp_path, browser, locust_ui):  # noqa: F811
+    ui = locust_ui(tmp_path, "--transport", "unix", "--pool", "solo", "--interval", "0.01",
+                   "KombuPublisher", "TaskRoundTrip", screenshot=tmp_path / "form.png")
+    port, log, visit = ui.port, ui.log, ui.visit
+    page = visit.page
+    try:
         # The form offers only what works: fifo is left out, Host says it is not used.
         options = page.locator("select[name=transport] option").all_inner_texts()
         assert "unix" in options and "fifo" not in options
@@ -92,8 +125,7 @@ def test_web_ui_tab_page_and_bad_choice(tmp_path, browser):  # noqa: F811
         page.get_by_text("STOPPED", exact=False).first.wait_for(timeout=60_000)
         pids = worker_pids(log.read_text())
     finally:
-        if proc.poll() is None:
-            stop_with(proc, signal.SIGTERM)
+        ui.stop()
     text = log.read_text()
     assert "Traceback" not in text, text[-3000:]
     deadline = time.monotonic() + 15
@@ -132,23 +164,14 @@ def _same_counts(page, port) -> None:
     raise AssertionError("no two reads of stats.json shared a snapshot")
 
 
-def test_class_picker_ticks_what_was_named_and_the_transport_runs(tmp_path, browser):  # noqa: F811
+def test_class_picker_ticks_what_was_named_and_the_transport_runs(locust_ui):
     """locust.conf turns the picker on; named KombuPublisher and TaskRoundTrip on memory (no
     worker can reach it): only KombuPublisher is ticked, Start works, one request per
     publish in Locust's own table, nothing in the console, no warning in the Logs tab."""
-    port = free_port()
-    log = tmp_path / "locust.log"
-    cmd = locust_cmd("--web-host", "127.0.0.1", "--web-port", port, "--transport", "memory",
-                     "KombuPublisher", "TaskRoundTrip")
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
-                                env=locust_env())
+    ui = locust_ui(ROOT, "--transport", "memory", "KombuPublisher", "TaskRoundTrip")
+    port, log, visit = ui.port, ui.log, ui.visit
+    page = visit.page
     try:
-        wait_for(log, "Starting web interface", proc=proc)
-        _listening(port, proc)                 # Locust logs that line before it binds
-        visit = browser.open(f"http://127.0.0.1:{port}/")
-        page = visit.page
-        page.wait_for_selector("form input[name=userCount]", timeout=30_000)
         ticks = {}
         for name in ("KombuPublisher", "CeleryPublisher", "TaskRoundTrip", "GroupJoin"):
             row = page.locator("tr").filter(has=page.get_by_role("cell", name=name,
@@ -175,8 +198,7 @@ def test_class_picker_ticks_what_was_named_and_the_transport_runs(tmp_path, brow
         page.get_by_role("button", name="Stop").click()
         page.get_by_text("STOPPED", exact=False).first.wait_for(timeout=60_000)
     finally:
-        if proc.poll() is None:
-            stop_with(proc, signal.SIGTERM)
+        ui.stop()
     assert "Traceback" not in log.read_text()
 
 

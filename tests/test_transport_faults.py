@@ -12,9 +12,7 @@ publishes made while the worker winds down fail at once instead of being lost.
 """
 from __future__ import annotations
 
-import shutil
 import socket
-import tempfile
 import time
 from pathlib import Path
 from urllib.parse import unquote
@@ -27,7 +25,6 @@ import transports  # noqa: F401  registers the unix and fifo aliases
 from bench import brokers, celery_workers, injection
 from bench.celery_app import make_app
 from bench.tasks import spans as work
-from transports import broker as unix_broker
 from transports import fifo, unix
 from support import celery_children, direct_queue, drain_until, qname
 
@@ -69,20 +66,6 @@ def started(folder, *indices):
 def finished(folder, *indices):
     got = runs(folder)
     return all(got.get(i, [0, 0])[1] >= 1 for i in indices)
-
-
-@pytest.fixture
-def sockdir():
-    folder = Path(tempfile.mkdtemp(prefix="cbtf-"))   # short: sun_path holds 107 bytes
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-@pytest.fixture
-def broker(sockdir):
-    proc = unix_broker.start(str(sockdir / "broker.sock"), log_path=sockdir / "broker.log")
-    yield proc
-    proc.stop()
 
 
 @pytest.fixture

@@ -5,13 +5,11 @@ Celery worker. Real broker processes, real sockets, no mocks."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -30,21 +28,6 @@ from support import child, direct_queue, drain_quietly, drain_until, qname
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT_S = 30.0  # generous bound for what takes milliseconds
-
-
-@pytest.fixture
-def sockdir():
-    # Short and private: sun_path holds 107 bytes, pytest's tmp_path can be longer.
-    folder = Path(tempfile.mkdtemp(prefix="cbu-"))
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-@pytest.fixture
-def broker(sockdir):
-    proc = unix_broker.start(str(sockdir / "broker.sock"), log_path=sockdir / "broker.log")
-    yield proc
-    proc.stop()
 
 
 # -- the socket and the URL ---------------------------------------------------------------

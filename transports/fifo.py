@@ -11,7 +11,8 @@ pipe; no interleaving of many producers: writes of at most ``PIPE_BUF``, larger 
 chunked by :mod:`transports.chunking`; back-pressure through a full pipe; bindings shared
 through the directory, :mod:`transports.fifo_bindings`) and what was measured:
 docs/transports.md. The consuming end is :mod:`transports.fifo_inbox`, the producing end
-:mod:`transports.fifo_outbox`, the channel :mod:`transports.fifo_channel`.
+:mod:`transports.fifo_outbox`, the channel :mod:`transports.fifo_channel`, the hooks of
+Celery's event loop :mod:`transports.fifo_loop`.
 Celery: ``broker_url='fifo:///abs/dir'`` in the client and in ``celery worker``.
 
 Features
@@ -76,6 +77,7 @@ from .fifo_bindings import SharedBindings
 from .fifo_channel import Channel
 from .fifo_errors import FifoError, NoConsumerError, PublishTimeout, QueueBusyError, _option
 from .fifo_inbox import _close_inbox, _Inbox, _set_pipe_size
+from .fifo_loop import EventLoopHooks
 from .fifo_outbox import Outboxes
 
 __all__ = ("Transport", "Channel", "FifoError", "NoConsumerError", "QueueBusyError",
@@ -101,7 +103,7 @@ def queue_filename(queue: str) -> str:
     return "%" + sha256(queue.encode("utf-8")).hexdigest()[:40]
 
 
-class Transport(Outboxes, virtual.Transport):
+class Transport(Outboxes, EventLoopHooks, virtual.Transport):
     """FIFO transport: one named pipe per queue, consumer-owned."""
 
     Channel = Channel
@@ -485,70 +487,6 @@ class Transport(Outboxes, virtual.Transport):
                 # an ack from another thread may free one, so look again soon.
                 time.sleep(min(remaining, 0.01))
 
-    # -- event loop -------------------------------------------------------------
-    def register_with_event_loop(self, connection, loop):
-        self._loop = loop
-        # Buffered messages are in memory, not in a pipe, so readiness will not announce
-        # them. Delivering them from the tick callback runs after the loop chose its poll
-        # timeout: with the solo pool the tasks' acks then wait for that timeout (1 s
-        # with no timers). The tick pokes this pipe instead, and delivery runs from poll().
-        if self._wake_r is None:
-            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        loop.add_reader(self._wake_r, self._on_wake)
-        loop.on_tick.add(self._on_tick)
-
-    def _on_wake(self, *args):
-        try:
-            os.read(self._wake_r, 512)
-        except (BlockingIOError, TypeError):
-            pass
-        self._wake_armed = False
-        for inbox in list(self._inboxes.values()):
-            if inbox.rfd >= 0 and inbox.pending():
-                self._pump(inbox)
-
-    def on_readable(self, fd):
-        """The read end of a queue is readable: read once, deliver what prefetch allows."""
-        inbox = self._by_fd.get(fd)
-        if inbox is not None:
-            self._fill(inbox)
-            self._pump(inbox)
-
-    def _pump(self, inbox):
-        callbacks = self._callbacks
-        while inbox.pending() and self._deliverable(inbox):
-            raw = self._take(inbox)
-            if raw is None:
-                break
-            callbacks[inbox.queue](raw)
-            if inbox.rfd < 0:
-                break  # the callback closed the connection
-
-    def _on_tick(self):
-        """Each loop turn: deliver what is buffered, read only queues that can take more."""
-        loop = self._loop
-        if loop is None:
-            return
-        wake = False
-        for inbox in list(self._inboxes.values()):
-            if inbox.rfd < 0:
-                continue
-            if inbox.pending():
-                wake = wake or self._deliverable(inbox)
-            want = not inbox.pending() and self._deliverable(inbox)
-            if want and inbox.reg is None:
-                loop.add_reader(inbox.rfd, self.on_readable, inbox.rfd)
-                inbox.reg = (loop, self)
-            elif not want and inbox.reg is not None and inbox.reg[1] is self:
-                loop.remove_reader(inbox.rfd)
-                inbox.reg = None
-        if wake and not self._wake_armed:
-            self._wake_armed = True
-            try:
-                os.write(self._wake_w, b"!")
-            except BlockingIOError:
-                pass
-
     # -- shared bindings ----------------------------------------------------------
     def _share_bindings(self, queue):
         """The consumer of ``queue`` publishes its named-exchange bindings for other processes."""
@@ -577,26 +515,13 @@ class Transport(Outboxes, virtual.Transport):
             self._release()
 
     def _release(self):
-        if self._loop is not None:
-            self._loop.on_tick.discard(self._on_tick)
-            if self._wake_r is not None:
-                try:
-                    self._loop.remove_reader(self._wake_r)
-                except Exception:  # the loop may be closing already
-                    pass
+        self._leave_loop()
         for queue in list(self._inboxes):
             self._detach(queue)
         self._let_go.clear()
         self._loop = None
         self._close_wake()
         self._close_outboxes()
-
-    def _close_wake(self):
-        if self._wake_r is not None:
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-            self._wake_r = self._wake_w = None
-        self._wake_armed = False
 
     def _after_fork_in_child(self):
         self._inboxes.clear()

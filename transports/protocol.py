@@ -125,6 +125,24 @@ def unpack_strs(buf, pos: int, count: int) -> tuple[list[bytes], int]:
     return out, pos
 
 
+# The request shapes after RPC_HEAD (op, channel, reqid; 7 bytes): each decoder returns the
+# channel, the request id, what the body holds and where the names end.
+def unpack_named(frame, count: int) -> tuple[int, int, list[bytes], int]:
+    """A request of ``count`` names (exchange delete, queue bind/unbind/purge)."""
+    _, chid, reqid = RPC_HEAD.unpack_from(frame, 0)
+    names, pos = unpack_strs(frame, RPC_HEAD.size, count)
+    return chid, reqid, names, pos
+
+
+def unpack_flagged(frame, count: int) -> tuple[int, int, int, list[bytes], int]:
+    """A request of a flags byte then ``count`` names (exchange/queue declare, queue
+    delete, get); returns ``(chid, reqid, flags, names, pos)``."""
+    _, chid, reqid = RPC_HEAD.unpack_from(frame, 0)
+    (flags,) = U8.unpack_from(frame, RPC_HEAD.size)
+    names, pos = unpack_strs(frame, RPC_HEAD.size + 1, count)
+    return chid, reqid, flags, names, pos
+
+
 def socket_path_from_url(url: str) -> str:
     """``unix:///abs/path.sock`` (or a bare absolute path) -> ``/abs/path.sock``."""
     text = str(url).strip()

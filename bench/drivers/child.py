@@ -1,21 +1,26 @@
 """A helper process that talks to the harness in lines: ``python -m MODULE``.
 
 The parent writes the child's JSON spec as the first line of its stdin, then orders;
-the child answers on stdout. Every wait has a timeout; :meth:`LineChild.stop` always
-ends the process (EOF, then SIGTERM, then SIGKILL).
+the child answers on stdout. Every wait has a timeout. The child is started and
+registered through :mod:`bench.children` (its own process group, stopped at exit);
+:meth:`LineChild.stop` always ends it (EOF, then SIGTERM to its group, then SIGKILL).
 """
 from __future__ import annotations
 
 import json
 import os
 import queue as queue_mod
+import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+from .. import children
+
 STOP_GRACE_S = 0.5        # how long a child may take to close after EOF before SIGTERM
+TERM_GRACE_S = 3.0        # then how long after SIGTERM before SIGKILL
 
 
 class LineChild:
@@ -33,10 +38,12 @@ class LineChild:
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._stderr = open(self.workdir / f"{self.ROLE}.stderr", "w+")
-        self.proc = subprocess.Popen(
+        self.proc = children.spawn(
             self.argv(), stdin=subprocess.PIPE, cwd=self.cwd(),
             stdout=subprocess.PIPE, stderr=self._stderr, text=True, bufsize=1,
             env=self.environment())
+        self.pid = self.proc.pid
+        children.OWNER.register(self)
         threading.Thread(target=self._read, daemon=True).start()
         self.send_line(json.dumps(self.spec))
 
@@ -94,31 +101,37 @@ class LineChild:
     def wait_ready(self) -> None:
         self.wait_for("ready", min(self.timeout, 30.0))
 
-    def stop(self) -> None:
-        if self.proc is None:
+    # --- what bench.children.OWNER asks of a registered child (it stops us at exit)
+    def terminate(self) -> None:
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            children.kill_group(proc.pid, signal.SIGTERM)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """EOF (the child exits on its own), then SIGTERM and SIGKILL to its group; within
+        ``timeout`` seconds when given (the owner's shared exit deadline). Idempotent."""
+        proc, self.proc = self.proc, None
+        if proc is None:
             return
+        eof_grace = STOP_GRACE_S if timeout is None else min(STOP_GRACE_S, timeout / 2)
+        term_grace = TERM_GRACE_S if timeout is None else max(0.0, timeout - eof_grace)
         try:
-            if self.proc.poll() is None:
+            if proc.poll() is None:
                 try:
-                    self.proc.stdin.close()   # EOF: the child exits on its own
+                    proc.stdin.close()   # EOF: the child exits on its own
                 except OSError:
                     pass
                 try:
-                    self.proc.wait(timeout=STOP_GRACE_S)
+                    proc.wait(timeout=eof_grace)
                 except subprocess.TimeoutExpired:
-                    self.proc.terminate()
-                    try:
-                        self.proc.wait(timeout=3)
-                    except subprocess.TimeoutExpired:
-                        self.proc.kill()
-                        self.proc.wait(timeout=3)
+                    children.stop([proc], term_grace)
         finally:
-            for fh in (self.proc.stdin, self.proc.stdout, self._stderr):
+            children.OWNER.release(proc.pid)
+            for fh in (proc.stdin, proc.stdout, self._stderr):
                 try:
                     fh.close()
                 except Exception:
                     pass
-            self.proc = None
 
 
 def run_child(main) -> None:

@@ -122,12 +122,10 @@ def _scenario(item, variants, rounds, opts, run_, workdir, on_cell, on_cell_star
 
 
 def child_options(opts: runner.RunOptions) -> dict:
-    """The options a variant's process measures with: ``to_dict`` masks the broker commands
-    (--restart-cmd, --start-cmd) for the results file; the process must run them. They
-    reach it on its stdin only, never a file."""
-    options = opts.to_dict()
-    options.update(restart_cmd=opts.restart_cmd, start_cmd=opts.start_cmd)
-    return options
+    """The options a variant's process measures with: the results file's, with the secret
+    ones (the broker commands --restart-cmd, --start-cmd) kept, since the process must run
+    them. They reach it on its stdin only, never a file."""
+    return opts.to_dict(secrets=True)
 
 
 def measure(name: str, cells: list, variants: list, rounds: range, opts, workdir: Path,

@@ -9,7 +9,8 @@ from ..protocol import (
     COUNTS, EXCHANGE_TYPES, F_AUTO_DELETE, F_EXCLUSIVE, F_IF_EMPTY, F_IF_UNUSED, F_PASSIVE,
     GET_OK, HEAD, HELLO_OK, MAGIC, OP_HELLO, OP_REPLY, PROTOCOL_VERSION, QOS_BODY,
     QUEUE_LIMITS, REPLY_BODY_HEAD, REPLY_HEAD, RPC_HEAD, STATUS_EMPTY, STATUS_NOT_FOUND,
-    STATUS_OK, STATUS_PRECONDITION, TAG_FLAG, U8, U16, U32, ProtocolError, unpack_strs,
+    STATUS_OK, STATUS_PRECONDITION, TAG_FLAG, U16, U32, ProtocolError, unpack_flagged,
+    unpack_named, unpack_strs,
 )
 from .model import (
     MAX_NAME, MSG_OVERHEAD, _MEMORY, Client, Consumer, Exchange, TopicPattern, _ResourceLimit,
@@ -223,9 +224,7 @@ class Handlers:
             self._dirty_queues.add(q)
 
     def _on_exchange_declare(self, client: Client, frame):
-        _, chid, reqid = RPC_HEAD.unpack_from(frame, 0)
-        (flags,) = U8.unpack_from(frame, 7)
-        (name, type_), _ = unpack_strs(frame, 8, 2)
+        chid, reqid, flags, (name, type_), _ = unpack_flagged(frame, 2)
         type_ = type_ or b"direct"
         ex = self.exchanges.get(name)
         if flags & F_PASSIVE:
@@ -257,8 +256,7 @@ class Handlers:
         self._reply(client, chid, reqid)
 
     def _on_exchange_delete(self, client: Client, frame):
-        _, chid, reqid = RPC_HEAD.unpack_from(frame, 0)
-        (name,), _ = unpack_strs(frame, 7, 1)
+        chid, reqid, (name,), _ = unpack_named(frame, 1)
         ex = self.exchanges.pop(name, None)
         if ex is not None:
             self.objects -= 1
@@ -271,9 +269,7 @@ class Handlers:
         self._reply(client, chid, reqid)
 
     def _on_queue_declare(self, client: Client, frame):
-        _, chid, reqid = RPC_HEAD.unpack_from(frame, 0)
-        (flags,) = U8.unpack_from(frame, 7)
-        (name,), pos = unpack_strs(frame, 8, 1)
+        chid, reqid, flags, (name,), pos = unpack_flagged(frame, 1)
         max_messages = max_bytes = 0
         if len(frame) >= pos + QUEUE_LIMITS.size:
             max_messages, max_bytes = QUEUE_LIMITS.unpack_from(frame, pos)
@@ -301,8 +297,7 @@ class Handlers:
                     COUNTS.pack(len(q.messages), len(q.consumers)))
 
     def _on_queue_bind(self, client: Client, frame, unbind=False):
-        _, chid, reqid = RPC_HEAD.unpack_from(frame, 0)
-        (qname, exname, key), _ = unpack_strs(frame, 7, 3)
+        chid, reqid, (qname, exname, key), _ = unpack_named(frame, 3)
         q = self.queues.get(qname)
         ex = self.exchanges.get(exname)
         if q is None or ex is None:
@@ -344,16 +339,13 @@ class Handlers:
         self._on_queue_bind(client, frame, unbind=True)
 
     def _on_queue_purge(self, client: Client, frame):
-        _, chid, reqid = RPC_HEAD.unpack_from(frame, 0)
-        (name,), _ = unpack_strs(frame, 7, 1)
+        chid, reqid, (name,), _ = unpack_named(frame, 1)
         q = self.queues.get(name)
         count = self._drop_messages(q) if q is not None else 0
         self._reply(client, chid, reqid, STATUS_OK, U32.pack(count))
 
     def _on_queue_delete(self, client: Client, frame):
-        _, chid, reqid = RPC_HEAD.unpack_from(frame, 0)
-        (flags,) = U8.unpack_from(frame, 7)
-        (name,), _ = unpack_strs(frame, 8, 1)
+        chid, reqid, flags, (name,), _ = unpack_flagged(frame, 1)
         q = self.queues.get(name)
         count = 0
         if q is not None:
@@ -364,9 +356,7 @@ class Handlers:
         self._reply(client, chid, reqid, STATUS_OK, U32.pack(count))
 
     def _on_get(self, client: Client, frame):
-        _, chid, reqid = RPC_HEAD.unpack_from(frame, 0)
-        (no_ack,) = U8.unpack_from(frame, 7)
-        (name,), _ = unpack_strs(frame, 8, 1)
+        chid, reqid, no_ack, (name,), _ = unpack_flagged(frame, 1)
         q = self.queues.get(name)
         if q is None or not q.messages:
             self._reply(client, chid, reqid, STATUS_EMPTY)
