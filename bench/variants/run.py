@@ -30,6 +30,13 @@ SERVE = Path(__file__).with_name("serve.py")
 CELL_TIMEOUT_S = 3600.0   # one cell-round's bound; the cell's own waits are shorter
 SLICES = {"publish": 5}   # slices per variant per round (:func:`slicing`); others: 1
 MIN_SLICE_S = 0.15        # the shortest slice: its warm-up and set-up stay a fraction of it
+# Scenarios whose measuring processes start afresh each round: a process's share of a busy
+# machine stays with it for its life (an A/A gate on 2026-12-07 at load 5-6 had head's
+# publish rate 0.61-0.86x base's in all 5 rounds at equal CPU per message; another, 1.40x),
+# which pairing by round cannot cancel; a new pair of processes each round draws it anew,
+# so it becomes round-to-round noise the interval counts (pyperf's worker processes, for
+# the same reason). Not for scenarios that keep a Celery worker: starting one is dear.
+FRESH_EACH_ROUND = {"publish"}
 
 
 class VariantProcess(LineChild):
@@ -162,17 +169,12 @@ def measure(name: str, cells: list, variants: list, rounds: range, opts, workdir
               for i, p in enumerate(cells) for v in variants}
     started = set()
     with ExitStack() as stack:
-        procs = {}
-        for v in variants:
-            folder = workdir / name / v.name
-            proc = VariantProcess(v, {"scenario": name, "options": options,
-                                      "workdir": str(folder)}, folder, opts.timeout)
-            stack.callback(proc.stop)
-            proc.start()
-            procs[v.name] = proc
-        for proc in procs.values():
-            proc.wait_for("ready", max(60.0, opts.timeout))
-        for round_ in rounds:
+        procs: dict = {}
+        for n, round_ in enumerate(rounds):
+            if all(state.status for state in states.values()):
+                break   # every cell skipped or failed: nothing left to measure
+            if n == 0 or name in FRESH_EACH_ROUND:
+                _restart(procs, stack, variants, name, options, workdir, opts)
             for i, params in enumerate(cells):
                 slices: dict = {v.name: [] for v in variants}
                 for j in range(k):
@@ -194,6 +196,21 @@ def measure(name: str, cells: list, variants: list, rounds: range, opts, workdir
                     if slices[v.name] or state.status:
                         record((i, v.name), state)
     return states
+
+
+def _restart(procs: dict, stack: ExitStack, variants, name, options, workdir, opts) -> None:
+    """(Re)start every variant's measuring process for scenario ``name`` into ``procs``."""
+    for proc in procs.values():
+        proc.stop()
+    for v in variants:
+        folder = workdir / name / v.name
+        proc = VariantProcess(v, {"scenario": name, "options": options,
+                                  "workdir": str(folder)}, folder, opts.timeout)
+        stack.callback(proc.stop)
+        proc.start()
+        procs[v.name] = proc
+    for proc in procs.values():
+        proc.wait_for("ready", max(60.0, opts.timeout))
 
 
 def _measure(proc: VariantProcess, state: runner.CellRun, params: dict, round_: int,
