@@ -6,16 +6,18 @@ Issue 15's proof, measured on this machine (docs/ab.md records the figures):
   publish cell (memory), DIR holding a ``sitecustomize`` that makes B's
   ``kombu.messaging.Producer.publish`` spin ``--slowdown`` (default 10%) of a publish's
   cost more, sized from a publish timed in this process just before each run. Each run is
-  judged by ``compare --by variant`` rules (bench.compare.compare_within): is
-  ``throughput_per_s`` called "slower", and is ``cpu_us_per_msg`` (CPU per message, less
-  sensitive to preemption on a shared machine) called "higher"?
+  judged by ``compare --by variant`` rules (bench.compare.compare_within): is each of
+  ``SLOW_METRICS`` called "slower" (throughput; CPU per message and CPU per message in
+  calibration units, which preemption on a shared machine inflates least)? ``--same``:
+  the same runs with B unpatched (A/A on that cell and those rounds).
 - ``aa``: RUNS runs of ``celery-bench gate --against HEAD --head env:CB_AA=1`` with the
   rules of results/baselines/gates-ab.toml that need no worker-throughput or callgrind
   cells (``--full`` keeps them all), i.e. the same tree as base and head: gate failures,
   and the share of ``compare --by variant`` rows (every default metric of every cell)
   "no significant difference".
 
-    .venv/bin/python tools/ab_sensitivity.py slow --runs 10 --rounds 12
+    .venv/bin/python tools/ab_sensitivity.py slow --runs 10 --rounds 12 [--slowdown 0.25]
+    .venv/bin/python tools/ab_sensitivity.py slow --same --runs 10 --rounds 12
     .venv/bin/python tools/ab_sensitivity.py aa --runs 10
     .venv/bin/python tools/ab_sensitivity.py tally     # both again under other noise bands
 
