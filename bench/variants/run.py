@@ -36,7 +36,7 @@ MIN_SLICE_S = 0.15        # the shortest slice: its warm-up and set-up stay a fr
 # which pairing by round cannot cancel; a new pair of processes each round draws it anew,
 # so it becomes round-to-round noise the interval counts (pyperf's worker processes, for
 # the same reason). Not for scenarios that keep a Celery worker: starting one is dear.
-FRESH_EACH_ROUND = {"publish"}
+FRESH_EACH_ROUND = frozenset({"publish"})
 
 
 class VariantProcess(LineChild):
