@@ -23,7 +23,7 @@ from . import cli_params, config, gate_spec
                    "two --cell: compare those two cells.")
 @click.option("--metric", "metrics", multiple=True, metavar="NAME",
               help="Metric to compare, e.g. throughput_per_s or publish_us.p99 "
-                   "(default: throughputs, p50 and p99).")
+                   "(default: throughputs, costs per message, p50 and p99).")
 @click.option("--noise", type=float, callback=cli_params.finite_range("--noise", 0, 10),
               metavar="FRACTION",
               help="Smallest difference called: the 95% interval must lie beyond "

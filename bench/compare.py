@@ -36,6 +36,9 @@ NOISE_WITHIN_RUN = 0.05    # paired rounds: drift cancels; anything smaller is "
 CONFIDENCE = stats.CONFIDENCE
 HIST_STATS = ("p50", "p90", "p99", "p999", "max", "count")
 DEFAULT_HIST_STATS = ("p50", "p99")
+# Costs per message named otherwise than *_per_msg: publish CPU per message in units of the
+# calibration work done beside it (bench/scenarios/publish.py), lower is better
+COSTS = ("cpu_vs_calibration",)
 
 
 # --------------------------------------------------------------------------- selectors
@@ -129,6 +132,8 @@ def higher_is_better(metric: str) -> bool | None:
         return False
     if metric.endswith("_per_s"):
         return None if metric.startswith("rate_target") else True
+    if metric.endswith("_per_msg") or metric in COSTS:   # a cost per message
+        return False
     if metric in ("lost", "errors", "duplicates", "overflow") or \
             re.search(r"(_ns|_us|_ms|_s|_seconds|latency|lag)$", metric):
         return False
@@ -136,9 +141,11 @@ def higher_is_better(metric: str) -> bool | None:
 
 
 def default_metrics(cell: results.Cell) -> list[str]:
-    """Throughputs and each histogram's p50 and p99 (waterfall stages only when named:
-    ``--metric waterfall.broker.p99``)."""
-    names = [m for m in cell.metrics if higher_is_better(m) is True]
+    """Throughputs, costs per message (``cpu_us_per_msg``, ``cpu_vs_calibration``: what
+    preemption and a busy neighbour on a shared machine inflate least) and each histogram's
+    p50 and p99 (waterfall stages only when named: ``--metric waterfall.broker.p99``)."""
+    names = [m for m in cell.metrics if higher_is_better(m) is True or m.endswith("_per_msg")
+             or m in COSTS]
     for hist in cell.histograms:
         if not hist.startswith("waterfall."):
             names += [f"{hist}.{s}" for s in DEFAULT_HIST_STATS]

@@ -173,6 +173,7 @@ def test_direction_words(metric, better_up):
 @pytest.mark.parametrize("metric, better_up", [
     ("throughput_per_s", True), ("publish_us.p99", False), ("publish_us.max", False),
     ("lost", False), ("schedule_lag_us", False), ("rate_target_per_s", None),
+    ("cpu_us_per_msg", False), ("instructions_per_msg", False), ("cpu_vs_calibration", False),
     ("queue_depth", None)])
 def test_direction_of_metrics(metric, better_up):
     assert compare.higher_is_better(metric) is better_up

@@ -22,12 +22,21 @@ from typing import Callable
 
 from hdrh.histogram import HdrHistogram
 
-from .. import recorder, results, runner
+from .. import compare, recorder, results, runner
 from ..drivers.child import LineChild
 from .spec import Variant
 
 SERVE = Path(__file__).with_name("serve.py")
 CELL_TIMEOUT_S = 3600.0   # one cell-round's bound; the cell's own waits are shorter
+SLICES = {"publish": 5}   # slices per variant per round (:func:`slicing`); others: 1
+MIN_SLICE_S = 0.15        # the shortest slice: its warm-up and set-up stay a fraction of it
+# Scenarios whose measuring processes start afresh each round: a process's share of a busy
+# machine stays with it for its life (an A/A gate on 2026-12-07 at load 5-6 had head's
+# publish rate 0.61-0.86x base's in all 5 rounds at equal CPU per message; another, 1.40x),
+# which pairing by round cannot cancel; a new pair of processes each round draws it anew,
+# so it becomes round-to-round noise the interval counts (pyperf's worker processes, for
+# the same reason). Not for scenarios that keep a Celery worker: starting one is dear.
+FRESH_EACH_ROUND = frozenset({"publish"})
 
 
 class VariantProcess(LineChild):
@@ -128,49 +137,142 @@ def child_options(opts: runner.RunOptions) -> dict:
     return opts.to_dict(secrets=True)
 
 
+def slicing(name: str, opts) -> tuple[int, float | None]:
+    """(slices per variant per round, each slice's --duration) for scenario ``name``.
+
+    A closed-loop publish cell is CPU-bound and short: on a shared machine one 1 s round
+    swings 10-30% with whatever else runs. So its round is ``SLICES`` short slices per
+    variant, interleaved A B B A A B ... at that fine grain (a burst of load lands on both
+    sides), each at least ``MIN_SLICE_S``, and the round's value of a rate or per-message
+    cost is its best slice (:func:`merged`). Other scenarios (workers, joins, open loops,
+    fixed message counts) keep one measurement per round.
+    """
+    wanted = SLICES.get(name, 1)
+    if wanted == 1 or not opts.duration or opts.messages or opts.rate \
+            or opts.rate_sweep or opts.max_rate:
+        return 1, opts.duration
+    k = max(1, min(wanted, int(opts.duration / MIN_SLICE_S)))
+    return k, opts.duration / k
+
+
 def measure(name: str, cells: list, variants: list, rounds: range, opts, workdir: Path,
             record: Callable, on_cell_start: Callable | None = None) -> dict:
     """Each of ``cells`` (params without ``variant``) once per variant per round of
-    ``rounds``, counterbalanced; ``record((i, variant name), state)`` after each. Returns
-    the states by that key (their repeats are the rounds measured here)."""
+    ``rounds``, counterbalanced (in :func:`slicing`'s slices where it applies);
+    ``record((i, variant name), state)`` after each. Returns the states by that key (their
+    repeats are the rounds measured here)."""
     options = child_options(opts)
+    k, options["duration"] = slicing(name, opts)
     states = {(i, v.name): runner.CellRun(name, {**p, "variant": v.name})
               for i, p in enumerate(cells) for v in variants}
+    started = set()
     with ExitStack() as stack:
-        procs = {}
-        for v in variants:
-            folder = workdir / name / v.name
-            proc = VariantProcess(v, {"scenario": name, "options": options,
-                                      "workdir": str(folder)}, folder, opts.timeout)
-            stack.callback(proc.stop)
-            proc.start()
-            procs[v.name] = proc
-        for proc in procs.values():
-            proc.wait_for("ready", max(60.0, opts.timeout))
-        for round_ in rounds:
+        procs: dict = {}
+        for n, round_ in enumerate(rounds):
+            if all(state.status for state in states.values()):
+                break   # every cell skipped or failed: nothing left to measure
+            if n == 0 or name in FRESH_EACH_ROUND:
+                _restart(procs, stack, variants, name, options, workdir, opts)
             for i, params in enumerate(cells):
-                for v in order(variants, round_):
+                slices: dict = {v.name: [] for v in variants}
+                for j in range(k):
+                    for v in order(variants, round_ * k + j):
+                        state = states[(i, v.name)]
+                        if state.status:
+                            continue
+                        if on_cell_start and j == 0:
+                            on_cell_start(name, state.params, round_)
+                        got = _measure(procs[v.name], state, params, round_,
+                                       first=(i, v.name) not in started)
+                        started.add((i, v.name))
+                        if got is not None:
+                            slices[v.name].append(got)
+                for v in variants:
                     state = states[(i, v.name)]
-                    if state.status:
-                        continue
-                    if on_cell_start:
-                        on_cell_start(name, state.params, round_)
-                    _measure(procs[v.name], state, params, round_)
-                    record((i, v.name), state)
+                    if slices[v.name] and not state.status:
+                        state.repeats.append(merged(slices[v.name]))
+                    if slices[v.name] or state.status:
+                        record((i, v.name), state)
     return states
 
 
-def _measure(proc: VariantProcess, state: runner.CellRun, params: dict, round_: int) -> None:
+def _restart(procs: dict, stack: ExitStack, variants, name, options, workdir, opts) -> None:
+    """(Re)start every variant's measuring process for scenario ``name`` into ``procs``."""
+    for proc in procs.values():
+        proc.stop()
+    for v in variants:
+        folder = workdir / name / v.name
+        proc = VariantProcess(v, {"scenario": name, "options": options,
+                                  "workdir": str(folder)}, folder, opts.timeout)
+        stack.callback(proc.stop)
+        proc.start()
+        procs[v.name] = proc
+    for proc in procs.values():
+        proc.wait_for("ready", max(60.0, opts.timeout))
+
+
+def _measure(proc: VariantProcess, state: runner.CellRun, params: dict, round_: int,
+             first: bool) -> dict | None:
+    """One slice of one cell in ``proc``: its repeat, or None (the state says why it stops)."""
     try:
-        answer = proc.measure(params, round_, first=not state.repeats)
+        answer = proc.measure(params, round_, first=first)
     except (TimeoutError, RuntimeError) as exc:   # the variant's process died or hung
         state.status, state.reason = "failed", f"variant {proc.variant.name}: {exc}"
-        return
+        return None
     state.measured_loss = answer.get("measured_loss") or state.measured_loss
-    if answer.get("repeat"):
-        state.repeats.append(_decoded(answer["repeat"]))
     if answer.get("status"):
         state.status, state.reason = answer["status"], answer.get("reason", "")
+    return _decoded(answer["repeat"]) if answer.get("repeat") else None
+
+
+def best_of(metric: str) -> bool | None:
+    """Whether a round's ``metric`` is its best slice: rates (``_per_s``, higher is
+    better) and per-message costs (``_per_msg``, ``cpu_vs_calibration``: lower is better);
+    None: folded as repeats are (median, counts summed)."""
+    if metric.endswith("_per_msg") or metric in compare.COSTS:
+        return False
+    if metric.endswith("_per_s") and not metric.startswith("rate_"):
+        return True
+    return None
+
+
+def merged(slices: list[dict]) -> dict:
+    """One round's repeat from one variant's slices of it.
+
+    Disturbance on a shared machine (preemption, a neighbour on the other hyperthread,
+    cache pollution) only ever slows a slice, so the least disturbed slice is the nearest
+    to the code's own speed: a rate is the round's highest slice, a per-message cost its
+    lowest. Both variants are judged alike, so this sharpens the paired ratio without
+    biasing it (A/A in docs/ab.md). Counts of messages add up, flags raised in any slice
+    stay raised, other numbers are the median; histograms are merged (every sample).
+    """
+    if len(slices) == 1:
+        return slices[0]
+    metrics, _spread = results.fold_metrics([s.get("metrics", {}) for s in slices])
+    for name in metrics:
+        up = best_of(name)
+        values = [s["metrics"].get(name) for s in slices]
+        if up is not None and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                  for v in values):
+            metrics[name] = max(values) if up else min(values)
+    hists: dict = {}
+    for s in slices:
+        for hname, rec in (s.get("histograms") or {}).items():
+            if hname not in hists:
+                hists[hname] = recorder.Recorded(
+                    HdrHistogram(rec.hist.lowest_trackable_value,
+                                 rec.hist.highest_trackable_value,
+                                 rec.hist.significant_figures), 0, rec.unit, 0, [])
+            into = hists[hname]
+            into.hist.add(rec.hist)
+            into.overflow += rec.overflow
+            into.invalid += rec.invalid
+            into.intervals += rec.intervals
+    out = dict(slices[0])
+    out.update(metrics=metrics, histograms=hists, slices=len(slices),
+               elapsed_s=round(sum(s.get("elapsed_s") or 0 for s in slices), 3),
+               notes=list(dict.fromkeys(n for s in slices for n in s.get("notes") or ())))
+    return out
 
 
 def _decoded(repeat: dict) -> dict:
