@@ -125,6 +125,7 @@ class Step:
     lo_us: float | None = None        # the SLO percentile's 95% interval (None: too few)
     hi_us: float | None = None
     decided: bool = True              # False: the interval spans the SLO, or too few samples
+    stages_us: dict | None = None     # where the time went: {stage: [p50, p99]} (waterfall)
 
 
 def judge(step: Step, slo: SLO) -> Step:
