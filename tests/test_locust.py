@@ -53,7 +53,8 @@ def cells(tmp_path) -> dict:
     return {(c.params["request_type"], c.params["name"]): c for c in run.cells}
 
 
-STAGES = ("enqueue", "queue wait", "run", "result", "lag")
+STAGES = ("enqueue", "queue wait", "run", "result", "lag",
+          *(f"stage {s}" for s in ("publish", "broker", "worker", "pool", "run", "result")))
 
 
 def check_counts(tmp_path) -> dict:

@@ -266,6 +266,31 @@ def test_roundtrip_waterfall_has_a_real_store_and_a_caller(tmp_path, need, trans
     assert_no_worker_left()
 
 
+def test_hooks_on_and_off_are_measured_side_by_side(tmp_path, monkeypatch):
+    """--only hooks=on|off: each throughput cell with the waterfall's hooks and without;
+    the worker of the 'off' cell has neither the stamp folder nor the strategy."""
+    from bench import worker_stamps
+
+    envs = []
+    real = celery_workers.start
+
+    def start(*args, **kwargs):
+        envs.append((dict(kwargs.get("env") or {}), dict(kwargs.get("conf") or {})))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(celery_workers, "start", start)
+    run_ = run(tmp_path, transports=("unix",), messages=300, repeat=2,
+               only=(("pool", "prefork"), ("mode", "throughput"), ("hooks", "on|off")))
+    assert sorted(c.params["hooks"] for c in run_.cells) == ["off", "on"]
+    for c in run_.cells:
+        assert c.status == "ok", c.reason
+        assert c.metrics["sent"] == c.metrics["received"] == 2 * 300   # summed over rounds
+        assert c.metrics["lost"] == 0 and c.metrics["tasks_per_s"] > 0
+    hooked = [worker_stamps.STAMP_ENV in env and "task_annotations" in conf
+              for env, conf in envs]
+    assert hooked.count(True) == hooked.count(False) == 2, envs   # 2 rounds, fresh workers
+    assert_no_worker_left()
+
+
 def test_cpus_pins_the_worker_and_its_pool(tmp_path, monkeypatch):
     """--cpus worker=C,pool=C: the worker's main process and every pool child are pinned
     (os.sched_setaffinity on their pids), and the cell says where each role ran and how

@@ -23,6 +23,10 @@ modest open-loop rate (200/s; ``--rate``, ``--duration``): ``publish_to_start``
 = intended send time -> task start, ``from_send`` = actual send -> start,
 ``schedule_lag`` = how late the sender was.
 
+``--only hooks=on|off``: each throughput cell twice, with the waterfall's hooks
+(:mod:`bench.worker_stamps`, always loaded otherwise) and without (Celery's default
+strategy, no signal handlers): what the hooks cost the worker (``compare --by hooks``).
+
 ``mode=roundtrip`` (asked for with ``--only mode=roundtrip``): a latency cell whose
 tasks store their results (``backend``: Redis when it answers, else SQLite) and a
 caller thread waits for each with ``AsyncResult.get`` in send order, so the
@@ -200,12 +204,15 @@ class Worker(Scenario):
                 out.append({"transport": transport, "pool": "prefork",
                             "concurrency": concurrency, "mode": "throughput", "tasks": tasks,
                             "rate": "-"})
+        # --only hooks=...: throughput with the waterfall's hooks and without, side by side
+        hooks = ("on", "off") if any(k == "hooks" for k, _ in opts.only) else (None,)
         # The quick slice runs prefork only: the pool the servers' references use.
         for transport in self._transports():
             for pool in pools:
                 c = 1 if pool == "solo" else concurrency
                 base = {"transport": transport, "pool": pool, "concurrency": c}
-                out.append({**base, "mode": "throughput", "tasks": tasks, "rate": "-"})
+                out += [{**base, "mode": "throughput", "tasks": tasks, "rate": "-",
+                         **({"hooks": h} if h else {})} for h in hooks]
                 out.append({**base, "mode": "latency", "tasks": paced, "rate": rate})
                 if ("mode", "roundtrip") in opts.only:
                     out.append({**base, "mode": "roundtrip", "tasks": paced, "rate": rate,

@@ -98,7 +98,7 @@ class MeasuredWorker(_celery.WorkerSetup):
 
 def rig_key(params) -> tuple:
     return (params["transport"], params["pool"], int(params["concurrency"]),
-            params.get("backend", ""))
+            params.get("backend", ""), params.get("hooks", "on"))
 
 
 def open_rig(params, opts) -> MeasuredWorker:
@@ -138,14 +138,17 @@ def open_rig(params, opts) -> MeasuredWorker:
 def start_worker(rig: MeasuredWorker, params, opts) -> None:
     env = rig.env
     with _celery.worker_failures():
+        # hooks=off: Celery's default strategy and no signal handlers (their cost, measured)
+        hooks = params.get("hooks", "on") != "off"
         conf = {"task_default_queue": rig.queue, "task_ignore_result": True,
-                **worker_stamps.worker_conf(TASK)}
+                **(worker_stamps.worker_conf(TASK) if hooks else {})}
         conf.update(rig.backend_conf)
         proc = rig.stack.enter_context(celery_workers.worker(
             env.url, rig.backend_url, transport_options=env.transport_options, conf=conf,
             pool=params["pool"], concurrency=int(params["concurrency"]), queues=[rig.queue],
             env={tick.DIR_ENV: str(rig.ticks.folder),
-                 worker_stamps.STAMP_ENV: str(rig.stamps.folder)}, loglevel="WARNING",
+                 **({worker_stamps.STAMP_ENV: str(rig.stamps.folder)} if hooks else {})},
+            loglevel="WARNING",
             ready_timeout=opts.timeout))
     rig.stack.callback(_celery.stop_quickly, [proc])
     rig.procs = [proc]
