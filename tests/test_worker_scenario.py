@@ -45,10 +45,13 @@ def check_latency(c):
     m = c.metrics
     assert m["lost"] == 0 and m["duplicates"] == 0
     assert m["received"] == m["sent"] == c.params["tasks"]
-    for name in ("publish_to_start", "from_send", "schedule_lag"):
+    for name in ("publish_to_start", "from_send", "schedule_lag", "queue_wait"):
         assert c.histograms[name]["count"] == m["sent"], name
     # From the intended time, never less than from the actual send.
     assert c.histograms["publish_to_start"]["p50"] >= c.histograms["from_send"]["p50"]
+    # the SLO's wait leaves only the harness's lateness out: between the two
+    assert c.histograms["publish_to_start"]["p50"] >= c.histograms["queue_wait"]["p50"] >= \
+        c.histograms["from_send"]["p50"]
 
 
 def test_matrix_and_quick_slice():
