@@ -218,7 +218,7 @@ class Worker(Scenario):
                 out += [{**base, "mode": "throughput", "tasks": tasks, "rate": "-",
                          **({"hooks": h} if h else {})} for h in hooks]
                 out.append({**base, "mode": "latency", "tasks": paced, "rate": rate})
-                if ("mode", "roundtrip") in opts.only:
+                if any(k == "mode" and "roundtrip" in v.split("|") for k, v in opts.only):
                     out.append({**base, "mode": "roundtrip", "tasks": paced, "rate": rate,
                                 "backend": backends.fastest_reachable(transport).name})
         return out
