@@ -22,9 +22,9 @@ rate measured earlier in the same run.
 modest open-loop rate (200/s; ``--rate``, ``--duration``): ``publish_to_start``
 = intended send time -> task start, ``from_send`` = actual send -> start,
 ``schedule_lag`` = how late the sender was, ``queue_wait`` (what ``--slo`` and
-``--max-rate`` judge) = from when the task could have been sent (intended, or the
-previous publish call's return if later) -> start: the harness's own timer lateness
-left out, the system's back pressure kept.
+``--max-rate`` judge) = ``publish_to_start`` less the harness's own lateness (from when
+it could send, the intended time or the previous publish call's return if later, to
+when it did): the system's back pressure kept.
 
 ``--only hooks=on|off``: each throughput cell twice, with the waterfall's hooks
 (:mod:`bench.worker_stamps`, always loaded otherwise) and without (Celery's default
@@ -372,12 +372,13 @@ class Worker(Scenario):
         rec.add("from_send", (start[m][started] - sent[m][started]) / 1000.0,
                 at_ns=intended[m][started])
         rec.add("schedule_lag", (sent[m] - intended[m]) / 1000.0, at_ns=intended[m])
-        # The SLO's wait: from when the task could have been sent (its intended time, or
-        # the previous publish call's return when that came later: the system's back
-        # pressure counts) to its start. Only the harness's own lateness (its timer waking
-        # late on a busy machine: schedule_lag beyond back pressure) is left out of it.
+        # The SLO's wait: from the intended send time, less the harness's own lateness
+        # (its timer waking late on a busy machine: from when it could send, the intended
+        # time or the previous publish call's return if later, to when it did). The
+        # system's back pressure (a publish call returning late) still counts.
         could = np.maximum(intended, np.r_[intended[:1], ts.column("returned")[:-1]])
-        queue_wait = np.where(started, start[m] - could[m], waited_until - could[m])
+        own_lateness = sent - could
+        queue_wait = np.where(started, start[m], waited_until) - intended[m] - own_lateness[m]
         slo_hist = rec.add("queue_wait", queue_wait / 1000.0, at_ns=intended[m]).hist
         stages = _waterfall(rec, ts, ran, stamp_rows, n_warm, in_hand)
         elapsed = (int(sent[-1]) - int(intended[n_warm])) / 1e9 + 1 / rate
