@@ -1,10 +1,11 @@
 """The README's max-rate headline, printed as Markdown from the results files the runs
 wrote (so every figure in it is one the code produced):
 
-    .venv/bin/python docs/scripts/maxrate_headline.py RUN1.json RUN2.json BREAKDOWN.json
+    .venv/bin/python docs/scripts/maxrate_headline.py RUN1.json RUN2.json BREAKDOWN.json [HIST]
 
 RUN1/RUN2: two `celery-bench run worker --max-rate --pool prefork` runs; BREAKDOWN: a
-`run worker --only mode=latency|roundtrip --rate 100` run (the stage waterfall at 100/s).
+`run worker --only mode=latency|roundtrip --rate 100` run (the stage waterfall at 100/s);
+HIST: the breakdown's wait column (default queue_wait; publish_to_start: from the intended time).
 """
 import sys
 
@@ -36,7 +37,7 @@ def agree(a: float, b: float) -> str:
     return f"{min(a, b) / max(a, b):.2f}" if max(a, b) else "-"
 
 
-def main(run1: str, run2: str, breakdown: str) -> None:
+def main(run1: str, run2: str, breakdown: str, wait: str = "queue_wait") -> None:
     one, two = (by_transport(results.load(p)) for p in (run1, run2))
     print("| transport | run 1 (load) | run 2 (load) | lower/higher | queue wait at the "
           "answer, run 2: p50 / p99 (95% interval, n) |")
@@ -52,7 +53,7 @@ def main(run1: str, run2: str, breakdown: str) -> None:
               f"{pct(b, 'queue_wait', 'p50')} / {pct(b, 'queue_wait', 'p99')} |")
     print()
     cells = results.load(breakdown).cells
-    print("| transport, mode | " + " | ".join(waterfall.STAGES) + " | total | queue wait "
+    print("| transport, mode | " + " | ".join(waterfall.STAGES) + f" | total | {wait} "
           "p50 / p99 (95% interval, n) | load |")
     print("|---|" + "---:|" * (len(waterfall.STAGES) + 1) + "---|---|")
     for c in cells:
@@ -65,11 +66,11 @@ def main(run1: str, run2: str, breakdown: str) -> None:
             means = means[:-1]
         row = " | ".join(f"{v / 1000:.3f}" for v in means) + ("" if caller else " | n/a")
         print(f"| {c.params['transport']}, {c.params['mode']} | {row} | "
-              f"{sum(means) / 1000:.3f} | {pct(c, 'queue_wait', 'p50')} / "
-              f"{pct(c, 'queue_wait', 'p99')} | {load_of(c)} |")
+              f"{sum(means) / 1000:.3f} | {pct(c, wait, 'p50')} / "
+              f"{pct(c, wait, 'p99')} | {load_of(c)} |")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4:
+    if len(sys.argv) not in (4, 5):
         sys.exit(__doc__)
     main(*sys.argv[1:])
