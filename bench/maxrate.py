@@ -9,7 +9,10 @@ stuck at 0 or 1 msg/s (#84, #163), oscillated between 2 and 50,000 msg/s, and se
 above what was achievable (#329, #336). So:
 
 - it never adapts towards 0: it starts at a floor, doubles while steps pass, and if
-  even the floor fails it halves a bounded number of times and then says so;
+  even the floor fails it halves a bounded number of times and then says so; it stops
+  halving as soon as halving the rate did not lower the SLO percentile while every
+  task was taken (:func:`latency_floor`: the latency is not the load's, and lower rates
+  only cost ever longer steps);
 - a failed step is measured once more before it counts (one noisy second must not
   end the climb), and bisection only narrows the bracket [good, bad], so the rate
   cannot swing back and forth;
@@ -125,6 +128,7 @@ class Step:
     lo_us: float | None = None        # the SLO percentile's 95% interval (None: too few)
     hi_us: float | None = None
     decided: bool = True              # False: the interval spans the SLO, or too few samples
+    stages_us: dict | None = None     # where the time went: {stage: [p50, p99]} (waterfall)
 
 
 def judge(step: Step, slo: SLO) -> Step:
@@ -156,6 +160,31 @@ def judge(step: Step, slo: SLO) -> Step:
     step.ok = not whys and not undecided
     step.why = "; ".join(whys) if whys else (f"undecided: {undecided}" if undecided else "")
     return step
+
+
+def _rate_held(step: Step) -> bool:
+    """The rate was achieved and the backlog did not grow: only the latency missed."""
+    return step.achieved >= ACHIEVED_MIN * step.rate and (
+        step.backlog_growth is None or
+        step.backlog_growth <= max(BACKLOG_GROWTH_MAX * step.rate, BACKLOG_GROWTH_FLOOR))
+
+
+def latency_floor(above: Step, below: Step, slo: SLO) -> str:
+    """Why descending further is pointless, or "": both rates were taken in full and
+    missed only the latency, and halving the rate did not lower the SLO percentile (a
+    latency set by something other than the load asked, such as a busy machine's
+    scheduling); lower rates would hold ever longer steps (up to ``MAX_STEP_S``) to
+    learn nothing more."""
+    if above.ok or below.ok or not (_rate_held(above) and _rate_held(below)):
+        return ""
+    if above.latency_us is None or below.latency_us is None or \
+            below.latency_us < above.latency_us:
+        return ""
+    name = f"p{slo.percentile:g}"
+    return (f"{name} did not fall when the rate halved ({above.rate:,.3g}/s: "
+            f"{above.latency_us / 1000:,.1f} ms, {below.rate:,.3g}/s: "
+            f"{below.latency_us / 1000:,.1f} ms): the latency is not set by the rate, so "
+            f"no lower rate was tried; {slo.text} is below this machine's latency now")
 
 
 def step_seconds(rate: float, seconds: float, slo: SLO) -> float:
@@ -236,16 +265,21 @@ def search(measure: Callable[[float, float, str], Step], slo: SLO, start: float,
             bad = rate
             break
     floor = float(start)
+    floored = ""
     for _ in range(FLOOR_HALVINGS):                   # even START failed: look lower, boundedly
         if good is not None or len(steps) >= max_steps:
             break
+        above = steps[-1]
         floor /= 2
         if passes(floor, "floor"):
             good = floor
         else:
             bad = floor
+            floored = latency_floor(above, steps[-1], slo)
+            if floored:
+                break
     if good is None:
-        return _bracket(Result(0.0, steps, f"not sustained even at {floor:,.3g}/s"))
+        return _bracket(Result(0.0, steps, floored or f"not sustained even at {floor:,.3g}/s"))
     while bad is not None and bad / good > resolution and len(steps) < max_steps:
         mid = math.sqrt(good * bad)                   # bisect in log space: only narrows
         if passes(mid, "bisect"):

@@ -17,6 +17,9 @@ How a table stays readable (and within :data:`WIDTH` columns in a terminal):
   unit word, if any, is replaced;
 * with 2 repeats or more a value carries its spread, ``47,365 ±3%``: every
   repeat lies within 3% of the median shown;
+* a percentile column no row's sample count supports (a quick join's ``lag p99`` over
+  8 joins) becomes the highest lower percentile the table's smallest count supports
+  (``lag p50``; :func:`supported_spec`), its header saying which;
 * a percentile its sample count cannot support (:mod:`bench.percentiles`) reads
   "too few samples (n=30)", never a number; ``verbose`` adds, after each percentile
   column, its 95% interval (``p99 ms 95%``: ``1.10-1.40``);
@@ -262,6 +265,26 @@ def make_column(spec: str, header: str, cells) -> Column:
     return Column(spec, header, 1.0, unit)
 
 
+def supported_spec(spec: str, header: str, cells) -> tuple[str, str]:
+    """``(spec, header)`` for a table of ``cells``: a ``hist.pXX`` column no cell's sample
+    count supports becomes the highest lower recorded percentile that the smallest count
+    among them supports (``lag.p99`` -> ``lag.p50``, the header's ``p99`` word with it);
+    with none supported, or any cell supporting pXX, the column is kept as asked (and a
+    cell with too few still reads "too few samples")."""
+    name, _, stat = spec.rpartition(".")
+    found = [p for p in (percentile_of(c, spec) for c in cells) if p is not None]
+    if not found or any(p.enough for p in found) or stat not in percentiles.NAMES:
+        return spec, header
+    smallest = min(p.n for p in found)
+    lower = [k for k, pct in percentiles.NAMES.items() if pct < percentiles.NAMES[stat]
+             and smallest >= percentiles.min_samples(pct)]
+    if not lower:
+        return spec, header
+    chosen = max(lower, key=percentiles.NAMES.get)
+    words = [chosen if w == stat else w for w in header.split()]
+    return f"{name}.{chosen}", " ".join(words) if chosen in words else f"{header} ({chosen})"
+
+
 def varying_params(cells: list[results.Cell]) -> tuple[list[str], dict]:
     keys: list[str] = []
     for c in cells:
@@ -352,8 +375,12 @@ def plan_tables(scenario: str, cells, summary=None, exact: bool = False,
             named = [f"{k}={constant[k]}" for k in telling[:2] if k in constant]
             name += (", " if ":" in name else ": ") + ", ".join(named) if named else \
                 f" (rows {i + 1} of {len(groups)})"
-        columns = [make_column(spec, header, group) for spec, header in summary
-                   if any(column_value(c, spec) is not None for c in group)]
+        columns = []
+        for spec, header in summary:
+            if any(column_value(c, spec) is not None for c in group):
+                shown = supported_spec(spec, header, group)
+                if all(col.spec != shown[0] for col in columns):  # p99 -> a p50 shown already
+                    columns.append(make_column(*shown, group))
         caption = [f"{k}={v}" for k, v in constant.items() if k not in telling[:2]]
         plans.append(TablePlan(scenario, name, group, varying, columns, caption))
     return plans

@@ -11,12 +11,15 @@ of a task add up to its total (intended send -> result in the caller's hand):
     handed     Celery handed the request to the pool                  worker main (on_task_request)
     started    ``task_prerun``                                        pool child
     finished   the task body returned                                 pool child (the task)
-    stored     ``task_success`` (after ``backend.mark_as_done``)      pool child
-    in_hand    the caller read the task's record                      harness
+    stored     ``task_success`` (after ``backend.mark_as_done``: the  pool child
+               result written; nothing written with ignore_result;
+               or the caller had it, if that came first)
+    in_hand    the caller's ``AsyncResult.get`` returned the result   harness
+               (no caller waiting: when the harness read the record)
 
 Every point is ``time.perf_counter_ns()``, CLOCK_MONOTONIC: one clock for all the
 processes of one host (no cross-host stage here). :func:`stages` is public so other
-callers (Locust's TaskRoundTrip, not wired yet) can hand it their own points.
+callers (Locust's TaskRoundTrip) can hand it their own points.
 """
 from __future__ import annotations
 
@@ -34,11 +37,15 @@ WHAT = {
     "worker": "taken -> handed to the pool (Request built, task_received, prefetch)",
     "pool": "handed -> task_prerun in the pool child (pool pipe, free child)",
     "run": "task_prerun -> task body returned",
-    "store": "body returned -> task_success (result stored; none with ignore_result)",
-    "fetch": "task_success -> the caller has the task's record (the worker scenario reads "
-             "records only after a step's last send, so as not to compete with its own "
-             "sender: there this stage is the harness's wait, not Celery's)",
+    "store": "body returned -> task_success, after backend.mark_as_done returned (the "
+             "result written; with ignore_result nothing is written: Celery's bookkeeping)",
+    "fetch": "task_success -> the result in the caller's hand (AsyncResult.get returned); "
+             "with no caller waiting, when the harness read the task's record (the worker "
+             "scenario reads records only after a step's last send, so as not to compete "
+             "with its own sender: there this stage is the harness's wait, not Celery's)",
 }
+IN_HAND = {"caller": "a caller's AsyncResult.get returned the stored result",
+           "read": "no caller waits (results ignored): the harness read the task's record"}
 CLOCK = ("CLOCK_MONOTONIC (time.perf_counter_ns), one host: intended, returned, in_hand "
          "in the harness; taken, handed in the worker's main process; started, finished, "
          "stored in the pool child")
@@ -51,7 +58,10 @@ def stages(points: dict) -> tuple[dict, np.ndarray]:
     one entry per task). A negative stage means two processes disagree on order: a
     missing stamp or a clock bug; :func:`record` counts such tasks and leaves them out."""
     p = {k: np.asarray(points[k], dtype=np.int64) for k in POINTS}
-    marks = [p["intended"], np.minimum(p["returned"], p["taken"]), *(p[k] for k in POINTS[2:])]
+    # A worker can take a message before the publish call returned, and a caller can have
+    # a result before the child's write call returned: the earlier point ends the stage.
+    marks = [p["intended"], np.minimum(p["returned"], p["taken"]), *(p[k] for k in POINTS[2:6]),
+             np.minimum(p["stored"], p["in_hand"]), p["in_hand"]]
     out = {name: marks[i + 1] - marks[i] for i, name in enumerate(STAGES)}
     return out, p["in_hand"] - p["intended"]
 

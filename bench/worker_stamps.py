@@ -29,6 +29,7 @@ STAMP_ENV = "CELERY_BENCH_STAMP_DIR"
 RECORD = struct.Struct("<qqqqqq")   # kind, run, index, a, b, c
 COLUMNS = 6
 MAIN, CHILD = 1, 2                  # kinds: (taken, handed, 0), (started, stored, postrun)
+REQUEST_KEY = "celery_bench_stamps"  # RequestStamps: [taken, handed] (bench.tasks.roundtrip)
 
 _now = time.perf_counter_ns
 
@@ -94,6 +95,27 @@ class MainStamps:
         return handed
 
 
+class RequestStamps:
+    """The worker main process's readings carried in the request the pool child gets
+    (``task.request.celery_bench_stamps`` = [taken, handed]), for a task that returns
+    them to its caller (``bench.roundtrip``, Locust's TaskRoundTrip): no files."""
+
+    def __init__(self):
+        self.taken = 0
+
+    def wrap_handle(self, handle):
+        def handed(req):
+            req.request_dict[REQUEST_KEY] = [self.taken, _now()]
+            return handle(req)
+        return handed
+
+
+def request_conf(task: str) -> dict:
+    """Celery settings that put the main process's readings into ``task``'s requests."""
+    return {"imports": [__name__],
+            "task_annotations": {task: {"Strategy": f"{__name__}:strategy_in_request"}}}
+
+
 def strategy(task, app, consumer, **kwargs):
     """Celery's default strategy for ``task``, stamping when a message arrives and when
     its request goes to the pool. ``consumer.on_task_request`` is swapped only while the
@@ -103,7 +125,17 @@ def strategy(task, app, consumer, **kwargs):
     folder = os.environ.get(STAMP_ENV)
     if not folder:
         return default(task, app, consumer, **kwargs)
-    stamps = MainStamps(StampFile(folder))
+    return _stamping(MainStamps(StampFile(folder)), task, app, consumer, **kwargs)
+
+
+def strategy_in_request(task, app, consumer, **kwargs):
+    """:func:`strategy` with the readings carried in the request (:class:`RequestStamps`)."""
+    return _stamping(RequestStamps(), task, app, consumer, **kwargs)
+
+
+def _stamping(stamps, task, app, consumer, **kwargs):
+    from celery.worker.strategy import default
+
     handle = consumer.on_task_request
     consumer.on_task_request = stamps.wrap_handle(handle)
     try:

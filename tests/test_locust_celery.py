@@ -20,6 +20,9 @@ from test_locust import (ROOT, cells, check_counts, locust_cmd, locust_env, locu
                          ok, run_locust, stop_with)
 
 PARTS = ("enqueue", "queue wait", "run", "result", "total")
+# the waterfall's stages, from the Strategy the harness's workers load (bench.worker_stamps)
+STAGE_PARTS = tuple(f"stage {s}" for s in ("publish", "broker", "worker", "pool", "run",
+                                            "result"))
 ROUND_TRIP = "roundtrip unix bench.roundtrip"
 PIDS = re.compile(r"Celery worker\(s\) .*\(pids ([\d, ]+)\)")
 
@@ -70,7 +73,8 @@ def test_round_trip_and_group_join_over_unix_with_harness_workers(tmp_path):
     ok(res)
     ours = check_counts(tmp_path)
     group = "group 10 x bench.roundtrip db_join unix"
-    assert set(ours) == {*((p, ROUND_TRIP) for p in PARTS), ("total", group), ("lag", group)}
+    assert set(ours) == {*((p, ROUND_TRIP) for p in PARTS + STAGE_PARTS), ("total", group),
+                         ("lag", group)}
     for key, c in ours.items():
         assert c.metrics["failures"] == 0 and c.histograms["latency"]["count"] > 0, key
         assert c.params["celery_workers"] == 1 and c.params["backend"] == "sqlite"
@@ -78,7 +82,16 @@ def test_round_trip_and_group_join_over_unix_with_harness_workers(tmp_path):
         assert ours[(part, ROUND_TRIP)].params["clock"] == "monotonic"   # same host
     # every operation records each stage once, and Locust counts it once (check_counts)
     total = ours[("total", ROUND_TRIP)].metrics["requests"]
-    assert all(ours[(p, ROUND_TRIP)].metrics["requests"] == total for p in PARTS)
+    assert all(ours[(p, ROUND_TRIP)].metrics["requests"] == total for p in PARTS + STAGE_PARTS)
+    # the waterfall's stages add up to the total: each round trip's exactly (as ns), so
+    # their means within the histograms' rounding (3 figures, a 1 us floor per stage)
+    from bench import results
+
+    def mean(part):
+        return results.decode(ours[(part, ROUND_TRIP)].histograms["latency"]).get_mean_value()
+    stage_mean, total_mean = sum(mean(p) for p in STAGE_PARTS), mean("total")
+    assert abs(stage_mean - total_mean) <= 0.01 * total_mean + len(STAGE_PARTS), \
+        (stage_mean, total_mean)
     theirs = locust_counts(tmp_path)
     assert set(theirs) == {("total", ROUND_TRIP), ("total", group)}
     hist = {p: ours[(p, ROUND_TRIP)].histograms["latency"] for p in PARTS}

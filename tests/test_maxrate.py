@@ -171,3 +171,35 @@ def test_the_bracket_is_repeatable_and_brackets_the_true_knee():
         assert m["not_sustained_per_s"] == got.not_sustained and m["bracket"].startswith(
             "sustained ")
     assert max(answers) / min(answers) <= 1.2        # run to run within 20%
+
+
+def test_a_latency_the_rate_does_not_set_stops_the_descent_and_says_so():
+    """A busy machine: p99 12-14 ms whatever the rate, every task taken. Halving once
+    shows the latency does not fall, so the search stops there (no 60 s steps at 6/s)."""
+    calls = []
+    rng = np.random.default_rng(1)
+
+    def floored(rate, seconds, phase):
+        calls.append((rate, phase))
+        n = max(1, int(rate * seconds))
+        values = rng.lognormal(np.log(4000), 0.45, n)
+        lo, hi = percentiles.interval_of_values(values, 99.0)
+        return maxrate.Step(rate, rate, float(np.percentile(values, 99)), 0.0, n=n,
+                            lo_us=lo, hi_us=hi)
+    got = maxrate.search(floored, SLO, start=100, seconds=1)
+    assert got.rate == 0
+    assert "did not fall" in got.why, got.why
+    assert {r for r, _ in calls} <= {100.0, 50.0, 25.0, 12.5}     # never down to 6.25/s
+    # a throughput limit is not a latency floor: a slow system still looks lower
+    got = maxrate.search(fake(30), SLO, start=100, seconds=1)
+    assert 0 < got.rate <= 27
+
+
+def test_latency_floor_needs_both_rates_taken_and_no_fall():
+    a = maxrate.judge(maxrate.Step(100, 100, 13000, 0, n=800, lo_us=12000, hi_us=14000), SLO)
+    b = maxrate.judge(maxrate.Step(50, 50, 13500, 0, n=800, lo_us=12000, hi_us=15000), SLO)
+    assert "did not fall" in maxrate.latency_floor(a, b, SLO)
+    fell = maxrate.judge(maxrate.Step(50, 50, 11000, 0, n=800, lo_us=10500, hi_us=12000), SLO)
+    assert maxrate.latency_floor(a, fell, SLO) == ""
+    short = maxrate.judge(maxrate.Step(50, 40, 13500, 0, n=800, lo_us=12000, hi_us=15000), SLO)
+    assert maxrate.latency_floor(a, short, SLO) == ""

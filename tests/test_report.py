@@ -278,3 +278,55 @@ def test_the_calibration_loop_is_the_machines_noise_not_a_results_row():
                     "3 repeats"
     assert "calibration" not in tables and "49,000" not in tables
     assert "1,030 ±7%" in tables
+
+
+def _join_cell(joins: int, seed: int = 0, **params):
+    """A join cell whose ``lag`` and ``total`` histograms hold ``joins`` samples."""
+    import numpy as np
+    from bench import recorder
+
+    rng = np.random.default_rng(seed)
+    rec = recorder.Recorder()
+    rec.add("total", rng.lognormal(np.log(900.0), 0.3, joins))
+    rec.add("lag", rng.lognormal(np.log(300.0), 0.3, joins))
+    return results.aggregate("join", params, [{"metrics": {"round_trips_per_s": 50.0},
+                                               "histograms": rec.histograms}])
+
+
+def test_a_percentile_no_row_supports_becomes_one_the_counts_do():
+    """Quick join cells (8 joins) cannot support lag p99: the table prints lag p50 (once),
+    never a column of 'too few samples'."""
+    cells = [_join_cell(8, seed=i, backend=b) for i, b in enumerate(("redis", "sqlite"))]
+    plan, = report.plan_tables("join", cells)
+    headers = [c.header for c in plan.columns]
+    assert not any("p99" in h for h in headers), headers
+    assert sum(h.startswith("lag p50") for h in headers) == 1, headers
+    texts = [t for c in cells for col in plan.columns for t in col.text(c)]
+    assert not any("too few" in t for t in texts), texts
+
+
+def test_a_supported_percentile_column_is_kept_and_too_few_still_says_so():
+    cells = [_join_cell(400, backend="redis"), _join_cell(8, seed=1, backend="sqlite")]
+    plan, = report.plan_tables("join", cells)
+    p99 = [c for c in plan.columns if c.spec == "lag.p99"]
+    assert p99, [c.header for c in plan.columns]
+    assert "too few samples (n=8)" in p99[0].text(cells[1])[0]
+    assert "too few" not in p99[0].text(cells[0])[0]
+
+
+def test_a_count_below_every_percentile_keeps_the_column_as_asked():
+    spec, header = report.supported_spec("makespan.p90", "makespan p90 us",
+                                         [_fanout_cell(3)])
+    assert (spec, header) == ("makespan.p90", "makespan p90 us")
+    assert report.supported_spec("makespan.p90", "makespan p90 us", [_fanout_cell(12)]) == \
+        ("makespan.p50", "makespan p50 us")
+
+
+def _fanout_cell(n: int):
+    import numpy as np
+    from bench import recorder
+
+    rec = recorder.Recorder()
+    rec.add("makespan", np.linspace(1000.0, 2000.0, n))
+    return results.aggregate("fanout", {"transport": "redis"},
+                             [{"metrics": {"makespan_s": 0.002}, "histograms": rec.histograms}])

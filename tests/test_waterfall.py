@@ -28,6 +28,14 @@ def test_a_worker_faster_than_the_publish_call_never_makes_a_stage_run_back():
     assert sum(v[0] for v in per.values()) == total[0]
 
 
+def test_a_caller_faster_than_the_write_call_never_makes_a_stage_run_back():
+    p = points(1)
+    p["stored"] = p["in_hand"] + 30_000       # the caller had the result before the child
+    per, total = waterfall.stages(p)          # came back from the backend's write call
+    assert per["fetch"][0] == 0 and per["store"][0] == 200_000
+    assert sum(v[0] for v in per.values()) == total[0]
+
+
 def test_out_of_order_task_is_left_out_and_counted():
     p = points(4)
     p["started"][2] = p["handed"][2] - 1      # a child stamp before its hand-over

@@ -45,10 +45,13 @@ def check_latency(c):
     m = c.metrics
     assert m["lost"] == 0 and m["duplicates"] == 0
     assert m["received"] == m["sent"] == c.params["tasks"]
-    for name in ("publish_to_start", "from_send", "schedule_lag"):
+    for name in ("publish_to_start", "from_send", "schedule_lag", "queue_wait"):
         assert c.histograms[name]["count"] == m["sent"], name
     # From the intended time, never less than from the actual send.
     assert c.histograms["publish_to_start"]["p50"] >= c.histograms["from_send"]["p50"]
+    # the SLO's wait leaves only the harness's lateness out: between the two
+    assert c.histograms["publish_to_start"]["p50"] >= c.histograms["queue_wait"]["p50"] >= \
+        c.histograms["from_send"]["p50"]
 
 
 def test_matrix_and_quick_slice():
@@ -240,6 +243,54 @@ def test_waterfall_stages_add_up(tmp_path, need, transport, pool):
     # it up to the tick's own first reading (just after task_prerun).
     to_start = sum(m[f"waterfall.{s}.mean_us"] for s in waterfall.TO_START)
     assert to_start <= results.decode(h["publish_to_start"]).get_mean_value() * 1.01 + 5
+    assert_no_worker_left()
+
+
+@pytest.mark.parametrize("transport", ["unix", "redis", "amqp"])
+def test_roundtrip_waterfall_has_a_real_store_and_a_caller(tmp_path, need, transport):
+    """mode=roundtrip: the tasks' results are written to Redis and a caller waits for each
+    with AsyncResult.get, so every task in the waterfall was stored and had in hand; the
+    stages still add up to the total within 1% per task."""
+    from bench import waterfall
+
+    need("redis")
+    if transport in brokers.servers():
+        need(transport)
+    run_ = run(tmp_path, transports=(transport,), rate=50.0, duration=1.0, warmup=0.2,
+               only=(("pool", "prefork"), ("mode", "roundtrip")))
+    (c,) = run_.cells
+    check_latency(c)
+    m, h = c.metrics, c.histograms
+    assert c.params["backend"] == "redis"
+    assert m["waterfall_in_hand"] == waterfall.IN_HAND["caller"]
+    assert m["waterfall_tasks"] == m["sent"] and m["waterfall_out_of_order"] == 0
+    assert m["waterfall_sum_error"] <= waterfall.SUM_TOLERANCE
+    assert h["waterfall.fetch"]["count"] == h["waterfall.store"]["count"] == m["sent"]
+    assert_no_worker_left()
+
+
+def test_hooks_on_and_off_are_measured_side_by_side(tmp_path, monkeypatch):
+    """--only hooks=on|off: each throughput cell with the waterfall's hooks and without;
+    the worker of the 'off' cell has neither the stamp folder nor the strategy."""
+    from bench import worker_stamps
+
+    envs = []
+    real = celery_workers.start
+
+    def start(*args, **kwargs):
+        envs.append((dict(kwargs.get("env") or {}), dict(kwargs.get("conf") or {})))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(celery_workers, "start", start)
+    run_ = run(tmp_path, transports=("unix",), messages=300, repeat=2,
+               only=(("pool", "prefork"), ("mode", "throughput"), ("hooks", "on|off")))
+    assert sorted(c.params["hooks"] for c in run_.cells) == ["off", "on"]
+    for c in run_.cells:
+        assert c.status == "ok", c.reason
+        assert c.metrics["sent"] == c.metrics["received"] == 2 * 300   # summed over rounds
+        assert c.metrics["lost"] == 0 and c.metrics["tasks_per_s"] > 0
+    hooked = [worker_stamps.STAMP_ENV in env and "task_annotations" in conf
+              for env, conf in envs]
+    assert hooked.count(True) == hooked.count(False) == 2, envs   # 2 rounds, fresh workers
     assert_no_worker_left()
 
 

@@ -37,7 +37,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .. import backends, brokers, celery_workers, children, config, joins
+from .. import backends, brokers, celery_workers, children, config, joins, worker_stamps
 from ..brokers import BrokerEnv
 from ..celery_app import make_app
 from ..drivers.target import Target
@@ -45,6 +45,7 @@ from ..drivers.userapp import load_app
 from ..celery_workers import one_line
 from ..cleanup import delete_queues
 from ..tasks.roundtrip import BOOT_ID
+from ..tasks.roundtrip import TASK as ROUNDTRIP
 from . import arguments
 
 log = logging.getLogger("celery-bench.locust")
@@ -118,6 +119,9 @@ class OwnerSystem:
         stack.callback(cleanup)
         queue = f"celery-bench-locust-{tag}"
         conf["task_default_queue"] = queue
+        # bench.roundtrip's requests carry the worker main process's readings (the
+        # waterfall's taken and handed points), returned in its result
+        conf.update(worker_stamps.request_conf(ROUNDTRIP))
         stack.callback(delete_queues, env, [queue])
         app = make_app(env.url, backend_url, env.transport_options, **conf)
         try:

@@ -22,7 +22,10 @@ TaskRoundTrip: ``apply_async``, a real worker runs the task, ``get()`` hands bac
 result. ``enqueue``: until ``apply_async`` returns; ``queue wait``: publish start to
 task start; ``run``: task start to end; ``result``: task end to result in hand;
 ``total`` = queue wait + run + result (enqueue is the caller's share of the queue
-wait). The worker's readings come back in the result (``bench.roundtrip``); the
+wait). With the harness's workers (their Strategy carries the main process's readings
+back in the result, :mod:`bench.worker_stamps`) the round trip also reports the stage
+waterfall, ``stage publish|broker|worker|pool|run|result`` (:func:`_waterfall`), which
+adds up to ``total``. The worker's readings come back in the result (``bench.roundtrip``); the
 clock compared is CLOCK_MONOTONIC when the worker runs on this host (same boot id),
 else the wall clock, offset between hosts included (the rows say ``clock
 realtime``), or corrected by the master's offset estimates (``realtime corrected``). When the
@@ -242,6 +245,30 @@ def _placement(stamps: dict, offsets: dict) -> str | None:
     return "same-host" if stamps.get("boot_id") == BOOT_ID else "cross-host"
 
 
+def _waterfall(stamps: dict, ours: tuple, late: dict, polled: dict) -> list:
+    """The waterfall's stages of one round trip (``stage <name>`` parts, as
+    :mod:`bench.waterfall` names them), when the worker's Strategy put its main process's
+    readings in the result (``taken_ns``, ``handed_ns``; same clock as ``start_ns``):
+    publish (apply_async), broker, worker, pool (handed -> the body's first reading),
+    run, and ``result`` (body end -> in hand: the backend write and the caller's wait,
+    which the result cannot split). ``ours``: (t0, t1, start, end, t2) on our clock.
+    A worker that took the message before apply_async returned ends the publish stage
+    there (no stage runs back), as in the worker scenario. They add up to ``total``."""
+    if not isinstance(stamps.get("taken_ns"), int) or not isinstance(stamps.get("handed_ns"), int):
+        return []
+    t0, t1, start, end, t2 = ours
+    shift = start - stamps["start_ns"]          # the worker host's clock onto ours
+    taken, handed = stamps["taken_ns"] + shift, stamps["handed_ns"] + shift
+    returned = min(t1, taken)
+    points = (t0, returned, taken, handed, start, end, t2)
+    if any(b < a for a, b in zip(points, points[1:])):
+        return []                               # readings out of order: a clock bug
+    names = ("publish", "broker", "worker", "pool", "run", "result")
+    ctx = [{"clock": late["clock"]}, *([late] * 4), {**late, **polled}]
+    return [(f"stage {name}", b - a, c)
+            for name, a, b, c in zip(names, points, points[1:], ctx)]
+
+
 class _TaskUser(CeleryBenchUser):
     abstract = True
     runs_tasks = True
@@ -329,6 +356,8 @@ class TaskRoundTrip(_TaskUser):
             if where == "cross-host" and CLOCK_ID and stamps.get("clock_id") == CLOCK_ID:
                 # "hosts" on one kernel (the rig): the same task on the one monotonic clock
                 parts.append((ONE_CLOCK, stamps["start_ns"] - t0, {"clock": "monotonic"}))
+            parts += _waterfall(stamps, (t0, t1, start, end, t2),
+                                {"from_start": False, "clock": across["clock"]}, self.polled)
         else:
             self._no_stamps("queue wait, run or result")
         self.report("total", name, t2 - t0, parts=parts, **meta, **self.polled)

@@ -149,7 +149,8 @@ class Scenario:
             p = percentiles.estimate(outcome.histograms[histogram].hist,
                                      {"slo": slo.percentile})["slo"]
             return maxrate.Step(rate, m["rate_achieved_per_s"], p.value,
-                                m.get("backlog_growth_per_s"), n=p.n, lo_us=p.lo, hi_us=p.hi)
+                                m.get("backlog_growth_per_s"), n=p.n, lo_us=p.lo, hi_us=p.hi,
+                                stages_us=_stage_tails(outcome.histograms))
 
         result = maxrate.search(measure, slo, start=start, seconds=seconds)
         held = last.get(result.rate)
@@ -173,6 +174,17 @@ class Scenario:
             yield folder
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _stage_tails(histograms: dict) -> dict | None:
+    """Each waterfall stage's p50 and p99 (us) of a step, so a failed step says where its
+    time went (None: the cell records no waterfall)."""
+    from ..waterfall import PREFIX
+    out = {name[len(PREFIX):]: [h.hist.get_value_at_percentile(50),
+                                h.hist.get_value_at_percentile(99)]
+           for name, h in histograms.items()
+           if name.startswith(PREFIX) and h.hist.get_total_count()}
+    return out or None
 
 
 def unique_name(scenario: str) -> str:

@@ -21,7 +21,20 @@ rate measured earlier in the same run.
 ``mode=latency``: the worker idle, tasks published with ``send_task`` at a
 modest open-loop rate (200/s; ``--rate``, ``--duration``): ``publish_to_start``
 = intended send time -> task start, ``from_send`` = actual send -> start,
-``schedule_lag`` = how late the sender was.
+``schedule_lag`` = how late the sender was, ``queue_wait`` (what ``--slo`` and
+``--max-rate`` judge) = ``publish_to_start`` less the harness's own lateness (from when
+it could send, the intended time or the previous publish call's return if later, to
+when it did): the system's back pressure kept.
+
+``--only hooks=on|off``: each throughput cell twice, with the waterfall's hooks
+(:mod:`bench.worker_stamps`, always loaded otherwise) and without (Celery's default
+strategy, no signal handlers): what the hooks cost the worker (``compare --by hooks``).
+
+``mode=roundtrip`` (asked for with ``--only mode=roundtrip``): a latency cell whose
+tasks store their results (``backend``: Redis when it answers, else SQLite) and a
+caller thread waits for each with ``AsyncResult.get`` in send order, so the
+waterfall's last stages are real: *stored* is ``task_success`` (after the backend
+write), *in hand* when the caller's ``get`` returned it.
 
 One worker serves the throughput and latency cells of a transport and pool
 (its queue is the worker's, unique, deleted after); a prefilled throughput
@@ -55,7 +68,8 @@ from itertools import count
 
 import numpy as np
 
-from .. import brokers, maxrate, pacing, placement, recorder, waterfall, worker_stamps
+from .. import (backends, brokers, maxrate, pacing, placement, recorder, waterfall,
+               worker_stamps)
 from . import Outcome, Scenario, Skip, _celery, register
 from . import worker_rig
 from .worker_rig import TASK
@@ -75,7 +89,7 @@ DESCRIPTION = (
     "10,000 tasks (hence ~250-500 tasks/s; 7-8k/s between pauses), fifo+solo stops "
     "reading once a backlog builds (its throughput cell fails).")
 
-MODES = ("throughput", "latency")
+MODES = ("throughput", "latency", "roundtrip")
 POOLS = ("solo", "prefork")
 QUICK_POOLS = ("prefork",)
 DEFAULT_CONCURRENCY = 2
@@ -101,17 +115,19 @@ SUMMARY = [
     ("stall_s", "stalled s"),
     ("publish_to_start.p50", "pub-start p50 us"),
     ("publish_to_start.p99", "pub-start p99 us"),
+    ("queue_wait.p99", "queue wait p99 us"),
     ("sent", "sent"),
 ]
 
 
 # --------------------------------------------------------------------------- waterfall
 def _waterfall(rec: recorder.Recorder, ts: recorder.Timestamps, ran: np.ndarray,
-               stamp_rows: np.ndarray, first: int) -> dict:
+               stamp_rows: np.ndarray, first: int, in_hand: np.ndarray | None = None) -> dict:
     """The stage waterfall (:mod:`bench.waterfall`) of the tasks from index ``first`` on
     that have every stamp: the harness's send times (``ts``), the tick rows (``ran``: the
     body's end) and :mod:`bench.worker_stamps`' rows (the worker's main process and pool
-    child, each with when the harness read it)."""
+    child, each with when the harness read it). ``in_hand``: when a waiting caller had
+    each result (roundtrip cells), else the harness's read of the child's record."""
     total = ts.count
     cols = {name: np.full(total, -1, dtype=np.int64) for name in waterfall.POINTS}
     cols["intended"][:] = ts.column("intended")
@@ -127,9 +143,13 @@ def _waterfall(rec: recorder.Recorder, ts: recorder.Timestamps, ran: np.ndarray,
         for col, name in zip((3, 4, 5, 6), names):
             if name:
                 cols[name][rows[:, 2]] = rows[:, col]
+    if in_hand is not None:
+        cols["in_hand"][:] = in_hand
     have = np.all([v >= 0 for v in cols.values()], axis=0)
     have[:first] = False
-    return waterfall.record(rec, {k: v[have] for k, v in cols.items()})
+    out = waterfall.record(rec, {k: v[have] for k, v in cols.items()})
+    out["waterfall_in_hand"] = waterfall.IN_HAND["caller" if in_hand is not None else "read"]
+    return out
 
 
 # --------------------------------------------------------------------------- the scenario
@@ -188,13 +208,19 @@ class Worker(Scenario):
                 out.append({"transport": transport, "pool": "prefork",
                             "concurrency": concurrency, "mode": "throughput", "tasks": tasks,
                             "rate": "-"})
+        # --only hooks=...: throughput with the waterfall's hooks and without, side by side
+        hooks = ("on", "off") if any(k == "hooks" for k, _ in opts.only) else (None,)
         # The quick slice runs prefork only: the pool the servers' references use.
         for transport in self._transports():
             for pool in pools:
                 c = 1 if pool == "solo" else concurrency
                 base = {"transport": transport, "pool": pool, "concurrency": c}
-                out.append({**base, "mode": "throughput", "tasks": tasks, "rate": "-"})
+                out += [{**base, "mode": "throughput", "tasks": tasks, "rate": "-",
+                         **({"hooks": h} if h else {})} for h in hooks]
                 out.append({**base, "mode": "latency", "tasks": paced, "rate": rate})
+                if any(k == "mode" and "roundtrip" in v.split("|") for k, v in opts.only):
+                    out.append({**base, "mode": "roundtrip", "tasks": paced, "rate": rate,
+                                "backend": backends.fastest_reachable(transport).name})
         return out
 
     def close(self) -> None:
@@ -317,13 +343,18 @@ class Worker(Scenario):
         n = max(1, round(rate * seconds))
         total = n_warm + n
         run = next(self._runs)
-        messages = worker_rig.build_messages(rig.app, run, total)
+        messages = worker_rig.build_messages(rig.app, run, total, store=bool(rig.backend))
         ts = recorder.Timestamps(total, ("intended", "sent", "returned"))
+        wait_s = max(STEP_WAIT_S, seconds)
+        caller = worker_rig.Caller(rig.app, messages, wait_s) if rig.backend else None
+        if caller:
+            caller.start()
         worker_rig.paced_prebuilt(rig, messages, rate, ts)
         del messages
-        rows, why = worker_rig.collect(rig, run, total, opts, "tasks",
-                                       wait_s=max(STEP_WAIT_S, seconds), stamps=True)
+        rows, why = worker_rig.collect(rig, run, total, opts, "tasks", wait_s=wait_s,
+                                       stamps=True)
         waited_until = recorder.now_ns()
+        in_hand = caller.finish(wait_s) if caller else None
         ran, duplicates = worker_rig.first_runs(rows, total)
         purged = ran_after = 0
         if len(ran) < total:
@@ -337,17 +368,25 @@ class Worker(Scenario):
         started = np.isfinite(start[m])
         waits = np.where(started, start[m] - intended[m], waited_until - intended[m])
         rec = recorder.Recorder()
-        hist = rec.add("publish_to_start", waits / 1000.0, at_ns=intended[m]).hist
+        rec.add("publish_to_start", waits / 1000.0, at_ns=intended[m])
         rec.add("from_send", (start[m][started] - sent[m][started]) / 1000.0,
                 at_ns=intended[m][started])
         rec.add("schedule_lag", (sent[m] - intended[m]) / 1000.0, at_ns=intended[m])
-        stages = _waterfall(rec, ts, ran, stamp_rows, n_warm)
+        # The SLO's wait: from the intended send time, less the harness's own lateness
+        # (its timer waking late on a busy machine: from when it could send, the intended
+        # time or the previous publish call's return if later, to when it did). The
+        # system's back pressure (a publish call returning late) still counts.
+        could = np.maximum(intended, np.r_[intended[:1], ts.column("returned")[:-1]])
+        own_lateness = sent - could
+        queue_wait = np.where(started, start[m], waited_until) - intended[m] - own_lateness[m]
+        slo_hist = rec.add("queue_wait", queue_wait / 1000.0, at_ns=intended[m]).hist
+        stages = _waterfall(rec, ts, ran, stamp_rows, n_warm, in_hand)
         elapsed = (int(sent[-1]) - int(intended[n_warm])) / 1e9 + 1 / rate
         growth = pacing.backlog_growth(sent, start, int(intended[n_warm + n // 2]),
                                        int(sent[-1]))
         pending = total - len(ran)
         step = maxrate.judge(maxrate.Step(
-            rate, n / elapsed, hist.get_value_at_percentile(slo.percentile) if n else None,
+            rate, n / elapsed, slo_hist.get_value_at_percentile(slo.percentile) if n else None,
             growth, seconds), slo)
         metrics = {"sent": n, "received": int(started.sum()), "pending": int(n - started.sum()),
                    # a task neither run, nor purged, nor run after the purge: gone
@@ -355,6 +394,8 @@ class Worker(Scenario):
                    **pacing.achieved(rate, n, elapsed), "backlog_growth_per_s": growth,
                    "sustainable": step.ok, "slo": slo.text, **stages}
         notes = [why] if why else []
+        if caller and caller.error:
+            notes.append(caller.error)
         left_out = int(started.sum()) - stages.get("waterfall_tasks", 0)
         if left_out:
             notes.append(f"{left_out} started tasks are not in the waterfall (a stamp missing "
@@ -375,7 +416,7 @@ class Worker(Scenario):
             (STEP_WARM_S_QUICK if opts.quick else STEP_WARM_S)
         return self.max_rate(
             lambda rate, hold: self._rate_step(params, rate, hold, warm_s, slo)[0], slo,
-            opts.rate or START_RATE, seconds, "publish_to_start", "tasks/s")
+            opts.rate or START_RATE, seconds, "queue_wait", "tasks/s")
 
     # ----------------------------------------------------------------------- one cell
     def run_cell(self, params) -> Outcome:
@@ -389,7 +430,7 @@ class Worker(Scenario):
         try:
             if mode == "throughput":
                 out = self._throughput(params)
-            else:
+            else:   # latency, roundtrip: held rates; roundtrip with a caller waiting
                 out = self.by_rate(params, self._max_rate, lambda rate: self._latency(params),
                                    lambda: self._latency(params))
         except BaseException:

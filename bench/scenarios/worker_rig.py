@@ -8,6 +8,7 @@ import gc
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from contextlib import ExitStack
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from kombu.utils.uuid import uuid as task_id
 
-from .. import brokers, celery_workers, pacing, recorder, worker_stamps
+from .. import backends, brokers, celery_workers, pacing, recorder, worker_stamps
 from ..celery_app import make_app
 from ..cleanup import delete_queues
 from ..tasks import tick
@@ -87,13 +88,17 @@ class MeasuredWorker(_celery.WorkerSetup):
     stamps: RecordReader = None     # bench.worker_stamps' records, with when they were read
     warm: bool = False
     clean: bool = True      # nothing of an earlier run is still queued or running
+    backend: str = ""       # the result backend (roundtrip cells: a caller waits), or none
+    backend_url: str | None = None
+    backend_conf: dict = None
 
     def alive(self) -> bool:
         return bool(self.procs) and self.clean and super().alive()
 
 
 def rig_key(params) -> tuple:
-    return (params["transport"], params["pool"], int(params["concurrency"]))
+    return (params["transport"], params["pool"], int(params["concurrency"]),
+            params.get("backend", ""), params.get("hooks", "on"))
 
 
 def open_rig(params, opts) -> MeasuredWorker:
@@ -109,27 +114,41 @@ def open_rig(params, opts) -> MeasuredWorker:
         ticks.mkdir(mode=0o700)
         stamps.mkdir(mode=0o700)
         env = stack.enter_context(brokers.broker(params["transport"], folder))
-        app = make_app(env.url, None, env.transport_options, task_default_queue=queue,
-                       task_ignore_result=True)
+        backend = params.get("backend") or ""
+        backend_url, backend_conf = None, {}
+        if backend:
+            backend_url, backend_conf, drop = backends.get(backend).open(folder, tag)
+            stack.callback(drop)
+        app = make_app(env.url, backend_url, env.transport_options, task_default_queue=queue,
+                       task_ignore_result=True, **backend_conf)
         stack.callback(app.close)
+        if backend:
+            backends.get(backend).prepare(app)
         stack.callback(delete_queues, env, [queue])
     except BaseException:
         stack.close()
         raise
-    return MeasuredWorker(rig_key(params), stack, env=env, app=app, queue=queue, ticks=RecordReader(ticks),
-               stamps=RecordReader(stamps, worker_stamps.COLUMNS, run_col=1, read_at=True))
+    return MeasuredWorker(rig_key(params), stack, env=env, app=app, queue=queue,
+                          ticks=RecordReader(ticks), backend=backend, backend_url=backend_url,
+                          backend_conf=backend_conf,
+                          stamps=RecordReader(stamps, worker_stamps.COLUMNS, run_col=1,
+                                              read_at=True))
 
 
 def start_worker(rig: MeasuredWorker, params, opts) -> None:
     env = rig.env
     with _celery.worker_failures():
+        # hooks=off: Celery's default strategy and no signal handlers (their cost, measured)
+        hooks = params.get("hooks", "on") != "off"
+        conf = {"task_default_queue": rig.queue, "task_ignore_result": True,
+                **(worker_stamps.worker_conf(TASK) if hooks else {})}
+        conf.update(rig.backend_conf)
         proc = rig.stack.enter_context(celery_workers.worker(
-            env.url, transport_options=env.transport_options,
-            conf={"task_default_queue": rig.queue, "task_ignore_result": True,
-                  **worker_stamps.worker_conf(TASK)},
+            env.url, rig.backend_url, transport_options=env.transport_options, conf=conf,
             pool=params["pool"], concurrency=int(params["concurrency"]), queues=[rig.queue],
             env={tick.DIR_ENV: str(rig.ticks.folder),
-                 worker_stamps.STAMP_ENV: str(rig.stamps.folder)}, loglevel="WARNING",
+                 **({worker_stamps.STAMP_ENV: str(rig.stamps.folder)} if hooks else {})},
+            loglevel="WARNING",
             ready_timeout=opts.timeout))
     rig.stack.callback(_celery.stop_quickly, [proc])
     rig.procs = [proc]
@@ -142,10 +161,40 @@ class PublishStopped(Exception):
         self.published, self.error = published, error
 
 
-def build_messages(app, run: int, n: int) -> list[tuple]:
-    """Celery's own messages (as ``send_task`` builds them), built ahead of publishing."""
+def build_messages(app, run: int, n: int, store: bool = False) -> list[tuple]:
+    """Celery's own messages (as ``send_task`` builds them), built ahead of publishing;
+    ``store``: their results are stored (a caller waits for them), else ignored."""
     build = app.amqp.as_task_v2
-    return [build(task_id(), TASK, args=(run, i), ignore_result=True)[:3] for i in range(n)]
+    return [build(task_id(), TASK, args=(run, i), ignore_result=not store)[:3]
+            for i in range(n)]
+
+
+class Caller(threading.Thread):
+    """A caller waiting for each task's result in send order (``AsyncResult.get``, the
+    backend's own wait: redis pub/sub), stamping when it has it in hand (``in_hand``,
+    perf_counter_ns; -1: not had). A task not in hand within ``wait_s`` of the caller
+    asking ends the wait: the tasks after it are not had either (the step purges them)."""
+
+    def __init__(self, app, messages, wait_s: float):
+        super().__init__(name="celery-bench-caller", daemon=True)
+        self.app, self.wait_s = app, wait_s
+        self.ids = [headers["id"] for headers, _, _ in messages]
+        self.in_hand = np.full(len(self.ids), -1, dtype=np.int64)
+        self.error: str | None = None
+
+    def run(self) -> None:
+        now, AsyncResult = recorder.now_ns, self.app.AsyncResult
+        for i, tid in enumerate(self.ids):
+            try:
+                AsyncResult(tid).get(timeout=self.wait_s, propagate=False)
+            except Exception as exc:  # a timeout: what is left is counted as not had
+                self.error = f"result {i} not in hand: {type(exc).__name__}"
+                return
+            self.in_hand[i] = now()
+
+    def finish(self, timeout: float) -> np.ndarray:
+        self.join(timeout)
+        return self.in_hand
 
 
 def publish_all(rig: MeasuredWorker, messages, sent=None) -> float:

@@ -13,7 +13,10 @@ boot id, so the caller knows which clock it shares with the worker:
   one host's monotonic clock either way.
 
 A task of your own reports the same parts when it returns ``stamps(start_ns)``
-(or a dict with at least ``start_ns`` and ``end_ns``).
+(or a dict with at least ``start_ns`` and ``end_ns``). With the workers' Strategy from
+:func:`bench.worker_stamps.strategy_in_request` the result also carries ``taken_ns``
+and ``handed_ns`` (the worker main process's readings, same clock as ``start_ns``), so
+the caller can split the queue wait into the waterfall's broker, worker and pool stages.
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ import socket
 import time
 
 from celery import shared_task
+
+from ..worker_stamps import REQUEST_KEY  # the main process's [taken, handed], same clock
 
 TASK = "bench.roundtrip"
 BOOT_ID_ENV = "CELERY_BENCH_BOOT_ID"
@@ -74,10 +79,16 @@ def stamps(start_ns: int, start_wall_ns: int | None = None) -> dict:
             "pid": os.getpid()}
 
 
-@shared_task(name=TASK)
-def roundtrip(seconds=0.0, *args, **kwargs):
+
+
+@shared_task(name=TASK, bind=True)
+def roundtrip(self, seconds=0.0, *args, **kwargs):
     start = time.perf_counter_ns()
     wall = time.time_ns()
     if seconds:
         time.sleep(float(seconds))
-    return stamps(start, wall)
+    out = stamps(start, wall)
+    main = getattr(self.request, REQUEST_KEY, None)
+    if isinstance(main, (list, tuple)) and len(main) == 2:
+        out["taken_ns"], out["handed_ns"] = int(main[0]), int(main[1])
+    return out
