@@ -41,16 +41,34 @@ TIMEOUT = 10.0
 STOP_GRACE_S = 2.0    # after SIGTERM, how long a host's processes may take before SIGKILL
 
 
-def _private_tmp_script() -> str:
-    """The holder's shell: a tmpfs on /tmp, then 'ready'. A checkout or interpreter that
-    itself lives under /tmp (a CI clone, say) is bound back into the new /tmp first, or no
-    host could run the harness: shared code, like an install, never shared results."""
+def bound_back() -> list[str]:
+    """The checkout and interpreter paths under /tmp that every host's private /tmp binds
+    back (shared code, never results): empty unless the checkout lives under /tmp."""
     import sys
     from pathlib import Path
 
     here = Path(__file__).resolve().parents[1]
-    keep = sorted({str(p) for p in (here, Path(sys.prefix).resolve())
+    return sorted({str(p) for p in (here, Path(sys.prefix).resolve())
                    if str(p).startswith("/tmp/")})
+
+
+def private_files(host) -> set[str]:
+    """Every path under ``host``'s /tmp except the bound-back code (and the folders that
+    hold it), NUL-separated so a name with a space stays one path."""
+    keep = bound_back()
+    argv = ["find", "/tmp", "-mindepth", "1"]
+    for path in keep:
+        argv += ["-path", path, "-prune", "-o"]
+    found = host.run([*argv, "-print0"]).stdout.split("\0")
+    return {f for f in found
+            if f and not any(k == f or k.startswith(f + "/") for k in keep)}
+
+
+def _private_tmp_script() -> str:
+    """The holder's shell: a tmpfs on /tmp, then 'ready'. A checkout or interpreter that
+    itself lives under /tmp (a CI clone, say) is bound back into the new /tmp first, or no
+    host could run the harness: shared code, like an install, never shared results."""
+    keep = bound_back()
     lines = ["set -e", "stash=$(mktemp -d /run/cbrig-keep.XXXXXX)"]
     for i, path in enumerate(keep):
         lines.append(f"mkdir $stash/{i} && mount --bind '{path}' $stash/{i}")

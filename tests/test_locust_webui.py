@@ -121,8 +121,7 @@ def test_web_ui_tab_page_and_bad_choice(tmp_path, browser, locust_ui):  # noqa: 
         assert not ours_visit.console_errors, ours_visit.console_errors   # favicon: no 404
         _same_counts(ours_visit.page, port)
 
-        page.get_by_role("button", name="Stop").click()
-        page.get_by_text("STOPPED", exact=False).first.wait_for(timeout=60_000)
+        stop_from_the_ui(page)
         pids = worker_pids(log.read_text())
     finally:
         ui.stop()
@@ -132,6 +131,24 @@ def test_web_ui_tab_page_and_bad_choice(tmp_path, browser, locust_ui):  # noqa: 
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(alive(p) for p in pids), PIDS.pattern
+
+
+def stop_from_the_ui(page, tries: int = 3) -> None:
+    """Click Locust's Stop until the page says STOPPED (20 s a try), as a user would click
+    again. In one CI run and one of four runs beside two CPU burners the page never said
+    STOPPED within 60 s of a single click (the users had stopped sending; cause not found:
+    a click lost while the header re-renders, or a user slow to die). A runner that never
+    stops still fails here after the last try."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    for attempt in range(tries):
+        page.get_by_role("button", name="Stop").click()
+        try:
+            page.get_by_text("STOPPED", exact=False).first.wait_for(timeout=20_000)
+            return
+        except PlaywrightTimeout:
+            if attempt == tries - 1:
+                raise
 
 
 def _listening(port, proc, timeout_s: float = 30.0) -> None:
@@ -195,8 +212,7 @@ def test_class_picker_ticks_what_was_named_and_the_transport_runs(locust_ui):
         stats = page.request.get(f"http://127.0.0.1:{port}/stats/requests").json()
         assert {(s["method"], s["name"]) for s in stats["stats"]
                 if s["name"] != "Aggregated"} == {("kombu", "publish memory/held")}
-        page.get_by_role("button", name="Stop").click()
-        page.get_by_text("STOPPED", exact=False).first.wait_for(timeout=60_000)
+        stop_from_the_ui(page)
     finally:
         ui.stop()
     assert "Traceback" not in log.read_text()
