@@ -32,39 +32,42 @@ TASK = "bench.roundtrip"
 BOOT_ID_ENV = "CELERY_BENCH_BOOT_ID"
 
 
-def _boot_id() -> str:
-    """This host's boot id: processes that share it share CLOCK_MONOTONIC.
-    ``$CELERY_BENCH_BOOT_ID`` overrides it (a container in its own time namespace; tests
-    of the other-host path)."""
-    if os.environ.get(BOOT_ID_ENV):
-        return os.environ[BOOT_ID_ENV]
+def _kernel_boot_id() -> str:
+    """The kernel's boot id, '' when there is none to read (not Linux)."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as fh:
             return fh.read().strip()
-    except OSError:  # not Linux: the host name stands in (same host = same clock)
-        return f"host:{socket.gethostname()}"
+    except OSError:
+        return ""
 
 
-def _clock_id() -> str:
+def _boot_id(kernel: str) -> str:
+    """This host's boot id: processes that share it share CLOCK_MONOTONIC.
+    ``$CELERY_BENCH_BOOT_ID`` overrides it (a container in its own time namespace; tests
+    of the other-host path); not Linux: the host name stands in (same host = same clock)."""
+    if os.environ.get(BOOT_ID_ENV):
+        return os.environ[BOOT_ID_ENV]
+    return kernel or f"host:{socket.gethostname()}"
+
+
+def _clock_id(kernel: str) -> str:
     """Which CLOCK_MONOTONIC this process reads, whatever boot id it claims: the kernel's boot
     id and its time namespace's offsets (Linux 5.6+; none: no time namespaces). '' elsewhere.
     Two processes with one clock id compare monotonic readings exactly, even when they claim
     to be on two hosts (the multi-host rig's namespaces share one kernel)."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as fh:
-            boot = fh.read().strip()
-    except OSError:
+    if not kernel:
         return ""
     try:
         with open("/proc/self/timens_offsets") as fh:
             offsets = ",".join(fh.read().split())
     except OSError:
         offsets = ""
-    return f"{boot}:{offsets}"
+    return f"{kernel}:{offsets}"
 
 
-BOOT_ID = _boot_id()
-CLOCK_ID = _clock_id()
+_KERNEL_BOOT_ID = _kernel_boot_id()
+BOOT_ID = _boot_id(_KERNEL_BOOT_ID)
+CLOCK_ID = _clock_id(_KERNEL_BOOT_ID)
 HOST = socket.gethostname()
 
 
@@ -77,8 +80,6 @@ def stamps(start_ns: int, start_wall_ns: int | None = None) -> dict:
     return {"start_ns": start_ns, "end_ns": end, "start_wall_ns": wall_start,
             "end_wall_ns": wall_end, "boot_id": BOOT_ID, "clock_id": CLOCK_ID, "host": HOST,
             "pid": os.getpid()}
-
-
 
 
 @shared_task(name=TASK, bind=True)
