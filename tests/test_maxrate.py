@@ -234,3 +234,27 @@ def test_a_latency_the_load_sets_is_shown_lower_and_the_descent_goes_on():
     got = maxrate.search(sampled(120, base_us=2000, seed=3), SLO, start=100, seconds=1)
     assert "did not fall" not in got.why
     assert got.rate > 0 and got.rate < 50
+
+
+def test_a_search_cell_says_which_histogram_it_judged():
+    """Scenario.max_rate reads the SLO percentile from the histogram it is given (a
+    roundtrip cell and a latency cell both judge ``queue_wait``) and says so in the
+    metrics and the note; the other histograms do not decide."""
+    from bench import recorder
+    from bench.scenarios import Outcome, Scenario
+    from bench.run_options import RunOptions
+
+    rng = np.random.default_rng(5)
+
+    def once(rate, hold):
+        n = max(1, int(rate * hold))
+        rec = recorder.Recorder()
+        load = min(rate / 500, 0.999)
+        rec.add("queue_wait", rng.lognormal(np.log(1000 / (1 - load)), 0.5, n))
+        rec.add("waterfall.total", rng.lognormal(np.log(50_000), 0.1, n))  # always over
+        return Outcome({"rate_achieved_per_s": rate, "backlog_growth_per_s": 0.0},
+                       rec.histograms)
+    out = Scenario(RunOptions()).max_rate(once, SLO, 20, 1, "queue_wait", "tasks/s")
+    m = out.metrics
+    assert m["slo_histogram"] == "queue_wait" and m["max_sustainable_rate_per_s"] > 0
+    assert "p99<=10ms of queue_wait" in out.notes[0], out.notes
