@@ -16,7 +16,9 @@ A task of your own reports the same parts when it returns ``stamps(start_ns)``
 (or a dict with at least ``start_ns`` and ``end_ns``). With the workers' Strategy from
 :func:`bench.worker_stamps.strategy_in_request` the result also carries ``taken_ns``
 and ``handed_ns`` (the worker main process's readings, same clock as ``start_ns``), so
-the caller can split the queue wait into the waterfall's broker, worker and pool stages.
+the caller can split the queue wait into the waterfall's broker, worker and pool stages;
+with ``$CELERY_BENCH_STORED_DIR`` set (the Locust workers) ``stored_dir`` names where the pool
+child writes its *stored* reading (:class:`bench.worker_stamps.StoredLedger`).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import time
 from celery import shared_task
 
 from ..worker_stamps import REQUEST_KEY  # the main process's [taken, handed], same clock
+from ..worker_stamps import STORED_ENV   # where this worker's children write *stored*
 
 TASK = "bench.roundtrip"
 BOOT_ID_ENV = "CELERY_BENCH_BOOT_ID"
@@ -92,4 +95,6 @@ def roundtrip(self, seconds=0.0, *args, **kwargs):
     main = getattr(self.request, REQUEST_KEY, None)
     if isinstance(main, (list, tuple)) and len(main) == 2:
         out["taken_ns"], out["handed_ns"] = int(main[0]), int(main[1])
+    if os.environ.get(STORED_ENV):     # the caller reads *stored* there if it is its own
+        out["stored_dir"] = os.environ[STORED_ENV]
     return out
