@@ -23,7 +23,8 @@ above what was achievable (#329, #336). So:
   a step that achieved >= 98% of it.
 
 The latency test is decided by the SLO percentile's 95% interval when the step carries
-one (``n``, ``lo_us``, ``hi_us``; :mod:`bench.percentiles`): a step passes when the upper
+one (``n``, ``lo_us``, ``hi_us``; :func:`bench.percentiles.clustered`, which widens it when
+the step's delays came in runs, as a stall's do): a step passes when the upper
 bound is within the SLO and fails when the lower bound is beyond it; otherwise (the interval
 spans the SLO, or too few samples) it is *undecided* and held again, twice as long, until it
 decides or its rate's hold budget (``HOLD_BUDGET`` step lengths) is spent; still undecided, it
@@ -128,6 +129,7 @@ class Step:
     lo_us: float | None = None        # the SLO percentile's 95% interval (None: too few)
     hi_us: float | None = None
     decided: bool = True              # False: the interval spans the SLO, or too few samples
+    n_eff: int | None = None          # independent samples n is worth (None: n; percentiles.clustered)
     stages_us: dict | None = None     # where the time went: {stage: [p50, p99]} (waterfall)
 
 
@@ -141,17 +143,21 @@ def judge(step: Step, slo: SLO) -> Step:
         whys.append(f"backlog grew {step.backlog_growth:,.0f}/s")
     undecided = ""
     name = f"p{slo.percentile:g}"
+    n_text = f"n={step.n:,}" if step.n is not None else ""
+    if step.n_eff is not None and step.n is not None and step.n_eff < step.n:
+        n_text += f", worth {step.n_eff:,} independent: delays came in runs"
     if step.latency_us is None:
         whys.append("no latency measured")
     elif step.n is not None and (step.lo_us is None or step.hi_us is None):
-        undecided = f"{name} {percentiles.too_few_text(step.n)}"
+        undecided = (f"{name} {percentiles.too_few_text(step.n)}" if step.n_eff is None
+                     else f"{name} too few samples ({n_text})")
     elif step.n is not None:
         if step.lo_us > slo.limit_us:
             whys.append(f"{name} {step.lo_us / 1000:,.2f}-{step.hi_us / 1000:,.2f} ms "
-                        f"over {slo.limit_us / 1000:,.1f} ms (n={step.n:,})")
+                        f"over {slo.limit_us / 1000:,.1f} ms ({n_text})")
         elif step.hi_us > slo.limit_us:
             undecided = (f"{name} {step.lo_us / 1000:,.2f}-{step.hi_us / 1000:,.2f} ms spans "
-                         f"{slo.limit_us / 1000:,.1f} ms (n={step.n:,})")
+                         f"{slo.limit_us / 1000:,.1f} ms ({n_text})")
     elif step.latency_us > slo.limit_us:
         whys.append(f"{name} {step.latency_us / 1000:,.1f} ms over "
                     f"{slo.limit_us / 1000:,.1f} ms")

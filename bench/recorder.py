@@ -105,6 +105,23 @@ class Recorded:
     intervals: list = field(default_factory=list)   # [Interval], in time order
 
 
+def merge(recs: dict[str, Recorded], more: dict[str, Recorded]) -> dict[str, Recorded]:
+    """Fold ``more`` (name -> Recorded) into ``recs``, in place: every sample of every
+    histogram, with what was left out of each summed. The first of a name sets the shape."""
+    for name, rec in more.items():
+        into = recs.get(name)
+        if into is None:
+            h = rec.hist
+            into = recs[name] = Recorded(HdrHistogram(h.lowest_trackable_value,
+                                                      h.highest_trackable_value,
+                                                      h.significant_figures), 0, rec.unit)
+        into.hist.add(rec.hist)
+        into.overflow += rec.overflow
+        into.invalid += rec.invalid
+        into.intervals += rec.intervals
+    return recs
+
+
 def intervals(values_us, at_ns, interval_s: float = INTERVAL_S,
               offset_ns: int | None = None) -> list[Interval]:
     """Interval histograms of ``values_us`` by the perf_counter_ns time ``at_ns`` of each

@@ -47,7 +47,7 @@ from pathlib import Path
 
 from hdrh.histogram import HdrHistogram
 
-from . import percentiles
+from . import percentiles, recorder
 from .config import mask_secrets
 
 SCHEMA = "celery-bench/2"
@@ -141,24 +141,12 @@ def aggregate(scenario: str, params: dict, repeats: list[dict]) -> Cell:
     histograms are merged, so percentiles cover every sample of every repeat.
     """
     cell = Cell(scenario, dict(params))
-    merged: dict[str, dict] = {}
+    merged: dict[str, recorder.Recorded] = {}
     for rep in repeats:
-        rep_hists = {}
-        for name, rec in rep.get("histograms", {}).items():
-            hist = rec.hist
-            if name not in merged:
-                merged[name] = {"hist": HdrHistogram(hist.lowest_trackable_value,
-                                                     hist.highest_trackable_value,
-                                                     hist.significant_figures),
-                                "unit": rec.unit, "overflow": 0, "invalid": 0,
-                                "intervals": []}
-            m = merged[name]
-            m["hist"].add(hist)
-            m["overflow"] += rec.overflow
-            m["invalid"] += rec.invalid
-            m["intervals"] += rec.intervals
-            rep_hists[name] = summarize(hist, rec.unit, rec.overflow, with_hdr=False,
-                                        invalid=rec.invalid)
+        recorder.merge(merged, rep.get("histograms", {}))
+        rep_hists = {name: summarize(rec.hist, rec.unit, rec.overflow, with_hdr=False,
+                                     invalid=rec.invalid)
+                     for name, rec in rep.get("histograms", {}).items()}
         kept = {k: rep[k] for k in REPEAT_INFO if k in rep}
         kept.update(metrics=rep.get("metrics", {}), histograms=rep_hists)
         if rep.get("notes"):
@@ -166,9 +154,8 @@ def aggregate(scenario: str, params: dict, repeats: list[dict]) -> Cell:
         cell.repeats.append(kept)
     cell.metrics, cell.spread = fold_metrics([rep.get("metrics", {}) for rep in repeats])
     for name, m in merged.items():
-        cell.histograms[name] = summarize(m["hist"], m["unit"], m["overflow"],
-                                          invalid=m["invalid"],
-                                          intervals=sorted(m["intervals"],
+        cell.histograms[name] = summarize(m.hist, m.unit, m.overflow, invalid=m.invalid,
+                                          intervals=sorted(m.intervals,
                                                            key=lambda iv: iv.start_s))
     notes = [n for rep in repeats for n in rep.get("notes") or ()]
     cell.reason = "; ".join(dict.fromkeys(notes))

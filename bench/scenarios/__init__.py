@@ -145,12 +145,14 @@ class Scenario:
             last.clear()
             last[rate] = outcome
             m = outcome.metrics
-            # the SLO percentile with its order-statistic interval: the step is decided by it
-            p = percentiles.estimate(outcome.histograms[histogram].hist,
-                                     {"slo": slo.percentile})["slo"]
+            # the SLO percentile with its interval, widened when the step's delays came in
+            # runs (its 1 s interval histograms disagree): the step is decided by it
+            rec = outcome.histograms[histogram]
+            p = percentiles.clustered(rec.hist, [iv.hist for iv in rec.intervals],
+                                      slo.percentile, "slo", at=slo.limit_us)
             return maxrate.Step(rate, m["rate_achieved_per_s"], p.value,
                                 m.get("backlog_growth_per_s"), n=p.n, lo_us=p.lo, hi_us=p.hi,
-                                stages_us=_stage_tails(outcome.histograms))
+                                n_eff=p.n_eff, stages_us=_stage_tails(outcome.histograms))
 
         result = maxrate.search(measure, slo, start=start, seconds=seconds)
         held = last.get(result.rate)

@@ -257,17 +257,7 @@ def merged(slices: list[dict]) -> dict:
             metrics[name] = max(values) if up else min(values)
     hists: dict = {}
     for s in slices:
-        for hname, rec in (s.get("histograms") or {}).items():
-            if hname not in hists:
-                hists[hname] = recorder.Recorded(
-                    HdrHistogram(rec.hist.lowest_trackable_value,
-                                 rec.hist.highest_trackable_value,
-                                 rec.hist.significant_figures), 0, rec.unit, 0, [])
-            into = hists[hname]
-            into.hist.add(rec.hist)
-            into.overflow += rec.overflow
-            into.invalid += rec.invalid
-            into.intervals += rec.intervals
+        recorder.merge(hists, s.get("histograms") or {})
     out = dict(slices[0])
     out.update(metrics=metrics, histograms=hists, slices=len(slices),
                elapsed_s=round(sum(s.get("elapsed_s") or 0 for s in slices), 3),

@@ -1,7 +1,7 @@
 """The README's max-rate headline, printed as Markdown from the results files the runs
 wrote (so every figure in it is one the code produced):
 
-    .venv/bin/python docs/scripts/maxrate_headline.py RUN1.json RUN2.json BREAKDOWN.json [HIST]
+    .venv/bin/python docs/scripts/maxrate_headline.py RUN1.json RUN2.json [BREAKDOWN.json [HIST]]
 
 RUN1/RUN2: two `celery-bench run worker --max-rate --pool prefork` runs; BREAKDOWN: a
 `run worker --only mode=latency|roundtrip --rate 100` run (the stage waterfall at 100/s);
@@ -37,7 +37,7 @@ def agree(a: float, b: float) -> str:
     return f"{min(a, b) / max(a, b):.2f}" if max(a, b) else "-"
 
 
-def main(run1: str, run2: str, breakdown: str, wait: str = "queue_wait") -> None:
+def main(run1: str, run2: str, breakdown: str = "", wait: str = "queue_wait") -> None:
     one, two = (by_transport(results.load(p)) for p in (run1, run2))
     print("| transport | run 1 (load) | run 2 (load) | lower/higher | queue wait at the "
           "answer, run 2: p50 / p99 (95% interval, n) |")
@@ -51,6 +51,8 @@ def main(run1: str, run2: str, breakdown: str, wait: str = "queue_wait") -> None
         print(f"| {t} | {a.metrics.get('bracket')} ({load_of(a)}) | "
               f"{b.metrics.get('bracket')} ({load_of(b)}) | {agree(ra, rb)} | "
               f"{pct(b, 'queue_wait', 'p50')} / {pct(b, 'queue_wait', 'p99')} |")
+    if not breakdown:
+        return
     print()
     cells = results.load(breakdown).cells
     print("| transport, mode | " + " | ".join(waterfall.STAGES) + f" | total | {wait} "
@@ -71,6 +73,6 @@ def main(run1: str, run2: str, breakdown: str, wait: str = "queue_wait") -> None
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (4, 5):
+    if len(sys.argv) not in (3, 4, 5):
         sys.exit(__doc__)
     main(*sys.argv[1:])
