@@ -11,8 +11,8 @@ above what was achievable (#329, #336). So:
 - it never adapts towards 0: it starts at a floor, doubles while steps pass, and if
   even the floor fails it halves a bounded number of times and then says so; it stops
   halving as soon as halving the rate did not lower the SLO percentile while every
-  task was taken (:func:`latency_floor`: the latency is not the load's, and lower rates
-  only cost ever longer steps);
+  task was taken, judged on the two 95% intervals (:func:`latency_floor`: the latency is
+  not the load's, and lower rates only cost ever longer steps);
 - a failed step is measured once more before it counts (one noisy second must not
   end the climb), and bisection only narrows the bracket [good, bad], so the rate
   cannot swing back and forth;
@@ -175,22 +175,46 @@ def _rate_held(step: Step) -> bool:
         step.backlog_growth <= max(BACKLOG_GROWTH_MAX * step.rate, BACKLOG_GROWTH_FLOOR))
 
 
+def _ms(step: Step) -> str:
+    """The SLO percentile of ``step`` as the floor's reason says it: its 95% interval
+    and n when it has one, else the point estimate."""
+    if step.lo_us is not None and step.hi_us is not None:
+        return (f"{step.lo_us / 1000:,.2f}-{step.hi_us / 1000:,.2f} ms "
+                f"(n={step.n:,})" if step.n is not None else
+                f"{step.lo_us / 1000:,.2f}-{step.hi_us / 1000:,.2f} ms")
+    return f"{step.latency_us / 1000:,.1f} ms"
+
+
 def latency_floor(above: Step, below: Step, slo: SLO) -> str:
     """Why descending further is pointless, or "": both rates were taken in full and
     missed only the latency, and halving the rate did not lower the SLO percentile (a
     latency set by something other than the load asked, such as a busy machine's
     scheduling); lower rates would hold ever longer steps (up to ``MAX_STEP_S``) to
-    learn nothing more."""
+    learn nothing more.
+
+    Decided on the 95% intervals, like the steps: the halved rate's percentile is *shown
+    lower* only when its interval lies wholly below the other's (``below.hi < above.lo``),
+    and then the descent goes on; overlapping intervals are no evidence that the load
+    sets the latency, so they end it (a point estimate a little lower by sampling noise
+    no longer buys a 60 s step). A step whose percentile has too few samples for an
+    interval shows nothing either way: the descent goes on (boundedly, ``FLOOR_HALVINGS``).
+    Steps that carry no interval at all (``n`` None) compare their point estimates."""
     if above.ok or below.ok or not (_rate_held(above) and _rate_held(below)):
         return ""
-    if above.latency_us is None or below.latency_us is None or \
-            below.latency_us < above.latency_us:
+    if above.latency_us is None or below.latency_us is None:
+        return ""
+    if above.n is not None and below.n is not None:
+        if None in (above.lo_us, above.hi_us, below.lo_us, below.hi_us):
+            return ""                             # too few samples: nothing shown
+        if below.hi_us < above.lo_us:
+            return ""                             # shown lower: the rate sets it
+    elif below.latency_us < above.latency_us:
         return ""
     name = f"p{slo.percentile:g}"
     return (f"{name} did not fall when the rate halved ({above.rate:,.3g}/s: "
-            f"{above.latency_us / 1000:,.1f} ms, {below.rate:,.3g}/s: "
-            f"{below.latency_us / 1000:,.1f} ms): the latency is not set by the rate, so "
-            f"no lower rate was tried; {slo.text} is below this machine's latency now")
+            f"{_ms(above)}, {below.rate:,.3g}/s: {_ms(below)}): the latency is not set "
+            f"by the rate, so no lower rate was tried; {slo.text} is below this machine's "
+            f"latency now")
 
 
 def step_seconds(rate: float, seconds: float, slo: SLO) -> float:

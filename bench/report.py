@@ -549,8 +549,15 @@ def cell_line(cell: results.Cell, figures: int = 4) -> str:
     """One plain line per finished cell, for progress and --quiet logs."""
     params = " ".join(f"{k}={v}" for k, v in cell.params.items())
     summary = summary_columns(cell.scenario, [cell])
-    cols = [make_column(s, h, [cell]) for s, h in summary
-            if column_value(cell, s) is not None][:figures]
+    cols: list[Column] = []
+    for spec, header in summary:
+        if column_value(cell, spec) is None:
+            continue
+        # as the tables do: a percentile the cell's count cannot support becomes one it can
+        shown = supported_spec(spec, header, [cell])
+        if all(col.spec != shown[0] for col in cols):
+            cols.append(make_column(*shown, [cell]))
+    cols = cols[:figures]
     shown = "  ".join(f"{c.header}={' '.join(filter(None, c.text(cell)))}" for c in cols)
     tail = f"  ({cell.reason})" if cell.reason else ""
     return f"{cell.status:7s} {cell.scenario} {params}  {shown}".rstrip() + tail

@@ -66,6 +66,28 @@ def stages(points: dict) -> tuple[dict, np.ndarray]:
     return out, p["in_hand"] - p["intended"]
 
 
+def one_round_trip(t0: int, t1: int, taken: int, handed: int, start: int, end: int,
+                   t2: int, stored: int | None = None) -> list | None:
+    """``[(stage, ns)]`` of one round trip timed by its caller (Locust's TaskRoundTrip),
+    every point on one clock: ``t0`` intended (the publish start), ``t1`` the publish call
+    returned, ``t2`` the result in hand. The stages are :data:`STAGES` with the same rules
+    as :func:`stages` (the earlier point ends a stage: taken before ``t1``, in hand before
+    ``stored``); without ``stored`` (the child's reading not known here) one ``result``
+    stage stands for ``store`` and ``fetch``. They add up to ``t2 - t0`` exactly. None: the
+    readings are out of order (a clock bug)."""
+    points = [t0, min(t1, taken), taken, handed, start, end]
+    names = list(STAGES[:5])
+    if stored is None:
+        names.append("result")
+    else:
+        names += ["store", "fetch"]
+        points.append(min(stored, t2))
+    points.append(t2)
+    if any(b < a for a, b in zip(points, points[1:])):
+        return None
+    return [(name, b - a) for name, a, b in zip(names, points, points[1:])]
+
+
 def record(rec: Recorder, points: dict) -> dict:
     """One histogram per stage (``waterfall.<stage>``, us) and ``waterfall.total`` into
     ``rec``; returns the metrics: tasks in the waterfall, tasks left out (a stage out of

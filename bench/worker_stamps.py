@@ -16,12 +16,18 @@ the trace's own bookkeeping) and *postrun* (``task_postrun``, when the record is
 written). Every reading is ``time.perf_counter_ns()``: CLOCK_MONOTONIC, one clock
 for every process of the host. With ``$CELERY_BENCH_STAMP_DIR`` unset nothing is
 connected and the strategy is Celery's default.
+
+A caller that waits on the result itself (Locust's TaskRoundTrip) cannot get *stored* in
+the result (the write is what delivers it): with ``$CELERY_BENCH_STORED_DIR`` set the pool
+child appends ``(STORED, task id, stored)`` records there for ``bench.roundtrip``, and the
+caller's :class:`StoredLedger` reads them on the same host (same clock) by task id.
 """
 from __future__ import annotations
 
 import os
 import struct
 import time
+import uuid
 
 from celery.signals import task_postrun, task_prerun, task_success
 
@@ -29,6 +35,9 @@ STAMP_ENV = "CELERY_BENCH_STAMP_DIR"
 RECORD = struct.Struct("<qqqqqq")   # kind, run, index, a, b, c
 COLUMNS = 6
 MAIN, CHILD = 1, 2                  # kinds: (taken, handed, 0), (started, stored, postrun)
+STORED = 3                          # kind: run, index = the task id's two halves; a = stored
+STORED_ENV = "CELERY_BENCH_STORED_DIR"
+KEEP_UNTAKEN = 200_000              # stored readings kept for a caller, oldest dropped first
 REQUEST_KEY = "celery_bench_stamps"  # RequestStamps: [taken, handed] (bench.tasks.roundtrip)
 
 _now = time.perf_counter_ns
@@ -149,6 +158,95 @@ def _stamping(stamps, task, app, consumer, **kwargs):
     return task_message_handler
 
 
+def task_key(task_id) -> tuple[int, int] | None:
+    """A uuid task id as two signed 64-bit halves (a record's run and index), else None."""
+    try:
+        value = uuid.UUID(str(task_id)).int
+    except ValueError:
+        return None
+    hi, lo = value >> 64, value & (1 << 64) - 1
+    return tuple(v - (1 << 64) if v >= 1 << 63 else v for v in (hi, lo))
+
+
+class StoredStamps:
+    """The pool child's *stored* reading (``task_success``, after the backend write) of
+    each ``task``, by task id, for a caller that waits on the result itself."""
+
+    def __init__(self, out: StampFile, task: str):
+        self.out, self.task = out, task
+
+    def success(self, sender=None, **_):
+        if getattr(sender, "name", None) == self.task:
+            at = _now()
+            key = task_key(getattr(getattr(sender, "request", None), "id", None))
+            if key is not None:
+                self.out.write(STORED, key[0], key[1], at, 0, 0)
+
+
+class StoredLedger:
+    """The stored readings of the folders this process's own workers write (one host: the
+    same CLOCK_MONOTONIC), read as they are appended; :meth:`take` one by task id."""
+
+    def __init__(self):
+        self.folders: list[str] = []
+        self.offsets: dict[str, int] = {}
+        self.found: dict[tuple, int] = {}
+
+    def watch(self, folder: str) -> None:
+        if folder not in self.folders:
+            self.folders.append(folder)
+
+    def forget(self, folder: str) -> None:
+        if folder in self.folders:
+            self.folders.remove(folder)
+        self.offsets = {k: v for k, v in self.offsets.items()
+                        if os.path.dirname(k) != folder}
+
+    def _read(self) -> None:
+        for folder in self.folders:
+            try:
+                names = os.listdir(folder)
+            except OSError:
+                continue
+            for name in names:
+                path = os.path.join(folder, name)
+                at = self.offsets.get(path, 0)
+                try:
+                    with open(path, "rb") as fh:
+                        fh.seek(at)
+                        data = fh.read()
+                except OSError:
+                    continue
+                whole = len(data) - len(data) % RECORD.size  # a record still being written
+                for kind, hi, lo, stored, _, _ in RECORD.iter_unpack(data[:whole]):
+                    if kind == STORED:
+                        self.found[(hi, lo)] = stored
+                self.offsets[path] = at + whole
+        if len(self.found) > KEEP_UNTAKEN:     # readings no caller took (a failed get)
+            for key in list(self.found)[: len(self.found) // 2]:
+                del self.found[key]
+
+    def take(self, task_id, folder, timeout_s: float, sleep=time.sleep) -> int | None:
+        """Task ``task_id``'s stored reading, written into ``folder`` (the result's
+        ``stored_dir``), waiting up to ``timeout_s`` for the child to append it (it writes
+        after the backend write, which may reach the caller first); None at once when
+        ``folder`` is not one of ours (another process's or host's worker ran it)."""
+        key = task_key(task_id)
+        if key is None or folder not in self.folders:
+            return None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self._read()
+            if key in self.found:
+                return self.found.pop(key)
+            if time.monotonic() >= deadline:
+                return None
+            sleep(0.0005)
+
+
+LEDGER = StoredLedger()     # the Locust process's: its own workers' folders
+
+
 class _Hooks:
     """The child's signal handlers, connected once at import when stamping is asked for
     (weak=False: the handlers live as long as the process)."""
@@ -164,6 +262,9 @@ class _Hooks:
 
 
 HOOKS = _Hooks()
+if os.environ.get(STORED_ENV):
+    task_success.connect(StoredStamps(StampFile(os.environ[STORED_ENV]),
+                                      "bench.roundtrip").success, weak=False)
 if os.environ.get(STAMP_ENV):
     HOOKS.connect(os.environ[STAMP_ENV], os.environ.get(STAMP_ENV + "_TASK",
                                                         "bench.worker.tick"))

@@ -55,7 +55,8 @@ def cells(tmp_path) -> dict:
 
 STAGES = ("enqueue", "queue wait", "run", "result", "lag", "queue wait same-host",
           "queue wait cross-host", "queue wait cross-host monotonic",
-          *(f"stage {s}" for s in ("publish", "broker", "worker", "pool", "run", "result")))
+          *(f"stage {s}" for s in ("publish", "broker", "worker", "pool", "run", "store",
+                                   "fetch", "result")))
 
 
 def check_counts(tmp_path, may_read_negative=()) -> dict:

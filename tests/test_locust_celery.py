@@ -22,7 +22,7 @@ from test_locust import (ROOT, cells, check_counts, locust_cmd, locust_env, locu
 PARTS = ("enqueue", "queue wait", "run", "result", "total")
 # the waterfall's stages, from the Strategy the harness's workers load (bench.worker_stamps)
 STAGE_PARTS = tuple(f"stage {s}" for s in ("publish", "broker", "worker", "pool", "run",
-                                            "result"))
+                                            "store", "fetch"))   # the worker scenario's
 ROUND_TRIP = "roundtrip unix bench.roundtrip"
 PIDS = re.compile(r"Celery worker\(s\) .*\(pids ([\d, ]+)\)")
 
@@ -89,6 +89,8 @@ def test_round_trip_and_group_join_over_unix_with_harness_workers(tmp_path):
 
     def mean(part):
         return results.decode(ours[(part, ROUND_TRIP)].histograms["latency"]).get_mean_value()
+    assert mean("stage store") >= 1 and ours[("stage store", ROUND_TRIP)].params["clock"] == \
+        "monotonic"                     # the child's stored reading, found by task id
     stage_mean, total_mean = sum(mean(p) for p in STAGE_PARTS), mean("total")
     assert abs(stage_mean - total_mean) <= 0.01 * total_mean + len(STAGE_PARTS), \
         (stage_mean, total_mean)

@@ -280,6 +280,14 @@ def test_master_and_two_generators_on_their_own_hosts_merge_exactly(rig, tmp_pat
     assert "no final report" not in logs["master"]
     total = next(c for (t, _), c in ours.items() if t == "total")
     assert total.metrics["requests"] > 0 and total.status == "ok"
+    # a task run on the sender's own host splits store and fetch (the child's stored
+    # reading is written on that host); one run on the other generator's host cannot, and
+    # reports one result stage: each round trip has exactly one of the two
+    name = total.params["name"]
+    split, joined = (ours[(f"stage {s}", name)].metrics["requests"] for s in ("store", "result"))
+    assert split > 0 and joined > 0 and split + joined == total.metrics["requests"], \
+        (split, joined)
+    assert ours[("stage fetch", name)].metrics["requests"] == split
     for c in ours.values():
         assert c.params["locust_workers"] == 2
         assert c.params["celery_workers"] == 2 and c.params["celery_workers_per_host"] == 1

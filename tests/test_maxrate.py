@@ -199,7 +199,62 @@ def test_latency_floor_needs_both_rates_taken_and_no_fall():
     a = maxrate.judge(maxrate.Step(100, 100, 13000, 0, n=800, lo_us=12000, hi_us=14000), SLO)
     b = maxrate.judge(maxrate.Step(50, 50, 13500, 0, n=800, lo_us=12000, hi_us=15000), SLO)
     assert "did not fall" in maxrate.latency_floor(a, b, SLO)
-    fell = maxrate.judge(maxrate.Step(50, 50, 11000, 0, n=800, lo_us=10500, hi_us=12000), SLO)
+    fell = maxrate.judge(maxrate.Step(50, 50, 11000, 0, n=800, lo_us=10500, hi_us=11800), SLO)
     assert maxrate.latency_floor(a, fell, SLO) == ""
     short = maxrate.judge(maxrate.Step(50, 40, 13500, 0, n=800, lo_us=12000, hi_us=15000), SLO)
     assert maxrate.latency_floor(a, short, SLO) == ""
+
+
+def test_latency_floor_is_decided_by_the_intervals_not_the_point_estimates():
+    a = maxrate.judge(maxrate.Step(100, 100, 13000, 0, n=800, lo_us=12000, hi_us=14000), SLO)
+    # a lower point estimate whose interval overlaps: not shown lower, so the descent ends
+    # (the point-estimate rule went on halving here)
+    noise = maxrate.judge(maxrate.Step(50, 50, 12500, 0, n=800, lo_us=11000, hi_us=13500), SLO)
+    why = maxrate.latency_floor(a, noise, SLO)
+    assert "did not fall" in why and "12.00-14.00 ms (n=800)" in why, why
+    assert "11.00-13.50 ms (n=800)" in why
+    # intervals that touch are not disjoint either; one wholly below is shown lower
+    touch = maxrate.judge(maxrate.Step(50, 50, 11000, 0, n=800, lo_us=10500, hi_us=12000), SLO)
+    assert "did not fall" in maxrate.latency_floor(a, touch, SLO)
+    # too few samples for an interval shows nothing either way: the descent goes on
+    few = maxrate.judge(maxrate.Step(50, 50, 14000, 0, n=200), SLO)
+    assert maxrate.latency_floor(a, few, SLO) == ""
+    # steps without intervals (n unknown) still compare their point estimates
+    p_a = maxrate.judge(maxrate.Step(100, 100, 13000, 0), SLO)
+    assert maxrate.latency_floor(p_a, maxrate.judge(maxrate.Step(50, 50, 12000, 0), SLO),
+                                 SLO) == ""
+    assert "13.0 ms" in maxrate.latency_floor(
+        p_a, maxrate.judge(maxrate.Step(50, 50, 13500, 0), SLO), SLO)
+
+
+def test_a_latency_the_load_sets_is_shown_lower_and_the_descent_goes_on():
+    """Capacity 120/s, base 2 ms: 100/s and 50/s miss p99<=10ms, but halving lowers the
+    p99 well beyond its interval (about 38 ms -> 11 ms), so the search goes on down and
+    finds a rate that passes instead of stopping at a latency floor."""
+    got = maxrate.search(sampled(120, base_us=2000, seed=3), SLO, start=100, seconds=1)
+    assert "did not fall" not in got.why
+    assert got.rate > 0 and got.rate < 50
+
+
+def test_a_search_cell_says_which_histogram_it_judged():
+    """Scenario.max_rate reads the SLO percentile from the histogram it is given (a
+    roundtrip cell and a latency cell both judge ``queue_wait``) and says so in the
+    metrics and the note; the other histograms do not decide."""
+    from bench import recorder
+    from bench.scenarios import Outcome, Scenario
+    from bench.run_options import RunOptions
+
+    rng = np.random.default_rng(5)
+
+    def once(rate, hold):
+        n = max(1, int(rate * hold))
+        rec = recorder.Recorder()
+        load = min(rate / 500, 0.999)
+        rec.add("queue_wait", rng.lognormal(np.log(1000 / (1 - load)), 0.5, n))
+        rec.add("waterfall.total", rng.lognormal(np.log(50_000), 0.1, n))  # always over
+        return Outcome({"rate_achieved_per_s": rate, "backlog_growth_per_s": 0.0},
+                       rec.histograms)
+    out = Scenario(RunOptions()).max_rate(once, SLO, 20, 1, "queue_wait", "tasks/s")
+    m = out.metrics
+    assert m["slo_histogram"] == "queue_wait" and m["max_sustainable_rate_per_s"] > 0
+    assert "p99<=10ms of queue_wait" in out.notes[0], out.notes

@@ -135,6 +135,15 @@ def test_cell_line_names_figures_with_units():
     assert "total p50 ms=" in line
 
 
+def test_cell_line_shows_a_percentile_the_count_supports_as_the_tables_do():
+    """A quick join (12 joins) cannot support lag p99: the progress line prints lag p50,
+    never "lag p99 us=too few samples"; a count below every percentile still says so."""
+    line = report.cell_line(_join_cell(12, backend="redis"))
+    assert "lag p50" in line and "too few" not in line and "lag p99" not in line, line
+    few = report.cell_line(_fanout_cell(3))
+    assert "too few samples (n=3)" in few, few
+
+
 def test_csv_has_units_in_its_header(tmp_path):
     from bench.exporters import csv
 

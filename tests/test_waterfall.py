@@ -98,3 +98,68 @@ def test_report_draws_the_stages_stacked_per_cell():
     chart = page[page.rindex("<svg", 0, at):at]
     for stage in ("publish", "broker", "worker", "pool", "run", "store"):
         assert f">{stage}<" in chart, stage
+
+
+# ------------------------------------------------------- one round trip, caller-timed
+def test_a_callers_round_trip_splits_store_and_fetch_and_adds_up():
+    """Locust's TaskRoundTrip: with the pool child's stored reading the stages are the
+    worker scenario's (store and fetch apart); without it one ``result`` stage; both add
+    up to the total exactly."""
+    t = dict(t0=0, t1=300, taken=200, handed=500, start=900, end=1_900, t2=3_000)
+    split = waterfall.one_round_trip(**t, stored=2_400)
+    assert [n for n, _ in split] == list(waterfall.STAGES)
+    assert dict(split)["publish"] == 200           # taken before the publish call returned
+    assert dict(split)["store"] == 500 and dict(split)["fetch"] == 600
+    assert sum(ns for _, ns in split) == t["t2"] - t["t0"]
+    joined = waterfall.one_round_trip(**t)
+    assert [n for n, _ in joined] == [*waterfall.STAGES[:5], "result"]
+    assert dict(joined)["result"] == 1_100 and sum(ns for _, ns in joined) == 3_000
+    # the result in hand before the child came back from its write: fetch 0, not negative
+    early = dict(waterfall.one_round_trip(**t, stored=3_500))
+    assert early["store"] == 1_100 and early["fetch"] == 0
+    assert waterfall.one_round_trip(**{**t, "start": 400}) is None     # out of order
+
+
+def test_the_stored_reading_goes_by_task_id_from_the_child_to_its_own_caller(tmp_path):
+    """The pool child appends (STORED, task id, stored) on task_success; the caller's
+    ledger finds it by task id in a folder it watches, waits for one not written yet,
+    skips a record half written, and does not wait at all for another process's folder."""
+    import uuid
+    from types import SimpleNamespace
+
+    from bench import worker_stamps as ws
+
+    folder = tmp_path / "stored"
+    folder.mkdir()
+    ledger = ws.StoredLedger()
+    ledger.watch(str(folder))
+    child = ws.StoredStamps(ws.StampFile(str(folder)), "bench.roundtrip")
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    for tid in ids[:2]:
+        child.success(sender=SimpleNamespace(name="bench.roundtrip",
+                                             request=SimpleNamespace(id=tid)))
+    child.success(sender=SimpleNamespace(name="bench.other", request=SimpleNamespace(id=ids[2])))
+    got = ledger.take(ids[1], str(folder), timeout_s=0)
+    assert isinstance(got, int) and got > 0
+    assert ledger.take(ids[1], str(folder), timeout_s=0) is None    # taken once
+    assert ledger.take(ids[2], str(folder), timeout_s=0) is None    # not our task
+    # written while the caller waits (the child writes after the backend write)
+    key = ws.task_key(ids[2])
+    late = folder / "999.bin"
+    record = ws.RECORD.pack(ws.STORED, key[0], key[1], 12345, 0, 0)
+    late.write_bytes(record[:20])                                   # half a record
+    waits = []
+
+    def sleep(s):
+        waits.append(s)
+        if len(waits) == 2:
+            with open(late, "ab") as fh:
+                fh.write(record[20:])
+    assert ledger.take(ids[2], str(folder), timeout_s=60, sleep=sleep) == 12345
+    assert len(waits) == 2
+    # another process's folder: None at once, no wait
+    waits.clear()
+    assert ledger.take(ids[0], str(tmp_path / "theirs"), timeout_s=60, sleep=sleep) is None
+    assert not waits
+    assert ws.task_key("not-a-uuid") is None
+    assert ws.task_key(ids[0]) != ws.task_key(ids[1])

@@ -186,6 +186,23 @@ def test_rate_cells_replace_the_matrix():
                                                  if t.cross_process}
 
 
+def test_max_rate_takes_only_mode_roundtrip(monkeypatch):
+    """--max-rate --only mode=roundtrip: a search cell with results stored (the fastest
+    reachable backend) beside the latency one, and the --only filter keeps just it."""
+    from bench import backends
+
+    monkeypatch.setattr(backends, "fastest_reachable", lambda transport: backends.embedded())
+    opts = runner.RunOptions(max_rate=True, transports=("unix",), only=(("mode", "roundtrip"),))
+    every = cells("worker", opts)
+    kept = [c for c in every if runner.matches(c, opts)]
+    assert kept and {(c["mode"], c["rate"], c["backend"]) for c in kept} == \
+        {("roundtrip", "max", backends.embedded().name)}
+    assert {c["mode"] for c in every} == {"latency", "roundtrip"}
+    # without asking, no roundtrip cell (and no backend) in the search
+    plain = cells("worker", runner.RunOptions(max_rate=True, transports=("unix",)))
+    assert {c["mode"] for c in plain} == {"latency"} and not any("backend" in c for c in plain)
+
+
 def test_a_rate_step_accounts_for_every_task_and_judges_the_rate(tmp_path):
     run_ = run(tmp_path, transports=("unix",), only=(("pool", "prefork"),),
                rate_sweep=(200.0,), duration=0.5, warmup=0.2)

@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
 import threading
 import time
 from contextlib import ExitStack
+from pathlib import Path
 
 import gevent
 
 from .. import celery_workers
 from ..celery_workers import one_line
-from .system import READY_S, STOP_S
+from .system import READY_S, STOP_S, stored_env
 
 log = logging.getLogger("celery-bench.locust")
 MASTER_GONE_S = 10.0     # no heartbeat from the master this long: it is gone (it sends 1 a second)
@@ -53,12 +56,15 @@ class HostWorkers:
                 return []
             try:
                 with ExitStack() as stack:        # closed here if a worker fails to start
+                    folder = Path(tempfile.mkdtemp(prefix="celery-bench-hostworkers-"))
+                    stack.callback(shutil.rmtree, folder, True)
                     self.procs = stack.enter_context(celery_workers.workers(
                         n, wiring["url"], wiring.get("backend_url"),
                         transport_options=wiring["transport_options"], conf=wiring["conf"],
                         pool=wiring["pool"], concurrency=wiring["concurrency"],
                         ready_timeout=READY_S, stop_timeout=STOP_S,
-                        hostname=f"locust-{node}@%h", die_with_parent=True))
+                        hostname=f"locust-{node}@%h", die_with_parent=True,
+                        env=stored_env(stack, folder)))
                     self.stack = stack.pop_all()
             except celery_workers.WorkerError as exc:
                 self.procs = []

@@ -131,7 +131,8 @@ class OwnerSystem:
         self.procs = [] if not n else stack.enter_context(celery_workers.workers(
             n, env.url, backend_url, transport_options=env.transport_options, conf=conf,
             pool=pool, concurrency=concurrency, ready_timeout=READY_S, stop_timeout=STOP_S,
-            hostname=f"locust-{tag}@%h", die_with_parent=True))
+            hostname=f"locust-{tag}@%h", die_with_parent=True,
+            env=stored_env(stack, folder)))
         wiring.update(backend=backend.name, backend_url=backend_url, conf=conf, queue=queue,
                       workers=n, pool=pool, concurrency=concurrency, per_host=per_host)
         wiring["host_only"] = wiring["host_only"] or _host_only("result backend", backend.name,
@@ -165,6 +166,18 @@ class OwnerSystem:
     def close(self) -> None:
         with self.lock:
             self._close()
+
+
+def stored_env(stack: ExitStack, folder: Path) -> dict:
+    """The environment that has this process's Celery workers' pool children write each
+    round trip's *stored* reading into ``folder``/stored (:mod:`bench.worker_stamps`), read
+    by this process's TaskRoundTrip users through ``worker_stamps.LEDGER`` (one host, one
+    clock); ``stack`` stops reading it when the workers go."""
+    stored = folder / "stored"
+    stored.mkdir(mode=0o700, exist_ok=True)
+    worker_stamps.LEDGER.watch(str(stored))
+    stack.callback(worker_stamps.LEDGER.forget, str(stored))
+    return {worker_stamps.STORED_ENV: str(stored)}
 
 
 def _host_only(what: str, name: str, url: str) -> str:

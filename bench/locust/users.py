@@ -24,8 +24,9 @@ task start; ``run``: task start to end; ``result``: task end to result in hand;
 ``total`` = queue wait + run + result (enqueue is the caller's share of the queue
 wait). With the harness's workers (their Strategy carries the main process's readings
 back in the result, :mod:`bench.worker_stamps`) the round trip also reports the stage
-waterfall, ``stage publish|broker|worker|pool|run|result`` (:func:`_waterfall`), which
-adds up to ``total``. The worker's readings come back in the result (``bench.roundtrip``); the
+waterfall, ``stage publish|broker|worker|pool|run|store|fetch`` (:func:`_waterfall`; a task
+run on another host's worker: ``stage result`` for store and fetch together), which adds up
+to ``total``. The worker's readings come back in the result (``bench.roundtrip``); the
 clock compared is CLOCK_MONOTONIC when the worker runs on this host (same boot id),
 else the wall clock, offset between hosts included (the rows say ``clock
 realtime``), or corrected by the master's offset estimates (``realtime corrected``). When the
@@ -58,7 +59,7 @@ from celery import group as celery_group
 from locust import User, constant, task
 from locust.exception import StopUser
 
-from .. import backends, joins
+from .. import backends, joins, waterfall, worker_stamps
 from ..drivers import celery as celery_driver
 from ..drivers import kombu as kombu_driver
 from ..tasks.roundtrip import BOOT_ID, CLOCK_ID
@@ -245,28 +246,34 @@ def _placement(stamps: dict, offsets: dict) -> str | None:
     return "same-host" if stamps.get("boot_id") == BOOT_ID else "cross-host"
 
 
-def _waterfall(stamps: dict, ours: tuple, late: dict, polled: dict) -> list:
+STORED_WAIT_S = 0.5     # for the pool child's stored reading (it writes after the backend)
+
+
+def _waterfall(stamps: dict, ours: tuple, late: dict, polled: dict,
+               stored: int | None = None) -> list:
     """The waterfall's stages of one round trip (``stage <name>`` parts, as
     :mod:`bench.waterfall` names them), when the worker's Strategy put its main process's
     readings in the result (``taken_ns``, ``handed_ns``; same clock as ``start_ns``):
-    publish (apply_async), broker, worker, pool (handed -> the body's first reading),
-    run, and ``result`` (body end -> in hand: the backend write and the caller's wait,
-    which the result cannot split). ``ours``: (t0, t1, start, end, t2) on our clock.
+    publish (apply_async), broker, worker, pool (handed -> the body's first reading), run,
+    then ``store`` (body end -> ``task_success`` after the backend write, the pool child's
+    ``stored`` reading on the worker's clock) and ``fetch`` (-> the result in hand), as in
+    the worker scenario. Without ``stored`` (a worker on another host, or none of this
+    process's: its reading is written where only that host reads it) one ``result`` stage
+    (body end -> in hand) stands for both. ``ours``: (t0, t1, start, end, t2) on our clock.
     A worker that took the message before apply_async returned ends the publish stage
-    there (no stage runs back), as in the worker scenario. They add up to ``total``."""
+    there, and a result in hand before the child's write call returned ends the store
+    stage there (no stage runs back), as in the worker scenario. They add up to ``total``."""
     if not isinstance(stamps.get("taken_ns"), int) or not isinstance(stamps.get("handed_ns"), int):
         return []
     t0, t1, start, end, t2 = ours
     shift = start - stamps["start_ns"]          # the worker host's clock onto ours
-    taken, handed = stamps["taken_ns"] + shift, stamps["handed_ns"] + shift
-    returned = min(t1, taken)
-    points = (t0, returned, taken, handed, start, end, t2)
-    if any(b < a for a, b in zip(points, points[1:])):
+    got = waterfall.one_round_trip(t0, t1, stamps["taken_ns"] + shift,
+                                   stamps["handed_ns"] + shift, start, end, t2,
+                                   None if stored is None else stored + shift)
+    if got is None:
         return []                               # readings out of order: a clock bug
-    names = ("publish", "broker", "worker", "pool", "run", "result")
-    ctx = [{"clock": late["clock"]}, *([late] * 4), {**late, **polled}]
-    return [(f"stage {name}", b - a, c)
-            for name, a, b, c in zip(names, points, points[1:], ctx)]
+    ctx = [{"clock": late["clock"]}, *([late] * 4), *([{**late, **polled}] * (len(got) - 5))]
+    return [(f"stage {name}", ns, c) for (name, ns), c in zip(got, ctx)]
 
 
 class _TaskUser(CeleryBenchUser):
@@ -320,6 +327,16 @@ class TaskRoundTrip(_TaskUser):
         self.meta = {"task": self.task_name, "backend": self.system.backend}
         self.polled = self._polled("result", "result")
 
+    @staticmethod
+    def _stored(task_id, stamps: dict) -> int | None:
+        """The pool child's stored reading of ``task_id`` (worker's clock), when it ran on
+        one of this process's own workers (its ``stored_dir`` is one this process reads,
+        on this host), else None. Read after the result is in hand: the wait is outside
+        every timed stage."""
+        if stamps.get("boot_id") != BOOT_ID or not stamps.get("stored_dir"):
+            return None
+        return worker_stamps.LEDGER.take(task_id, stamps["stored_dir"], STORED_WAIT_S)
+
     def operation(self):
         name, meta = self.name, self.meta
         wall0 = time.time_ns()
@@ -357,7 +374,8 @@ class TaskRoundTrip(_TaskUser):
                 # "hosts" on one kernel (the rig): the same task on the one monotonic clock
                 parts.append((ONE_CLOCK, stamps["start_ns"] - t0, {"clock": "monotonic"}))
             parts += _waterfall(stamps, (t0, t1, start, end, t2),
-                                {"from_start": False, "clock": across["clock"]}, self.polled)
+                                {"from_start": False, "clock": across["clock"]}, self.polled,
+                                self._stored(r.id, stamps))
         else:
             self._no_stamps("queue wait, run or result")
         self.report("total", name, t2 - t0, parts=parts, **meta, **self.polled)

@@ -158,9 +158,10 @@ class Scenario:
         held = last.get(result.rate)
         metrics = dict(held.metrics) if held else {}
         metrics.update(result.metrics(slo))
+        metrics["slo_histogram"] = histogram     # which histogram's percentile was judged
         held_for = f" (confirmed by holding it {result.confirm_s:g} s)" \
             if result.confirm_s else ""
-        notes = [f"max sustainable {result.rate:,.0f} {unit} with {slo.text}: "
+        notes = [f"max sustainable {result.rate:,.0f} {unit} with {slo.text} of {histogram}: "
                  f"{result.bracket}{held_for}"]
         if result.why:
             notes.append(result.why)

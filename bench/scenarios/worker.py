@@ -34,7 +34,9 @@ strategy, no signal handlers): what the hooks cost the worker (``compare --by ho
 tasks store their results (``backend``: Redis when it answers, else SQLite) and a
 caller thread waits for each with ``AsyncResult.get`` in send order, so the
 waterfall's last stages are real: *stored* is ``task_success`` (after the backend
-write), *in hand* when the caller's ``get`` returned it.
+write), *in hand* when the caller's ``get`` returned it. With ``--max-rate`` or
+``--rate-sweep`` it is a search (or ladder) cell beside the latency one; the search still
+judges ``queue_wait``.
 
 One worker serves the throughput and latency cells of a transport and pool
 (its queue is the worker's, unique, deleted after); a prefilled throughput
@@ -187,19 +189,25 @@ class Worker(Scenario):
         paced = opts.messages or max(1, round(rate * duration))
         out = []
         pools = (opts.pool,) if opts.pool else (QUICK_POOLS if opts.quick else POOLS)
+        roundtrip = any(k == "mode" and "roundtrip" in v.split("|") for k, v in opts.only)
         if opts.rate_sweep or opts.max_rate:
-            # Rate cells only: a ladder of held rates, or the search for the highest one.
+            # Rate cells only: a ladder of held rates, or the search for the highest one;
+            # with --only mode=roundtrip also with results stored and a caller waiting.
             step_s = opts.duration or (STEP_S_QUICK if opts.quick else STEP_S)
             for transport in self._transports():
                 for pool in pools:
-                    base = {"transport": transport, "pool": pool,
-                            "concurrency": 1 if pool == "solo" else concurrency,
-                            "mode": "latency"}
-                    if opts.max_rate:
-                        out.append({**base, "tasks": "-", "rate": "max",
-                                    "slo": opts.slo or maxrate.DEFAULT_SLO})
-                    out += [{**base, "tasks": max(1, round(r * step_s)), "rate": r}
-                            for r in opts.rate_sweep]
+                    modes = [{"mode": "latency"}]
+                    if roundtrip:
+                        modes.append({"mode": "roundtrip",
+                                      "backend": backends.fastest_reachable(transport).name})
+                    for mode in modes:
+                        base = {"transport": transport, "pool": pool,
+                                "concurrency": 1 if pool == "solo" else concurrency, **mode}
+                        if opts.max_rate:
+                            out.append({**base, "tasks": "-", "rate": "max",
+                                        "slo": opts.slo or maxrate.DEFAULT_SLO})
+                        out += [{**base, "tasks": max(1, round(r * step_s)), "rate": r}
+                                for r in opts.rate_sweep]
             return out
         if opts.quick and not opts.transports and opts.pool in (None, "prefork"):
             # The servers' prefork throughput first (skipped when unreachable), so the
@@ -218,7 +226,7 @@ class Worker(Scenario):
                 out += [{**base, "mode": "throughput", "tasks": tasks, "rate": "-",
                          **({"hooks": h} if h else {})} for h in hooks]
                 out.append({**base, "mode": "latency", "tasks": paced, "rate": rate})
-                if any(k == "mode" and "roundtrip" in v.split("|") for k, v in opts.only):
+                if roundtrip:
                     out.append({**base, "mode": "roundtrip", "tasks": paced, "rate": rate,
                                 "backend": backends.fastest_reachable(transport).name})
         return out

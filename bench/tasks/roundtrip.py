@@ -16,7 +16,9 @@ A task of your own reports the same parts when it returns ``stamps(start_ns)``
 (or a dict with at least ``start_ns`` and ``end_ns``). With the workers' Strategy from
 :func:`bench.worker_stamps.strategy_in_request` the result also carries ``taken_ns``
 and ``handed_ns`` (the worker main process's readings, same clock as ``start_ns``), so
-the caller can split the queue wait into the waterfall's broker, worker and pool stages.
+the caller can split the queue wait into the waterfall's broker, worker and pool stages;
+with ``$CELERY_BENCH_STORED_DIR`` set (the Locust workers) ``stored_dir`` names where the pool
+child writes its *stored* reading (:class:`bench.worker_stamps.StoredLedger`).
 """
 from __future__ import annotations
 
@@ -27,44 +29,48 @@ import time
 from celery import shared_task
 
 from ..worker_stamps import REQUEST_KEY  # the main process's [taken, handed], same clock
+from ..worker_stamps import STORED_ENV   # where this worker's children write *stored*
 
 TASK = "bench.roundtrip"
 BOOT_ID_ENV = "CELERY_BENCH_BOOT_ID"
 
 
-def _boot_id() -> str:
-    """This host's boot id: processes that share it share CLOCK_MONOTONIC.
-    ``$CELERY_BENCH_BOOT_ID`` overrides it (a container in its own time namespace; tests
-    of the other-host path)."""
-    if os.environ.get(BOOT_ID_ENV):
-        return os.environ[BOOT_ID_ENV]
+def _kernel_boot_id() -> str:
+    """The kernel's boot id, '' when there is none to read (not Linux)."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as fh:
             return fh.read().strip()
-    except OSError:  # not Linux: the host name stands in (same host = same clock)
-        return f"host:{socket.gethostname()}"
+    except OSError:
+        return ""
 
 
-def _clock_id() -> str:
+def _boot_id(kernel: str) -> str:
+    """This host's boot id: processes that share it share CLOCK_MONOTONIC.
+    ``$CELERY_BENCH_BOOT_ID`` overrides it (a container in its own time namespace; tests
+    of the other-host path); not Linux: the host name stands in (same host = same clock)."""
+    if os.environ.get(BOOT_ID_ENV):
+        return os.environ[BOOT_ID_ENV]
+    return kernel or f"host:{socket.gethostname()}"
+
+
+def _clock_id(kernel: str) -> str:
     """Which CLOCK_MONOTONIC this process reads, whatever boot id it claims: the kernel's boot
     id and its time namespace's offsets (Linux 5.6+; none: no time namespaces). '' elsewhere.
     Two processes with one clock id compare monotonic readings exactly, even when they claim
     to be on two hosts (the multi-host rig's namespaces share one kernel)."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as fh:
-            boot = fh.read().strip()
-    except OSError:
+    if not kernel:
         return ""
     try:
         with open("/proc/self/timens_offsets") as fh:
             offsets = ",".join(fh.read().split())
     except OSError:
         offsets = ""
-    return f"{boot}:{offsets}"
+    return f"{kernel}:{offsets}"
 
 
-BOOT_ID = _boot_id()
-CLOCK_ID = _clock_id()
+_KERNEL_BOOT_ID = _kernel_boot_id()
+BOOT_ID = _boot_id(_KERNEL_BOOT_ID)
+CLOCK_ID = _clock_id(_KERNEL_BOOT_ID)
 HOST = socket.gethostname()
 
 
@@ -79,8 +85,6 @@ def stamps(start_ns: int, start_wall_ns: int | None = None) -> dict:
             "pid": os.getpid()}
 
 
-
-
 @shared_task(name=TASK, bind=True)
 def roundtrip(self, seconds=0.0, *args, **kwargs):
     start = time.perf_counter_ns()
@@ -91,4 +95,6 @@ def roundtrip(self, seconds=0.0, *args, **kwargs):
     main = getattr(self.request, REQUEST_KEY, None)
     if isinstance(main, (list, tuple)) and len(main) == 2:
         out["taken_ns"], out["handed_ns"] = int(main[0]), int(main[1])
+    if os.environ.get(STORED_ENV):     # the caller reads *stored* there if it is its own
+        out["stored_dir"] = os.environ[STORED_ENV]
     return out
