@@ -328,3 +328,51 @@ def test_slices_only_for_closed_loop_publish_cells_and_never_too_short(scenario,
     from bench.variants import run as variant_run
 
     assert variant_run.slicing(scenario, runner.RunOptions(**given)) == expect
+
+
+@pytest.mark.parametrize("scenario, fresh", [("publish", True), ("join", True),
+                                             ("worker", False)])
+def test_publish_and_join_rounds_each_run_in_new_measuring_processes(scenario, fresh,
+                                                                     monkeypatch, tmp_path):
+    """bench.variants.run.measure: a publish or join round is measured by a new pair of
+    processes (a process's share of a busy machine stays with it for its life, docs/ab.md
+    "The join rule's bound"); other scenarios keep one process per variant throughout."""
+    from types import SimpleNamespace
+
+    from bench import runner
+    from bench.variants import run as variant_run
+
+    started, stopped = [], []
+
+    class Process:   # stands in for VariantProcess: no child, the same calls
+        def __init__(self, variant, spec, workdir, timeout):
+            self.variant, self.id = variant, len(started)
+            started.append(variant.name)
+
+        def start(self):
+            pass
+
+        def stop(self):
+            stopped.append(self.id)
+
+        def wait_for(self, what, timeout):
+            return ""
+
+        def measure(self, params, round_, first):
+            return {"repeat": {"metrics": {"by_process": float(self.id)}, "round": round_}}
+
+    monkeypatch.setattr(variant_run, "VariantProcess", Process)
+    variants = [SimpleNamespace(name="A"), SimpleNamespace(name="B")]
+    opts = runner.RunOptions(duration=1.0, timeout=30.0)
+    states = variant_run.measure(scenario, [{"x": 1}], variants, range(3), opts, tmp_path,
+                                 lambda key, state: None)
+    by_round = {v.name: [r["metrics"]["by_process"] for r in states[(0, v.name)].repeats]
+                for v in variants}
+    assert all(len(ids) == 3 for ids in by_round.values())
+    if fresh:
+        assert started == ["A", "B"] * 3
+        assert all(len(set(ids)) == 3 for ids in by_round.values())   # one process a round
+    else:
+        assert started == ["A", "B"]
+        assert all(len(set(ids)) == 1 for ids in by_round.values())
+    assert set(stopped) == set(range(len(started)))   # every process stopped at the end
