@@ -137,24 +137,24 @@ def test_slower_publish_in_b_only_is_called_slower_and_aa_is_not(tmp_path):
     assert len(rows) == 1 and "no significant difference" in rows[0], res.stdout
 
 
-GATE_JOIN = """
-missing = "fail"
+def _gate_join() -> str:
+    """A gate spec of CI's own join rule (results/baselines/gates-ab.toml, its bound
+    included) and "no failed cells": the proof covers the rule CI runs."""
+    import tomllib
 
-[[gate]]
-name = "no cell failed"
-check = "no failed cells"
-
-[[gate]]
-name = "join over Redis: head at most 1.10x base"
-check = "join[backend=redis,transport=redis,method=join,group_size=10,variant=head] total.p50 / [variant=base] <= 1.10"
-"""
+    rules = tomllib.loads((ROOT / "results" / "baselines" / "gates-ab.toml").read_text())
+    join = [g for g in rules["gate"] if g["check"].startswith("join[")]
+    assert len(join) == 1, join
+    return (f'missing = "fail"\n\n[[gate]]\nname = "no cell failed"\n'
+            f'check = "no failed cells"\n\n[[gate]]\nname = {json.dumps(join[0]["name"])}\n'
+            f'check = {json.dumps(join[0]["check"])}\n')
 
 
 @pytest.mark.redis
 def test_join_sleep_in_head_fails_the_gate_and_aa_passes(tmp_path, need):
     need("redis")
     spec = tmp_path / "gates.toml"
-    spec.write_text(GATE_JOIN)
+    spec.write_text(_gate_join())
     patch = _patch(tmp_path, "slowjoin", SLOW_JOIN)
     args = ["gate", "--against", "HEAD", "--spec", str(spec), "--rounds", "5",
             "--budget", "60"]
@@ -162,7 +162,7 @@ def test_join_sleep_in_head_fails_the_gate_and_aa_passes(tmp_path, need):
     slow = bench(*args, str(tmp_path / "slow.json"), "--head", f"env:PYTHONPATH={patch}",
                  env=env)
     assert slow.returncode == 1, slow.stdout + slow.stderr[-2000:]
-    assert "FAIL  join over Redis" in slow.stdout
+    assert "FAIL  join over Redis" in slow.stdout, slow.stdout
     same = bench(*args, str(tmp_path / "same.json"), env=env)
     assert same.returncode == 0, same.stdout + same.stderr[-2000:]
     assert "FAIL" not in same.stdout
@@ -328,3 +328,51 @@ def test_slices_only_for_closed_loop_publish_cells_and_never_too_short(scenario,
     from bench.variants import run as variant_run
 
     assert variant_run.slicing(scenario, runner.RunOptions(**given)) == expect
+
+
+@pytest.mark.parametrize("scenario, fresh", [("publish", True), ("join", True),
+                                             ("worker", False)])
+def test_publish_and_join_rounds_each_run_in_new_measuring_processes(scenario, fresh,
+                                                                     monkeypatch, tmp_path):
+    """bench.variants.run.measure: a publish or join round is measured by a new pair of
+    processes (a process's share of a busy machine stays with it for its life, docs/ab.md
+    "The join rule's bound"); other scenarios keep one process per variant throughout."""
+    from types import SimpleNamespace
+
+    from bench import runner
+    from bench.variants import run as variant_run
+
+    started, stopped = [], []
+
+    class Process:   # stands in for VariantProcess: no child, the same calls
+        def __init__(self, variant, spec, workdir, timeout):
+            self.variant, self.id = variant, len(started)
+            started.append(variant.name)
+
+        def start(self):
+            pass
+
+        def stop(self):
+            stopped.append(self.id)
+
+        def wait_for(self, what, timeout):
+            return ""
+
+        def measure(self, params, round_, first):
+            return {"repeat": {"metrics": {"by_process": float(self.id)}, "round": round_}}
+
+    monkeypatch.setattr(variant_run, "VariantProcess", Process)
+    variants = [SimpleNamespace(name="A"), SimpleNamespace(name="B")]
+    opts = runner.RunOptions(duration=1.0, timeout=30.0)
+    states = variant_run.measure(scenario, [{"x": 1}], variants, range(3), opts, tmp_path,
+                                 lambda key, state: None)
+    by_round = {v.name: [r["metrics"]["by_process"] for r in states[(0, v.name)].repeats]
+                for v in variants}
+    assert all(len(ids) == 3 for ids in by_round.values())
+    if fresh:
+        assert started == ["A", "B"] * 3
+        assert all(len(set(ids)) == 3 for ids in by_round.values())   # one process a round
+    else:
+        assert started == ["A", "B"]
+        assert all(len(set(ids)) == 1 for ids in by_round.values())
+    assert set(stopped) == set(range(len(started)))   # every process stopped at the end

@@ -205,6 +205,7 @@ def aa(args) -> int:
     failures = same = total = 0
     for i in range(args.runs):
         out = args.dir / f"aa-{i}.json"
+        t0 = time.monotonic()
         res = bench("gate", "--against", "HEAD", "--head", "env:CB_AA=1", "--spec", str(spec),
                     "--rounds", str(args.rounds), "--budget", str(args.budget), str(out))
         failed = [ln.strip() for ln in res.stdout.splitlines() if ln.strip().startswith("FAIL")]
@@ -214,12 +215,14 @@ def aa(args) -> int:
         n_judged = sum(1 for _k, c in judged if c.significant is not None)
         same, total = same + n_same, total + n_judged
         called = [f"{k} {c.metric}: {c.words} ({c.detail})" for k, c in judged if c.significant]
-        print(f"run {i} ({load_words(out)}): gate exit {res.returncode}, {len(failed)} FAIL; "
+        print(f"run {i} ({load_words(out)}, {time.monotonic() - t0:.0f} s): gate exit "
+              f"{res.returncode}, {len(failed)} FAIL; "
               f"rows {n_same}/"
               f"{n_judged} no significant difference" + (f"; called: {'; '.join(called)}"
                                                           if called else ""), flush=True)
-        for line in failed:
-            print(f"    {line}", flush=True)
+        for line in res.stdout.splitlines():   # failures, warnings and the join's verdict
+            if line.startswith(("FAIL", "WARN")) or line.startswith("PASS  join"):
+                print(f"    {line.strip()}", flush=True)
     share = same / total if total else 0.0
     print(f"A/A {args.runs} runs, {args.rounds} rounds: {failures} gate failure(s); "
           f"{same}/{total} rows ({share:.1%}) no significant difference")

@@ -2,7 +2,8 @@
 
 Each (scenario, variant) gets one measuring process (:mod:`.serve`) in the variant's
 interpreter and environment, kept for the scenario's rounds so its workers and brokers
-are kept across rounds as a plain run keeps them. Round r measures every cell once per
+are kept across rounds as a plain run keeps them (publish and join: a new one each
+round, ``FRESH_EACH_ROUND``). Round r measures every cell once per
 variant, in variant order on even rounds and reversed on odd ones (A B, B A, A B ...), so
 a drift of the machine lands on both sides; cells carry ``variant`` as a param and their
 repeats the round, so ``compare --by variant`` pairs them. Brokers and backends that are
@@ -35,8 +36,11 @@ MIN_SLICE_S = 0.15        # the shortest slice: its warm-up and set-up stay a fr
 # publish rate 0.61-0.86x base's in all 5 rounds at equal CPU per message; another, 1.40x),
 # which pairing by round cannot cancel; a new pair of processes each round draws it anew,
 # so it becomes round-to-round noise the interval counts (pyperf's worker processes, for
-# the same reason). Not for scenarios that keep a Celery worker: starting one is dear.
-FRESH_EACH_ROUND = frozenset({"publish"})
+# the same reason). join too: its waiter and the Celery worker it keeps are that process's
+# (a clean-clone A/A gate had head's join 56-59 ms every round, base 29-51 ms); a new
+# worker a round costs a few seconds. Not (yet) worker, fanout, prefetch: they keep a
+# Celery worker too, but no A/A run has shown them this offset (none was looked at).
+FRESH_EACH_ROUND = frozenset({"publish", "join"})
 
 
 class VariantProcess(LineChild):
