@@ -143,21 +143,19 @@ def judge(step: Step, slo: SLO) -> Step:
         whys.append(f"backlog grew {step.backlog_growth:,.0f}/s")
     undecided = ""
     name = f"p{slo.percentile:g}"
-    n_text = f"n={step.n:,}" if step.n is not None else ""
-    if step.n_eff is not None and step.n is not None and step.n_eff < step.n:
-        n_text += f", worth {step.n_eff:,} independent: delays came in runs"
+    runs = (f", worth {step.n_eff:,} independent: delays came in runs"
+            if step.n_eff is not None and step.n is not None and step.n_eff < step.n else "")
     if step.latency_us is None:
         whys.append("no latency measured")
     elif step.n is not None and (step.lo_us is None or step.hi_us is None):
-        undecided = (f"{name} {percentiles.too_few_text(step.n)}" if step.n_eff is None
-                     else f"{name} too few samples ({n_text})")
+        undecided = f"{name} {percentiles.too_few_text(step.n, runs)}"
     elif step.n is not None:
         if step.lo_us > slo.limit_us:
             whys.append(f"{name} {step.lo_us / 1000:,.2f}-{step.hi_us / 1000:,.2f} ms "
-                        f"over {slo.limit_us / 1000:,.1f} ms ({n_text})")
+                        f"over {slo.limit_us / 1000:,.1f} ms (n={step.n:,}{runs})")
         elif step.hi_us > slo.limit_us:
             undecided = (f"{name} {step.lo_us / 1000:,.2f}-{step.hi_us / 1000:,.2f} ms spans "
-                         f"{slo.limit_us / 1000:,.1f} ms ({n_text})")
+                         f"{slo.limit_us / 1000:,.1f} ms (n={step.n:,}{runs})")
     elif step.latency_us > slo.limit_us:
         whys.append(f"{name} {step.latency_us / 1000:,.1f} ms over "
                     f"{slo.limit_us / 1000:,.1f} ms")

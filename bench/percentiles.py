@@ -101,8 +101,9 @@ class Percentile:
         return self.enough and self.lo > limit
 
 
-def too_few_text(n: int) -> str:
-    return f"too few samples (n={n:,})"
+def too_few_text(n: int, more: str = "") -> str:
+    """"too few samples (n=30)"; ``more`` goes inside the brackets, after the count."""
+    return f"too few samples (n={n:,}{more})"
 
 
 def _cumulative(hist: HdrHistogram) -> np.ndarray:
@@ -155,8 +156,9 @@ def clustered(hist: HdrHistogram, blocks, pct: float, name: str = "p",
     ranks scaled back onto ``hist``, when the blocks disagree more than independent samples
     would (a chi-square test at 5%); otherwise it is the interval of :func:`estimate`.
     ``at`` (an SLO's limit): count the samples beyond it instead, so the clustering judged is
-    the one the verdict turns on; none beyond it, the binomial interval stands. With fewer than :data:`MIN_BLOCKS` blocks nothing is
-    known about clustering and the binomial interval stands. Written here because the
+    the one the verdict turns on; none beyond it, the binomial interval stands. With fewer
+    than :data:`MIN_BLOCKS` blocks nothing is known about clustering and the binomial
+    interval stands too. Written here because the
     few lines of a ratio variance are less than a dependency on a survey-statistics
     package (statsmodels has no percentile interval for clustered streams either).
     """

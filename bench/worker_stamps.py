@@ -188,40 +188,27 @@ class StoredLedger:
     same CLOCK_MONOTONIC), read as they are appended; :meth:`take` one by task id."""
 
     def __init__(self):
-        self.folders: list[str] = []
-        self.offsets: dict[str, int] = {}
+        self.readers: dict = {}              # folder -> record_files.RecordReader
         self.found: dict[tuple, int] = {}
 
     def watch(self, folder: str) -> None:
-        if folder not in self.folders:
-            self.folders.append(folder)
+        # imported here: numpy is the Locust process's, not every worker child's
+        from .record_files import RecordReader
+
+        self.readers.setdefault(folder, RecordReader(folder, COLUMNS, run_col=0))
 
     def forget(self, folder: str) -> None:
-        if folder in self.folders:
-            self.folders.remove(folder)
-        self.offsets = {k: v for k, v in self.offsets.items()
-                        if os.path.dirname(k) != folder}
+        self.readers.pop(folder, None)
 
     def _read(self) -> None:
-        for folder in self.folders:
+        for reader in self.readers.values():
             try:
-                names = os.listdir(folder)
-            except OSError:
+                reader.poll()
+            except OSError:                  # the folder went with its workers
                 continue
-            for name in names:
-                path = os.path.join(folder, name)
-                at = self.offsets.get(path, 0)
-                try:
-                    with open(path, "rb") as fh:
-                        fh.seek(at)
-                        data = fh.read()
-                except OSError:
-                    continue
-                whole = len(data) - len(data) % RECORD.size  # a record still being written
-                for kind, hi, lo, stored, _, _ in RECORD.iter_unpack(data[:whole]):
-                    if kind == STORED:
-                        self.found[(hi, lo)] = stored
-                self.offsets[path] = at + whole
+            for _, hi, lo, stored, _, _ in reader.records(STORED).tolist():
+                self.found[(hi, lo)] = stored
+            reader.forget(STORED)
         if len(self.found) > KEEP_UNTAKEN:     # readings no caller took (a failed get)
             for key in list(self.found)[: len(self.found) // 2]:
                 del self.found[key]
@@ -232,7 +219,7 @@ class StoredLedger:
         after the backend write, which may reach the caller first); None at once when
         ``folder`` is not one of ours (another process's or host's worker ran it)."""
         key = task_key(task_id)
-        if key is None or folder not in self.folders:
+        if key is None or folder not in self.readers:
             return None
         deadline = time.monotonic() + timeout_s
         while True:

@@ -37,9 +37,9 @@ MIN_SLICE_S = 0.15        # the shortest slice: its warm-up and set-up stay a fr
 # which pairing by round cannot cancel; a new pair of processes each round draws it anew,
 # so it becomes round-to-round noise the interval counts (pyperf's worker processes, for
 # the same reason). join too: its waiter and the Celery worker it keeps are that process's
-# (a clean-clone A/A gate had head's join 56-59 ms every round, base 29-51 ms); a new
-# worker a round costs a few seconds. Not (yet) worker, fanout, prefetch: they keep a
-# Celery worker too, but no A/A run has shown them this offset (none was looked at).
+# (the A/A runs are in docs/ab.md); a new worker a round costs a few seconds. Not (yet)
+# worker, fanout, prefetch: they keep a Celery worker too, but no A/A run has shown them
+# this offset (none was looked at).
 FRESH_EACH_ROUND = frozenset({"publish", "join"})
 
 
