@@ -24,7 +24,9 @@ above what was achievable (#329, #336). So:
 
 The latency test is decided by the SLO percentile's 95% interval when the step carries
 one (``n``, ``lo_us``, ``hi_us``; :func:`bench.percentiles.clustered`, which widens it when
-the step's delays came in runs, as a stall's do): a step passes when the upper
+the step's delays came in runs, as a stall's do; the caller pools every sample held at the
+rate so far, ``holds``, so a stall that fell into one hold weighs as what it is, a share of
+the rate's samples): a step passes when the upper
 bound is within the SLO and fails when the lower bound is beyond it; otherwise (the interval
 spans the SLO, or too few samples) it is *undecided* and held again, twice as long, until it
 decides or its rate's hold budget (``HOLD_BUDGET`` step lengths) is spent; still undecided, it
@@ -130,6 +132,7 @@ class Step:
     hi_us: float | None = None
     decided: bool = True              # False: the interval spans the SLO, or too few samples
     n_eff: int | None = None          # independent samples n is worth (None: n; percentiles.clustered)
+    holds: int = 1                    # holds of this rate whose samples n pools (this one last)
     stages_us: dict | None = None     # where the time went: {stage: [p50, p99]} (waterfall)
 
 
@@ -145,6 +148,8 @@ def judge(step: Step, slo: SLO) -> Step:
     name = f"p{slo.percentile:g}"
     runs = (f", worth {step.n_eff:,} independent: delays came in runs"
             if step.n_eff is not None and step.n is not None and step.n_eff < step.n else "")
+    if step.holds > 1:
+        runs = f", {step.holds} holds{runs}"
     if step.latency_us is None:
         whys.append("no latency measured")
     elif step.n is not None and (step.lo_us is None or step.hi_us is None):

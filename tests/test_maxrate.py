@@ -258,3 +258,39 @@ def test_a_search_cell_says_which_histogram_it_judged():
     m = out.metrics
     assert m["slo_histogram"] == "queue_wait" and m["max_sustainable_rate_per_s"] > 0
     assert "p99<=10ms of queue_wait" in out.notes[0], out.notes
+
+
+def test_a_rate_held_again_is_judged_on_all_its_samples():
+    """Scenario.max_rate pools every sample held at a rate (climb, retry, hold, confirm):
+    each step's n is the sum of what every hold at its rate recorded, ``holds`` counts them,
+    and a stall that fell into one hold is a share of the rate's samples."""
+    from collections import defaultdict
+
+    from bench import recorder
+    from bench.run_options import RunOptions
+    from bench.scenarios import Outcome, Scenario
+
+    rng = np.random.default_rng(7)
+    made = defaultdict(list)
+
+    def once(rate, hold):
+        n = max(1, int(rate * hold))
+        made[rate].append(n)
+        load = min(rate / 500, 0.999)
+        values = rng.lognormal(np.log(1000 / (1 - load)), 0.6, n)
+        if len(made[rate]) == 1 and rate > 100:
+            values[: n // 20] = 60_000            # a stall in the first hold of a rate
+        rec = recorder.Recorder()
+        rec.add("queue_wait", values)
+        return Outcome({"rate_achieved_per_s": rate, "backlog_growth_per_s": 0.0},
+                       rec.histograms)
+    out = Scenario(RunOptions()).max_rate(once, SLO, 20, 1, "queue_wait", "tasks/s")
+    steps = out.metrics["steps"]
+    seen = defaultdict(int)
+    for s in steps:
+        seen[s["rate"]] += 1
+        assert s["holds"] == seen[s["rate"]]
+        assert s["n"] == sum(made[s["rate"]][:seen[s["rate"]]]), s
+    again = [s for s in steps if s["holds"] > 1]
+    assert again, [(s["rate"], s["phase"]) for s in steps]
+    assert any(f"{s['holds']} holds" in s["why"] for s in again if s["why"])

@@ -136,23 +136,30 @@ class Scenario:
         (:func:`bench.maxrate.search`: the latency percentile read from ``histogram``, the
         rate achieved and backlog growth from the outcome's metrics), reported with the
         confirmation's figures and histograms and every step tried."""
-        from .. import maxrate, percentiles
+        from .. import maxrate, percentiles, recorder
 
         last: dict = {}
+        pooled: dict = {}       # rate -> every sample held at it so far, in every phase
+        holds: dict = {}
 
         def measure(rate, hold, phase):
             outcome = once(rate, hold)
             last.clear()
             last[rate] = outcome
             m = outcome.metrics
-            # the SLO percentile with its interval, widened when the step's delays came in
-            # runs (its 1 s interval histograms disagree): the step is decided by it
-            rec = outcome.histograms[histogram]
+            # The SLO percentile of every sample held at this rate (climb, retry, hold and
+            # confirm pooled: a stall that fell into one hold is evidence about the rate, not
+            # about that hold), with its interval widened when the delays came in runs (the
+            # 1 s interval histograms disagree): the step is decided by it.
+            rec = recorder.merge(pooled.setdefault(rate, {}),
+                                 {histogram: outcome.histograms[histogram]})[histogram]
+            holds[rate] = holds.get(rate, 0) + 1
             p = percentiles.clustered(rec.hist, [iv.hist for iv in rec.intervals],
                                       slo.percentile, "slo", at=slo.limit_us)
             return maxrate.Step(rate, m["rate_achieved_per_s"], p.value,
                                 m.get("backlog_growth_per_s"), n=p.n, lo_us=p.lo, hi_us=p.hi,
-                                n_eff=p.n_eff, stages_us=_stage_tails(outcome.histograms))
+                                n_eff=p.n_eff, holds=holds[rate],
+                                stages_us=_stage_tails(outcome.histograms))
 
         result = maxrate.search(measure, slo, start=start, seconds=seconds)
         held = last.get(result.rate)
