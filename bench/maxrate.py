@@ -22,11 +22,13 @@ above what was achievable (#329, #336). So:
 - the answer is never above what was achieved: the reported rate is the asked rate of
   a step that achieved >= 98% of it.
 
-The latency test is decided by the SLO percentile's 95% interval when the step carries
-one (``n``, ``lo_us``, ``hi_us``; :func:`bench.percentiles.clustered`, which widens it when
-the step's delays came in runs, as a stall's do; the caller pools every sample held at the
-rate so far, ``holds``, so a stall that fell into one hold weighs as what it is, a share of
-the rate's samples): a step passes when the upper
+The latency test is decided by the share of samples beyond the SLO's limit when the step
+carries it (``beyond``, ``beyond_lo``, ``beyond_hi``: :func:`bench.percentiles.share_beyond`,
+whose interval widens when the step's delays came in runs, as a stall's do; ``pNN <= L``
+holds while at most 1 - NN/100 are beyond L), else by the SLO percentile's 95% interval
+(``n``, ``lo_us``, ``hi_us``). The caller pools every sample held at the rate so far
+(``holds``), so a stall that fell into one hold weighs as what it is, a share of the rate's
+samples: a step passes when the upper
 bound is within the SLO and fails when the lower bound is beyond it; otherwise (the interval
 spans the SLO, or too few samples) it is *undecided* and held again, twice as long, until it
 decides or its rate's hold budget (``HOLD_BUDGET`` step lengths) is spent; still undecided, it
@@ -133,6 +135,9 @@ class Step:
     decided: bool = True              # False: the interval spans the SLO, or too few samples
     n_eff: int | None = None          # independent samples n is worth (None: n; percentiles.clustered)
     holds: int = 1                    # holds of this rate whose samples n pools (this one last)
+    beyond: float | None = None       # share of the samples beyond the SLO limit (decides)
+    beyond_lo: float | None = None    # ... its 95% interval (percentiles.share_beyond)
+    beyond_hi: float | None = None
     stages_us: dict | None = None     # where the time went: {stage: [p50, p99]} (waterfall)
 
 
@@ -150,8 +155,17 @@ def judge(step: Step, slo: SLO) -> Step:
             if step.n_eff is not None and step.n is not None and step.n_eff < step.n else "")
     if step.holds > 1:
         runs = f", {step.holds} holds{runs}"
+    allowed = 1.0 - slo.percentile / 100.0
     if step.latency_us is None:
         whys.append("no latency measured")
+    elif step.beyond_hi is not None:
+        share = (f"{name} {step.latency_us / 1000:,.2f} ms: {_pc(step.beyond)} "
+                 f"({_pc(step.beyond_lo)}-{_pc(step.beyond_hi)}) of tasks over "
+                 f"{slo.limit_us / 1000:,.1f} ms, {_pc(allowed)} allowed (n={step.n:,}{runs})")
+        if step.beyond_lo > allowed:
+            whys.append(share)
+        elif step.beyond_hi > allowed:
+            undecided = share
     elif step.n is not None and (step.lo_us is None or step.hi_us is None):
         undecided = f"{name} {percentiles.too_few_text(step.n, runs)}"
     elif step.n is not None:
@@ -169,6 +183,10 @@ def judge(step: Step, slo: SLO) -> Step:
     step.ok = not whys and not undecided
     step.why = "; ".join(whys) if whys else (f"undecided: {undecided}" if undecided else "")
     return step
+
+
+def _pc(share: float) -> str:
+    return f"{share * 100:.2f}%"
 
 
 def _rate_held(step: Step) -> bool:

@@ -294,3 +294,17 @@ def test_a_rate_held_again_is_judged_on_all_its_samples():
     again = [s for s in steps if s["holds"] > 1]
     assert again, [(s["rate"], s["phase"]) for s in steps]
     assert any(f"{s['holds']} holds" in s["why"] for s in again if s["why"])
+
+
+def test_a_step_with_the_share_beyond_the_limit_is_decided_by_it():
+    """``beyond`` (the share of samples over the SLO's limit) decides before the percentile's
+    interval: p99 <= 10 ms holds while at most 1% are over 10 ms."""
+    def step(lo, hi):
+        return maxrate.judge(maxrate.Step(500, 500, 12_000, 0.0, n=5_000, lo_us=None,
+                                          hi_us=None, beyond=(lo + hi) / 2, beyond_lo=lo,
+                                          beyond_hi=hi, n_eff=400, holds=2), SLO)
+    ok, bad, open_ = step(0.001, 0.008), step(0.02, 0.05), step(0.005, 0.02)
+    assert ok.ok and ok.decided and ok.why == ""
+    assert not bad.ok and bad.decided and "of tasks over 10.0 ms, 1.00% allowed" in bad.why
+    assert "2 holds, worth 400 independent" in bad.why
+    assert not open_.ok and not open_.decided and open_.why.startswith("undecided: p99 12.00 ms")

@@ -114,3 +114,51 @@ def test_the_step_says_its_samples_came_in_runs():
     step = maxrate.judge(maxrate.Step(1000.0, 1000.0, 30_000.0, 0.0, n=5000, lo_us=None,
                                       hi_us=None, n_eff=40), slo)
     assert not step.decided and "worth 40 independent" in step.why
+
+
+# ---------------------------------------------------- the share beyond an SLO's limit
+def share_verdicts(windows, limit):
+    """Each window judged as the search judges a step: the share beyond ``limit``, at most
+    1% for p99."""
+    out = {"pass": 0, "fail": 0}
+    for hist, blocks in windows:
+        s = percentiles.share_beyond(hist, blocks, limit)
+        out["pass"] += s.hi <= 0.01
+        out["fail"] += s.lo > 0.01
+    return out
+
+
+def test_the_share_beyond_the_limit_decides_as_safely_and_more_often(stalls):
+    """On the stalled stream: with the SLO above the true p99 the share's interval wrongly
+    fails at most 2% of windows and passes at least as many as the clustered percentile;
+    with it below, passes none."""
+    true, windows = stalls
+    for limit in (1.15 * true, 1.5 * true):
+        v, old = share_verdicts(windows, limit), verdicts(windows, limit)["clustered"]
+        assert v["fail"] <= 0.02 * WINDOWS and v["pass"] >= old["pass"], (v, old)
+    v = share_verdicts(windows, 0.85 * true)
+    assert v["pass"] == 0 and v["fail"] >= 0.1 * WINDOWS, v
+
+
+def test_the_share_interval_covers_the_true_share_of_independent_samples():
+    rng = np.random.default_rng(11)
+    limit = float(np.exp(np.log(1500) + 0.5 * 2.326))      # the lognormal's true p99
+    covered = 0
+    for _ in range(300):
+        s = percentiles.share_beyond(*recorded(*iid(rng)), limit)
+        covered += s.lo <= 0.01 <= s.hi
+    assert covered >= 0.93 * 300, covered
+
+
+def test_one_stall_among_quiet_blocks_bounds_the_share_near_a_poisson_count_of_one():
+    """30 blocks of 1,000 tasks, none beyond the limit but one block with ``k``: the upper
+    bound is about 4.7-5.6 times the share seen (a Poisson count of one), so 30 tasks behind
+    one stall (0.1%) pass a p99 SLO and 270 (0.9%) stay undecided."""
+    for k, passes in ((30, True), (270, False)):
+        values = np.full(30_000, 1000.0)
+        values[:k] = 50_000.0
+        t = np.arange(values.size) / 1000.0
+        s = percentiles.share_beyond(*recorded(t, values), 10_000.0)
+        assert s.value == k / 30_000 and s.lo <= s.value
+        assert 3.5 * s.value <= s.hi <= 7 * s.value, s
+        assert (s.hi <= 0.01) is passes and s.lo < 0.01

@@ -147,18 +147,22 @@ class Scenario:
             last.clear()
             last[rate] = outcome
             m = outcome.metrics
-            # The SLO percentile of every sample held at this rate (climb, retry, hold and
-            # confirm pooled: a stall that fell into one hold is evidence about the rate, not
-            # about that hold), with its interval widened when the delays came in runs (the
-            # 1 s interval histograms disagree): the step is decided by it.
+            # Every sample held at this rate (climb, retry, hold and confirm pooled: a stall
+            # that fell into one hold is evidence about the rate, not about that hold): the
+            # step is decided by the share beyond the SLO's limit, its interval widened when
+            # the delays came in runs (the 1 s interval histograms disagree).
             rec = recorder.merge(pooled.setdefault(rate, {}),
                                  {histogram: outcome.histograms[histogram]})[histogram]
             holds[rate] = holds.get(rate, 0) + 1
-            p = percentiles.clustered(rec.hist, [iv.hist for iv in rec.intervals],
-                                      slo.percentile, "slo", at=slo.limit_us)
+            blocks = [iv.hist for iv in rec.intervals]
+            p = percentiles.clustered(rec.hist, blocks, slo.percentile, "slo", at=slo.limit_us)
+            share = percentiles.share_beyond(rec.hist, blocks, slo.limit_us)
+            n_eff = share.n_eff if share and share.n_eff < share.n else p.n_eff
             return maxrate.Step(rate, m["rate_achieved_per_s"], p.value,
                                 m.get("backlog_growth_per_s"), n=p.n, lo_us=p.lo, hi_us=p.hi,
-                                n_eff=p.n_eff, holds=holds[rate],
+                                n_eff=n_eff, holds=holds[rate],
+                                beyond=share and share.value, beyond_lo=share and share.lo,
+                                beyond_hi=share and share.hi,
                                 stages_us=_stage_tails(outcome.histograms))
 
         result = maxrate.search(measure, slo, start=start, seconds=seconds)
