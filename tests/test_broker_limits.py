@@ -339,7 +339,9 @@ def test_stalled_big_frames_free_their_reservation_after_frame_timeout(start_bro
     """Six connections each send an 8 MiB length prefix and 1 MiB of body, then stop:
     together they hold the whole big-frame reservation (max_memory/4). Once frame_timeout
     passes they are closed, and another client's 1 MiB publish goes through."""
-    b = start_broker(frame_timeout=1.0)
+    # One process here: its share of the reservation raised to the pool (48 MiB), so
+    # the six take the pool (tests/test_broker_shares.py: one process, one share).
+    b = start_broker(frame_timeout=1.0, max_process_reserved=48 * MiB)
     stalled = []
     head = b"\x02\x00\x01\x00\x00\x00\x01q"
     for _ in range(6):
@@ -556,7 +558,9 @@ def test_a_connections_unacked_count_follows_acks_rejects_gets_and_recover(sockd
 def test_big_frames_in_flight_are_bounded(start_broker):
     """Many connections each half-way through an 8 MiB frame: the broker reads at most
     max_memory/4 of them at once; small messages of others still flow."""
-    b = start_broker(max_memory=64 * MiB)  # max_frame 8 MiB: 16 MiB of big frames in flight
+    # max_frame 8 MiB: 16 MiB of big frames in flight, the process's share raised to it
+    # (every attacker is this process) so the pool is the bound under test.
+    b = start_broker(max_memory=64 * MiB, max_process_reserved=16 * MiB)
     base = rss(b)
     frame_len = 8 * MiB - 1024
     attackers = []

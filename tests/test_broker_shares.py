@@ -86,8 +86,8 @@ CONFIRMED = {"publish_timeout": 1.0, "confirm_publish": True}
 def test_a_client_filling_its_memory_share_cannot_stop_another_client(start_broker, share):
     """Another process publishes to a queue nobody consumes (its limits out of the way)
     until refused: at its share, max_client_memory (4 MiB of the broker's 16 MiB), with
-    an error naming that option; this process then publishes and consumes as before.
-    Its messages stay counted after it exits (held until acked). The control, a share
+    an error naming that option; this process then publishes and consumes as before,
+    though the hoarder's messages are all still held. The control, a share
     as large as max_memory: the hoarder reaches the broker-wide limit and this process's
     publish is refused too."""
     b = start_broker(max_memory=16 * MiB, max_client_memory=share)
@@ -123,9 +123,9 @@ def test_a_processs_second_connection_shares_the_first_ones_budget(start_broker,
     """Connection A of this process publishes 3 MiB, past its 2 MiB memory share (a
     publish is taken while under it); a second connection B of the same process, A still
     open, is refused, the error counting both connections. Acking A's message gives the
-    budget back: B publishes then. The control, a broker that cannot
-    tell processes apart (SO_PEERCRED unavailable: each connection is its own client,
-    an in-thread broker with the look-up failing): B publishes while A is refused."""
+    budget back: B publishes then. The control, a broker that cannot tell processes
+    apart (SO_PEERCRED unavailable: each connection is its own client, an in-thread
+    broker with the look-up failing): B publishes while A is past its share."""
     share = 2 * MiB
     if grouping == "process":
         b = start_broker(max_memory=16 * MiB, max_client_memory=share)
@@ -253,8 +253,9 @@ def test_a_processs_shares_follow_publishes_acks_rejects_purges_and_deletes(sock
     """In-thread broker, its state read directly: after publishes on two connections,
     deliveries, acks, rejects with and without requeue, a no_ack get, a purge and a
     queue delete, this process's memory share equals the cost of its held messages
-    (ready and unacked) and its object share what it declared that still exists; once
-    its connections are gone and its queues deleted the broker forgets it."""
+    (ready and unacked) and its object share what it declared that still exists; its
+    shares outlive its connections while it holds messages; once its connections are
+    gone and its queues deleted the broker forgets it."""
     broker = unix_broker.Broker(str(sockdir / "in.sock"))
     broker.listen()
     loop = threading.Thread(target=broker.serve_forever, kwargs={"install_signals": False},
@@ -291,7 +292,8 @@ def test_a_processs_shares_follow_publishes_acks_rejects_purges_and_deletes(sock
                                        routing_key=q2.routing_key)
             settled(conn)
             settled(conn2)
-            assert shares_match().conns == 2
+            before = shares_match()
+            assert before.conns == 2
             consumer = Consumer(conn, [q1], callbacks=[lambda body, m: got.append(m)])
             consumer.qos(prefetch_count=10)
             consumer.consume()
@@ -317,7 +319,8 @@ def test_a_processs_shares_follow_publishes_acks_rejects_purges_and_deletes(sock
             # The two closed connections are seen gone (their EOF may come a turn later).
             wait_until(lambda: broker.peers[os.getpid()].conns == 1, what="one connection")
             peer = shares_match()
-            assert peer.memory > 0   # q1's unacked messages came back to it
+            # The same shares: what it holds still counts when it reconnects.
+            assert peer is before and peer.memory > 0
             for q in (q1, q2):
                 q(conn.default_channel).delete()
                 q.exchange(conn.default_channel).delete()
