@@ -163,7 +163,7 @@ SLOW_FILES = {
     "test_publish.py", "test_transport_contract.py", "test_transport_faults.py",
     "test_unix_transport.py", "test_worker_scenario.py", "test_workers.py",
     "test_microbench.py", "test_locust_rig.py", "test_variants.py", "test_foreign_messages.py",
-    "test_run_file_early.py",
+    "test_run_file_early.py", "test_broker_shares.py",
 }
 
 

@@ -510,6 +510,13 @@ CASES = [
                                  "-1"], None, None, ["--max-client-unacked-bytes"]),
     ("broker-client-output-small", ["broker", "unix:///tmp/x.sock", "--max-client-output",
                                     "1k"], None, None, ["--max-client-output", "4 KiB"]),
+    ("broker-client-memory-0", ["broker", "unix:///tmp/x.sock", "--max-client-memory", "0"],
+     None, None, ["--max-client-memory", "> 0"]),
+    ("broker-client-objects-bad", ["broker", "unix:///tmp/x.sock", "--max-client-objects",
+                                   "-5"], None, None, ["--max-client-objects", ">= 0"]),
+    ("broker-process-reserved-small", ["broker", "unix:///tmp/x.sock",
+                                       "--max-process-reserved", "1M"], None, None,
+     ["--max-process-reserved", "--max-frame"]),
 ]
 
 

@@ -212,7 +212,9 @@ def test_a_connection_consuming_what_it_publishes(start_broker):
 
 
 def test_memory_limit_blocks_every_publisher(start_broker):
-    b = start_broker(max_frame=MiB, max_memory=4 * MiB)
+    # This test's process may fill the whole broker (its own share is
+    # tests/test_broker_shares.py's): the broker-wide limit is the one reached.
+    b = start_broker(max_frame=MiB, max_memory=4 * MiB, max_client_memory=4 * MiB)
     base = rss(b)
     opts = {"publish_timeout": 0.5, "confirm_publish": True}
     with Connection(b.url, transport_options=opts) as conn:
@@ -237,7 +239,7 @@ def test_every_returned_publish_is_in_the_queue_or_counted_in_the_error(start_br
         b = start_broker(max_queue_messages=5000)
         q = direct()
     else:
-        b = start_broker(max_frame=MiB, max_memory=8 * MiB)
+        b = start_broker(max_frame=MiB, max_memory=8 * MiB, max_client_memory=8 * MiB)
         name = qname()
         q = Queue(name, Exchange(name, "direct"), routing_key=name,
                   max_length=2**62, max_length_bytes=2**62)
@@ -259,7 +261,7 @@ def test_the_write_buffer_timer_giving_up_still_says_why(start_broker):
     not read the connection (the caller's thread does), so when its write blocks at the
     memory limit it looks at the broker's FLOW notice without taking it. The error the
     next publish raises names max_memory, not only the generic 'took no data'."""
-    b = start_broker(max_frame=MiB, max_memory=8 * MiB)
+    b = start_broker(max_frame=MiB, max_memory=8 * MiB, max_client_memory=8 * MiB)
     q = direct()
     opts = {"publish_timeout": 0.5, "write_buffer": True}
     with Connection(b.url, transport_options=opts) as conn:
@@ -337,7 +339,9 @@ def test_stalled_big_frames_free_their_reservation_after_frame_timeout(start_bro
     """Six connections each send an 8 MiB length prefix and 1 MiB of body, then stop:
     together they hold the whole big-frame reservation (max_memory/4). Once frame_timeout
     passes they are closed, and another client's 1 MiB publish goes through."""
-    b = start_broker(frame_timeout=1.0)
+    # One process here: its share of the reservation raised to the pool (48 MiB), so
+    # the six take the pool (tests/test_broker_shares.py: one process, one share).
+    b = start_broker(frame_timeout=1.0, max_process_reserved=48 * MiB)
     stalled = []
     head = b"\x02\x00\x01\x00\x00\x00\x01q"
     for _ in range(6):
@@ -391,7 +395,9 @@ def test_a_stalled_big_frame_holds_one_share_and_a_full_size_one_still_fits(star
     16 MiB a quarter would be 4 MiB, less than one frame; the pool is at least two
     frames, so another client's 6 MiB publish is read and confirmed (before, a frame
     over max_memory/4 could never be reserved: it waited forever)."""
-    b = start_broker(max_memory=16 * MiB, frame_timeout=0)
+    # Both connections are this process: its share of the reservation raised to the
+    # pool (two frames), so the pool's floor is what is under test.
+    b = start_broker(max_memory=16 * MiB, frame_timeout=0, max_process_reserved=16 * MiB)
     stalled = raw(b.path)
     stalled.sendall(proto.U32.pack(8 * MiB - 1) + b"\x02\x00\x01\x00\x00\x00\x01q" + b"z" * MiB)
     try:
@@ -416,7 +422,10 @@ def test_a_consumer_hoarding_unacked_messages_cannot_stop_another_client(start_b
     limit is reached and the other client's publish is blocked too."""
     # Share + a full queue (4 + 24 MiB) stay under max_memory; in the control the hoarder
     # only has to keep up with a third of the publishing for the memory limit to come first.
-    b = start_broker(max_memory=32 * MiB, max_queue_bytes=24 * MiB, max_client_unacked_bytes=share)
+    # The publisher, hoarder and other client are one process here: its memory share is
+    # the whole broker, so only the per-connection unacked share is under test.
+    b = start_broker(max_memory=32 * MiB, max_queue_bytes=24 * MiB, max_client_unacked_bytes=share,
+                     max_client_memory=32 * MiB)
     hoard, other = direct(), direct()
     held, ready, stop = [], threading.Event(), threading.Event()
 
@@ -465,6 +474,10 @@ def test_a_consumer_hoarding_unacked_messages_cannot_stop_another_client(start_b
     (["--max-client-unacked-bytes", "lots"], ["--max-client-unacked-bytes", "not a size"]),
     (["--max-client-output", "100M", "--max-memory", "64M"], ["--max-client-output",
                                                                "--max-memory"]),
+    # One client process's shares (tests/test_broker_shares.py).
+    (["--max-client-memory", "0"], ["--max-client-memory", "> 0"]),
+    (["--max-client-objects", "many"], ["--max-client-objects", "not a size"]),
+    (["--max-process-reserved", "1M"], ["--max-process-reserved", "--max-frame"]),
 ])
 def test_bad_per_connection_limits_are_one_line_and_exit_2(sockdir, flags, words):
     """``python -m transports.broker`` (celery-bench broker: tests/test_bad_inputs.py):
@@ -502,7 +515,7 @@ def test_a_connections_unacked_count_follows_acks_rejects_gets_and_recover(sockd
             held = [e for ch in client.channels.values() for e in ch.unacked.values()]
             assert client.unacked == len(held)
             assert client.unacked_bytes == sum(len(p) + unix_broker.model.MSG_OVERHEAD
-                                               for _, p in held)
+                                               for _, p, _ in held)
     try:
         q = direct()
         got = []
@@ -545,7 +558,9 @@ def test_a_connections_unacked_count_follows_acks_rejects_gets_and_recover(sockd
 def test_big_frames_in_flight_are_bounded(start_broker):
     """Many connections each half-way through an 8 MiB frame: the broker reads at most
     max_memory/4 of them at once; small messages of others still flow."""
-    b = start_broker(max_memory=64 * MiB)  # max_frame 8 MiB: 16 MiB of big frames in flight
+    # max_frame 8 MiB: 16 MiB of big frames in flight, the process's share raised to it
+    # (every attacker is this process) so the pool is the bound under test.
+    b = start_broker(max_memory=64 * MiB, max_process_reserved=16 * MiB)
     base = rss(b)
     frame_len = 8 * MiB - 1024
     attackers = []

@@ -214,8 +214,8 @@ class WireClient:
             "its memory limit reached, or the broker stopped)")
         self._broken(f"{what} blocked for {self.publish_timeout:g}s (publish_timeout): {why}; "
                      "consume the queue or raise the limit (broker --max-queue-messages, "
-                     "--max-queue-bytes, --max-memory; queue arguments x-max-length, "
-                     "x-max-length-bytes)", PublishBlockedError)
+                     "--max-queue-bytes, --max-memory, --max-client-memory; queue arguments "
+                     "x-max-length, x-max-length-bytes)", PublishBlockedError)
 
     def _peek_flow(self) -> str:
         """The broker's FLOW notice among what it sent and nobody read yet, looked at and

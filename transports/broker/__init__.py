@@ -7,7 +7,8 @@ back-pressure instead of loss, bounded memory and work per client. The wire prot
 :mod:`transports.protocol`; what it promises, and what was measured, is in
 docs/transports.md.
 
-* :mod:`.model`: limits, topic matching, queues/exchanges/channels/clients, routing.
+* :mod:`.model`: limits, queues/exchanges/channels/clients and their processes' shares,
+  routing; :mod:`.topic`: topic matching.
 * :mod:`.loop`: the selector loop (reading, writing, timeouts); :mod:`.flow`: its
   back-pressure; :mod:`.handlers`: one handler per request.
 * :mod:`.launcher`: :func:`serve`, :func:`start` / :func:`running` (a subprocess), the CLI.

@@ -12,12 +12,18 @@ from ..protocol import (
 )
 from .model import (
     PARK_LIMIT, PIECE, READ_SIZE, REMAINS_SLACK_DIV, REMAINS_SLACK_MIN, REPLY_WATER, SMALL_FRAME,
-    _INT, _MEMORY, _RPC_OPS, _SIOCOUTQ, Client, _unsent, log,
+    _INT, _MEMORY, _RPC_OPS, _SHARE, _SIOCOUTQ, Client, _unsent, log,
 )
 
 
 class FlowControl:
     """Back-pressure and reservations (a mixin of :class:`~transports.broker.loop.Broker`)."""
+
+    def _reserve(self, client: Client, n: int):
+        """Big-frame memory: ``n`` more (or fewer) bytes reserved by ``client``, counted
+        in the broker's pool and in its process's share."""
+        self.reserved += n
+        client.peer.reserved += n
 
     def _reserve_next(self, client: Client):
         """Reserve max_memory for a big frame the client started, or stop reading it."""
@@ -33,10 +39,12 @@ class FlowControl:
         if n > self.limits.max_frame:
             return  # the reader refuses it on the next read
         # One connection's share: one frame's worth (a held-back big frame and the next
-        # one being read would be two), so one connection never holds more than half.
+        # one being read would be two), so one connection never holds more than half;
+        # one process's connections together max_process_reserved (one frame's worth).
         if (self.reserved + n <= self.max_reserved
-                and client.rsv_parked + n <= self.limits.max_frame):
-            self.reserved += n
+                and client.rsv_parked + n <= self.limits.max_frame
+                and client.peer.reserved + n <= self.limits.max_process_reserved):
+            self._reserve(client, n)
             client.rsv_reader = n
             client.rsv_since = self._now
             if client.waiting_memory:
@@ -63,7 +71,7 @@ class FlowControl:
         if frame[0] == OP_PUBLISH or frame[0] == OP_PUBLISH_CONFIRM:
             client.parked_pub += 1
         if n > SMALL_FRAME:
-            self.reserved += n
+            self._reserve(client, n)
             client.rsv_parked += n
         if client.reading and client.parked_bytes >= PARK_LIMIT:
             self._set_reading(client)
@@ -77,9 +85,6 @@ class FlowControl:
                 frame = parked.popleft()
                 n = len(frame)
                 client.parked_bytes -= n + PIECE
-                if n > SMALL_FRAME:
-                    self.reserved -= n
-                    client.rsv_parked -= n
                 op = frame[0]
                 if op == OP_PUBLISH or op == OP_PUBLISH_CONFIRM:
                     taken = self._route_publish(client, frame, op == OP_PUBLISH_CONFIRM,
@@ -93,10 +98,13 @@ class FlowControl:
                 if not taken:
                     parked.appendleft(frame)
                     client.parked_bytes += n + PIECE
-                    if n > SMALL_FRAME:
-                        self.reserved += n
-                        client.rsv_parked += n
                     break
+                if n > SMALL_FRAME and not client.closed:
+                    # Its reservation ends (a publish counts it as a message now):
+                    # another connection, of this process too, may read a big frame.
+                    self._reserve(client, -n)
+                    client.rsv_parked -= n
+                    self._freed = True
         except (ProtocolError, struct.error, IndexError, UnicodeDecodeError, ValueError) as exc:
             log.warning("%s sent a bad frame (%s); disconnecting it", client.name, exc)
             self._drop(client, None)
@@ -121,6 +129,8 @@ class FlowControl:
             reason = client.blocked
             if reason is _MEMORY:
                 ready = self.held < self.max_memory
+            elif reason is _SHARE:
+                ready = client.peer.memory < self.max_client_memory
             else:
                 ready = reason is None or reason.deleted or not reason.full()
             if ready:
@@ -141,6 +151,12 @@ class FlowControl:
             if reason is _MEMORY:
                 text = (f"the broker's memory limit is reached: {self.held} bytes held "
                         f"(max_memory={limits.max_memory})")
+            elif reason is _SHARE:
+                peer = client.peer
+                text = (f"this client's memory limit is reached: {peer.memory} bytes held of "
+                        f"what {peer.label} published on its {peer.conns} connection(s) "
+                        f"(max_client_memory={limits.max_client_memory}, broker option "
+                        "--max-client-memory); other clients still publish")
             else:
                 text = (f"queue {reason.name.decode(errors='replace')!r} is full: "
                         f"{len(reason.messages)} messages, {reason.bytes} bytes ready "
@@ -173,7 +189,7 @@ class FlowControl:
         why = f" (held back: {self._why_blocked(client)})" if client.blocked else ""
         client.parked.clear()
         client.parked_bytes = client.parked_pub = 0
-        self.reserved -= client.rsv_parked
+        self._reserve(client, -client.rsv_parked)
         client.rsv_parked = 0
         reader = client.reader
         try:
@@ -216,6 +232,8 @@ class FlowControl:
         reason = client.blocked
         if reason is _MEMORY:
             return "max_memory reached"
+        if reason is _SHARE:
+            return "max_client_memory reached"
         if reason is None:
             return "its output not read"
         return f"queue {reason.name.decode(errors='replace')!r} full"

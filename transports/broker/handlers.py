@@ -13,8 +13,8 @@ from ..protocol import (
     unpack_named, unpack_strs,
 )
 from .model import (
-    MAX_NAME, MSG_OVERHEAD, _MEMORY, Client, Consumer, Exchange, TopicPattern, _ResourceLimit,
-    is_wildcard,
+    MAX_NAME, MSG_OVERHEAD, _MEMORY, _SHARE, Client, Consumer, Exchange, TopicPattern,
+    _ResourceLimit, is_wildcard,
 )
 
 
@@ -83,17 +83,23 @@ class Handlers:
         if pos > len(frame):
             raise ProtocolError("publish header runs past the frame")
         self._busy = True
-        if self.held >= self.max_memory and not force:
-            return self._block(client, _MEMORY, frame if park else None)
+        peer = client.peer
+        if not force:
+            if self.held >= self.max_memory:
+                return self._block(client, _MEMORY, frame if park else None)
+            if peer.memory >= self.max_client_memory:
+                # Its own share: it waits the same way, the other clients publish on.
+                return self._block(client, _SHARE, frame if park else None)
         if not ex:
             q = self.queues.get(rk)
             if q is None:
                 # Like kombu's virtual transports: the default exchange creates it
                 # (unroutable past the limits, as a publish to no queue is in AMQP).
-                if len(rk) > MAX_NAME or self.objects >= self.limits.max_objects:
+                if (len(rk) > MAX_NAME or self.objects >= self.limits.max_objects
+                        or peer.objects >= self.limits.max_client_objects):
                     targets = ()
                 else:
-                    targets = (self._new_queue(rk),)
+                    targets = (self._new_queue(rk, peer),)
             else:
                 targets = (q,)
         else:
@@ -112,7 +118,7 @@ class Handlers:
         if targets:
             payload = frame[pos:]
             for q in targets:
-                self._enqueue(q, payload)
+                self._enqueue(q, payload, peer)
         if confirm:
             self._reply(client, chid, reqid)
         return True
@@ -124,15 +130,28 @@ class Handlers:
         if ch is None:
             return
         unacked = ch.unacked
+        peers = self.peers
         if multiple:
             tags = [t for t in unacked if t <= tag]
-            freed = sum(len(unacked.pop(t)[1]) for t in tags) + len(tags) * MSG_OVERHEAD
+            freed = 0
+            for t in tags:   # each leaves its publisher's share
+                _, payload, key = unacked.pop(t)
+                cost = len(payload) + MSG_OVERHEAD
+                freed += cost
+                peer = peers[key]
+                peer.memory -= cost
+                if not peer.conns and peer.memory <= 0:
+                    self._forget_peer(peer)
             count = len(tags)
         else:
             entry = unacked.pop(tag, None)
             if entry is None:
                 return
             freed, count = len(entry[1]) + MSG_OVERHEAD, 1
+            peer = peers[entry[2]]   # inline: the usual ack, one per message
+            peer.memory -= freed
+            if not peer.conns and peer.memory <= 0:
+                self._forget_peer(peer)
         self.held -= freed
         self._settle_unacked(client, count, freed)
         self._freed = True
@@ -149,15 +168,16 @@ class Handlers:
         entry = ch.unacked.pop(tag, None)
         if entry is None:
             return
-        queue, payload = entry
+        queue, payload, key = entry
         self._settle_unacked(client, 1, len(payload) + MSG_OVERHEAD)
         if requeue and not queue.deleted:
             # Past the queue's limit if need be: a message already held is never dropped.
-            queue.messages.appendleft((payload, True))
+            queue.messages.appendleft((payload, True, key))
             queue.bytes += len(payload)
             self._dirty_queues.add(queue)
         else:
             self.held -= len(payload) + MSG_OVERHEAD
+            self._release(key, len(payload) + MSG_OVERHEAD)
             self._freed = True
         if ch.prefetch:
             for c in ch.consumers.values():
@@ -210,8 +230,8 @@ class Handlers:
             self._remove_consumer(old)
         try:
             if q is None:  # consuming creates the queue, as kombu's virtual transports do
-                q = self._new_queue(name)
-            self._new_object("consumer")
+                q = self._new_queue(name, client.peer)
+            self._new_object("consumer", client.peer)
         except _ResourceLimit as exc:
             self._limit_error(client, chid, reqid, exc)
             return
@@ -243,11 +263,11 @@ class Handlers:
             return
         if ex is None:
             try:
-                self._new_object("exchange")
+                self._new_object("exchange", client.peer)
             except _ResourceLimit as exc:
                 self._limit_error(client, chid, reqid, exc)
                 return
-            self.exchanges[name] = Exchange(name, type_)
+            self.exchanges[name] = Exchange(name, type_, client.peer)
         elif ex.type != type_:
             self._error(client, chid, reqid, STATUS_PRECONDITION,
                         f"PRECONDITION_FAILED - exchange {name.decode(errors='replace')!r} "
@@ -259,12 +279,11 @@ class Handlers:
         chid, reqid, (name,), _ = unpack_named(frame, 1)
         ex = self.exchanges.pop(name, None)
         if ex is not None:
-            self.objects -= 1
+            self._free_object(ex.creator)
             for key, queues in ex.bindings.items():
                 for q in queues:
                     if (name, key) in q.bindings:
-                        q.bindings.discard((name, key))
-                        self.objects -= 1
+                        self._free_object(q.bindings.pop((name, key)))
             self._forget_routes()
         self._reply(client, chid, reqid)
 
@@ -282,7 +301,7 @@ class Handlers:
             if self._name_error(client, chid, reqid, name):
                 return
             try:
-                q = self._new_queue(name, auto_delete=bool(flags & F_AUTO_DELETE),
+                q = self._new_queue(name, client.peer, auto_delete=bool(flags & F_AUTO_DELETE),
                                     owner=client if flags & F_EXCLUSIVE else None)
             except _ResourceLimit as exc:
                 self._limit_error(client, chid, reqid, exc)
@@ -324,11 +343,11 @@ class Handlers:
                             "raise the broker's --max-topic-wildcards")
                 return
             try:
-                self._new_object("binding")
+                self._new_object("binding", client.peer)
             except _ResourceLimit as exc:
                 self._limit_error(client, chid, reqid, exc)
                 return
-            q.bindings.add((exname, key))
+            q.bindings[(exname, key)] = client.peer
             ex.bindings.setdefault(key, []).append(q)
             if wild:
                 ex.patterns[key] = TopicPattern(key)
@@ -361,7 +380,7 @@ class Handlers:
         if q is None or not q.messages:
             self._reply(client, chid, reqid, STATUS_EMPTY)
             return
-        payload, redelivered = q.messages.popleft()
+        payload, redelivered, key = q.messages.popleft()
         size = len(payload)
         q.bytes -= size
         self._freed = True
@@ -369,11 +388,12 @@ class Handlers:
         if not no_ack:
             ch = self._channel(client, chid)
             ch.next_tag = tag = ch.next_tag + 1
-            ch.unacked[tag] = (q, payload)
+            ch.unacked[tag] = (q, payload, key)
             client.unacked += 1   # counted in its share; a get is never held back by it
             client.unacked_bytes += size + MSG_OVERHEAD
         else:
             client.held_out += size + MSG_OVERHEAD
+            self._release(key, size + MSG_OVERHEAD)
         # Header and payload as two pieces: the payload is not copied.
         head = GET_OK.pack(tag, redelivered)
         client.out.append(REPLY_HEAD.pack(REPLY_BODY_HEAD + len(head) + size, OP_REPLY, chid,

@@ -12,7 +12,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from ..protocol import socket_path_from_url
-from .model import DEFAULT_COALESCE_S, Limits
+from .model import DEFAULT_COALESCE_S, DERIVED, Limits
 from .loop import Broker, _socket_accepts
 
 
@@ -191,6 +191,14 @@ def _cli(argv=None, prog: str = "python -m transports.broker") -> int:
                                     "before its deliveries pause",
         "max_client_output": "unsent output of one connection before its deliveries pause, "
                              "bytes",
+        # A client here is a process: its connections share one budget.
+        "max_client_memory": "bytes of held messages one client process published before "
+                             "its publishes wait (the others publish on)",
+        "max_client_objects": "queues + exchanges + bindings + channels + consumers one "
+                              "client process made that still exist; past it a declare is "
+                              "refused",
+        "max_process_reserved": "big-frame bytes the connections of one client process may "
+                                "have reserved at once (at least --max-frame)",
     }
     def size(text):   # argparse prints this message, not "invalid _size value"
         try:
@@ -200,9 +208,11 @@ def _cli(argv=None, prog: str = "python -m transports.broker") -> int:
 
     for f in fields(Limits):
         kind = float if f.type == "float" else size
+        derived = DERIVED.get(f.name)   # None until Limits derives it from the others
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind,
-                            default=getattr(default, f.name),
-                            help=f"{helps[f.name]} (default %(default)s)")
+                            default=None if derived else getattr(default, f.name),
+                            help=f"{helps[f.name]} (default "
+                                 f"{derived[1] if derived else '%(default)s'})")
     args = parser.parse_args(argv)
     if args.coalesce_us < 0:
         parser.error("--coalesce-us must be >= 0")

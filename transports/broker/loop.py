@@ -26,7 +26,7 @@ from .model import (
     DEFAULT_COALESCE_S, FLUSH_CHUNK, MAX_ACCEPT_PAUSE_S, READ_SIZE, REPLY_WATER,
     ROUTE_WORK_PER_TURN, SMALL_FRAME, SOCKET_BUFFER, TICK_S, TRIM_AFTER, _EMFILE, _HANG_UP,
     _IMMEDIATE, _RPC_OPS,
-    Client, Exchange, Limits, Queue, Routing, _unsent, log,
+    Client, Exchange, Limits, Peer, Queue, Routing, _unsent, log,
 )
 from .flow import FlowControl
 from .handlers import Handlers
@@ -34,6 +34,7 @@ from .sockets import _socket_accepts, prepare_socket_dir  # noqa: F401  (re-expo
 
 
 _HEARTBEAT = U32.pack(HEAD.size) + HEAD.pack(OP_HEARTBEAT, 0)
+_PEERCRED = struct.Struct("3i")   # struct ucred: pid, uid, gid
 
 
 def _libc_trim():
@@ -58,6 +59,7 @@ class Broker(FlowControl, Handlers, Routing):
         self.longest_turn = 0.0
         self.limits = limits = limits or Limits()
         self.max_memory = limits.max_memory
+        self.max_client_memory = limits.max_client_memory   # read on every publish
         self.coalesce = max(0.0, float(coalesce))
         self.queues: dict[bytes, Queue] = {}
         self.exchanges: dict[bytes, Exchange] = {
@@ -67,6 +69,7 @@ class Broker(FlowControl, Handlers, Routing):
         }
         self.objects = 0                 # queues, exchanges, bindings, channels, consumers
         self.clients: dict[int, Client] = {}
+        self.peers: dict[int, Peer] = {}  # Peer.key -> its shares, while it holds anything
         self.held = 0                    # cost of every message held (<= max_memory)
         self.reserved = 0                # big frames being read or held back
         self.max_reserved = limits.max_reserved
@@ -343,11 +346,34 @@ class Broker(FlowControl, Handlers, Routing):
             except OSError:
                 pass
             self._client_seq += 1
-            client = Client(sock, f"client#{self._client_seq}", self._now,
-                            self.limits.max_frame)
+            name = f"client#{self._client_seq}"
+            client = Client(sock, name, self._now, self.limits.max_frame,
+                            self._peer_of(sock, name))
             self.clients[client.fd] = client
             client.events = selectors.EVENT_READ
             self._sel.register(sock, selectors.EVENT_READ, client)
+
+    def _peer_pid(self, sock: socket.socket) -> int | None:
+        """The connecting process (SO_PEERCRED), or None where that is unknown."""
+        try:
+            pid, _uid, _gid = _PEERCRED.unpack(
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+        except (AttributeError, OSError, struct.error):
+            return None
+        return pid or None   # 0: a process this broker's pid namespace cannot name
+
+    def _peer_of(self, sock: socket.socket, name: str) -> Peer:
+        """Whose shares a new connection counts in: its process's, else its own."""
+        pid = self._peer_pid(sock)
+        if pid is None:
+            key = -self._client_seq
+            peer = self.peers[key] = Peer(key, None, name)
+        else:
+            peer = self.peers.get(pid)
+            if peer is None:
+                peer = self.peers[pid] = Peer(pid, pid, f"process {pid}")
+        peer.conns += 1
+        return peer
 
     def _pause_accept(self, why: str, exc: OSError | None):
         """Stop accepting for a while: one log line per episode, not one per attempt."""
@@ -422,7 +448,7 @@ class Broker(FlowControl, Handlers, Routing):
                     raise ProtocolError(f"unknown op {op}")
                 if client.rsv_reader and len(frame) > SMALL_FRAME:
                     # Its reservation ends here; a publish counts it again as a message.
-                    self.reserved -= client.rsv_reader
+                    self._reserve(client, -client.rsv_reader)
                     client.rsv_reader = 0
                     self._freed = True
                 if (client.parked and op not in _IMMEDIATE) or (
@@ -551,7 +577,7 @@ class Broker(FlowControl, Handlers, Routing):
         self._blocked.discard(client)
         self._memory_waiters.discard(client)
         self.held -= client.held_out
-        self.reserved -= client.rsv_reader + client.rsv_parked
+        self._reserve(client, -(client.rsv_reader + client.rsv_parked))
         client.held_out = client.rsv_reader = client.rsv_parked = 0
         client.parked.clear()
         client.out.clear()
@@ -561,5 +587,7 @@ class Broker(FlowControl, Handlers, Routing):
         client.channels.clear()
         for q in [q for q in self.queues.values() if q.owner is client]:
             self._delete_queue(q)
+        client.peer.conns -= 1
+        self._forget_peer(client.peer)
         if self._accept_paused:
             self._resume_accept()
