@@ -148,8 +148,8 @@ def test_an_undecided_step_is_held_longer_within_its_budget():
                             lo_us=9_000, hi_us=11_000)
     got = maxrate.search(spanning, SLO, start=1000, seconds=1)
     first = [c for c in calls if c[0] == 1000]
-    assert [p for _, _, p in first] == ["climb", "hold"]         # held again, twice as long
-    assert first[1][1] == 2 * first[0][1]
+    assert [p for _, _, p in first] == ["climb", "hold", "hold"]  # held again, twice as long
+    assert first[1][1] == 2 * first[0][1] and first[2][1] == 2 * first[1][1]
     assert sum(s for _, s, _ in first) <= maxrate.HOLD_BUDGET * first[0][1]
     # never shown sustained, never shown not sustained: no answer, no upper bracket
     assert got.rate == 0 and got.not_sustained is None
@@ -308,3 +308,32 @@ def test_a_step_with_the_share_beyond_the_limit_is_decided_by_it():
     assert not bad.ok and bad.decided and "of tasks over 10.0 ms, 1.00% allowed" in bad.why
     assert "2 holds, worth 400 independent" in bad.why
     assert not open_.ok and not open_.decided and open_.why.startswith("undecided: p99 12.00 ms")
+
+
+def test_the_answer_keeps_its_own_figures_after_probes_above_it():
+    """A climb that stops at an undecided rate probes above the answer; the cell still
+    reports the answer's own hold (its metrics and histograms), not the last probe's."""
+    from bench import recorder
+    from bench.run_options import RunOptions
+    from bench.scenarios import Outcome, Scenario
+
+    rng = np.random.default_rng(3)
+
+    def once(rate, hold):
+        n = max(1, int(rate * hold))
+        values = rng.lognormal(np.log(1000), 0.3, n)
+        if rate > 300:                   # one stall in the first second: undecided
+            values[: n // 40] = 50_000
+        at = (np.arange(n) / rate * 1e9).astype(np.int64)
+        rec = recorder.Recorder()
+        rec.add("queue_wait", values, at_ns=at)
+        return Outcome({"rate_achieved_per_s": rate, "backlog_growth_per_s": 0.0,
+                        "sent": n}, rec.histograms)
+    out = Scenario(RunOptions()).max_rate(once, SLO, 20, 1, "queue_wait", "tasks/s")
+    m, steps = out.metrics, out.metrics["steps"]
+    assert any(s["phase"] == "probe" for s in steps), [(s["rate"], s["phase"]) for s in steps]
+    answer = m["max_sustainable_rate_per_s"]
+    assert 0 < answer <= 300
+    last = [s for s in steps if s["rate"] == answer][-1]
+    assert m["sent"] == int(answer * last["seconds"])
+    assert out.histograms["queue_wait"].hist.get_total_count() == m["sent"]

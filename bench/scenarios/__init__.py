@@ -138,14 +138,13 @@ class Scenario:
         confirmation's figures and histograms and every step tried."""
         from .. import maxrate, percentiles, recorder
 
-        last: dict = {}
+        last: dict = {}         # rate -> its last hold's outcome
         pooled: dict = {}       # rate -> every sample held at it so far, in every phase
         holds: dict = {}
 
         def measure(rate, hold, phase):
             outcome = once(rate, hold)
-            last.clear()
-            last[rate] = outcome
+            last[rate] = outcome        # each rate's last hold: the answer's, after probes
             m = outcome.metrics
             # Every sample held at this rate (climb, retry, hold and confirm pooled: a stall
             # that fell into one hold is evidence about the rate, not about that hold): the
@@ -170,7 +169,7 @@ class Scenario:
         metrics = dict(held.metrics) if held else {}
         metrics.update(result.metrics(slo))
         metrics["slo_histogram"] = histogram     # which histogram's percentile was judged
-        held_for = f" (confirmed by holding it {result.confirm_s:g} s)" \
+        held_for = f" (confirmed by holding it {result.confirm_s:.3g} s)" \
             if result.confirm_s else ""
         notes = [f"max sustainable {result.rate:,.0f} {unit} with {slo.text} of {histogram}: "
                  f"{result.bracket}{held_for}"]
